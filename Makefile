@@ -1,0 +1,32 @@
+# qwen-vl-triton: `make test` does all the set-up on a fresh clone.
+PY        ?= python3
+VENV      := .venv
+VPY       := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+STAMP     := $(VENV)/.installed
+
+export TRITON_INTERPRET ?= 1
+
+.PHONY: install test bench lint demo clean
+
+install: $(STAMP)
+
+# torch goes in first, pinned, and only when missing: an unpinned resolve would pull GBs of CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q $(TORCH_PIN)
+	$(VPY) -m pip install -q -e ".[triton,serve,dev]"
+	touch $(STAMP)
+
+# Kernels run on the Triton path everywhere (interpreter on CPU).
+test: install
+	QVL_KERNELS=triton $(VPY) -m pytest -n 2 tests
+
+bench: install
+	$(VPY) benchmarks/run_all.py
+
+lint: install
+	$(VPY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

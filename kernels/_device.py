@@ -1,0 +1,55 @@
+"""Device facts the launchers size their grids from, read once per device.
+
+Ascend and GPUs both want a grid of about the number of cores with a loop inside each program
+(Ascend pays per launched program). The CPU interpreter has no driver to ask: it gets a small
+constant so that test grids stay cheap but still exercise the in-kernel loops.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETER_PROGRAMS = 4  # CPU interpreter: few programs, each looping over several rows/tiles
+
+
+def interpreting() -> bool:
+    """True when kernels run in Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _properties(device_type: str, index: int) -> dict:
+    return dict(triton.runtime.driver.active.utils.get_device_properties(index))
+
+
+def num_cores(device: torch.device, kind: str = "vector") -> int:
+    """Cores to size a persistent grid by.
+
+    kind="vector": element-wise/reduction work (Ascend vector cores, CUDA SMs);
+    kind="cube": matmul-heavy work (Ascend AI cores, CUDA SMs).
+    """
+    if device.type == "cpu" or interpreting():
+        return INTERPRETER_PROGRAMS
+    props = _properties(device.type, device.index if device.index is not None else 0)
+    if device.type == "npu":
+        return int(props["num_vectorcore"] if kind == "vector" else props["num_aicore"])
+    return int(props["multiprocessor_count"])
+
+
+def persistent_grid(work_items: int, device: torch.device, kind: str = "vector",
+                    programs_per_core: int = 1) -> int:
+    """Programs for a grid that loops over `work_items` rows/tiles inside each program."""
+    return max(1, min(work_items, num_cores(device, kind) * programs_per_core, 65535))
+
+
+def dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Operand dtype for tl.dot: the input's own on a device (tensor cores / cube units),
+    fp32 in the interpreter, which computes bf16 dots wrongly."""
+    if interpreting() or dtype == torch.float32:
+        return tl.float32
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]

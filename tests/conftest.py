@@ -1,0 +1,26 @@
+"""Test set-up: kernels on the Triton path everywhere (the interpreter when there is no GPU).
+
+TRITON_INTERPRET is read when triton is imported, so it is set here, before any test module
+imports kernels (and through them triton).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("QVL_KERNELS", "triton")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from kernels import _backend  # noqa: E402
+
+_backend.poison_outputs = True  # every kernel output starts as NaN
+
+# The interpreter runs each program in Python: examples are slow, deadlines meaningless.
+settings.register_profile(
+    "qvl", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=False, print_blob=True,
+)
+settings.load_profile("qvl")
