@@ -1,0 +1,428 @@
+"""Attention over the paged KV cache: decode (paged_attention) and prefill with cached prefixes
+(paged_prefill_attention, also chunked prefill).
+
+Cache layout: k_cache, v_cache [NB, BS, Hk, D]; block_tables[b, j] is the cache block holding
+tokens j*BS .. j*BS + BS - 1 of sequence b. Only the first cdiv(context_lens[b], BS) entries of a
+row are read, so a table may be wider than a sequence needs (padding entries are never loaded).
+
+Both kernels walk a sequence's KV one cache block per step: the block id is loaded once (a scalar),
+then the block's [BS, D] keys and values of one kv head are loaded as contiguous rows with int64
+base offsets (a cache can pass 2^31 elements). Positions are compared in int32.
+
+GQA: a program owns one kv head and stacks the query heads of its group as tile rows (row r =
+query r // G_PAD, head r % G_PAD), so each K/V block is read once for all heads that share it
+and the scores are one tl.dot of [BLOCK_M, D] x [D, BS].
+
+Decode is flash-decoding: work item = (sequence, kv head, split); the splits divide a sequence's
+blocks so that batch 1 with a 32k context still gives every core work. Each split writes its
+partial max / sum / normalised output in fp32 to scratch and a second kernel combines them. The
+split count comes from the table width (block_tables.shape[1]), B * Hk and the core count: no
+host sync (an engine builds the table per step as wide as its longest sequence, so the width
+tracks the longest context; a much wider table only makes some splits empty, not wrong).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _backend
+from kernels._device import dot_dtype, interpreting, num_cores, persistent_grid
+from kernels.varlen_attention import (
+    LOG2E,
+    _load_query_tile,
+    _online_softmax_step,
+    _store_query_tile,
+    check_head_dim,
+    group_pad,
+    launch_options,
+    programs_per_core,
+    query_block_table,
+    rows_bound,
+    rows_per_tile,
+)
+
+# A split covers at least this many tokens: below that its fixed costs (query load, partial
+# write, the reduce) outweigh the K/V it reads.
+MIN_SPLIT_TOKENS = 256
+# Upper bound on splits per sequence: the reduce kernel walks them in REDUCE_CHUNK pieces.
+MAX_SPLITS = 128
+REDUCE_CHUNK = 16
+
+
+@triton.jit
+def _paged_kv_block(q, kc_ptr, vc_ptr, block_id, kvh, n0, ctx_len, qpos,
+                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                    qk_scale, m_i, l_i, acc,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Attend query tile q [BLOCK_M, BLOCK_D] to cache block `block_id`, holding key positions
+    n0 .. n0 + BS - 1. MASKED: keys >= ctx_len are masked (their rows are not even loaded, so
+    stale or NaN slots in a partly filled block never reach the sums), and with CAUSAL each row
+    sees only keys <= its position qpos[M]. Unmasked blocks must be fully visible to every row."""
+    offs_s = tl.arange(0, BLOCK_SIZE)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    blk = block_id.to(tl.int64)
+    k_ptrs = kc_ptr + blk * stride_kcb + kvh * stride_kch + offs_s[:, None] * stride_kcs + offs_d[None, :]
+    v_ptrs = vc_ptr + blk * stride_vcb + kvh * stride_vch + offs_s[:, None] * stride_vcs + offs_d[None, :]
+    if MASKED:
+        key_ok = n0 + offs_s < ctx_len
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * qk_scale
+    if MASKED:
+        valid = key_ok[None, :]
+        if CAUSAL:
+            valid = valid & ((n0 + offs_s)[None, :] <= qpos[:, None])
+        s = tl.where(valid, s, float("-inf"))
+    return _online_softmax_step(s, v.to(DOT_DTYPE), m_i, l_i, acc, DOT_DTYPE)
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, o_ptr, mpart_ptr, lpart_ptr, opart_ptr,
+    n_items, blocks_per_split, qk_scale,
+    stride_qb, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_btb, stride_ob, stride_oh,
+    HQ: tl.constexpr, HK: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """One decode query per sequence against its cached keys 0 .. context_lens[b] - 1.
+
+    Work item = (b, kv head, split), split fastest. Split s covers the sequence's blocks
+    [s * blocks_per_split, (s + 1) * blocks_per_split). With NUM_SPLITS == 1 the result goes to
+    o[B, Hq, D]; otherwise row (b, h)'s partial (max and sum in log2 units, output normalised by
+    its own sum) goes to mpart/lpart [B, Hq, NUM_SPLITS] and opart [B, Hq, NUM_SPLITS, D] (fp32).
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    for item in range(pid, n_items, nprog):
+        split = item % NUM_SPLITS
+        bh = item // NUM_SPLITS
+        kvh = bh % HK
+        b = bh // HK
+        ctx_len = tl.load(ctx_ptr + b)
+        n_full = ctx_len // BLOCK_SIZE  # blocks with every slot in the context
+        n_blocks = (ctx_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+        lo = split * blocks_per_split
+        hi = tl.minimum(lo + blocks_per_split, n_blocks)
+        full_hi = tl.minimum(hi, n_full)
+        q, qi, row_ok, _ = _load_query_tile(q_ptr, b, 1, kvh, stride_qb, stride_qh,
+                                            GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
+        qpos = qi  # unused: decode needs no causal mask (its query is the last position)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        bt_row = bt_ptr + b * stride_btb
+        for j in range(lo, full_hi):
+            block_id = tl.load(bt_row + j)
+            m_i, l_i, acc = _paged_kv_block(q, kc_ptr, vc_ptr, block_id, kvh, j * BLOCK_SIZE, ctx_len, qpos,
+                                            stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs,
+                                            stride_vch, qk_scale, m_i, l_i, acc, False, False, HEAD_DIM,
+                                            BLOCK_SIZE, BLOCK_D, DOT_DTYPE)
+        for j in range(tl.maximum(full_hi, lo), hi):  # the partly filled last block, if in range
+            block_id = tl.load(bt_row + j)
+            m_i, l_i, acc = _paged_kv_block(q, kc_ptr, vc_ptr, block_id, kvh, j * BLOCK_SIZE, ctx_len, qpos,
+                                            stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs,
+                                            stride_vch, qk_scale, m_i, l_i, acc, True, False, HEAD_DIM,
+                                            BLOCK_SIZE, BLOCK_D, DOT_DTYPE)
+        if NUM_SPLITS == 1:
+            _store_query_tile(o_ptr, acc, l_i, b, row_ok, kvh, stride_ob, stride_oh,
+                              GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
+        else:
+            # An empty split (past the end of a short sequence) writes m = -inf, l = 0, o = 0.
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            part_row = (b * HQ + kvh * GROUP + rows % G_PAD).to(tl.int64) * NUM_SPLITS + split  # [BLOCK_M]
+            tl.store(mpart_ptr + part_row, m_i, mask=row_ok)
+            tl.store(lpart_ptr + part_row, l_i, mask=row_ok)
+            o_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+            tl.store(opart_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=o_mask)
+
+
+@triton.jit
+def _split_reduce_kernel(
+    mpart_ptr, lpart_ptr, opart_ptr, o_ptr, n_rows, stride_ob, stride_oh,
+    HQ: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """o[b, h] = sum_s w_s * opart[b, h, s] / sum_s w_s with w_s = lpart_s * 2^(mpart_s - max_s mpart).
+    Row (b, h) per loop step; the splits' outputs are read CHUNK at a time to bound the tile."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for row in range(pid, n_rows, nprog):
+        base = tl.cast(row, tl.int64) * NUM_SPLITS
+        m_all = tl.load(mpart_ptr + base + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+        m_max = tl.max(m_all, 0)
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+        total = tl.zeros([BLOCK_D], tl.float32)
+        w_sum = tl.zeros([CHUNK], tl.float32)
+        for c0 in range(0, NUM_SPLITS, CHUNK):
+            s_ok = c0 + offs_c < NUM_SPLITS
+            m_c = tl.load(mpart_ptr + base + c0 + offs_c, mask=s_ok, other=float("-inf"))
+            l_c = tl.load(lpart_ptr + base + c0 + offs_c, mask=s_ok, other=0.0)
+            w = l_c * tl.exp2(m_c - m_max)  # [CHUNK]; 0 for empty splits
+            o_c = tl.load(opart_ptr + (base + c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :],
+                          mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+            total += tl.sum(w[:, None] * o_c, 0)
+            w_sum += w
+        denom = tl.sum(w_sum, 0)
+        out = total / tl.where(denom == 0.0, 1.0, denom)
+        b = row // HQ
+        h = row - b * HQ
+        tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_q_ptr, ctx_ptr, work_ptr, o_ptr,
+    n_work_rows, qk_scale,
+    stride_qt, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_btb, stride_ot, stride_oh,
+    HK: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    """Queries of sequence b are its last q_len = cu_q[b+1] - cu_q[b] cached tokens (positions
+    ctx - q_len .. ctx - 1); each attends causally to cached keys 0 .. its position.
+
+    work_ptr: int32 [n_work_rows, 2] = (sequence, first query of the block), -1 = padding row.
+    Work item = (work row, kv head). Cache blocks entirely at or below the tile's first position
+    run unmasked; the rest (up to the last query's position) are masked.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    for item in range(pid, n_work_rows * HK, nprog):
+        wrow = item // HK
+        kvh = item - wrow * HK
+        seq = tl.load(work_ptr + 2 * wrow)
+        if seq >= 0:
+            m0 = tl.load(work_ptr + 2 * wrow + 1)
+            q_start = tl.load(cu_q_ptr + seq)
+            q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+            ctx_len = tl.load(ctx_ptr + seq)
+            n_q = tl.minimum(q_len - m0, BLOCK_Q)
+            q, qi, row_ok, _ = _load_query_tile(q_ptr, q_start + m0, n_q, kvh, stride_qt, stride_qh,
+                                                GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
+            first = ctx_len - q_len + m0  # cache position of the tile's first query
+            qpos = first + qi
+            n_full = (first + 1) // BLOCK_SIZE
+            n_blocks = (first + n_q + BLOCK_SIZE - 1) // BLOCK_SIZE
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            bt_row = bt_ptr + seq * stride_btb
+            for j in range(0, n_full):
+                block_id = tl.load(bt_row + j)
+                m_i, l_i, acc = _paged_kv_block(q, kc_ptr, vc_ptr, block_id, kvh, j * BLOCK_SIZE, ctx_len,
+                                                qpos, stride_kcb, stride_kcs, stride_kch, stride_vcb,
+                                                stride_vcs, stride_vch, qk_scale, m_i, l_i, acc, False, True,
+                                                HEAD_DIM, BLOCK_SIZE, BLOCK_D, DOT_DTYPE)
+            for j in range(n_full, n_blocks):
+                block_id = tl.load(bt_row + j)
+                m_i, l_i, acc = _paged_kv_block(q, kc_ptr, vc_ptr, block_id, kvh, j * BLOCK_SIZE, ctx_len,
+                                                qpos, stride_kcb, stride_kcs, stride_kch, stride_vcb,
+                                                stride_vcs, stride_vch, qk_scale, m_i, l_i, acc, True, True,
+                                                HEAD_DIM, BLOCK_SIZE, BLOCK_D, DOT_DTYPE)
+            _store_query_tile(o_ptr, acc, l_i, q_start + m0, row_ok, kvh, stride_ot, stride_oh,
+                              GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
+
+
+# --------------------------------------------------------------------------------------------
+# References (the CPU path): gather each sequence's K/V through its table, fp32 SDPA
+# --------------------------------------------------------------------------------------------
+
+
+def _gather_kv(cache: torch.Tensor, table_row: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n cached tokens of one sequence: [Hk, n, D] fp32."""
+    block_size = cache.shape[1]
+    blocks = table_row[: triton.cdiv(n, block_size)].long()
+    return cache[blocks].flatten(0, 1)[:n].transpose(0, 1).float()  # [nb, BS, Hk, D] -> [Hk, n, D]
+
+
+def _paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor,
+                               scale: float | None = None) -> torch.Tensor:
+    """PyTorch reference of paged decode: per sequence, gather its K/V and run fp32 SDPA."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = torch.empty_like(q)
+    for b, n in enumerate(context_lens.tolist()):
+        k, v = _gather_kv(k_cache, block_tables[b], n), _gather_kv(v_cache, block_tables[b], n)
+        o = torch.nn.functional.scaled_dot_product_attention(q[b, :, None].float(), k, v, scale=scale,
+                                                             enable_gqa=True)  # [Hq, 1, D]
+        out[b] = o[:, 0].to(q.dtype)
+    return out
+
+
+def _paged_prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                       block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                       context_lens: torch.Tensor,
+                                       scale: float | None = None) -> torch.Tensor:
+    """PyTorch reference of paged prefill: per sequence, gather its K/V and run fp32 SDPA with the
+    causal mask aligned to the end of the context (query i sits at ctx - q_len + i)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = torch.empty_like(q)
+    bounds = cu_seqlens_q.tolist()
+    for b, n in enumerate(context_lens.tolist()):
+        s, e = bounds[b], bounds[b + 1]
+        if e <= s:
+            continue
+        k, v = _gather_kv(k_cache, block_tables[b], n), _gather_kv(v_cache, block_tables[b], n)
+        pos = torch.arange(n - (e - s), n, device=q.device)  # [q_len] positions of the queries
+        mask = torch.arange(n, device=q.device)[None, :] <= pos[:, None]  # [q_len, n]
+        o = torch.nn.functional.scaled_dot_product_attention(q[s:e].transpose(0, 1).float(), k, v,
+                                                             attn_mask=mask, scale=scale, enable_gqa=True)
+        out[s:e] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
+    """(Hk, GROUP, G_PAD) after checking the caches against q."""
+    if k_cache.shape != v_cache.shape or k_cache.shape[-1] != q.shape[-1]:
+        raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} "
+                         f"do not match q {tuple(q.shape)}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the caches' head dim must be contiguous")
+    _, block_size, hk, _ = k_cache.shape
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block size {block_size} must be a power of two >= 16")
+    group, g_pad = group_pad(q.shape[1], hk)
+    return hk, group, g_pad
+
+
+def _rows_contiguous(table: torch.Tensor) -> torch.Tensor:
+    """block_tables with unit column stride (the kernels step j along a row)."""
+    return table if table.stride(-1) == 1 else table.contiguous()
+
+
+def decode_splits(batch: int, n_kv_heads: int, table_blocks: int, block_size: int,
+                  device: torch.device) -> int:
+    """Splits per sequence for flash-decoding: enough (sequence, kv head, split) items to give
+    each core's programs one, but no split shorter than MIN_SPLIT_TOKENS and at most MAX_SPLITS."""
+    programs = num_cores(device, "cube") * programs_per_core(device)
+    wanted = triton.cdiv(programs, max(batch * n_kv_heads, 1))
+    most = triton.cdiv(table_blocks, max(1, MIN_SPLIT_TOKENS // block_size))
+    return max(1, min(wanted, most, MAX_SPLITS))
+
+
+def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  context_lens: torch.Tensor, scale: float | None, num_splits: int | None) -> torch.Tensor:
+    """The decode launch; num_splits=None picks it with decode_splits (tests force values)."""
+    batch, hq, d = q.shape
+    hk, group, g_pad = _check_cache(q, k_cache, v_cache)
+    block_size = k_cache.shape[1]
+    out = _backend.empty_output(q.shape, q.dtype, q.device)
+    if batch == 0:
+        return out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_d = check_head_dim(d)
+    block_m = max(16, g_pad)  # one query x G_PAD heads, padded to tl.dot's 16-row minimum
+    table_blocks = block_tables.shape[1]
+    if num_splits is None:
+        num_splits = decode_splits(batch, hk, table_blocks, block_size, q.device)
+    blocks_per_split = triton.cdiv(max(table_blocks, 1), num_splits)
+    num_splits = triton.cdiv(max(table_blocks, 1), blocks_per_split)  # no split left always empty
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if num_splits > 1:
+        mpart = torch.empty((batch, hq, num_splits), dtype=torch.float32, device=q.device)
+        lpart = torch.empty_like(mpart)
+        opart = torch.empty((batch, hq, num_splits, d), dtype=torch.float32, device=q.device)
+    else:
+        mpart = lpart = opart = out  # unused by the kernel
+    n_items = batch * hk * num_splits
+    grid = (persistent_grid(n_items, q.device, "cube", programs_per_core(q.device)),)
+    _paged_decode_kernel[grid](
+        q, k_cache, v_cache, _rows_contiguous(block_tables), context_lens.contiguous(),
+        out, mpart, lpart, opart,
+        n_items, blocks_per_split, scale * LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), _rows_contiguous(block_tables).stride(0),
+        out.stride(0), out.stride(1),
+        HQ=hq, HK=hk, GROUP=group, G_PAD=g_pad, NUM_SPLITS=num_splits, HEAD_DIM=d,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_D=block_d, DOT_DTYPE=dot_dtype(q.dtype),
+        **launch_options(q.device),
+    )
+    if num_splits > 1:
+        n_rows = batch * hq
+        per_core = 4 if q.device.type == "cuda" and not interpreting() else 1
+        _split_reduce_kernel[(persistent_grid(n_rows, q.device, "vector", per_core),)](
+            mpart, lpart, opart, out, n_rows, out.stride(0), out.stride(1),
+            HQ=hq, NUM_SPLITS=num_splits, HEAD_DIM=d, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            CHUNK=min(REDUCE_CHUNK, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
+        )
+    return out
+
+
+@_backend.op(reference=_paged_attention_reference)
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Decode attention: one query per sequence against its paged KV cache.
+
+    q: [B, Hq, D] fp32/fp16/bf16 (the new token's queries; its K/V already written to the cache).
+    k_cache, v_cache: [NB, BS, Hk, D] (BS a power of two >= 16, head dim contiguous).
+    block_tables: [B, max_blocks] int32 (row stride free, column stride 1).
+    context_lens: [B] int32 >= 1, cached tokens per sequence including the new one.
+    scale: default 1/sqrt(D). Returns [B, Hq, D] in q's dtype.
+    Splits are sized from block_tables.shape[1]: no host sync.
+    """
+    return _paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, None)
+
+
+@_backend.op(reference=_paged_prefill_attention_reference)
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            context_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Prefill attention through the paged cache (prefix caching, chunked prefill).
+
+    q: [T, Hq, D] packed queries; sequence b's are q[cu_seqlens_q[b]:cu_seqlens_q[b+1]], its last
+    q_len cached tokens (already written), at positions context_lens[b] - q_len .. context_lens[b]-1.
+    k_cache, v_cache: [NB, BS, Hk, D]; block_tables: [B, max_blocks] int32;
+    cu_seqlens_q: [B+1] int32; context_lens: [B] int32 (>= each sequence's q_len).
+    Each query attends causally to cached keys 0 .. its position. Returns [T, Hq, D] in q's dtype.
+    No host sync: tiles and the work table are sized from T and B.
+    """
+    t, hq, d = q.shape
+    hk, group, g_pad = _check_cache(q, k_cache, v_cache)
+    out = _backend.empty_output(q.shape, q.dtype, q.device)
+    n_seq = cu_seqlens_q.numel() - 1
+    if t == 0 or n_seq <= 0:
+        return out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_d = check_head_dim(d)
+    # 64 rows per tile (e.g. 8 queries x 8 padded heads of a 7-head group); queries per tile
+    # capped by T, the only bound on a sequence's new tokens known without a sync.
+    block_q, block_m = rows_per_tile(g_pad, t, 64)
+    n_rows = rows_bound(t, n_seq, t, block_q)
+    table = query_block_table(cu_seqlens_q, block_q, n_rows)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    grid = (persistent_grid(n_rows * hk, q.device, "cube", programs_per_core(q.device)),)
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, _rows_contiguous(block_tables), cu_seqlens_q.to(torch.int32).contiguous(),
+        context_lens.contiguous(), table, out,
+        n_rows, scale * LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), _rows_contiguous(block_tables).stride(0),
+        out.stride(0), out.stride(1),
+        HK=hk, GROUP=group, G_PAD=g_pad, HEAD_DIM=d, BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q,
+        BLOCK_M=block_m, BLOCK_D=block_d, DOT_DTYPE=dot_dtype(q.dtype),
+        **launch_options(q.device),
+    )
+    return out
