@@ -1,0 +1,112 @@
+"""QwenVLModel: a checkpoint's config and weights, and the few calls an engine makes.
+
+    model = load_model("path/to/Qwen2.5-VL-7B-Instruct", dtype="auto", device="cuda")
+    media = model.encode_media(pixel_values, grid_thw)                 # [M, H]
+    positions, delta = model.rope_index(prompt_ids, image_grid_thw=grid_thw)
+    embeds = model.embed(prompt_ids, image_embeds=media)                # [T, H]
+    kv = model.allocate_kv_cache(num_blocks, block_size)
+    hidden = model.forward(positions, meta, kv, inputs_embeds=embeds)   # [T, H]
+    logits = model.compute_logits(hidden, last_rows)                    # [B, V] fp32
+    ... then one token per sequence per step, positions from decode_positions(len, 1, delta).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modeling import language, rope_index, vision
+from modeling.attention_metadata import AttentionMetadata
+from modeling.config import ModelConfig, load_config, parse_dtype
+from modeling.weights import ModelWeights, load_weights
+
+
+@dataclass
+class QwenVLModel:
+    """Qwen2-VL / QVQ / Qwen2.5-VL: config + weights; all methods are thin calls into
+    modeling.vision / modeling.language / modeling.rope_index."""
+
+    config: ModelConfig
+    weights: ModelWeights
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.language.embed_tokens.device
+
+    def encode_media(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Packed images and/or videos -> LLM embeddings.
+
+        pixel_values [N, C * tp * p * p], grid_thw [n_items, 3] -> [N / merge_unit, H] in the
+        model dtype; rows follow the items in order (items of different sizes in one call).
+        """
+        return vision.vision_forward(self.weights.vision, self.config.vision, pixel_values, grid_thw,
+                                     out_dtype=self.dtype)
+
+    def rope_index(self, input_ids: Sequence[int] | torch.Tensor,
+                   image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                   second_per_grid_ts: Sequence[float] | None = None) -> tuple[torch.Tensor, int]:
+        """Prompt positions [3, L] int64 (CPU) and the rope delta for decoding."""
+        return rope_index.get_rope_index(input_ids, self.config, image_grid_thw, video_grid_thw,
+                                         second_per_grid_ts)
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
+              video_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [T, H] with media embeddings put at the image / video pad tokens."""
+        input_ids = input_ids.to(self.device)
+        embeds = language.embed_tokens(self.weights.language, input_ids)
+        if image_embeds is not None:
+            embeds = language.scatter_media(embeds, input_ids, self.config.image_token_id, image_embeds)
+        if video_embeds is not None:
+            embeds = language.scatter_media(embeds, input_ids, self.config.video_token_id, video_embeds)
+        return embeds
+
+    def forward(self, positions: torch.Tensor, attn_metadata: AttentionMetadata,
+                kv_caches: list[language.KVCache], input_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """One step over packed tokens: input_ids [T] or inputs_embeds [T, H], positions [3, T].
+
+        Writes the step's K/V into kv_caches; returns final-normed hidden states [T, H].
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = language.embed_tokens(self.weights.language, input_ids.to(self.device))
+        return language.decoder_forward(self.weights.language, self.config.text, inputs_embeds,
+                                        positions.to(self.device), attn_metadata, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [n, V] of hidden [T, H] at `rows` (all rows when None)."""
+        return language.compute_logits(self.weights.language, hidden, rows)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int,
+                          dtype: torch.dtype | None = None) -> list[language.KVCache]:
+        """Zeroed (k_cache, v_cache) per layer, each [num_blocks, block_size, Hk, D]."""
+        t = self.config.text
+        shape = (num_blocks, block_size, t.num_kv_heads, t.head_dim)
+        dtype = dtype or self.dtype
+        return [(torch.zeros(shape, dtype=dtype, device=self.device),
+                 torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(t.num_layers)]
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torch.dtype:
+    """'auto' / None -> the checkpoint's torch_dtype (bf16 when it names none); names -> dtype."""
+    if dtype is None or dtype == "auto":
+        return config.torch_dtype or torch.bfloat16
+    resolved = parse_dtype(dtype)
+    assert resolved is not None
+    return resolved
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto",
+               device: str | torch.device = "cpu") -> QwenVLModel:
+    """Read config.json and the safetensors of a checkpoint directory into a QwenVLModel."""
+    config = load_config(path)
+    resolved = resolve_dtype(dtype, config)
+    return QwenVLModel(config, load_weights(path, config, resolved, device))
