@@ -33,8 +33,8 @@ from kernels import _backend
 from kernels._device import dot_dtype, interpreting, num_cores, persistent_grid
 from kernels.varlen_attention import (
     LOG2E,
+    _attend_kv_tile,
     _load_query_tile,
-    _online_softmax_step,
     _store_query_tile,
     check_head_dim,
     group_pad,
@@ -51,38 +51,6 @@ MIN_SPLIT_TOKENS = 256
 # Upper bound on splits per sequence: the reduce kernel walks them in REDUCE_CHUNK pieces.
 MAX_SPLITS = 128
 REDUCE_CHUNK = 16
-
-
-@triton.jit
-def _paged_kv_block(q, kc_ptr, vc_ptr, block_id, kvh, n0, ctx_len, qpos,
-                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                    qk_scale, m_i, l_i, acc,
-                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Attend query tile q [BLOCK_M, BLOCK_D] to cache block `block_id`, holding key positions
-    n0 .. n0 + BS - 1. MASKED: keys >= ctx_len are masked (their rows are not even loaded, so
-    stale or NaN slots in a partly filled block never reach the sums), and with CAUSAL each row
-    sees only keys <= its position qpos[M]. Unmasked blocks must be fully visible to every row."""
-    offs_s = tl.arange(0, BLOCK_SIZE)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    blk = block_id.to(tl.int64)
-    k_ptrs = kc_ptr + blk * stride_kcb + kvh * stride_kch + offs_s[:, None] * stride_kcs + offs_d[None, :]
-    v_ptrs = vc_ptr + blk * stride_vcb + kvh * stride_vch + offs_s[:, None] * stride_vcs + offs_d[None, :]
-    if MASKED:
-        key_ok = n0 + offs_s < ctx_len
-        kv_mask = key_ok[:, None] & d_ok[None, :]
-    else:
-        kv_mask = d_ok[None, :]
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * qk_scale
-    if MASKED:
-        valid = key_ok[None, :]
-        if CAUSAL:
-            valid = valid & ((n0 + offs_s)[None, :] <= qpos[:, None])
-        s = tl.where(valid, s, float("-inf"))
-    return _online_softmax_step(s, v.to(DOT_DTYPE), m_i, l_i, acc, DOT_DTYPE)
 
 
 @triton.jit
@@ -105,7 +73,13 @@ def _paged_decode_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_M)
+    # Offsets of a cache block's [BS, D] rows of one head, computed once: the block loop only
+    # moves a base pointer (the table entry times the block stride, in int64).
+    offs_s = tl.arange(0, BLOCK_SIZE)
     offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k_off = offs_s[:, None] * stride_kcs + offs_d[None, :]
+    v_off = offs_s[:, None] * stride_vcs + offs_d[None, :]
     for item in range(pid, n_items, nprog):
         split = item % NUM_SPLITS
         bh = item // NUM_SPLITS
@@ -124,18 +98,18 @@ def _paged_decode_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         bt_row = bt_ptr + b * stride_btb
+        k_head = kc_ptr + kvh * stride_kch + k_off
+        v_head = vc_ptr + kvh * stride_vch + v_off
         for j in range(lo, full_hi):
-            block_id = tl.load(bt_row + j)
-            m_i, l_i, acc = _paged_kv_block(q, kc_ptr, vc_ptr, block_id, kvh, j * BLOCK_SIZE, ctx_len, qpos,
-                                            stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs,
-                                            stride_vch, qk_scale, m_i, l_i, acc, False, False, HEAD_DIM,
-                                            BLOCK_SIZE, BLOCK_D, DOT_DTYPE)
+            blk = tl.load(bt_row + j).to(tl.int64)  # one table entry per block
+            m_i, l_i, acc = _attend_kv_tile(q, k_head + blk * stride_kcb, v_head + blk * stride_vcb, d_ok,
+                                            j * BLOCK_SIZE, ctx_len, qpos, qk_scale, m_i, l_i, acc,
+                                            False, False, BLOCK_SIZE, DOT_DTYPE)
         for j in range(tl.maximum(full_hi, lo), hi):  # the partly filled last block, if in range
-            block_id = tl.load(bt_row + j)
-            m_i, l_i, acc = _paged_kv_block(q, kc_ptr, vc_ptr, block_id, kvh, j * BLOCK_SIZE, ctx_len, qpos,
-                                            stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs,
-                                            stride_vch, qk_scale, m_i, l_i, acc, True, False, HEAD_DIM,
-                                            BLOCK_SIZE, BLOCK_D, DOT_DTYPE)
+            blk = tl.load(bt_row + j).to(tl.int64)
+            m_i, l_i, acc = _attend_kv_tile(q, k_head + blk * stride_kcb, v_head + blk * stride_vcb, d_ok,
+                                            j * BLOCK_SIZE, ctx_len, qpos, qk_scale, m_i, l_i, acc,
+                                            True, False, BLOCK_SIZE, DOT_DTYPE)
         if NUM_SPLITS == 1:
             _store_query_tile(o_ptr, acc, l_i, b, row_ok, kvh, stride_ob, stride_oh,
                               GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
@@ -145,7 +119,7 @@ def _paged_decode_kernel(
             part_row = (b * HQ + kvh * GROUP + rows % G_PAD).to(tl.int64) * NUM_SPLITS + split  # [BLOCK_M]
             tl.store(mpart_ptr + part_row, m_i, mask=row_ok)
             tl.store(lpart_ptr + part_row, l_i, mask=row_ok)
-            o_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+            o_mask = row_ok[:, None] & d_ok[None, :]
             tl.store(opart_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=o_mask)
 
 
@@ -205,6 +179,13 @@ def _paged_prefill_kernel(
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    # Offsets of a cache block's [BS, D] rows of one head, computed once: the block loop only
+    # moves a base pointer (the table entry times the block stride, in int64).
+    offs_s = tl.arange(0, BLOCK_SIZE)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k_off = offs_s[:, None] * stride_kcs + offs_d[None, :]
+    v_off = offs_s[:, None] * stride_vcs + offs_d[None, :]
     for item in range(pid, n_work_rows * HK, nprog):
         wrow = item // HK
         kvh = item - wrow * HK
@@ -225,18 +206,18 @@ def _paged_prefill_kernel(
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             bt_row = bt_ptr + seq * stride_btb
+            k_head = kc_ptr + kvh * stride_kch + k_off
+            v_head = vc_ptr + kvh * stride_vch + v_off
             for j in range(0, n_full):
-                block_id = tl.load(bt_row + j)
-                m_i, l_i, acc = _paged_kv_block(q, kc_ptr, vc_ptr, block_id, kvh, j * BLOCK_SIZE, ctx_len,
-                                                qpos, stride_kcb, stride_kcs, stride_kch, stride_vcb,
-                                                stride_vcs, stride_vch, qk_scale, m_i, l_i, acc, False, True,
-                                                HEAD_DIM, BLOCK_SIZE, BLOCK_D, DOT_DTYPE)
+                blk = tl.load(bt_row + j).to(tl.int64)  # one table entry per block
+                m_i, l_i, acc = _attend_kv_tile(q, k_head + blk * stride_kcb, v_head + blk * stride_vcb,
+                                                d_ok, j * BLOCK_SIZE, ctx_len, qpos, qk_scale, m_i, l_i, acc,
+                                                False, True, BLOCK_SIZE, DOT_DTYPE)
             for j in range(n_full, n_blocks):
-                block_id = tl.load(bt_row + j)
-                m_i, l_i, acc = _paged_kv_block(q, kc_ptr, vc_ptr, block_id, kvh, j * BLOCK_SIZE, ctx_len,
-                                                qpos, stride_kcb, stride_kcs, stride_kch, stride_vcb,
-                                                stride_vcs, stride_vch, qk_scale, m_i, l_i, acc, True, True,
-                                                HEAD_DIM, BLOCK_SIZE, BLOCK_D, DOT_DTYPE)
+                blk = tl.load(bt_row + j).to(tl.int64)
+                m_i, l_i, acc = _attend_kv_tile(q, k_head + blk * stride_kcb, v_head + blk * stride_vcb,
+                                                d_ok, j * BLOCK_SIZE, ctx_len, qpos, qk_scale, m_i, l_i, acc,
+                                                True, True, BLOCK_SIZE, DOT_DTYPE)
             _store_query_tile(o_ptr, acc, l_i, q_start + m0, row_ok, kvh, stride_ot, stride_oh,
                               GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
 

@@ -41,13 +41,32 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _online_softmax_step(s, v, m_i, l_i, acc, DOT_DTYPE: tl.constexpr):
-    """One flash-attention update with a tile of scores.
+def _attend_kv_tile(q, k_ptrs, v_ptrs, d_ok, n0, n_keys, qpos, qk_scale, m_i, l_i, acc,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr):
+    """One flash-attention step: attend query tile q [M, BLOCK_D] (DOT_DTYPE) to the keys at
+    positions n0 .. n0 + BLOCK_N - 1, whose K/V rows are at k_ptrs / v_ptrs [BLOCK_N, BLOCK_D].
 
-    s: [M, N] fp32 scores in log2 units (scale * log2(e) applied), masked entries = -inf.
-    v: [N, D] values in DOT_DTYPE.  m_i, l_i: [M] running max / sum.  acc: [M, D] fp32.
-    Returns the updated (m_i, l_i, acc); acc stays unnormalised.
+    MASKED: keys at positions >= n_keys are neither loaded (so stale or NaN cache slots never reach
+    the sums) nor attended, and with CAUSAL each row sees only keys <= its position qpos [M].
+    Unmasked tiles must be fully visible to every row. d_ok [BLOCK_D] masks the head-dim padding.
+    m_i, l_i [M]: running max / sum in log2 units; acc [M, BLOCK_D] fp32, unnormalised.
+    Returns the updated (m_i, l_i, acc).
     """
+    if MASKED:
+        key_pos = n0 + tl.arange(0, BLOCK_N)
+        key_ok = key_pos < n_keys
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * qk_scale  # [M, BLOCK_N] fp32
+    if MASKED:
+        valid = key_ok[None, :]
+        if CAUSAL:
+            valid = valid & (key_pos[None, :] <= qpos[:, None])
+        s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen only masked keys keeps m = -inf: exponentiate against 0 instead so that
     # (-inf) - (-inf) never makes a NaN (its p and alpha are 0 either way).
@@ -55,7 +74,7 @@ def _online_softmax_step(s, v, m_i, l_i, acc, DOT_DTYPE: tl.constexpr):
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
     return m_new, l_i, acc
 
 
@@ -98,33 +117,6 @@ def _store_query_tile(o_ptr, acc, l_i, tok0, row_ok, kvh, stride_ot, stride_oh,
 
 
 @triton.jit
-def _varlen_kv_tile(s_q, k_base, v_base, n0, seqlen, qpos, stride_kt, stride_vt, qk_scale,
-                    m_i, l_i, acc,
-                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Attend the query tile s_q to keys n0 .. n0 + BLOCK_N - 1 of the sequence (k_base/v_base
-    point at its first token for this kv head). MASKED: mask keys >= seqlen and, if CAUSAL,
-    keys after each row's position qpos[M]; unmasked tiles must lie fully inside both."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    if MASKED:
-        n_ok = offs_n < seqlen
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-    else:
-        kv_mask = d_ok[None, :]
-    k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(s_q, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * qk_scale
-    if MASKED:
-        valid = n_ok[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= qpos[:, None])
-        s = tl.where(valid, s, float("-inf"))
-    return _online_softmax_step(s, v.to(DOT_DTYPE), m_i, l_i, acc, DOT_DTYPE)
-
-
-@triton.jit
 def _varlen_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, work_ptr,
     n_work_rows, qk_scale,
@@ -140,6 +132,13 @@ def _varlen_attention_kernel(
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    # Offsets of a K/V tile's rows and head-dim columns, computed once: the key loop only moves
+    # a base pointer (cheaper on every backend, and the interpreter checks each int32 op).
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k_off = offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_off = offs_n[:, None] * stride_vt + offs_d[None, :]
     for item in range(pid, n_work_rows * HK, nprog):
         wrow = item // HK
         kvh = item - wrow * HK
@@ -165,13 +164,13 @@ def _varlen_attention_kernel(
                 n_full = seqlen // BLOCK_N * BLOCK_N
                 n_end = seqlen
             for n0 in range(0, n_full, BLOCK_N):
-                m_i, l_i, acc = _varlen_kv_tile(q, k_base, v_base, n0, seqlen, qpos, stride_kt, stride_vt,
-                                                qk_scale, m_i, l_i, acc, False, CAUSAL, HEAD_DIM,
-                                                BLOCK_N, BLOCK_D, DOT_DTYPE)
+                m_i, l_i, acc = _attend_kv_tile(q, k_base + n0 * stride_kt + k_off,
+                                                v_base + n0 * stride_vt + v_off, d_ok, n0, seqlen, qpos,
+                                                qk_scale, m_i, l_i, acc, False, CAUSAL, BLOCK_N, DOT_DTYPE)
             for n0 in range(n_full, n_end, BLOCK_N):
-                m_i, l_i, acc = _varlen_kv_tile(q, k_base, v_base, n0, seqlen, qpos, stride_kt, stride_vt,
-                                                qk_scale, m_i, l_i, acc, True, CAUSAL, HEAD_DIM,
-                                                BLOCK_N, BLOCK_D, DOT_DTYPE)
+                m_i, l_i, acc = _attend_kv_tile(q, k_base + n0 * stride_kt + k_off,
+                                                v_base + n0 * stride_vt + v_off, d_ok, n0, seqlen, qpos,
+                                                qk_scale, m_i, l_i, acc, True, CAUSAL, BLOCK_N, DOT_DTYPE)
             _store_query_tile(o_ptr, acc, l_i, start + m0, row_ok, kvh, stride_ot, stride_oh,
                               GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
 
