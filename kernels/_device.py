@@ -22,7 +22,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _properties(device_type: str, index: int) -> dict:
     return dict(triton.runtime.driver.active.utils.get_device_properties(index))
 
@@ -41,10 +41,22 @@ def num_cores(device: torch.device, kind: str = "vector") -> int:
     return int(props["multiprocessor_count"])
 
 
+# Programs per core of a persistent grid. Ascend pays per launched program: one per core. A GPU SM
+# holds several resident programs and needs them to hide memory latency in bandwidth-bound loops.
+_PROGRAMS_PER_CORE = {"cuda": 4, "npu": 1}
+
+
 def persistent_grid(work_items: int, device: torch.device, kind: str = "vector",
-                    programs_per_core: int = 1) -> int:
+                    programs_per_core: int | None = None) -> int:
     """Programs for a grid that loops over `work_items` rows/tiles inside each program."""
+    if programs_per_core is None:
+        programs_per_core = _PROGRAMS_PER_CORE.get(device.type, 1)
     return max(1, min(work_items, num_cores(device, kind) * programs_per_core, 65535))
+
+
+def num_warps_for(block_elements: int) -> int:
+    """Warps for a program whose widest tile has `block_elements` elements (ignored on Ascend)."""
+    return 8 if block_elements >= 4096 else 4 if block_elements >= 1024 else 2
 
 
 def dot_dtype(dtype: torch.dtype) -> tl.dtype:

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("QVL_KERNELS", "triton")
 
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 from kernels import _backend  # noqa: E402
 
@@ -22,5 +22,7 @@ _backend.poison_outputs = True  # every kernel output starts as NaN
 settings.register_profile(
     "qvl", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     derandomize=False, print_blob=True,
+    # No shrinking: an interpreted example costs seconds, and the failing example is printed.
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),
 )
 settings.load_profile("qvl")

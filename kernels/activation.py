@@ -1,0 +1,56 @@
+"""silu_and_mul: the gated MLP activation silu(gate) * up over a fused [gate | up] projection.
+
+Work items are (row, chunk) pairs so that even one row (a decode step) spreads its wide
+intermediate dimension (e.g. 18944) over many programs of the persistent grid.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _backend
+from kernels._device import num_warps_for, persistent_grid
+from kernels.norms import as_rows
+
+CHUNK = 2048  # elements of one output chunk: 2 loads + 1 store of 8 KB each in fp32
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, n_rows, n_cols, x_stride, n_chunks, BLOCK: tl.constexpr):
+    """out[r, c] = silu(x[r, c]) * x[r, n_cols + c]; x rows strided by x_stride, out contiguous."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)
+    for item in range(pid, n_rows * n_chunks, nprog):
+        row = tl.cast(item // n_chunks, tl.int64)
+        cols = (item % n_chunks) * BLOCK + offs
+        mask = cols < n_cols
+        gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        y = gate * tl.sigmoid(gate) * up
+        tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :N]) * x[..., N:] in fp32, returned in x's dtype."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
+@_backend.op(reference=silu_and_mul_reference)
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2N] (fp32/fp16/bf16) -> silu(x[..., :N]) * x[..., N:], [..., N] in x.dtype."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"silu_and_mul needs an even last dim (gate | up), got {x.shape[-1]}")
+    n = x.shape[-1] // 2
+    rows = as_rows(x)
+    out = _backend.empty_output((*x.shape[:-1], n), x.dtype, x.device)
+    block = min(triton.next_power_of_2(max(n, 1)), CHUNK)
+    n_chunks = triton.cdiv(n, block)
+    n_rows = rows.shape[0]
+    grid = (persistent_grid(n_rows * n_chunks, x.device),)
+    _silu_and_mul_kernel[grid](rows, out, n_rows, n, rows.stride(0), n_chunks, BLOCK=block,
+                               num_warps=num_warps_for(block))
+    return out

@@ -1,0 +1,180 @@
+"""Rotary position embeddings in the rotate-half layout.
+
+  apply_rope:  cos/sin tables [T, D/2] given (the vision tower's 2D rotary).
+  apply_mrope: Qwen2-VL's 3D multimodal rotary. Frequency i of D/2 takes its position from axis
+               s(i) of positions[3, T] (t for the first mrope_section[0] frequencies, h for the
+               next mrope_section[1], w for the rest); angle = position * theta^(-2i/D).
+               Text-only positions (equal on all axes) reduce it to ordinary RoPE.
+
+One kernel serves both: each program loops over tokens, gets that token's cos/sin (loaded, or
+computed from its three positions), and rotates all heads of q (and k) with them, so the
+cos/sin row is computed once per token and never written to memory.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _backend
+from kernels._device import num_warps_for, persistent_grid
+
+
+@triton.jit
+def _rotate_heads(src, dst, n_heads, src_stride_h, cos, sin,
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """dst[h] = rotate_half applied to src[h] for all heads of one token; cos/sin [BLOCK_HALF] fp32.
+    src is strided by src_stride_h between heads; dst is contiguous [n_heads, 2*HALF]."""
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < n_heads) & (i < HALF)
+    first = tl.load(src + heads * src_stride_h + i, mask=mask, other=0.0).to(tl.float32)
+    second = tl.load(src + heads * src_stride_h + HALF + i, mask=mask, other=0.0).to(tl.float32)
+    out_ty = dst.dtype.element_ty
+    tl.store(dst + heads * (2 * HALF) + i, (first * cos - second * sin).to(out_ty), mask=mask)
+    tl.store(dst + heads * (2 * HALF) + HALF + i, (second * cos + first * sin).to(out_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr, inv_freq_ptr,
+    n_tokens, n_q_heads, n_k_heads, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
+    cs_stride_t, pos_stride_axis,
+    SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    FROM_POSITIONS: tl.constexpr, HAS_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    i = tl.arange(0, BLOCK_HALF)
+    i_mask = i < HALF
+    if FROM_POSITIONS:
+        inv_freq = tl.load(inv_freq_ptr + i, mask=i_mask, other=0.0)
+    for t in range(pid, n_tokens, nprog):
+        t64 = tl.cast(t, tl.int64)
+        if FROM_POSITIONS:
+            p_t = tl.load(pos_ptr + t64).to(tl.float32)
+            p_h = tl.load(pos_ptr + pos_stride_axis + t64).to(tl.float32)
+            p_w = tl.load(pos_ptr + 2 * pos_stride_axis + t64).to(tl.float32)
+            pos = tl.where(i < SECTION_T, p_t, tl.where(i < SECTION_TH, p_h, p_w))
+            angle = pos * inv_freq
+            cos = tl.cos(angle)
+            sin = tl.sin(angle)
+        else:
+            cos = tl.load(cos_ptr + t64 * cs_stride_t + i, mask=i_mask, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + t64 * cs_stride_t + i, mask=i_mask, other=0.0).to(tl.float32)
+        _rotate_heads(q_ptr + t64 * q_stride_t, q_out_ptr + t64 * (n_q_heads * 2 * HALF), n_q_heads,
+                      q_stride_h, cos[None, :], sin[None, :], HALF, BLOCK_HQ, BLOCK_HALF)
+        if HAS_K:
+            _rotate_heads(k_ptr + t64 * k_stride_t, k_out_ptr + t64 * (n_k_heads * 2 * HALF), n_k_heads,
+                          k_stride_h, cos[None, :], sin[None, :], HALF, BLOCK_HK, BLOCK_HALF)
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def inverse_frequencies(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """[head_dim/2] fp32: theta^(-2i/head_dim), computed exactly as the HF models do."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    return (1.0 / (theta**exponents)).to(device)
+
+
+def _launch_rotary(q, k, cos, sin, positions, mrope_section, theta):
+    n_tokens, n_q_heads, head_dim = q.shape
+    if head_dim % 2:
+        raise ValueError(f"rotary needs an even head dim, got {head_dim}")
+    half = head_dim // 2
+    q = _unit_last_stride(q)
+    q_out = _backend.empty_output(q.shape, q.dtype, q.device)
+    k_out = None
+    if k is not None:
+        if k.shape[0] != n_tokens or k.shape[2] != head_dim:
+            raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)}")
+        k = _unit_last_stride(k)
+        k_out = _backend.empty_output(k.shape, k.dtype, k.device)
+    from_positions = positions is not None
+    if from_positions:
+        if positions.shape != (3, n_tokens):
+            raise ValueError(f"positions must be [3, {n_tokens}], got {tuple(positions.shape)}")
+        if len(mrope_section) != 3 or sum(mrope_section) != half:
+            raise ValueError(f"mrope_section {list(mrope_section)} must be 3 ints summing to D/2={half}")
+        positions = positions.contiguous()
+        inv_freq = inverse_frequencies(head_dim, float(theta), q.device)
+        section_t, section_th = mrope_section[0], mrope_section[0] + mrope_section[1]
+    else:
+        if cos.shape != (n_tokens, half) or sin.shape != cos.shape:
+            raise ValueError(f"cos/sin must be [{n_tokens}, {half}], "
+                             f"got {tuple(cos.shape)}/{tuple(sin.shape)}")
+        cos, sin = cos.contiguous(), sin.to(cos.dtype).contiguous()  # one row stride for both
+        section_t = section_th = 0
+    block_half = triton.next_power_of_2(half)
+    n_k_heads = k.shape[1] if k is not None else 0
+    block_hq = triton.next_power_of_2(n_q_heads)
+    grid = (persistent_grid(n_tokens, q.device),)
+    _rotary_kernel[grid](
+        q, k if k is not None else q, q_out, k_out if k is not None else q_out,
+        cos if cos is not None else q, sin if sin is not None else q,
+        positions if from_positions else q, inv_freq if from_positions else q,
+        n_tokens, n_q_heads, n_k_heads, q.stride(0), q.stride(1),
+        k.stride(0) if k is not None else 0, k.stride(1) if k is not None else 0,
+        cos.stride(0) if cos is not None else 0, positions.stride(0) if from_positions else 0,
+        SECTION_T=section_t, SECTION_TH=section_th, HALF=half, BLOCK_HALF=block_half,
+        BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(max(n_k_heads, 1)),
+        FROM_POSITIONS=from_positions, HAS_K=k is not None,
+        num_warps=num_warps_for(block_hq * block_half),
+    )
+    return q_out, k_out
+
+
+# ---------------------------------------------------------------- PyTorch references (fp32 math)
+
+def _rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] rotated by cos/sin [T, D/2] (fp32), returned in x's dtype."""
+    first, second = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1).to(x.dtype)
+
+
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [T, H, D] with cos/sin [T, D/2]."""
+    return _rotate_reference(x, cos.float(), sin.float())
+
+
+def mrope_angles(positions: torch.Tensor, mrope_section, head_dim: int, theta: float) -> torch.Tensor:
+    """[T, D/2] fp32 angles: frequency i uses the position of axis s(i) (t, h, w sections)."""
+    inv_freq = inverse_frequencies(head_dim, float(theta), positions.device)
+    axis = torch.repeat_interleave(torch.arange(3, device=positions.device),
+                                   torch.tensor(list(mrope_section), device=positions.device))
+    return positions.float()[axis].T * inv_freq  # [T, D/2]
+
+
+def apply_mrope_reference(q, k, positions, mrope_section, theta):
+    """3D multimodal RoPE of q [T, Hq, D] and k [T, Hk, D] from positions [3, T]."""
+    angles = mrope_angles(positions, mrope_section, q.shape[-1], theta)
+    cos, sin = angles.cos(), angles.sin()
+    return _rotate_reference(q, cos, sin), _rotate_reference(k, cos, sin)
+
+
+# ---------------------------------------------------------------- public ops
+
+@_backend.op(reference=apply_rope_reference)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x [T, H, D] (strided over T and H allowed), cos/sin [T, D/2]
+    -> new [T, H, D] in x.dtype: out[..., :D/2] = x1*cos - x2*sin, out[..., D/2:] = x2*cos + x1*sin."""
+    return _launch_rotary(x, None, cos, sin, None, None, None)[0]
+
+
+@_backend.op(reference=apply_mrope_reference)
+def apply_mrope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, mrope_section,
+                theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2-VL multimodal RoPE of q [T, Hq, D] and k [T, Hk, D] (one launch for both).
+
+    positions [3, T] integer (t, h, w rows); mrope_section 3 ints summing to D/2; theta the rope
+    base. Returns new (q, k) in their dtypes; the inputs are not modified.
+    """
+    return _launch_rotary(q, k, None, None, positions, mrope_section, theta)
