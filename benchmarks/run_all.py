@@ -1,0 +1,65 @@
+"""`make bench`: every benchmark family on the best device here, results under benchmarks/results/.
+
+On a CUDA or Ascend device the full shapes run. Without one, kernels run in Triton's CPU
+interpreter on a small smoke set: that proves the benchmarks work, and its timings are not
+performance. `--only NAME` runs one family (module name without `bench_`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+FAMILIES = ["elementwise", "attention"]
+
+
+def pick_device():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    try:
+        import torch_npu  # noqa: F401
+
+        if torch.npu.is_available():  # type: ignore[attr-defined]
+            return torch.device("npu")
+    except ImportError:
+        pass
+    return torch.device("cpu")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=FAMILIES, action="append", help="run only these families")
+    parser.add_argument("--smoke", action="store_true", help="small shapes even on a device")
+    args = parser.parse_args()
+
+    import torch
+
+    if not (torch.cuda.is_available()):
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import
+    from benchmarks.common import BenchContext, measure_copy_bandwidth, write_results
+
+    device = pick_device()
+    smoke = args.smoke or device.type == "cpu"
+    if device.type == "cpu":
+        print("No GPU/NPU: smoke run through Triton's CPU interpreter. Timings are NOT performance.")
+    copy_gbs = measure_copy_bandwidth(device, 64 << 20 if smoke else 1 << 30)
+    print(f"device={device} measured copy bandwidth {copy_gbs:.1f} GB/s")
+    ctx = BenchContext(device=device, smoke=smoke, copy_gbs=copy_gbs)
+    started = time.time()
+    for family in args.only or FAMILIES:
+        print(f"== {family}")
+        importlib.import_module(f"benchmarks.bench_{family}").run(ctx)
+    path = write_results(ctx, {"families": args.only or FAMILIES, "wall_s": round(time.time() - started, 1)})
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
