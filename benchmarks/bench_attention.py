@@ -1,0 +1,185 @@
+"""Attention benchmarks: ViT full / window attention (varlen_attention), LLM causal prefill, and
+paged decode (paged_attention) at Qwen2.5-VL shapes, against PyTorch SDPA baselines (and
+flash-attn where it is installed).
+
+Shapes
+- ViT: 16 heads x 80 (Qwen2.5-VL vision tower). A 1024x1024 image is resized to 1036x1036 (multiples
+  of 28) = 74 x 74 = 5476 patches. Full attention: one sequence of 5476. Window attention: windows
+  of 4x4 merged tokens = 64 patches; 37 merged columns give 9 full windows and one 1-merged-token
+  wide edge window per axis, so windows of 64, 16 and 4 patches (100 windows).
+- LLM prefill: 28 query / 4 kv heads x 128 (Qwen2.5-VL-7B), causal, 4096 tokens.
+- Decode: 28/4 x 128, bf16, cache block 128, batch 1/16/64 x context 1k/4k/16k/32k. Bandwidth is
+  the K+V bytes the kernel must read (B * ctx * Hk * D * 2 tensors * 2 bytes) per second, and
+  frac_copy_bw its fraction of the measured device copy bandwidth.
+
+Under ctx.smoke (CPU, Triton interpreter) only a tiny fp32 set runs: the timings prove the
+benchmark works end to end; they are not performance figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import kernels
+from kernels._device import interpreting
+
+if TYPE_CHECKING:  # run_all.py passes the context; importing it here would tie module paths
+    from common import BenchContext
+
+FAMILY = "attention"
+
+# The Triton launchers themselves, whatever QVL_KERNELS says (op.__wrapped__ is the launcher).
+varlen_triton = kernels.varlen_attention.__wrapped__
+decode_triton = kernels.paged_attention.__wrapped__
+
+
+def _flash_attn():
+    """flash_attn's module when installed (CUDA only), else None."""
+    try:
+        import flash_attn
+    except ImportError:
+        return None
+    return flash_attn
+
+
+def _sdpa_flash(device: torch.device):
+    """On CUDA, SDPA restricted to its flash backend (memory-efficient as the fallback for what
+    flash refuses); elsewhere the default choice."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+
+
+def vit_window_lengths(patches_per_side: int = 74, merge: int = 2, window_merged: int = 4) -> list[int]:
+    """Patch counts of Qwen2.5-VL's attention windows over a square image of patches_per_side^2
+    patches: windows of window_merged^2 merged tokens (merge^2 patches each), smaller at the edges."""
+    merged = patches_per_side // merge
+    sides = [min(window_merged, merged - s) for s in range(0, merged, window_merged)]
+    return [h * w * merge * merge for h in sides for w in sides]
+
+
+def _cu(lens: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([0, *lens], dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
+
+
+def _sdpa_per_sequence(q, k, v, lens: list[int], causal: bool) -> Callable[[], torch.Tensor]:
+    """Baseline: one SDPA call per sequence ([H, L, D] views of the packed tensors)."""
+    bounds = torch.tensor([0, *lens]).cumsum(0).tolist()
+
+    def run():
+        out = torch.empty_like(q)
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+            o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
+                                               v[s:e].transpose(0, 1), is_causal=causal,
+                                               enable_gqa=q.shape[1] != k.shape[1])
+            out[s:e] = o.transpose(0, 1)
+        return out
+
+    return run
+
+
+def bench_varlen(ctx: BenchContext, name: str, lens: list[int], hq: int, hk: int, d: int,
+                 dtype: torch.dtype, causal: bool) -> None:
+    """varlen_attention vs per-sequence SDPA (flash backend forced on CUDA) and flash-attn."""
+    device = ctx.device
+    t = sum(lens)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(t, h, d, generator=g).to(device, dtype) for h in (hq, hk, hk))
+    cu = _cu(lens, device)
+    max_len = max(lens)
+    pairs = sum(n * (n + 1) // 2 if causal else n * n for n in lens)
+    flops = 4.0 * pairs * hq * d  # QK^T and PV, 2 flops per multiply-add
+    shape = f"{name}: {len(lens)} seqs, T={t}, max={max_len}, H={hq}/{hk}, D={d}, causal={causal}"
+
+    def triton_run():
+        return varlen_triton(q, k, v, cu, max_len, causal=causal)
+
+    with _sdpa_flash(device):
+        sdpa_run = _sdpa_per_sequence(q, k, v, lens, causal)
+        err = float((triton_run().float() - sdpa_run().float()).abs().max())
+        base_ms = ctx.time(sdpa_run)
+    ctx.record(FAMILY, "varlen_attention", shape, dtype, "torch-sdpa-per-seq", base_ms, flops=flops)
+    ms = ctx.time(triton_run)
+    ctx.record(FAMILY, "varlen_attention", shape, dtype, "triton", ms, flops=flops, baseline_ms=base_ms,
+               note=f"max |triton - sdpa| = {err:.2e}")
+    fa = _flash_attn()
+    if fa is not None and device.type == "cuda" and dtype != torch.float32:
+        fa_ms = ctx.time(lambda: fa.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=causal))
+        ctx.record(FAMILY, "varlen_attention", shape, dtype, "flash-attn", fa_ms, flops=flops,
+                   baseline_ms=base_ms)
+
+
+def _paged_cache(batch: int, ctx_len: int, hk: int, d: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device):
+    """Caches holding batch sequences of ctx_len tokens each, blocks shuffled across sequences."""
+    per_seq = math.ceil(ctx_len / block_size)
+    n_blocks = batch * per_seq
+    k_cache = torch.randn(n_blocks, block_size, hk, d, device=device, dtype=dtype)
+    v_cache = torch.randn(n_blocks, block_size, hk, d, device=device, dtype=dtype)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    tables = torch.randperm(n_blocks, generator=g).to(torch.int32).view(batch, per_seq).to(device)
+    lens = torch.full((batch,), ctx_len, dtype=torch.int32, device=device)
+    return k_cache, v_cache, tables, lens
+
+
+def bench_decode(ctx: BenchContext, batch: int, ctx_len: int, hq: int, hk: int, d: int, block_size: int,
+                 dtype: torch.dtype) -> None:
+    """paged_attention vs gather + SDPA, reporting the achieved K+V read bandwidth."""
+    device = ctx.device
+    k_cache, v_cache, tables, lens = _paged_cache(batch, ctx_len, hk, d, block_size, dtype, device)
+    q = torch.randn(batch, hq, d, device=device, dtype=dtype)
+    kv_bytes = 2.0 * batch * ctx_len * hk * d * k_cache.element_size()
+    shape = f"decode B={batch} ctx={ctx_len} H={hq}/{hk} D={d} BS={block_size}"
+
+    def triton_run():
+        return decode_triton(q, k_cache, v_cache, tables, lens)
+
+    def gather_sdpa():
+        # [B, blocks, BS, Hk, D] -> [B, Hk, ctx, D]: the copy a block-table-unaware kernel needs.
+        k = k_cache[tables].flatten(1, 2)[:, :ctx_len].transpose(1, 2)
+        v = v_cache[tables].flatten(1, 2)[:, :ctx_len].transpose(1, 2)
+        return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
+
+    err = float((triton_run().float() - gather_sdpa().float()).abs().max())
+    base_ms = ctx.time(gather_sdpa)
+    ctx.record(FAMILY, "paged_attention", shape, dtype, "torch-gather-sdpa", base_ms, nbytes=kv_bytes)
+    ms = ctx.time(triton_run)
+    ctx.record(FAMILY, "paged_attention", shape, dtype, "triton", ms, nbytes=kv_bytes, baseline_ms=base_ms,
+               note=f"max |triton - sdpa| = {err:.2e}")
+    fa = _flash_attn()
+    if fa is not None and device.type == "cuda" and dtype != torch.float32:
+        try:  # flash-attn 2 wants paged blocks of a multiple of 256 tokens: may refuse BS=128
+            fa_ms = ctx.time(lambda: fa.flash_attn_with_kvcache(q[:, None], k_cache, v_cache,
+                                                                cache_seqlens=lens, block_table=tables))
+            ctx.record(FAMILY, "paged_attention", shape, dtype, "flash-attn", fa_ms, nbytes=kv_bytes,
+                       baseline_ms=base_ms)
+        except RuntimeError as e:
+            print(f"  flash-attn refused {shape}: {str(e)[:120]}")
+
+
+def run(ctx: BenchContext) -> None:
+    """Record the attention rows into ctx (see the module docstring for the shapes)."""
+    if ctx.device.type == "cpu" and not interpreting():
+        print("bench_attention: CPU without TRITON_INTERPRET=1: the Triton kernels cannot run, skipped")
+        return
+    if ctx.smoke:
+        # Tiny fp32 shapes in the interpreter: proves the benchmark runs, measures nothing.
+        bench_varlen(ctx, "smoke full", [40, 23], 2, 2, 64, torch.float32, causal=False)
+        bench_varlen(ctx, "smoke windows", [16, 16, 8, 4], 2, 2, 80, torch.float32, causal=False)
+        bench_varlen(ctx, "smoke prefill", [50], 4, 2, 64, torch.float32, causal=True)
+        bench_decode(ctx, 2, 300, 4, 2, 64, 16, torch.float32)
+        return
+    dtype = torch.bfloat16
+    bench_varlen(ctx, "ViT full 1024x1024", [74 * 74], 16, 16, 80, dtype, causal=False)
+    bench_varlen(ctx, "ViT window 1024x1024", vit_window_lengths(), 16, 16, 80, dtype, causal=False)
+    bench_varlen(ctx, "LLM prefill", [4096], 28, 4, 128, dtype, causal=True)
+    for batch in (1, 16, 64):
+        for ctx_len in (1024, 4096, 16384, 32768):
+            bench_decode(ctx, batch, ctx_len, 28, 4, 128, 128, dtype)
