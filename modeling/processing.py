@@ -432,7 +432,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     return VideoInfo(total, fps, height, width)
 
 
-def sample_video(path: str | os.PathLike, cfg: ImageProcessorConfig | None = None, fps: float | None = None,
+def sample_video(path: str | os.PathLike, cfg: ImageProcessorConfig | None = None, fps: float = FPS,
                  nframes: int | None = None, min_frames: int = FPS_MIN_FRAMES, max_frames: int | None = None,
                  min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: int | None = None,
                  total_pixels: int = VIDEO_TOTAL_PIXELS, video_start: float | None = None,

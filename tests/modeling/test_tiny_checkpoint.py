@@ -10,7 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from modeling.processing import SAMPLE_IMAGE_PATH, ImageProcessorConfig, process_image
+from modeling.processing import (
+    SAMPLE_IMAGE_PATH,
+    SAMPLE_VIDEO_PATH,
+    ImageProcessorConfig,
+    process_image,
+    process_video,
+)
 from modeling.prompt import build_prompt, mm_token_type_ids
 from modeling.tiny_checkpoint import (
     CHAT_TEMPLATE,
@@ -140,6 +146,33 @@ def test_greedy_decoding_is_not_degenerate(base):
     out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
     assert len(new) == 16 and len(set(new)) >= 4, new
+
+
+def test_transformers_runs_our_video_and_image_inputs(base):
+    """Our pads, patches and grids are what transformers' model consumes (it checks that the pad
+    count equals the number of merged features)."""
+    arch, path, model, _, _ = base
+    cfg = ImageProcessorConfig.from_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    vid_pixels, vid_grid, second_per_grid_t = process_video(SAMPLE_VIDEO_PATH, cfg, nframes=4,
+                                                            min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+    img_pixels, img_grid = process_image(SAMPLE_IMAGE_PATH, cfg)
+    media = [("video", vid_grid), ("image", img_grid)]
+    ids = build_prompt(tok, media, "What moves?", cfg.merge_size)
+    kw = dict(
+        input_ids=torch.tensor([ids]),
+        pixel_values=img_pixels, image_grid_thw=torch.tensor([img_grid]),
+        pixel_values_videos=vid_pixels, video_grid_thw=torch.tensor([vid_grid]),
+        mm_token_type_ids=torch.tensor([mm_token_type_ids(ids, config["image_token_id"],
+                                                          config["video_token_id"])]),
+    )
+    if arch == "qwen2_5_vl":
+        kw["second_per_grid_ts"] = torch.tensor([second_per_grid_t])
+    with torch.no_grad():
+        logits = model(**kw).logits
+    assert logits.shape == (1, len(ids), model.config.text_config.vocab_size)
+    assert torch.isfinite(logits).all()
 
 
 def test_seed_changes_weights(tmp_path):
