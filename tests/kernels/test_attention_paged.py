@@ -102,11 +102,12 @@ def prefill_batches(draw):
     prefixes / chunked prefill (q_len < ctx), and single-token steps."""
     n = draw(st.integers(1, 3))
     ctx = draw(st.lists(CONTEXTS, min_size=n, max_size=n))
-    q_lens = [draw(st.sampled_from([1, c]) | st.integers(1, c)) for c in ctx]
+    # Fresh prompts only up to 200 tokens: a query tile's cost grows with its whole context.
+    q_lens = [draw(st.sampled_from([1, min(c, 200)]) | st.integers(1, min(c, 100))) for c in ctx]
     return ctx, q_lens
 
 
-@settings(max_examples=14)
+@settings(max_examples=12)
 @given(batch=prefill_batches(), heads=st.sampled_from(HEAD_CONFIGS), d=st.sampled_from(HEAD_DIMS),
        block_size=st.sampled_from(BLOCK_SIZES), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
 def test_paged_prefill_attention(batch, heads, d, block_size, dtype, seed):
