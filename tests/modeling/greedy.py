@@ -1,0 +1,53 @@
+"""A minimal greedy decode loop over the paged KV cache, for parity tests (the engine has the
+real one): one sequence, blocks allocated in order, whole-prompt prefill then one token a step."""
+
+from __future__ import annotations
+
+import torch
+
+from modeling.attention_metadata import AttentionMetadata
+from modeling.model import QwenVLModel
+from modeling.rope_index import decode_positions
+
+BLOCK_SIZE = 16
+
+
+def one_sequence_metadata(start: int, count: int, max_blocks: int) -> AttentionMetadata:
+    """One sequence whose tokens start..start+count-1 are new, cached in blocks 0, 1, 2, ..."""
+    return AttentionMetadata(
+        slot_mapping=torch.arange(start, start + count, dtype=torch.int64),
+        block_tables=torch.arange(max_blocks, dtype=torch.int32)[None],
+        context_lens=torch.tensor([start + count], dtype=torch.int32),
+        cu_seqlens_q=torch.tensor([0, count], dtype=torch.int32),
+        max_query_len=count,
+    )
+
+
+def greedy_generate(model: QwenVLModel, input_ids: torch.Tensor, steps: int,
+                    image: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    video: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    second_per_grid_ts: list[float] | None = None,
+                    ) -> tuple[list[torch.Tensor], list[int]]:
+    """Greedy-decode `steps` tokens after the prompt input_ids [L].
+
+    image / video: (pixel_values, grid_thw) of the prompt's images / videos, packed.
+    Returns (the logits [V] fp32 each token was chosen from, the generated token ids).
+    """
+    n = input_ids.shape[0]
+    max_blocks = -(-(n + steps) // BLOCK_SIZE)
+    kv = model.allocate_kv_cache(max_blocks, BLOCK_SIZE)
+    image_embeds = model.encode_media(*image) if image is not None else None
+    video_embeds = model.encode_media(*video) if video is not None else None
+    positions, delta = model.rope_index(input_ids, image[1] if image else None,
+                                        video[1] if video else None, second_per_grid_ts)
+    embeds = model.embed(input_ids, image_embeds, video_embeds)
+    hidden = model.forward(positions, one_sequence_metadata(0, n, max_blocks), kv, inputs_embeds=embeds)
+    logits = [model.compute_logits(hidden, torch.tensor([n - 1]))[0]]
+    tokens = [int(logits[-1].argmax())]
+    for step in range(1, steps):
+        pos = n + step - 1  # index of the token fed in this step
+        hidden = model.forward(decode_positions(pos, 1, delta), one_sequence_metadata(pos, 1, max_blocks),
+                               kv, input_ids=torch.tensor([tokens[-1]]))
+        logits.append(model.compute_logits(hidden)[0])
+        tokens.append(int(logits[-1].argmax()))
+    return logits, tokens
