@@ -56,19 +56,21 @@ REDUCE_CHUNK = 16
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, o_ptr, mpart_ptr, lpart_ptr, opart_ptr,
-    n_items, blocks_per_split, qk_scale,
+    n_items, num_splits, blocks_per_split, qk_scale,
     stride_qb, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_btb, stride_ob, stride_oh,
     HQ: tl.constexpr, HK: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """One decode query per sequence against its cached keys 0 .. context_lens[b] - 1.
 
     Work item = (b, kv head, split), split fastest. Split s covers the sequence's blocks
-    [s * blocks_per_split, (s + 1) * blocks_per_split). With NUM_SPLITS == 1 the result goes to
-    o[B, Hq, D]; otherwise row (b, h)'s partial (max and sum in log2 units, output normalised by
-    its own sum) goes to mpart/lpart [B, Hq, NUM_SPLITS] and opart [B, Hq, NUM_SPLITS, D] (fp32).
+    [s * blocks_per_split, (s + 1) * blocks_per_split). Without SPLIT (num_splits == 1) the result
+    goes to o[B, Hq, D]; with it, row (b, h)'s partial (max and sum in log2 units, output normalised
+    by its own sum) goes to mpart/lpart [B, Hq, num_splits] and opart [B, Hq, num_splits, D] (fp32).
+    num_splits is a runtime value (it follows the table width, which grows step by step: a
+    constexpr would compile a new kernel for each value).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -81,8 +83,8 @@ def _paged_decode_kernel(
     k_off = offs_s[:, None] * stride_kcs + offs_d[None, :]
     v_off = offs_s[:, None] * stride_vcs + offs_d[None, :]
     for item in range(pid, n_items, nprog):
-        split = item % NUM_SPLITS
-        bh = item // NUM_SPLITS
+        split = item % num_splits
+        bh = item // num_splits
         kvh = bh % HK
         b = bh // HK
         ctx_len = tl.load(ctx_ptr + b)
@@ -110,13 +112,13 @@ def _paged_decode_kernel(
             m_i, l_i, acc = _attend_kv_tile(q, k_head + blk * stride_kcb, v_head + blk * stride_vcb, d_ok,
                                             j * BLOCK_SIZE, ctx_len, qpos, qk_scale, m_i, l_i, acc,
                                             True, False, BLOCK_SIZE, DOT_DTYPE)
-        if NUM_SPLITS == 1:
+        if not SPLIT:
             _store_query_tile(o_ptr, acc, l_i, b, row_ok, kvh, stride_ob, stride_oh,
                               GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
         else:
             # An empty split (past the end of a short sequence) writes m = -inf, l = 0, o = 0.
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-            part_row = (b * HQ + kvh * GROUP + rows % G_PAD).to(tl.int64) * NUM_SPLITS + split  # [BLOCK_M]
+            part_row = (b * HQ + kvh * GROUP + rows % G_PAD).to(tl.int64) * num_splits + split  # [BLOCK_M]
             tl.store(mpart_ptr + part_row, m_i, mask=row_ok)
             tl.store(lpart_ptr + part_row, l_i, mask=row_ok)
             o_mask = row_ok[:, None] & d_ok[None, :]
@@ -125,27 +127,31 @@ def _paged_decode_kernel(
 
 @triton.jit
 def _split_reduce_kernel(
-    mpart_ptr, lpart_ptr, opart_ptr, o_ptr, n_rows, stride_ob, stride_oh,
-    HQ: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    mpart_ptr, lpart_ptr, opart_ptr, o_ptr, n_rows, num_splits, stride_ob, stride_oh,
+    HQ: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """o[b, h] = sum_s w_s * opart[b, h, s] / sum_s w_s with w_s = lpart_s * 2^(mpart_s - max_s mpart).
-    Row (b, h) per loop step; the splits' outputs are read CHUNK at a time to bound the tile."""
+
+    Row (b, h) per loop step. The splits are read CHUNK at a time (one pass for the max, one for
+    the weighted sum), which bounds the tile and keeps num_splits a runtime value.
+    """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    offs_s = tl.arange(0, SPLITS_PAD)
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     for row in range(pid, n_rows, nprog):
-        base = tl.cast(row, tl.int64) * NUM_SPLITS
-        m_all = tl.load(mpart_ptr + base + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
-        m_max = tl.max(m_all, 0)
+        base = tl.cast(row, tl.int64) * num_splits
+        m_run = tl.full([CHUNK], float("-inf"), tl.float32)
+        for c0 in range(0, num_splits, CHUNK):
+            m_c = tl.load(mpart_ptr + base + c0 + offs_c, mask=c0 + offs_c < num_splits, other=float("-inf"))
+            m_run = tl.maximum(m_run, m_c)
+        m_max = tl.max(m_run, 0)
         m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
         total = tl.zeros([BLOCK_D], tl.float32)
         w_sum = tl.zeros([CHUNK], tl.float32)
-        for c0 in range(0, NUM_SPLITS, CHUNK):
-            s_ok = c0 + offs_c < NUM_SPLITS
+        for c0 in range(0, num_splits, CHUNK):
+            s_ok = c0 + offs_c < num_splits
             m_c = tl.load(mpart_ptr + base + c0 + offs_c, mask=s_ok, other=float("-inf"))
             l_c = tl.load(lpart_ptr + base + c0 + offs_c, mask=s_ok, other=0.0)
             w = l_c * tl.exp2(m_c - m_max)  # [CHUNK]; 0 for empty splits
@@ -333,11 +339,11 @@ def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _paged_decode_kernel[grid](
         q, k_cache, v_cache, _rows_contiguous(block_tables), context_lens.contiguous(),
         out, mpart, lpart, opart,
-        n_items, blocks_per_split, scale * LOG2E,
+        n_items, num_splits, blocks_per_split, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), _rows_contiguous(block_tables).stride(0),
         out.stride(0), out.stride(1),
-        HQ=hq, HK=hk, GROUP=group, G_PAD=g_pad, NUM_SPLITS=num_splits, HEAD_DIM=d,
+        HQ=hq, HK=hk, GROUP=group, G_PAD=g_pad, SPLIT=num_splits > 1, HEAD_DIM=d,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_D=block_d, DOT_DTYPE=dot_dtype(q.dtype),
         **launch_options(q.device),
     )
@@ -345,9 +351,8 @@ def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         n_rows = batch * hq
         per_core = 4 if q.device.type == "cuda" and not interpreting() else 1
         _split_reduce_kernel[(persistent_grid(n_rows, q.device, "vector", per_core),)](
-            mpart, lpart, opart, out, n_rows, out.stride(0), out.stride(1),
-            HQ=hq, NUM_SPLITS=num_splits, HEAD_DIM=d, SPLITS_PAD=triton.next_power_of_2(num_splits),
-            CHUNK=min(REDUCE_CHUNK, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
+            mpart, lpart, opart, out, n_rows, num_splits, out.stride(0), out.stride(1),
+            HQ=hq, HEAD_DIM=d, CHUNK=REDUCE_CHUNK, BLOCK_D=block_d,
         )
     return out
 
