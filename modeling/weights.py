@@ -180,15 +180,13 @@ def vision_dtype_for(dtype: torch.dtype) -> torch.dtype:
 
 class _Loader:
     """Reads tensors by canonical name (optionally only a slice: the tensor-parallel hook),
-    casts and moves them, and records which ones were used."""
+    casting and moving them."""
 
     def __init__(self, reader: CheckpointReader, device: torch.device | str):
         self.reader = reader
         self.device = device
-        self.used: set[str] = set()
 
     def __call__(self, name: str, dtype: torch.dtype, index: tuple[slice, ...] | None = None) -> torch.Tensor:
-        self.used.add(name)
         return self.reader.get(name, index).to(device=self.device, dtype=dtype)
 
     def cat(self, names: Iterable[str], dtype: torch.dtype) -> torch.Tensor:
