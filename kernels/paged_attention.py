@@ -397,11 +397,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     # capped by T, the only bound on a sequence's new tokens known without a sync.
     block_q, block_m = rows_per_tile(g_pad, t, 64)
     n_rows = rows_bound(t, n_seq, t, block_q)
+    cu_seqlens_q = cu_seqlens_q.to(q.device, torch.int32)
     table = query_block_table(cu_seqlens_q, block_q, n_rows)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     grid = (persistent_grid(n_rows * hk, q.device, "cube", programs_per_core(q.device)),)
     _paged_prefill_kernel[grid](
-        q, k_cache, v_cache, _rows_contiguous(block_tables), cu_seqlens_q.to(torch.int32).contiguous(),
+        q, k_cache, v_cache, _rows_contiguous(block_tables), cu_seqlens_q.contiguous(),
         context_lens.contiguous(), table, out,
         n_rows, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -299,10 +299,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     block_q, block_m = rows_per_tile(g_pad, max_seqlen, 64)
     block_n = 64 if max_seqlen > 32 else max(16, triton.next_power_of_2(max(max_seqlen, 1)))
     n_rows = rows_bound(t, n_seq, max_seqlen, block_q)
-    table = query_block_table(cu_seqlens, block_q, n_rows)
+    table = query_block_table(cu_seqlens.to(q.device), block_q, n_rows)
     grid = (persistent_grid(n_rows * hk, q.device, "cube", programs_per_core(q.device)),)
     _varlen_attention_kernel[grid](
-        q, k, v, out, cu_seqlens.to(torch.int32), table, n_rows, scale * LOG2E,
+        q, k, v, out, cu_seqlens.to(q.device, torch.int32), table, n_rows, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         HK=hk, GROUP=group, G_PAD=g_pad, HEAD_DIM=d, CAUSAL=bool(causal), BLOCK_Q=block_q,
