@@ -54,6 +54,19 @@ def persistent_grid(work_items: int, device: torch.device, kind: str = "vector",
     return max(1, min(work_items, num_cores(device, kind) * programs_per_core, 65535))
 
 
+# Narrow rows are stacked into tiles of about this many elements: few enough to stay on chip
+# (16 KB of fp32 per live tile), enough that each loop iteration has real work.
+TILE_ELEMENTS = 4096
+
+
+def rows_per_tile(n_rows: int, row_elements: int, device: torch.device) -> int:
+    """Rows stacked in one tile (a power of two): as many as fit TILE_ELEMENTS for rows padded to
+    `row_elements` (a power of two), but no more than keeps every program of the grid busy."""
+    fit = max(1, TILE_ELEMENTS // row_elements)
+    per_program = triton.cdiv(n_rows, persistent_grid(n_rows, device))
+    return min(fit, triton.next_power_of_2(per_program))
+
+
 def num_warps_for(block_elements: int) -> int:
     """Warps for a program whose widest tile has `block_elements` elements (ignored on Ascend)."""
     return 8 if block_elements >= 4096 else 4 if block_elements >= 1024 else 2

@@ -1,7 +1,8 @@
 """silu_and_mul: the gated MLP activation silu(gate) * up over a fused [gate | up] projection.
 
-Work items are (row, chunk) pairs so that even one row (a decode step) spreads its wide
-intermediate dimension (e.g. 18944) over many programs of the persistent grid.
+Work items are (row tile, column chunk) pairs: one row (a decode step) spreads its wide
+intermediate dimension (e.g. 18944) over many programs of the persistent grid, and narrow rows
+are stacked several to a tile.
 """
 
 from __future__ import annotations
@@ -11,26 +12,30 @@ import triton
 import triton.language as tl
 
 from kernels import _backend
-from kernels._device import num_warps_for, persistent_grid
+from kernels._device import num_warps_for, persistent_grid, rows_per_tile
 from kernels.norms import as_rows
 
 CHUNK = 2048  # elements of one output chunk: 2 loads + 1 store of 8 KB each in fp32
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, n_rows, n_cols, x_stride, n_chunks, BLOCK: tl.constexpr):
-    """out[r, c] = silu(x[r, c]) * x[r, n_cols + c]; x rows strided by x_stride, out contiguous."""
+def _silu_and_mul_kernel(x_ptr, out_ptr, n_rows, n_cols, x_stride, n_chunks,
+                         BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    """out[r, c] = silu(x[r, c]) * x[r, n_cols + c]; x rows strided by x_stride, out contiguous.
+    A work item is a tile of BLOCK_R rows x BLOCK columns."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    offs = tl.arange(0, BLOCK)
-    for item in range(pid, n_rows * n_chunks, nprog):
-        row = tl.cast(item // n_chunks, tl.int64)
-        cols = (item % n_chunks) * BLOCK + offs
-        mask = cols < n_cols
-        gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)[:, None]
+    offs_c = tl.arange(0, BLOCK)[None, :]
+    for item in range(pid, tl.cdiv(n_rows, BLOCK_R) * n_chunks, nprog):
+        rows = (item // n_chunks) * BLOCK_R + offs_r
+        cols = (item % n_chunks) * BLOCK + offs_c
+        mask = (rows < n_rows) & (cols < n_cols)
+        rows = rows.to(tl.int64)
+        gate = tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + rows * x_stride + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         y = gate * tl.sigmoid(gate) * up
-        tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + rows * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +55,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(triton.next_power_of_2(max(n, 1)), CHUNK)
     n_chunks = triton.cdiv(n, block)
     n_rows = rows.shape[0]
-    grid = (persistent_grid(n_rows * n_chunks, x.device),)
-    _silu_and_mul_kernel[grid](rows, out, n_rows, n, rows.stride(0), n_chunks, BLOCK=block,
-                               num_warps=num_warps_for(block))
+    block_rows = rows_per_tile(n_rows, block, x.device)
+    grid = (persistent_grid(triton.cdiv(n_rows, block_rows) * n_chunks, x.device),)
+    _silu_and_mul_kernel[grid](rows, out, n_rows, n, rows.stride(0), n_chunks, BLOCK_R=block_rows, BLOCK=block,
+                               num_warps=num_warps_for(block_rows * block))
     return out

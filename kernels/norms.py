@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels import _backend
-from kernels._device import num_warps_for, persistent_grid
+from kernels._device import num_warps_for, persistent_grid, rows_per_tile
 
 # Widest row kept in one tile: 8192 fp32 values = 32 KB live, well inside Ascend's 192 KB
 # unified buffer together with the weight and the output tile. Wider rows go in CHUNK pieces.
@@ -26,70 +26,75 @@ def _norm_kernel(
     x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr,
     n_rows, n_cols, x_stride, res_stride, eps,
     SUBTRACT_MEAN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr,
 ):
     """out[r] = (x[r] (+ res[r]) - mean?) * rstd * w (+ b); sum[r] = x[r] + res[r] when HAS_RESIDUAL.
 
-    x/res rows are strided (x_stride, res_stride); out and sum are contiguous [n_rows, n_cols].
+    Each loop iteration normalises a tile of BLOCK_R rows (several narrow rows per tile keep the
+    work per iteration large). x/res rows are strided (x_stride, res_stride); out and sum are
+    contiguous [n_rows, n_cols].
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK)
-    for row in range(pid, n_rows, nprog):
-        row64 = tl.cast(row, tl.int64)
-        x_row = x_ptr + row64 * x_stride
-        res_row = res_ptr + row64 * res_stride
-        out_row = out_ptr + row64 * n_cols
-        sum_row = sum_ptr + row64 * n_cols
+    cols = tl.arange(0, BLOCK)[None, :]
+    for tile in range(pid, tl.cdiv(n_rows, BLOCK_R), nprog):
+        rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        row_ok = rows < n_rows
+        rows = rows.to(tl.int64)
+        x_rows = x_ptr + rows * x_stride
+        res_rows = res_ptr + rows * res_stride
+        out_rows = out_ptr + rows * n_cols
+        sum_rows = sum_ptr + rows * n_cols
         if SINGLE_TILE:
-            mask = cols < n_cols
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            mask = row_ok & (cols < n_cols)
+            x = tl.load(x_rows + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
-                x += tl.load(res_row + cols, mask=mask, other=0.0).to(tl.float32)
+                x += tl.load(res_rows + cols, mask=mask, other=0.0).to(tl.float32)
                 # Round the sum to the storage dtype first: the norm then sees exactly the
                 # residual stream the next layer adds to (as the unfused model would).
                 x_rounded = x.to(sum_ptr.dtype.element_ty)
-                tl.store(sum_row + cols, x_rounded, mask=mask)
+                tl.store(sum_rows + cols, x_rounded, mask=mask)
                 x = x_rounded.to(tl.float32)
             if SUBTRACT_MEAN:
-                x = tl.where(mask, x - tl.sum(x, axis=0) / n_cols, 0.0)
-            rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-            y = x * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                x = tl.where(mask, x - (tl.sum(x, axis=1) / n_cols)[:, None], 0.0)
+            rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)[:, None]
+            y = x * rstd * tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(out_row + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+                y += tl.load(b_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            tl.store(out_rows + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
         else:
             # Pass 1: the sum (write the residual sum on the way), then the centred sum of squares.
-            total = tl.zeros([BLOCK], dtype=tl.float32)
+            total = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK):
-                mask = start + cols < n_cols
-                x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                mask = row_ok & (start + cols < n_cols)
+                x = tl.load(x_rows + start + cols, mask=mask, other=0.0).to(tl.float32)
                 if HAS_RESIDUAL:
-                    x += tl.load(res_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                    x += tl.load(res_rows + start + cols, mask=mask, other=0.0).to(tl.float32)
                     x_rounded = x.to(sum_ptr.dtype.element_ty)
-                    tl.store(sum_row + start + cols, x_rounded, mask=mask)
+                    tl.store(sum_rows + start + cols, x_rounded, mask=mask)
                     x = x_rounded.to(tl.float32)
                 total += x if SUBTRACT_MEAN else x * x
             if HAS_RESIDUAL:  # later passes read the rounded sum this program just wrote
-                x_row = sum_row
-            mean = 0.0
+                x_rows = sum_rows
+            mean = tl.zeros([BLOCK_R, 1], dtype=tl.float32)
             if SUBTRACT_MEAN:
-                mean = tl.sum(total, axis=0) / n_cols
-                total = tl.zeros([BLOCK], dtype=tl.float32)
+                mean = (tl.sum(total, axis=1) / n_cols)[:, None]
+                total = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
                 for start in range(0, n_cols, BLOCK):
-                    mask = start + cols < n_cols
-                    x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                    mask = row_ok & (start + cols < n_cols)
+                    x = tl.load(x_rows + start + cols, mask=mask, other=0.0).to(tl.float32)
                     x = tl.where(mask, x - mean, 0.0)
                     total += x * x
-            rstd = tl.math.rsqrt(tl.sum(total, axis=0) / n_cols + eps)
-            # Pass 2 (or 3): normalise.
+            rstd = tl.math.rsqrt(tl.sum(total, axis=1) / n_cols + eps)[:, None]
+            # Last pass: normalise.
             for start in range(0, n_cols, BLOCK):
-                mask = start + cols < n_cols
-                x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-                y = (x - mean) * rstd * tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+                col_ok = start + cols < n_cols
+                mask = row_ok & col_ok
+                x = tl.load(x_rows + start + cols, mask=mask, other=0.0).to(tl.float32)
+                y = (x - mean) * rstd * tl.load(w_ptr + start + cols, mask=col_ok, other=0.0).to(tl.float32)
                 if HAS_BIAS:
-                    y += tl.load(b_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-                tl.store(out_row + start + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+                    y += tl.load(b_ptr + start + cols, mask=col_ok, other=0.0).to(tl.float32)
+                tl.store(out_rows + start + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -113,12 +118,13 @@ def _launch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     single = n <= MAX_TILE
     block = triton.next_power_of_2(n) if single else CHUNK
     n_rows = rows.shape[0]
-    grid = (persistent_grid(n_rows, x.device),)
+    block_rows = rows_per_tile(n_rows, block, x.device)
+    grid = (persistent_grid(triton.cdiv(n_rows, block_rows), x.device),)
     _norm_kernel[grid](
         rows, res_rows, weight.contiguous(), (bias if bias is not None else weight).contiguous(), out, summed,
         n_rows, n, rows.stride(0), res_rows.stride(0), eps,
         SUBTRACT_MEAN=subtract_mean, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK=block, SINGLE_TILE=single, num_warps=num_warps_for(block),
+        BLOCK_R=block_rows, BLOCK=block, SINGLE_TILE=single, num_warps=num_warps_for(block_rows * block),
     )
     return out, summed
 

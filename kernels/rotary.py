@@ -6,9 +6,9 @@
                next mrope_section[1], w for the rest); angle = position * theta^(-2i/D).
                Text-only positions (equal on all axes) reduce it to ordinary RoPE.
 
-One kernel serves both: each program loops over tokens, gets that token's cos/sin (loaded, or
-computed from its three positions), and rotates all heads of q (and k) with them, so the
-cos/sin row is computed once per token and never written to memory.
+One kernel serves both: each program loops over tiles of tokens, gets their cos/sin (loaded, or
+computed from their three positions), and rotates all heads of q (and k) with them, so each
+token's cos/sin row is computed once and never written to memory.
 """
 
 from __future__ import annotations
@@ -20,22 +20,25 @@ import triton
 import triton.language as tl
 
 from kernels import _backend
-from kernels._device import num_warps_for, persistent_grid
+from kernels._device import num_warps_for, persistent_grid, rows_per_tile
 
 
 @triton.jit
-def _rotate_heads(src, dst, n_heads, src_stride_h, cos, sin,
-                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """dst[h] = rotate_half applied to src[h] for all heads of one token; cos/sin [BLOCK_HALF] fp32.
-    src is strided by src_stride_h between heads; dst is contiguous [n_heads, 2*HALF]."""
-    heads = tl.arange(0, BLOCK_H)[:, None]
-    i = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (heads < n_heads) & (i < HALF)
-    first = tl.load(src + heads * src_stride_h + i, mask=mask, other=0.0).to(tl.float32)
-    second = tl.load(src + heads * src_stride_h + HALF + i, mask=mask, other=0.0).to(tl.float32)
+def _rotate_tile(src, dst, tokens, token_ok, n_heads, src_stride_t, src_stride_h, cos, sin,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rotate all heads of a tile of tokens: tokens/token_ok [BLOCK_T, 1, 1], cos/sin
+    [BLOCK_T, 1, BLOCK_HALF] fp32. src is strided over tokens and heads; dst is contiguous
+    [tokens, n_heads, 2*HALF]."""
+    heads = tl.arange(0, BLOCK_H)[None, :, None]
+    i = tl.arange(0, BLOCK_HALF)[None, None, :]
+    mask = token_ok & (heads < n_heads) & (i < HALF)
+    src = src + tokens * src_stride_t + heads * src_stride_h + i
+    dst = dst + tokens * (n_heads * 2 * HALF) + heads * (2 * HALF) + i
+    first = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    second = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     out_ty = dst.dtype.element_ty
-    tl.store(dst + heads * (2 * HALF) + i, (first * cos - second * sin).to(out_ty), mask=mask)
-    tl.store(dst + heads * (2 * HALF) + HALF + i, (second * cos + first * sin).to(out_ty), mask=mask)
+    tl.store(dst, (first * cos - second * sin).to(out_ty), mask=mask)
+    tl.store(dst + HALF, (second * cos + first * sin).to(out_ty), mask=mask)
 
 
 @triton.jit
@@ -43,34 +46,39 @@ def _rotary_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr, inv_freq_ptr,
     n_tokens, n_q_heads, n_k_heads, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
     cs_stride_t, pos_stride_axis,
-    SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    SECTION_T: tl.constexpr, SECTION_TH: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     FROM_POSITIONS: tl.constexpr, HAS_K: tl.constexpr,
 ):
+    """Each loop iteration rotates q (and k) of BLOCK_T tokens with their cos/sin [BLOCK_T, HALF]."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    i = tl.arange(0, BLOCK_HALF)
-    i_mask = i < HALF
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    i_ok = i < HALF
     if FROM_POSITIONS:
-        inv_freq = tl.load(inv_freq_ptr + i, mask=i_mask, other=0.0)
-    for t in range(pid, n_tokens, nprog):
-        t64 = tl.cast(t, tl.int64)
+        inv_freq = tl.load(inv_freq_ptr + i, mask=i_ok, other=0.0)
+    for tile in range(pid, tl.cdiv(n_tokens, BLOCK_T), nprog):
+        tokens = tile * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]  # [BLOCK_T, 1]
+        token_ok = tokens < n_tokens
+        tokens = tokens.to(tl.int64)
         if FROM_POSITIONS:
-            p_t = tl.load(pos_ptr + t64).to(tl.float32)
-            p_h = tl.load(pos_ptr + pos_stride_axis + t64).to(tl.float32)
-            p_w = tl.load(pos_ptr + 2 * pos_stride_axis + t64).to(tl.float32)
-            pos = tl.where(i < SECTION_T, p_t, tl.where(i < SECTION_TH, p_h, p_w))
-            angle = pos * inv_freq
+            p_t = tl.load(pos_ptr + tokens, mask=token_ok, other=0).to(tl.float32)
+            p_h = tl.load(pos_ptr + pos_stride_axis + tokens, mask=token_ok, other=0).to(tl.float32)
+            p_w = tl.load(pos_ptr + 2 * pos_stride_axis + tokens, mask=token_ok, other=0).to(tl.float32)
+            angle = tl.where(i < SECTION_T, p_t, tl.where(i < SECTION_TH, p_h, p_w)) * inv_freq
             cos = tl.cos(angle)
             sin = tl.sin(angle)
         else:
-            cos = tl.load(cos_ptr + t64 * cs_stride_t + i, mask=i_mask, other=0.0).to(tl.float32)
-            sin = tl.load(sin_ptr + t64 * cs_stride_t + i, mask=i_mask, other=0.0).to(tl.float32)
-        _rotate_heads(q_ptr + t64 * q_stride_t, q_out_ptr + t64 * (n_q_heads * 2 * HALF), n_q_heads,
-                      q_stride_h, cos[None, :], sin[None, :], HALF, BLOCK_HQ, BLOCK_HALF)
+            cs_mask = token_ok & i_ok
+            cos = tl.load(cos_ptr + tokens * cs_stride_t + i, mask=cs_mask, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + tokens * cs_stride_t + i, mask=cs_mask, other=0.0).to(tl.float32)
+        tokens3, token_ok3 = tokens[:, :, None], token_ok[:, :, None]
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        _rotate_tile(q_ptr, q_out_ptr, tokens3, token_ok3, n_q_heads, q_stride_t, q_stride_h, cos, sin,
+                     HALF, BLOCK_HQ, BLOCK_HALF)
         if HAS_K:
-            _rotate_heads(k_ptr + t64 * k_stride_t, k_out_ptr + t64 * (n_k_heads * 2 * HALF), n_k_heads,
-                          k_stride_h, cos[None, :], sin[None, :], HALF, BLOCK_HK, BLOCK_HALF)
+            _rotate_tile(k_ptr, k_out_ptr, tokens3, token_ok3, n_k_heads, k_stride_t, k_stride_h, cos, sin,
+                         HALF, BLOCK_HK, BLOCK_HALF)
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +123,8 @@ def _launch_rotary(q, k, cos, sin, positions, mrope_section, theta):
     block_half = triton.next_power_of_2(half)
     n_k_heads = k.shape[1] if k is not None else 0
     block_hq = triton.next_power_of_2(n_q_heads)
-    grid = (persistent_grid(n_tokens, q.device),)
+    block_t = rows_per_tile(n_tokens, block_hq * block_half, q.device)
+    grid = (persistent_grid(triton.cdiv(n_tokens, block_t), q.device),)
     _rotary_kernel[grid](
         q, k if k is not None else q, q_out, k_out if k is not None else q_out,
         cos if cos is not None else q, sin if sin is not None else q,
@@ -123,10 +132,10 @@ def _launch_rotary(q, k, cos, sin, positions, mrope_section, theta):
         n_tokens, n_q_heads, n_k_heads, q.stride(0), q.stride(1),
         k.stride(0) if k is not None else 0, k.stride(1) if k is not None else 0,
         cos.stride(0) if cos is not None else 0, positions.stride(0) if from_positions else 0,
-        SECTION_T=section_t, SECTION_TH=section_th, HALF=half, BLOCK_HALF=block_half,
+        SECTION_T=section_t, SECTION_TH=section_th, HALF=half, BLOCK_T=block_t, BLOCK_HALF=block_half,
         BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(max(n_k_heads, 1)),
         FROM_POSITIONS=from_positions, HAS_K=k is not None,
-        num_warps=num_warps_for(block_hq * block_half),
+        num_warps=num_warps_for(block_t * block_hq * block_half),
     )
     return q_out, k_out
 
