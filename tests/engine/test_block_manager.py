@@ -1,0 +1,370 @@
+"""BlockManager: prefix-cache hits, LRU eviction, copy-on-write, errors; and a stateful
+hypothesis model that simulates the KV contents to prove shared blocks are never written and
+every prefix-cache hit returns exactly the tokens it claims."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from engine.block_manager import BlockManager
+
+BS = 4
+
+
+def _prefill(bm: BlockManager, seq_id: int, keys: list[int], n: int | None = None) -> int:
+    """Allocate and commit all n tokens, as the engine does after a prefill step."""
+    n = len(keys) if n is None else n
+    cached = bm.allocate(seq_id, keys, n)
+    bm.commit(seq_id, keys, n)
+    return cached
+
+
+def test_hit_on_committed_shared_prefix():
+    bm = BlockManager(16, BS)
+    a = list(range(10))
+    assert _prefill(bm, 0, a) == 0
+    b = a[:8] + [99, 98, 97]
+    assert bm.can_allocate(b, len(b))
+    assert bm.allocate(1, b, len(b)) == 8
+    assert bm.block_table(1)[:2] == bm.block_table(0)[:2]
+    assert bm.block_table(1)[2] != bm.block_table(0)[2]
+    assert bm.num_used_blocks() == 3 + 1
+    assert (bm.prefix_query_tokens, bm.prefix_hit_tokens) == (21, 8)
+    # a different first block breaks the chain even if the second block's keys match
+    c = [7, 7, 7, 7] + a[4:8] + [1]
+    assert bm.allocate(2, c, len(c)) == 0
+
+
+def test_hit_survives_free_and_is_taken_from_evictable():
+    bm = BlockManager(4, BS)
+    keys = list(range(9))
+    _prefill(bm, 0, keys)
+    bm.free(0)
+    assert bm.num_free_blocks == 4 and bm.num_used_blocks() == 0
+    # 2 evictable hits + 1 fresh block: all three come out of the free count
+    assert bm.allocate(1, keys, 9) == 8
+    assert bm.num_free_blocks == 1
+
+
+def test_hit_on_used_block_costs_nothing():
+    bm = BlockManager(3, BS)
+    keys = list(range(9))
+    _prefill(bm, 0, keys)  # 3 blocks, none free
+    assert not bm.can_allocate(keys, 9)  # 2 shared hits are free, the third block is not
+    bm2 = BlockManager(4, BS)
+    _prefill(bm2, 0, keys)
+    assert bm2.can_allocate(keys, 9)  # 2 shared hits cost 0, one fresh block
+    assert bm2.allocate(1, keys, 9) == 8 and bm2.num_free_blocks == 0
+
+
+def test_no_hit_on_uncommitted_blocks():
+    bm = BlockManager(16, BS)
+    keys = list(range(12))
+    bm.allocate(0, keys, 12)
+    assert bm.allocate(1, keys, 12) == 0
+    bm.commit(0, keys, 5)  # only block 0 is full and written
+    assert bm.allocate(2, keys, 12) == 4
+
+
+def test_hit_capped_at_num_tokens_minus_one():
+    bm = BlockManager(16, BS)
+    keys = list(range(8))
+    _prefill(bm, 0, keys)
+    assert bm.allocate(1, keys, 8) == 4  # the last prompt token is always computed
+    assert bm.allocate(2, keys, 4) == 0
+    assert bm.allocate(3, keys + [50], 9) == 8
+
+
+def test_commit_duplicate_keeps_first_block():
+    bm = BlockManager(16, BS)
+    keys = list(range(8))
+    _prefill(bm, 0, keys)
+    assert _prefill(bm, 1, keys) == 4  # block 1 recomputed into a fresh block, not registered
+    bm.free(1)
+    bm.free(0)
+    assert _prefill(bm, 2, keys + [1]) == 8
+    assert bm.block_table(2)[:2] == [0, 1]
+
+
+def test_lru_eviction_order():
+    bm = BlockManager(4, BS)
+    _prefill(bm, 0, list(range(0, 8)))     # blocks 0, 1
+    _prefill(bm, 1, list(range(100, 108)))  # blocks 2, 3
+    bm.free(1)
+    bm.free(0)  # evictable LRU: 3, 2 (seq 1, tail first), then 1, 0
+    assert bm.num_free_blocks == 4
+    bm.allocate(2, [5] * 4, 4)  # takes the least recently freed: block 3
+    assert bm.block_table(2) == [3]
+    assert bm.allocate(3, list(range(100, 108)) + [0], 9) == 4  # block 2 still cached, block 3 gone
+    assert bm.block_table(3) == [2, 1, 0]  # two fresh blocks evict 1, then 0
+    bm.free(2)
+    bm.free(3)
+    assert bm.allocate(4, list(range(0, 8)) + [0], 9) == 0  # the first prefix is gone
+
+
+def test_free_blocks_taken_before_evicting():
+    bm = BlockManager(4, BS)
+    _prefill(bm, 0, list(range(8)))
+    bm.free(0)
+    bm.allocate(1, [9] * 8, 8)  # the two never-used blocks, no eviction
+    assert bm.block_table(1) == [2, 3] and bm.num_free_blocks == 2
+    assert bm.allocate(2, list(range(5)), 5) == 4  # hits block 0; its fresh block evicts block 1
+    assert bm.block_table(2) == [0, 1]
+
+
+def test_disabled_caching_never_hits():
+    bm = BlockManager(8, BS, enable_prefix_caching=False)
+    keys = list(range(9))
+    _prefill(bm, 0, keys)
+    assert bm.allocate(1, keys, 9) == 0
+    bm.free(0)
+    bm.free(1)
+    assert bm.allocate(2, keys, 9) == 0
+    assert bm.prefix_hit_tokens == 0 and bm.prefix_query_tokens == 27
+
+
+def test_copy_on_write_after_fork():
+    bm = BlockManager(8, BS)
+    keys = list(range(6))
+    _prefill(bm, 0, keys)
+    bm.fork(0, 1)
+    assert bm.block_table(1) == bm.block_table(0)
+    assert bm.num_used_blocks() == 2
+    shared_tail = bm.block_table(0)[-1]
+    bm.append_slots(1, 7)  # writes slot 6 into the shared partial block
+    assert bm.pending_copies == [(shared_tail, bm.block_table(1)[-1])]
+    assert bm.block_table(1)[0] == bm.block_table(0)[0]
+    assert bm.block_table(1)[-1] != shared_tail
+    bm.append_slots(0, 7)  # now the sole owner: writes in place
+    assert bm.block_table(0)[-1] == shared_tail and len(bm.pending_copies) == 1
+    bm.append_slots(0, 9)  # grows into a new block
+    assert len(bm.block_table(0)) == 3
+
+
+def test_no_copy_when_shared_tail_is_full():
+    bm = BlockManager(8, BS)
+    _prefill(bm, 0, list(range(8)))
+    bm.fork(0, 1)
+    bm.append_slots(1, 9)
+    assert bm.pending_copies == [] and bm.block_table(1)[:2] == bm.block_table(0)
+
+
+def test_can_append_counts_copy():
+    bm = BlockManager(2, BS)
+    _prefill(bm, 0, list(range(5)))
+    bm.fork(0, 1)
+    assert bm.num_free_blocks == 0
+    assert bm.can_append(1, 5) and not bm.can_append(1, 6)
+    with pytest.raises(RuntimeError, match="out of KV blocks"):
+        bm.append_slots(1, 6)
+
+
+def test_errors():
+    bm = BlockManager(2, BS)
+    with pytest.raises(ValueError, match="num_tokens"):
+        bm.allocate(0, [1], 0)
+    with pytest.raises(ValueError, match="len\\(keys\\)"):
+        bm.allocate(0, [1, 2], 3)
+    assert not bm.can_allocate(list(range(9)), 9)
+    with pytest.raises(RuntimeError, match="out of KV blocks"):
+        bm.allocate(0, list(range(9)), 9)
+    assert not bm.has_seq(0) and bm.num_free_blocks == 2  # a failed allocate changes nothing
+    bm.allocate(0, [1], 1)
+    with pytest.raises(ValueError, match="already has a block table"):
+        bm.allocate(0, [1], 1)
+    with pytest.raises(ValueError, match="already has a block table"):
+        bm.fork(0, 0)
+    with pytest.raises(KeyError, match="seq_id 7"):
+        bm.block_table(7)
+    with pytest.raises(KeyError, match="seq_id 7"):
+        bm.free(7)
+    with pytest.raises(ValueError, match="shrink"):
+        bm.append_slots(0, 0)
+    with pytest.raises(ValueError, match="num_computed_tokens"):
+        bm.commit(0, [1, 2], 2)
+    with pytest.raises(ValueError, match="block_size"):
+        BlockManager(4, 0)
+
+
+# ------------------------------------------------------------------------------- stateful model
+def _chain_key(prefix: tuple[int, ...], bs: int) -> tuple[int, tuple[int, ...]]:
+    """The registered key of the last block of `prefix` (whole blocks), by the documented chain:
+    hash(block j) = hash((hash(block j - 1), keys of block j)), hash(block -1) = -1."""
+    parent = -1
+    for j in range(len(prefix) // bs - 1):
+        parent = hash((parent, prefix[j * bs:(j + 1) * bs]))
+    return parent, prefix[-bs:]
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    """Random allocate / append / compute+commit / fork / free over a tiny vocabulary.
+
+    `content[b][s]` is what KV slot s of block b was computed from: the keys of the whole prefix
+    up to and including that token, since attention makes a token's KV depend on all of them
+    (None: never written since the block was handed out). The engine's writes are simulated in
+    `compute`; copies from `pending_copies` are performed right after each append.
+    """
+
+    @initialize(num_blocks=st.integers(4, 24), block_size=st.sampled_from([1, 2, 3]),
+                caching=st.booleans())
+    def setup(self, num_blocks: int, block_size: int, caching: bool) -> None:
+        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=caching)
+        self.bs = block_size
+        self.content: list[list[tuple[int, ...] | None]] = [[None] * block_size for _ in range(num_blocks)]
+        self.seqs: dict[int, dict] = {}  # seq_id -> {"keys", "n" (covered), "computed"}
+        self.next_id = 0
+        self.history: list[list[int]] = []
+
+    def _fresh(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.content[b] = [None] * self.bs
+
+    @rule(keys=st.lists(st.integers(0, 1), min_size=1, max_size=10), data=st.data())
+    def allocate(self, keys: list[int], data) -> None:
+        if self.history and data.draw(st.booleans()):  # often extend an earlier sequence's prefix
+            old = data.draw(st.sampled_from(self.history))
+            keys = old[:data.draw(st.integers(0, len(old)))] + keys
+        self.history.append(list(keys))
+        n = data.draw(st.integers(1, len(keys)))
+        ok = self.bm.can_allocate(keys, n)
+        free_before = self.bm.num_free_blocks
+        if not ok:
+            with pytest.raises(RuntimeError):
+                self.bm.allocate(self.next_id, keys, n)
+            assert self.bm.num_free_blocks == free_before
+            return
+        sid, self.next_id = self.next_id, self.next_id + 1
+        cached = self.bm.allocate(sid, keys, n)
+        assert cached % self.bs == 0 and 0 <= cached <= n - 1
+        if not self.bm.enable_prefix_caching:
+            assert cached == 0
+        table = self.bm.block_table(sid)
+        for i in range(cached):  # every hit slot holds exactly this sequence's key
+            assert self.content[table[i // self.bs]][i % self.bs] == tuple(keys[:i + 1])
+        self._fresh(table[cached // self.bs:])
+        self.seqs[sid] = {"keys": list(keys), "n": n, "computed": cached}
+        if data.draw(st.booleans()):  # a whole prefill in one step, as most prompts go
+            self._compute(sid, n)
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data(), extra=st.lists(st.integers(0, 1), max_size=5))
+    def append(self, data, extra: list[int]) -> None:
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        s = self.seqs[sid]
+        s["keys"] += extra
+        self._append(sid, data.draw(st.integers(s["n"], max(s["n"], len(s["keys"])))))
+
+    def _append(self, sid: int, n: int) -> None:
+        """append_slots(sid, n), checking the table and performing any copy-on-write."""
+        s = self.seqs[sid]
+        old = self.bm.block_table(sid)
+        if not self.bm.can_append(sid, n):
+            with pytest.raises(RuntimeError):
+                self.bm.append_slots(sid, n)
+            assert self.bm.block_table(sid) == old
+            return
+        self.bm.append_slots(sid, n)
+        new = self.bm.block_table(sid)
+        assert new[:len(old) - 1] == old[:-1]
+        self._fresh(new[len(old):])
+        for src, dst in self.bm.pending_copies:
+            assert (src, dst) == (old[-1], new[len(old) - 1])
+            self.content[dst] = list(self.content[src])
+        self.bm.pending_copies.clear()
+        s["n"] = n
+
+    @precondition(lambda self: any(s["computed"] < s["n"] for s in self.seqs.values()))
+    @rule(data=st.data())
+    def compute(self, data) -> None:
+        sid = data.draw(st.sampled_from(sorted(i for i, s in self.seqs.items() if s["computed"] < s["n"])))
+        s = self.seqs[sid]
+        self._compute(sid, data.draw(st.integers(s["computed"] + 1, s["n"])))
+
+    def _compute(self, sid: int, upto: int) -> None:
+        """Write KV slots computed..upto-1 of sid (each into a block only sid holds), commit."""
+        s = self.seqs[sid]
+        table = self.bm.block_table(sid)
+        refs = self._refcounts()
+        for i in range(s["computed"], upto):
+            b = table[i // self.bs]
+            assert refs[b] == 1, f"writing slot {i} of seq {sid} into shared block {b}"
+            self.content[b][i % self.bs] = tuple(s["keys"][:i + 1])
+        self.bm.commit(sid, s["keys"], upto)
+        s["computed"] = upto
+
+    @precondition(lambda self: any(s["computed"] == s["n"] for s in self.seqs.values()))
+    @rule(data=st.data())
+    def fork(self, data) -> None:
+        parent = data.draw(st.sampled_from(sorted(i for i, s in self.seqs.items() if s["computed"] == s["n"])))
+        sid, self.next_id = self.next_id, self.next_id + 1
+        self.bm.fork(parent, sid)
+        p = self.seqs[parent]
+        self.seqs[sid] = {"keys": list(p["keys"][:p["n"]]), "n": p["n"], "computed": p["computed"]}
+        if data.draw(st.booleans()):  # one decode step of parent or child right away
+            who = data.draw(st.sampled_from([parent, sid]))
+            self.seqs[who]["keys"].append(data.draw(st.integers(0, 1)))
+            self._append(who, self.seqs[who]["n"] + 1)
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def free(self, data) -> None:
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        self.bm.free(sid)
+        del self.seqs[sid]
+
+    def _refcounts(self) -> list[int]:
+        refs = [0] * self.bm.num_blocks
+        for sid in self.seqs:
+            for b in self.bm.block_table(sid):
+                refs[b] += 1
+        return refs
+
+    @invariant()
+    def consistent(self) -> None:
+        if not hasattr(self, "bm"):
+            return
+        bm = self.bm
+        refs = self._refcounts()
+        assert refs == bm._ref
+        free, evictable = list(bm._free), list(bm._evictable)
+        used = [b for b in range(bm.num_blocks) if refs[b] > 0]
+        assert len(set(free)) == len(free) and not set(free) & set(evictable)
+        assert not (set(free) | set(evictable)) & set(used)
+        assert len(free) + len(evictable) + len(used) == bm.num_blocks
+        assert bm.num_free_blocks == len(free) + len(evictable)
+        assert bm.num_used_blocks() == len(used)
+        for sid, s in self.seqs.items():
+            table = bm.block_table(sid)
+            assert len(table) == -(-s["n"] // self.bs) and len(set(table)) == len(table)
+            assert bm.has_seq(sid)
+        # registered blocks: one to one with keys, never free, hold exactly their keys
+        assert len(bm._cached) == len(bm._key_of)
+        assert all(bm._key_of[b] == k for k, b in bm._cached.items())
+        assert set(evictable) <= set(bm._key_of) and not set(free) & set(bm._key_of)
+        for b, key in bm._key_of.items():  # holds the KV of a prefix whose chain hash is the key's
+            prefix = self.content[b][-1]
+            assert prefix is not None and len(prefix) % self.bs == 0
+            assert self.content[b] == [prefix[:i] for i in range(len(prefix) - self.bs + 1, len(prefix) + 1)]
+            assert key == _chain_key(prefix, self.bs)
+        if not bm.enable_prefix_caching:
+            assert not bm._cached
+        if not self.seqs:
+            assert bm.num_free_blocks == bm.num_blocks
+
+
+TestBlockManagerMachine = BlockManagerMachine.TestCase
+TestBlockManagerMachine.settings = settings(max_examples=250, stateful_step_count=40, deadline=None)
+
+
+@settings(max_examples=50, deadline=None)
+@given(keys=st.lists(st.integers(0, 2), min_size=1, max_size=30), n_seqs=st.integers(1, 5))
+def test_all_freed_returns_every_block(keys: list[int], n_seqs: int):
+    bm = BlockManager(64, 4)
+    for sid in range(n_seqs):
+        _prefill(bm, sid, keys[: len(keys) - sid] or keys)
+    for sid in range(n_seqs):
+        bm.free(sid)
+    assert bm.num_free_blocks == 64 and bm.num_used_blocks() == 0
