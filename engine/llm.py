@@ -1,0 +1,350 @@
+"""The LLM object: requests in, tokens out, over one paged KV cache and continuous batching.
+
+    llm = LLM("path/to/Qwen2.5-VL-7B-Instruct", kv_cache_gb=8)
+    outputs = llm.generate([Prompt("Describe it.", [Media("cat.jpg")])], SamplingParams(max_tokens=64))
+
+The server drives the same object step by step: `add_request`, `step` (one forward pass for all
+running sequences, returns what changed) and `abort`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.block_manager import BlockManager
+from engine.encoder_cache import EncoderCache
+from engine.request import Media, PreparedMedia, prepare_media
+from engine.sampling import SamplingParams, find_stop, make_generator, sample
+from engine.scheduler import Batch, Scheduler
+from engine.sequence import Sequence
+from modeling.attention_metadata import AttentionMetadata
+from modeling.model import load_model
+from modeling.processing import ImageProcessorConfig
+from modeling.prompt import build_prompt, num_media_tokens
+
+
+@dataclass
+class Prompt:
+    """One request's input: the user's text after its media (images / videos, in order)."""
+
+    text: str
+    media: list[Media] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step (the whole output so far, not a delta)."""
+
+    request_id: str
+    prompt_tokens: int
+    output_ids: list[int]
+    output_logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]] | None]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    cached_prompt_tokens: int
+    ttft_s: float | None
+    latency_s: float
+    token_times: list[float]
+
+
+def default_device() -> torch.device:
+    """CUDA if present, then an Ascend NPU (torch_npu), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    try:
+        import torch_npu  # noqa: F401
+
+        if torch.npu.is_available():  # type: ignore[attr-defined]
+            return torch.device("npu")
+    except ImportError:
+        pass
+    return torch.device("cpu")
+
+
+class LLM:
+    """Qwen2-VL / Qwen2.5-VL / QVQ generation with a paged KV cache and continuous batching.
+
+    kv_cache_gb (MindIE's npuMemSize) or num_kv_blocks sizes the cache; max_batch_size bounds the
+    running sequences, max_prefill_tokens the prompt tokens computed per step (longer prompts are
+    prefilled in chunks); max_input_length bounds a prompt's tokens (media included), max_seq_len
+    prompt + output. Prefix caching shares the KV of equal prompt prefixes (media by content).
+    """
+
+    def __init__(self, model_path: str | Path, *, dtype: str = "auto", device: str | torch.device | None = None,
+                 kv_cache_gb: float | None = None, num_kv_blocks: int | None = None, block_size: int = 16,
+                 max_batch_size: int = 64, max_prefill_tokens: int = 8192, max_input_length: int | None = None,
+                 max_seq_len: int | None = None, enable_prefix_caching: bool = True,
+                 encoder_cache_gb: float = 1.0):
+        from transformers import AutoTokenizer
+
+        self.path = Path(model_path)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = load_model(self.path, dtype, self.device)
+        self.config = self.model.config
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.image_cfg = ImageProcessorConfig.from_pretrained(self.path)
+        self.eos_ids = set(self.config.eos_token_ids)  # config.json + generation_config.json
+        self.pad_ids = (self.config.image_token_id, self.config.video_token_id)
+
+        self.max_seq_len = min(max_seq_len or self.config.text.max_position_embeddings,
+                               self.config.text.max_position_embeddings)
+        self.max_input_length = min(max_input_length or self.max_seq_len - 1, self.max_seq_len - 1)
+        num_blocks = num_kv_blocks or self._blocks_for_budget(kv_cache_gb, block_size, max_batch_size)
+        # A lone sequence must always fit, so that preemption can never deadlock.
+        self.max_seq_len = min(self.max_seq_len, num_blocks * block_size)
+        self.max_input_length = min(self.max_input_length, self.max_seq_len - 1)
+        self.kv_caches = self.model.allocate_kv_cache(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens)
+        self.encoder_cache = EncoderCache(int(encoder_cache_gb * (1 << 30)))
+        self.sequences: dict[str, Sequence] = {}
+        self._next_seq_id = 0
+        self.stats = {"vision_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "steps": 0,
+                      "prefill_tokens": 0, "decode_tokens": 0, "max_blocks_used": 0}
+
+    # ------------------------------------------------------------------ set-up
+
+    def _blocks_for_budget(self, kv_cache_gb: float | None, block_size: int, max_batch_size: int) -> int:
+        t = self.config.text
+        bytes_per_block = 2 * t.num_layers * block_size * t.num_kv_heads * t.head_dim * self.model.dtype.itemsize
+        if kv_cache_gb is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = 0.85 * free
+            else:
+                budget = 4 * (1 << 30)
+        else:
+            budget = kv_cache_gb * (1 << 30)
+        blocks = int(budget // bytes_per_block)
+        # More than every running sequence at full length could use is never needed.
+        useful = max_batch_size * -(-self.max_seq_len // block_size)
+        blocks = min(blocks, useful)
+        if blocks < 2:
+            raise ValueError(f"KV cache budget {budget / (1 << 30):.3f} GiB holds {blocks} blocks of "
+                             f"{bytes_per_block} bytes; raise kv_cache_gb")
+        return blocks
+
+    # ------------------------------------------------------------------ requests
+
+    def prepare(self, prompt: Prompt) -> tuple[list[int], list[PreparedMedia]]:
+        """Preprocess media and build the prompt's token ids (media pads expanded)."""
+        media = [prepare_media(m, self.image_cfg) for m in prompt.media]
+        items = [(m.kind, m.grid) for m in media]
+        ids = build_prompt(self.tokenizer, items, prompt.text, self.config.vision.spatial_merge_size,
+                           self.config.image_token_id, self.config.video_token_id)
+        return ids, media
+
+    def add_request(self, request_id: str, prompt: Prompt | str, params: SamplingParams | None = None) -> None:
+        """Queue a request. Raises ValueError (naming the limit) for bad parameters, unreadable
+        media or a prompt over max_input_length."""
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt = Prompt(prompt) if isinstance(prompt, str) else prompt
+        params = params or SamplingParams()
+        params.validate(self.config.text.vocab_size)
+        ids, media = self.prepare(prompt)
+        if len(ids) > self.max_input_length:
+            raise ValueError(f"prompt has {len(ids)} tokens (media included), over max_input_length "
+                             f"{self.max_input_length}")
+        images = [m.grid for m in media if m.kind == "image"]
+        videos = [m for m in media if m.kind == "video"]
+        positions, delta = self.model.rope_index(
+            ids, torch.tensor(images) if images else None,
+            torch.tensor([m.grid for m in videos]) if videos else None,
+            [m.second_per_grid_t for m in videos] if videos else None)
+        seq = Sequence(self._next_seq_id, request_id, ids, positions, delta, media,
+                       self._content_keys(ids, media), params,
+                       generator=make_generator(params.seed, self.device))
+        self._next_seq_id += 1
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _content_keys(self, ids: list[int], media: list[PreparedMedia]) -> list[int]:
+        """Prefix-cache keys: token ids, with media pad j of medium m keyed by m's content hash
+        (negative, so never equal to a token id): equal keys mean equal KV."""
+        keys = list(ids)
+        merge = self.config.vision.spatial_merge_size
+        pads = [i for i, t in enumerate(ids) if t in self.pad_ids]
+        at = 0
+        for m in media:
+            base = int(m.content_hash[:15], 16)
+            for j in range(num_media_tokens(m.grid, merge)):
+                keys[pads[at]] = -1 - (base + j)
+                at += 1
+        return keys
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free everything it holds; False if it is unknown or already done."""
+        seq = self.sequences.pop(request_id, None)
+        if seq is None:
+            return False
+        seq.finish_reason = seq.finish_reason or "abort"
+        self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self) -> list[RequestOutput]:
+        """One forward pass over every scheduled sequence; outputs of those that changed."""
+        batch = self.scheduler.schedule()
+        if not batch.runs:
+            return []
+        self._encode_media(batch.admitted)
+        started = time.perf_counter()
+        logits = self._forward(batch)
+        sampling_runs = [r for r in batch.runs if r.samples]
+        out = sample(logits, [r.seq.params for r in sampling_runs],
+                     [r.seq.prompt_ids for r in sampling_runs], [r.seq.output_ids for r in sampling_runs],
+                     [r.seq.generator for r in sampling_runs]) if sampling_runs else None
+        now = time.perf_counter()
+        is_prefill = any(r.count > 1 for r in batch.runs)
+        self.stats["prefill_s" if is_prefill else "decode_s"] += now - started
+        self.stats["prefill_tokens" if is_prefill else "decode_tokens"] += batch.num_tokens
+        self.stats["steps"] += 1
+        self.stats["max_blocks_used"] = max(self.stats["max_blocks_used"], self.blocks.num_used_blocks())
+
+        for run in batch.runs:
+            run.seq.num_computed = run.start + run.count
+            self.blocks.commit(run.seq.seq_id, run.seq.all_keys, run.seq.num_computed)
+        results = []
+        for i, run in enumerate(sampling_runs):
+            seq = run.seq
+            seq.output_ids.append(out.token_ids[i])
+            seq.output_logprobs.append(out.logprobs[i])
+            seq.top_logprobs.append(out.top_logprobs[i])
+            seq.token_times.append(now)
+            seq.first_token_time = seq.first_token_time or now
+            self._check_finished(seq, now)
+            results.append(self.output_of(seq))
+        return results
+
+    def _encode_media(self, admitted: list[Sequence]) -> None:
+        """Vision-encode the media of newly admitted sequences (one batched call for all misses)."""
+        todo = [s for s in admitted if s.media and s.media_embeds is None]
+        if not todo:
+            return
+        started = time.perf_counter()
+        found: dict[str, torch.Tensor] = {}
+        missing: dict[str, PreparedMedia] = {}
+        for m in (m for seq in todo for m in seq.media):
+            if m.content_hash not in found and m.content_hash not in missing:
+                cached = self.encoder_cache.get(m.content_hash)
+                if cached is None:
+                    missing[m.content_hash] = m
+                else:
+                    found[m.content_hash] = cached
+        if missing:
+            items = list(missing.values())
+            pixel_values = torch.cat([m.pixel_values for m in items]).to(self.device)
+            embeds = self.model.encode_media(pixel_values, torch.tensor([m.grid for m in items]))
+            sizes = [num_media_tokens(m.grid, self.config.vision.spatial_merge_size) for m in items]
+            for m, e in zip(items, embeds.split(sizes), strict=True):
+                found[m.content_hash] = e
+                self.encoder_cache.put(m.content_hash, e)
+        for seq in todo:
+            seq.media_embeds = torch.cat([found[m.content_hash] for m in seq.media])
+        self.stats["vision_s"] += time.perf_counter() - started
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        """Run the model over the batch's runs; fp32 logits [n sampling runs, V]."""
+        bs = self.blocks.block_size
+        ids, positions, slots, q_lens, ctx_lens, tables = [], [], [], [], [], []
+        media_at, media_rows = [], []
+        offset = 0
+        for run in batch.runs:
+            seq, start, end = run.seq, run.start, run.start + run.count
+            ids.extend(seq.all_ids[start:end])
+            positions.append(seq.positions_of(start, end))
+            table = torch.tensor(self.blocks.block_table(seq.seq_id), dtype=torch.int64)
+            index = torch.arange(start, end)
+            slots.append(table[index // bs] * bs + index % bs)
+            if seq.media and start < len(seq.prompt_ids):
+                at, rows = seq.media_rows(start, end, self.pad_ids)
+                media_at.append(at + offset)
+                media_rows.append((seq, rows))
+            offset += run.count
+            q_lens.append(run.count)
+            ctx_lens.append(end)
+            tables.append(table)
+        width = max(len(t) for t in tables)
+        block_tables = torch.stack([torch.nn.functional.pad(t, (0, width - len(t))) for t in tables])
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slots).to(self.device),
+            block_tables=block_tables.to(self.device, torch.int32),
+            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=self.device),
+            cu_seqlens_q=torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32,
+                                      device=self.device),
+            max_query_len=max(q_lens),
+        )
+        embeds = self.model.embed(torch.tensor(ids))
+        for at, (seq, rows) in zip(media_at, media_rows, strict=True):
+            embeds[at.to(self.device)] = seq.media_embeds[rows.to(seq.media_embeds.device)].to(embeds.dtype)
+        hidden = self.model.forward(torch.cat(positions, dim=1), meta, self.kv_caches, inputs_embeds=embeds)
+        last_rows = torch.tensor(q_lens).cumsum(0) - 1
+        sampling = torch.tensor([r.samples for r in batch.runs])
+        return self.model.compute_logits(hidden, last_rows[sampling].to(self.device))
+
+    def _check_finished(self, seq: Sequence, now: float) -> None:
+        params, token = seq.params, seq.output_ids[-1]
+        reason = None
+        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+            reason = "stop"
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
+            reason = "length"
+        seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        if params.stop:
+            cut = find_stop(seq.text, params.stop)
+            if cut is not None:
+                seq.text = seq.text[:cut]
+                reason = "stop"
+        if reason is not None:
+            seq.finish_reason = reason
+            seq.finish_time = now
+            self.scheduler.finish(seq)
+            self.sequences.pop(seq.request_id, None)
+
+    def output_of(self, seq: Sequence) -> RequestOutput:
+        end = seq.finish_time or time.perf_counter()
+        return RequestOutput(
+            request_id=seq.request_id, prompt_tokens=len(seq.prompt_ids), output_ids=list(seq.output_ids),
+            output_logprobs=list(seq.output_logprobs), top_logprobs=list(seq.top_logprobs), text=seq.text,
+            finished=seq.is_finished, finish_reason=seq.finish_reason,
+            cached_prompt_tokens=seq.num_cached_prompt_tokens,
+            ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
+            latency_s=end - seq.arrival_time, token_times=[t - seq.arrival_time for t in seq.token_times])
+
+    # ------------------------------------------------------------------ offline batches
+
+    def generate(self, prompts: Seq[Prompt | str], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Run a batch of prompts to completion; outputs in input order."""
+        params_list = list(params) if isinstance(params, Seq) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
+        ids = [f"offline-{self._next_seq_id + i}" for i in range(len(prompts))]
+        try:
+            for request_id, prompt, p in zip(ids, prompts, params_list, strict=True):
+                self.add_request(request_id, prompt, p)
+        except ValueError:
+            for request_id in ids:  # nothing half-queued stays behind
+                self.abort(request_id)
+            raise
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(prompts), disable=not progress, desc="requests", unit="req") as bar:
+            while self.has_unfinished():
+                for out in self.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        return [finished[i] for i in ids]

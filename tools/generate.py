@@ -1,0 +1,125 @@
+"""Generate with Qwen2-VL / Qwen2.5-VL / QVQ (flags follow MindIE's run_pa.py).
+
+    python tools/generate.py --model_path CKPT --input_image cat.jpg --input_text "What is this?"
+    python tools/generate.py --model_path CKPT --dataset_path images/ --max_batch_size 16
+    torchrun --nproc-per-node 2 tools/generate.py ...          # tensor parallel
+
+Without --model_path a tiny random Qwen2.5-VL checkpoint is made once (under ~/.cache/qwen-vl-triton
+or $QVL_CACHE) and used with the bundled sample image: a smoke test of the whole path, whose
+text is random. --input_image takes images and videos (by extension) and may be repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from engine.llm import LLM, Prompt  # noqa: E402
+from engine.report import format_summary, perf_summary  # noqa: E402
+from engine.request import Media  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
+from modeling.processing import SAMPLE_IMAGE_PATH  # noqa: E402
+from modeling.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
+
+DEFAULT_TEXT = "Describe this image."
+
+
+def demo_checkpoint() -> Path:
+    """The tiny random Qwen2.5-VL checkpoint of the demo, made on first use."""
+    root = Path(os.environ.get("QVL_CACHE", Path.home() / ".cache" / "qwen-vl-triton"))
+    path = root / "tiny-qwen2_5_vl"
+    if not (path / "config.json").exists():
+        print(f"making the tiny demo checkpoint under {path} (once)", file=sys.stderr)
+        make_tiny_checkpoint(path, "qwen2_5_vl", seed=0)
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--model_path", type=Path, help="HF-format checkpoint directory (default: the tiny demo checkpoint)")
+    add("--input_text", default=DEFAULT_TEXT, help="the user's text, after the media (default: %(default)r)")
+    add("--input_image", action="append", default=[], metavar="PATH",
+        help="an image or video file for the prompt; repeat for several in one prompt")
+    add("--dataset_path", type=Path,
+        help="a folder: one request per image/video file in it (with --input_text), sorted by name")
+    add("--num_copies", type=int, default=1, help="send N copies of each request (throughput tests)")
+    add("--max_batch_size", type=int, default=16, help="running sequences per step (default: %(default)s)")
+    add("--max_input_length", type=int, help="prompt tokens allowed, media included (default: the model's)")
+    add("--max_output_length", type=int, default=256, help="new tokens per request (default: %(default)s)")
+    add("--max_prefill_tokens", type=int, default=8192, help="prompt tokens computed per step (default: %(default)s)")
+    add("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+        help="weights and activations (auto: the config's torch_dtype)")
+    add("--device", help="cuda, npu or cpu (default: the first accelerator found, else cpu)")
+    add("--kv_cache_gb", type=float, help="KV cache size in GiB (default: 85%% of free GPU memory, 4 on CPU)")
+    add("--block_size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
+    add("--disable_prefix_caching", action="store_true", help="never share KV blocks between requests")
+    add("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    add("--top_p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    add("--top_k", type=int, default=-1, help="sample among the k most likely (-1: off)")
+    add("--repetition_penalty", type=float, default=1.0, help="HF-style repetition penalty (1.0: off)")
+    add("--seed", type=int, help="per-request sampling seed (reproducible sampling)")
+    add("--ignore_eos", action="store_true", help="generate max_output_length tokens regardless of EOS")
+    add("--output_json", type=Path, help="write results and the perf summary here")
+    add("--quiet", action="store_true", help="print only the perf summary")
+    return p.parse_args(argv)
+
+
+def build_prompts(args: argparse.Namespace, using_demo: bool) -> list[tuple[list[str], Prompt]]:
+    """(media paths, prompt) per request, before --num_copies."""
+    if args.dataset_path is not None:
+        if not args.dataset_path.is_dir():
+            raise SystemExit(f"--dataset_path {args.dataset_path}: not a directory")
+        files = sorted(f for f in args.dataset_path.iterdir() if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise SystemExit(f"--dataset_path {args.dataset_path}: no files in it")
+        return [([str(f)], Prompt(args.input_text, [Media(f)])) for f in files]
+    paths = list(args.input_image) or ([str(SAMPLE_IMAGE_PATH)] if using_demo else [])
+    return [(paths, Prompt(args.input_text, [Media(p) for p in paths]))]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.num_copies < 1:
+        raise SystemExit("--num_copies must be >= 1")
+    using_demo = args.model_path is None
+    model_path = demo_checkpoint() if using_demo else args.model_path
+    llm = LLM(model_path, dtype=args.dtype, device=args.device, kv_cache_gb=args.kv_cache_gb,
+              block_size=args.block_size, max_batch_size=args.max_batch_size,
+              max_prefill_tokens=args.max_prefill_tokens, max_input_length=args.max_input_length,
+              enable_prefix_caching=not args.disable_prefix_caching)
+    requests = build_prompts(args, using_demo) * args.num_copies
+    params = SamplingParams(max_tokens=args.max_output_length, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            ignore_eos=args.ignore_eos)
+    started = time.perf_counter()
+    try:
+        outputs = llm.generate([prompt for _, prompt in requests], params, progress=len(requests) > 1)
+    except ValueError as e:  # bad media, prompt over the limit, bad sampling values
+        raise SystemExit(f"error: {e}") from None
+    perf = perf_summary(outputs, time.perf_counter() - started, llm)
+    results = [{"media": media, "prompt_tokens": o.prompt_tokens, "output_token_ids": o.output_ids,
+                "output_logprobs": o.output_logprobs, "text": o.text, "ttft_s": o.ttft_s,
+                "latency_s": o.latency_s, "finish_reason": o.finish_reason}
+               for (media, _), o in zip(requests, outputs, strict=True)]
+    if not args.quiet:
+        for (media, _), r in zip(requests, results, strict=True):
+            print(f"[{', '.join(media) or 'text'}] ({r['prompt_tokens']} prompt tokens, "
+                  f"{len(r['output_token_ids'])} generated, {r['finish_reason']})\n{r['text']}\n")
+    print(format_summary(perf))
+    report = {"results": results, "perf": perf}
+    if args.output_json is not None:
+        args.output_json.parent.mkdir(parents=True, exist_ok=True)
+        args.output_json.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {args.output_json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
