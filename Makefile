@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 test: install
 	QVL_KERNELS=triton $(VPY) -m pytest -n 2 tests
 
+# The whole path on a tiny random checkpoint (made once under ~/.cache/qwen-vl-triton) and a sample image.
+demo: install
+	$(VPY) tools/generate.py
+
 bench: install
 	$(VPY) benchmarks/run_all.py
 
