@@ -1,0 +1,516 @@
+"""The HTTP server: OpenAI-compatible and vLLM/MindIE-style endpoints over one AsyncEngine.
+
+    POST /v1/chat/completions   OpenAI chat (text, image_url, video_url parts; stream with SSE)
+    POST /v1/completions        OpenAI completions (raw text prompt)
+    POST /generate              vLLM / MindIE seed API: {"prompt": str | [parts], ...} -> {"text": [...]}
+    GET  /v1/models, /health, /metrics
+
+`create_app(cfg)` builds the FastAPI app; the model loads in its lifespan (so /health answers
+only once it is loaded) unless an LLM is passed in. `run_server(cfg)` runs it with uvicorn;
+SIGTERM stops accepting requests (new ones get 503), lets in-flight ones finish for up to
+`graceful_timeout` seconds, aborts the rest and exits 0.
+
+Client disconnects abort the request in the engine: a streaming response aborts when the ASGI
+server reports the disconnect (or a send fails), a non-streaming one watches the connection
+while it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.llm import RequestOutput
+from serving.async_engine import (
+    AsyncEngine,
+    EngineError,
+    EngineFull,
+    EngineStopped,
+    PreparedPrompt,
+    RequestStream,
+    ServingLLM,
+)
+from serving.config import ServeConfig
+from serving.metrics import CONTENT_TYPE, Metrics
+from serving.prompting import Preparer
+from serving.protocol import (
+    APIError,
+    GenerationRequest,
+    chat_logprobs,
+    completion_logprobs,
+    now,
+    parse_chat_request,
+    parse_completion_request,
+    parse_generate_request,
+    parse_json_body,
+    server_busy,
+    usage,
+    validate_params,
+)
+
+log = logging.getLogger("serving.api")
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": the response is never delivered
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/generate", "/v1/models", "/health", "/metrics")
+
+
+def load_llm(cfg: ServeConfig) -> ServingLLM:
+    """The engine as the config describes it."""
+    return ServingLLM(cfg.model_path, dtype=cfg.dtype, device=cfg.device, kv_cache_gb=cfg.kv_cache_gb,
+                      block_size=cfg.block_size, max_batch_size=cfg.max_batch_size,
+                      max_prefill_tokens=cfg.max_prefill_tokens, max_input_length=cfg.max_input_length,
+                      max_seq_len=cfg.max_seq_len, enable_prefix_caching=cfg.enable_prefix_caching)
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class TextDelta:
+    """What to send of a growing output text: holds back a trailing partial UTF-8 character
+    (decoded as U+FFFD) and, with stop strings, the last len(longest stop) - 1 characters, which
+    the engine may still cut away when a stop string completes."""
+
+    def __init__(self, stop: list[str]):
+        self.sent = ""
+        self.hold = max((len(s) for s in stop), default=1) - 1
+
+    def update(self, text: str, finished: bool) -> str:
+        visible = text
+        if not finished:
+            if self.hold:
+                visible = visible[:max(len(visible) - self.hold, 0)]
+            visible = visible.rstrip("\ufffd")
+        if visible.startswith(self.sent):
+            delta = visible[len(self.sent):]
+        elif self.sent.startswith(visible):
+            return ""
+        else:  # earlier text decoded differently now: send the new tail (a stream cannot retract)
+            delta = visible[len(os.path.commonprefix([visible, self.sent])):]
+        self.sent = visible
+        return delta
+
+
+class DisconnectingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that calls `on_close` however it ends (done, client gone, cancelled)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+class HTTPMetricsMiddleware:
+    """Counts requests by route and status code (pure ASGI, so streaming is untouched)."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def send_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope.get("path", "")
+            self.metrics.http_requests.labels(endpoint=path if path in ROUTES else "other",
+                                              status=str(status["code"])).inc()
+
+
+class Server:
+    """The app's state: config, engine, preparer, metrics, and the request handlers."""
+
+    def __init__(self, cfg: ServeConfig, llm: ServingLLM | None):
+        self.cfg = cfg
+        self.names = cfg.model_names()
+        self.metrics = Metrics(self.names[0] if self.names else "model")
+        self.llm = llm
+        self.engine: AsyncEngine | None = None
+        self.preparer: Preparer | None = None
+        self.pool = ThreadPoolExecutor(max_workers=cfg.preprocess_workers, thread_name_prefix="qvl-prepare")
+        self.created = now()
+
+    # ---------------------------------------------------------------------------- lifecycle
+
+    async def startup(self) -> None:
+        if self.llm is None:
+            log.info("loading %s", self.cfg.model_path)
+            self.llm = await asyncio.to_thread(load_llm, self.cfg)
+        self.preparer = await asyncio.to_thread(Preparer.for_llm, self.llm, self.cfg.allowed_media_dir)
+        self.engine = AsyncEngine(self.llm, max_waiting=self.cfg.max_waiting, metrics=self.metrics)
+        self.engine.start()
+        log.info("serving %s as %s: %d KV blocks of %d tokens, max_seq_len %d, max_input_length %d",
+                 self.llm.path, self.names, self.llm.blocks.num_blocks, self.llm.blocks.block_size,
+                 self.llm.max_seq_len, self.llm.max_input_length)
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            await self.engine.stop(timeout=max(self.cfg.graceful_timeout, 5.0))
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def ready_engine(self) -> AsyncEngine:
+        if self.engine is None or not self.engine.is_healthy():
+            raise server_busy("the model is not loaded yet or the server is shutting down")
+        return self.engine
+
+    # ---------------------------------------------------------------------------- requests
+
+    def check_model(self, req: GenerationRequest) -> str:
+        if req.model is not None and req.model not in self.names:
+            raise APIError(f"model {req.model!r} is not served here; available: {self.names}", param="model",
+                           code="model_not_found")
+        return req.model or self.names[0]
+
+    def _prepare(self, req: GenerationRequest) -> tuple[list[int], list[Any]]:
+        assert self.preparer is not None
+        if req.messages is not None:
+            return self.preparer.prepare_chat(req.messages)
+        return self.preparer.prepare_raw(req.raw_prompt or "")
+
+    def _fit_lengths(self, req: GenerationRequest, prompt_len: int) -> None:
+        """Prompt within max_input_length; max_tokens defaulted / checked against max_seq_len."""
+        llm = self.llm
+        assert llm is not None
+        param = "messages" if req.messages is not None else "prompt"
+        if prompt_len > llm.max_input_length:
+            raise APIError(f"prompt has {prompt_len} tokens (media included), over max_input_token_len "
+                           f"{llm.max_input_length}", param=param, code="context_length_exceeded")
+        room = llm.max_seq_len - prompt_len
+        if req.max_tokens_given:
+            if req.params.max_tokens > room:
+                raise APIError(f"prompt has {prompt_len} tokens and max_tokens is {req.params.max_tokens}: "
+                               f"together over max_seq_len {llm.max_seq_len}", param="max_tokens",
+                               code="context_length_exceeded")
+            req.params.max_tokens = min(req.params.max_tokens, self.cfg.max_iter_times)
+        else:
+            req.params.max_tokens = max(1, min(self.cfg.max_iter_times, room))
+
+    async def start_request(self, req: GenerationRequest, prefix: str) -> tuple[str, RequestStream]:
+        """Validate, prepare (in a worker thread) and submit; the request's id and stream."""
+        engine = self.ready_engine()
+        assert self.llm is not None
+        validate_params(req.params, self.llm.config.text.vocab_size)
+        with engine.reserve():
+            loop = asyncio.get_running_loop()
+            ids, media = await loop.run_in_executor(self.pool, self._prepare, req)
+            self._fit_lengths(req, len(ids))
+            request_id = f"{prefix}-{uuid.uuid4().hex}"
+            stream = engine.submit(request_id, PreparedPrompt(ids=ids, prepared=media), req.params)
+        return request_id, stream
+
+    @staticmethod
+    async def _disconnected(request: Request) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    async def wait_final(self, request: Request, stream: RequestStream) -> RequestOutput | None:
+        """The finished output, or None (the request aborted) if the client goes away first."""
+        async def final() -> RequestOutput:
+            while not (out := await stream.next()).finished:
+                pass
+            return out
+
+        result = asyncio.ensure_future(final())
+        gone = asyncio.ensure_future(self._disconnected(request))
+        try:
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+            return result.result() if result.done() else None
+        finally:
+            gone.cancel()
+            result.cancel()
+            stream.close()
+
+    def logprob_entries(self, out: RequestOutput, start: int, end: int) -> list[dict[str, Any]]:
+        """OpenAI-style logprob entries for output tokens start..end-1."""
+        assert self.preparer is not None
+        ids = out.output_ids[start:end]
+        tops = [t or [] for t in out.top_logprobs[start:end]]
+        strings = self.preparer.decode_tokens(ids + [tid for top in tops for tid, _ in top])
+        text_of = dict(zip(ids + [tid for top in tops for tid, _ in top], strings, strict=True))
+        entries = []
+        for tid, lp, top in zip(ids, out.output_logprobs[start:end], tops, strict=True):
+            token = text_of[tid]
+            entries.append({"token": token, "logprob": lp, "bytes": list(token.encode("utf-8")),
+                            "top_logprobs": [{"token": text_of[t], "logprob": v,
+                                              "bytes": list(text_of[t].encode("utf-8"))} for t, v in top]})
+        return entries
+
+    # ---------------------------------------------------------------------------- chat
+
+    async def chat(self, request: Request, req: GenerationRequest) -> Response:
+        model = self.check_model(req)
+        request_id, stream = await self.start_request(req, "chatcmpl")
+        created = now()
+        if req.stream:
+            return DisconnectingStreamingResponse(self._chat_events(req, stream, request_id, created, model),
+                                                  stream.close, media_type="text/event-stream",
+                                                  headers={"Cache-Control": "no-cache"})
+        out = await self.wait_final(request, stream)
+        if out is None:
+            return Response(status_code=CLIENT_CLOSED)
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": out.text},
+                                  "logprobs": None, "finish_reason": out.finish_reason}
+        if req.logprobs:
+            choice["logprobs"] = chat_logprobs(self.logprob_entries(out, 0, len(out.output_ids)))
+        if req.return_token_ids:
+            choice["token_ids"] = out.output_ids
+        return JSONResponse({"id": request_id, "object": "chat.completion", "created": created, "model": model,
+                             "choices": [choice],
+                             "usage": usage(out.prompt_tokens, len(out.output_ids), out.cached_prompt_tokens)})
+
+    async def _chat_events(self, req: GenerationRequest, stream: RequestStream, request_id: str, created: int,
+                           model: str) -> AsyncIterator[str]:
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+            c = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}]}
+            if req.include_usage:
+                c["usage"] = None
+            return c
+
+        text = TextDelta(req.params.stop)
+        sent_tokens = 0
+        yield sse(chunk({"role": "assistant", "content": ""}))
+        try:
+            while True:
+                out = await stream.next()
+                delta = text.update(out.text, out.finished)
+                extra: dict[str, Any] = {}
+                if req.logprobs and len(out.output_ids) > sent_tokens:
+                    extra["logprobs"] = chat_logprobs(self.logprob_entries(out, sent_tokens, len(out.output_ids)))
+                if req.return_token_ids:
+                    extra["token_ids"] = out.output_ids[sent_tokens:]
+                sent_tokens = len(out.output_ids)
+                if delta or extra:
+                    yield sse(chunk({"content": delta}, **extra))
+                if out.finished:
+                    yield sse(chunk({}, out.finish_reason))
+                    if req.include_usage:
+                        yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
+                                   "model": model, "choices": [],
+                                   "usage": usage(out.prompt_tokens, len(out.output_ids), out.cached_prompt_tokens)})
+                    break
+        except (EngineError, EngineStopped, ValueError) as e:
+            yield sse(error_body(e))
+        yield "data: [DONE]\n\n"
+
+    # ---------------------------------------------------------------------------- completions
+
+    async def completion(self, request: Request, req: GenerationRequest) -> Response:
+        model = self.check_model(req)
+        request_id, stream = await self.start_request(req, "cmpl")
+        created = now()
+        if req.stream:
+            return DisconnectingStreamingResponse(self._completion_events(req, stream, request_id, created, model),
+                                                  stream.close, media_type="text/event-stream",
+                                                  headers={"Cache-Control": "no-cache"})
+        out = await self.wait_final(request, stream)
+        if out is None:
+            return Response(status_code=CLIENT_CLOSED)
+        choice: dict[str, Any] = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+        if req.logprobs:
+            choice["logprobs"] = completion_logprobs(self.logprob_entries(out, 0, len(out.output_ids)), 0)
+        if req.return_token_ids:
+            choice["token_ids"] = out.output_ids
+        return JSONResponse({"id": request_id, "object": "text_completion", "created": created, "model": model,
+                             "choices": [choice],
+                             "usage": usage(out.prompt_tokens, len(out.output_ids), out.cached_prompt_tokens)})
+
+    async def _completion_events(self, req: GenerationRequest, stream: RequestStream, request_id: str,
+                                 created: int, model: str) -> AsyncIterator[str]:
+        def chunk(text: str, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+            c = {"id": request_id, "object": "text_completion", "created": created, "model": model,
+                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish, **extra}]}
+            if req.include_usage:
+                c["usage"] = None
+            return c
+
+        text = TextDelta(req.params.stop)
+        sent_tokens = 0
+        try:
+            while True:
+                out = await stream.next()
+                offset = len(text.sent)
+                delta = text.update(out.text, out.finished)
+                extra: dict[str, Any] = {}
+                if req.logprobs and len(out.output_ids) > sent_tokens:
+                    extra["logprobs"] = completion_logprobs(
+                        self.logprob_entries(out, sent_tokens, len(out.output_ids)), offset)
+                if req.return_token_ids:
+                    extra["token_ids"] = out.output_ids[sent_tokens:]
+                sent_tokens = len(out.output_ids)
+                if delta or extra:
+                    yield sse(chunk(delta, **extra))
+                if out.finished:
+                    yield sse(chunk("", out.finish_reason))
+                    if req.include_usage:
+                        yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
+                                   "choices": [],
+                                   "usage": usage(out.prompt_tokens, len(out.output_ids), out.cached_prompt_tokens)})
+                    break
+        except (EngineError, EngineStopped, ValueError) as e:
+            yield sse(error_body(e))
+        yield "data: [DONE]\n\n"
+
+    # ---------------------------------------------------------------------------- /generate
+
+    async def generate(self, request: Request, req: GenerationRequest) -> Response:
+        self.check_model(req)
+        _, stream = await self.start_request(req, "gen")
+        prefix = req.raw_prompt or ""  # vLLM's api_server returns prompt + output for text prompts
+        if req.stream:
+            return DisconnectingStreamingResponse(self._generate_events(req, stream, prefix), stream.close,
+                                                  media_type="application/x-ndjson")
+        out = await self.wait_final(request, stream)
+        if out is None:
+            return Response(status_code=CLIENT_CLOSED)
+        return JSONResponse({"text": [prefix + out.text]})
+
+    async def _generate_events(self, req: GenerationRequest, stream: RequestStream, prefix: str
+                               ) -> AsyncIterator[str]:
+        text = TextDelta(req.params.stop)
+        try:
+            while True:
+                out = await stream.next()
+                text.update(out.text, out.finished)
+                yield json.dumps({"text": [prefix + text.sent]}, ensure_ascii=False) + "\0"
+                if out.finished:
+                    break
+        except (EngineError, EngineStopped, ValueError) as e:
+            yield json.dumps(error_body(e), ensure_ascii=False) + "\0"
+
+
+def error_body(e: BaseException) -> dict[str, Any]:
+    """The OpenAI error body for an exception raised while a request runs."""
+    if isinstance(e, APIError):
+        return e.body()
+    if isinstance(e, EngineStopped):
+        return server_busy(str(e)).body()
+    if isinstance(e, ValueError):
+        return APIError(str(e)).body()
+    return APIError(str(e), status=500, type="internal_error", code="engine_error").body()
+
+
+def create_app(cfg: ServeConfig, llm: ServingLLM | None = None) -> FastAPI:
+    """The FastAPI app. Loads the model at startup unless `llm` (a ServingLLM) is given."""
+    server = Server(cfg, llm)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await server.startup()
+        try:
+            yield
+        finally:
+            await server.shutdown()
+
+    app = FastAPI(title="qwen-vl-triton", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+    app.add_middleware(HTTPMetricsMiddleware, metrics=server.metrics)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(EngineFull)
+    @app.exception_handler(EngineStopped)
+    async def busy(_: Request, e: Exception) -> JSONResponse:
+        return JSONResponse(server_busy(str(e)).body(), status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(EngineError)
+    async def engine_error(_: Request, e: EngineError) -> JSONResponse:
+        return JSONResponse(error_body(e), status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        return JSONResponse(APIError(str(e)).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(str(e.detail), status=e.status_code, type=kind).body(),
+                            status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(APIError(f"internal error: {type(e).__name__}: {e}", status=500,
+                                     type="internal_error").body(), status_code=500)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await server.chat(request, parse_chat_request(parse_json_body(await request.body())))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await server.completion(request, parse_completion_request(parse_json_body(await request.body())))
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        return await server.generate(request, parse_generate_request(parse_json_body(await request.body())))
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        max_len = server.llm.max_seq_len if server.llm is not None else None
+        data = [{"id": name, "object": "model", "created": server.created, "owned_by": "qwen-vl-triton",
+                 "root": str(cfg.model_path), "max_model_len": max_len} for name in server.names]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if server.engine is None or not server.engine.is_healthy():
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def run_server(cfg: ServeConfig, llm: ServingLLM | None = None, access_log: bool = False) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests get `graceful_timeout` seconds to finish."""
+    import uvicorn
+
+    app = create_app(cfg, llm)
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            engine = app.state.server.engine
+            if engine is not None:
+                engine.stop_accepting()  # requests arriving on open connections now get 503
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=access_log,
+                            timeout_graceful_shutdown=int(cfg.graceful_timeout), lifespan="on")
+    started = time.perf_counter()
+    _Server(config).run()
+    log.info("server stopped after %.1f s", time.perf_counter() - started)

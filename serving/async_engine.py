@@ -1,0 +1,321 @@
+"""The engine loop in its own thread, requests handed to it through a thread-safe queue.
+
+`LLM` is not thread-safe, so exactly one thread (the "engine thread") ever calls it: it takes
+commands (add / abort / stop) from a `queue.SimpleQueue`, runs `LLM.step()` while there is work,
+and hands each step's outputs to the asyncio event loop in one `call_soon_threadsafe` call. On
+the event-loop side every request has a `RequestStream` (an asyncio.Queue of cumulative
+`RequestOutput`s): a slow reader simply skips to the newest output.
+
+    engine = AsyncEngine(ServingLLM(path, ...), max_waiting=1024)
+    engine.start()                                   # inside the running event loop
+    with engine.reserve():                           # 503 when the waiting queue is full
+        ids, media = preparer.prepare_chat(...)      # in a worker thread
+        stream = engine.submit(request_id, PreparedPrompt(ids=ids, prepared=media), params)
+    try:
+        while not (out := await stream.next()).finished: ...
+    finally:
+        stream.close()                               # aborts the request if it is unfinished
+
+Prompts are tokenized and media decoded before they reach the engine thread (serving/prompting.py):
+`ServingLLM` is an LLM whose `prepare` passes such a `PreparedPrompt` through unchanged, so the
+engine thread only builds rope positions and queues the sequence.
+
+"Waiting" counts requests accepted but not running yet: being prepared, handed over, or in the
+scheduler's waiting queue (preempted ones included). `max_waiting` bounds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.llm import LLM, Prompt, RequestOutput
+from engine.request import PreparedMedia
+from engine.sampling import SamplingParams
+from serving.metrics import Metrics
+
+log = logging.getLogger("serving.engine")
+
+
+@dataclass
+class PreparedPrompt(Prompt):
+    """A prompt already tokenized (media pads expanded) with its media preprocessed."""
+
+    text: str = ""
+    ids: list[int] = field(default_factory=list)
+    prepared: list[PreparedMedia] = field(default_factory=list)
+
+
+class ServingLLM(LLM):
+    """An LLM that also takes `PreparedPrompt`s (tokenized off the engine thread)."""
+
+    def prepare(self, prompt: Prompt) -> tuple[list[int], list[PreparedMedia]]:
+        if isinstance(prompt, PreparedPrompt):
+            return list(prompt.ids), list(prompt.prepared)
+        return super().prepare(prompt)
+
+
+class EngineFull(Exception):
+    """The waiting queue is at max_waiting (HTTP 503)."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down or has stopped (HTTP 503)."""
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running the request (HTTP 500)."""
+
+
+class RequestStream:
+    """The event-loop side of one request: cumulative outputs as the engine produces them."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str):
+        self.engine = engine
+        self.request_id = request_id
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.finished = False
+        self.last: RequestOutput | None = None
+
+    async def next(self) -> RequestOutput:
+        """The newest output (skipping older ones already queued); raises the engine's error."""
+        item = await self.queue.get()
+        while not self.queue.empty() and not isinstance(item, BaseException) and not item.finished:
+            item = self.queue.get_nowait()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        self.last = item
+        return item
+
+    def close(self) -> None:
+        """Abort the request in the engine unless it finished (idempotent)."""
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    """Runs an LLM in a background thread for an asyncio server."""
+
+    def __init__(self, llm: LLM, *, max_waiting: int = 1024, metrics: Metrics | None = None):
+        if not isinstance(llm, ServingLLM):
+            raise TypeError("AsyncEngine needs a serving.async_engine.ServingLLM (it takes prepared prompts)")
+        self.llm = llm
+        self.max_waiting = max_waiting
+        self.metrics = metrics
+        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}   # event-loop thread only
+        self._preparing = 0                            # event-loop thread only
+        self._lock = threading.Lock()                  # guards the three counters below
+        self._pending_adds = 0
+        self._waiting = 0
+        self._running = 0
+        self._kv_used = 0
+        self._seen_tokens: dict[str, int] = {}         # engine thread only
+        self._accepting = False
+        self._thread = threading.Thread(target=self._run, name="qvl-engine", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = threading.Event()
+        if metrics is not None:
+            metrics.bind_gauges(lambda: self.num_running, lambda: self.num_waiting, lambda: self._kv_used,
+                                lambda: self.llm.blocks.num_blocks)
+
+    # ------------------------------------------------------------------ event-loop side
+
+    def start(self) -> None:
+        """Start the engine thread; call from inside the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._accepting = True
+        self._thread.start()
+
+    @property
+    def num_waiting(self) -> int:
+        with self._lock:
+            return self._preparing + self._pending_adds + self._waiting
+
+    @property
+    def num_running(self) -> int:
+        return self._running
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self._kv_used
+
+    def is_healthy(self) -> bool:
+        return self._accepting and self._thread.is_alive()
+
+    def stop_accepting(self) -> None:
+        """New requests get EngineStopped from now on (in-flight ones continue)."""
+        self._accepting = False
+
+    @contextlib.contextmanager
+    def reserve(self) -> Iterator[None]:
+        """Hold a waiting-queue place while a request is prepared; raises EngineFull / EngineStopped.
+        `submit` inside the block takes the place over."""
+        if not self._accepting:
+            raise EngineStopped("the server is shutting down")
+        if self.num_waiting >= self.max_waiting:
+            raise EngineFull(f"the waiting queue is full ({self.max_waiting} requests); retry later")
+        self._preparing += 1
+        try:
+            yield
+        finally:
+            self._preparing -= 1
+
+    def submit(self, request_id: str, prompt: PreparedPrompt, params: SamplingParams) -> RequestStream:
+        """Queue a prepared request (inside `reserve()`); returns its stream."""
+        if not self._accepting:
+            raise EngineStopped("the server is shutting down")
+        stream = RequestStream(self, request_id)
+        self._streams[request_id] = stream
+        with self._lock:
+            self._pending_adds += 1
+        self._inbox.put(("add", request_id, prompt, params))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (its stream gets nothing more)."""
+        self._streams.pop(request_id, None)
+        self._inbox.put(("abort", request_id))
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Abort whatever is left, stop the engine thread and wait for it."""
+        self._accepting = False
+        if self._thread.is_alive():
+            self._inbox.put(("stop",))
+            await asyncio.to_thread(self._thread.join, timeout)
+        for stream in list(self._streams.values()):
+            stream.queue.put_nowait(EngineStopped("the server shut down before the request finished"))
+        self._streams.clear()
+
+    def _dispatch(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Event-loop thread: route outputs / errors to their streams."""
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue
+            stream.queue.put_nowait(item)
+            if isinstance(item, BaseException) or item.finished:
+                del self._streams[request_id]
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _send(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        if not items or self._loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening any more
+            self._loop.call_soon_threadsafe(self._dispatch, items)
+
+    def _publish_snapshot(self, adds_done: int = 0) -> None:
+        llm = self.llm
+        with self._lock:
+            self._pending_adds -= adds_done
+            self._waiting = len(llm.scheduler.waiting)
+        self._running = len(llm.scheduler.running)
+        self._kv_used = llm.blocks.num_used_blocks()
+
+    def _add(self, request_id: str, prompt: PreparedPrompt, params: SamplingParams,
+             replies: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        try:
+            self.llm.add_request(request_id, prompt, params)
+        except ValueError as e:
+            replies.append((request_id, e))
+        except Exception as e:  # noqa: BLE001 - one bad request must not stop the engine
+            log.exception("adding request %s failed", request_id)
+            replies.append((request_id, EngineError(f"the engine could not add the request: {e}")))
+        else:
+            self._seen_tokens[request_id] = 0
+            if self.metrics is not None:
+                self.metrics.prompt_tokens.inc(len(prompt.ids))
+
+    def _abort(self, request_id: str, reason: str = "abort") -> None:
+        if self.llm.abort(request_id) and self.metrics is not None:
+            self.metrics.finished.labels(finish_reason=reason).inc()
+        self._seen_tokens.pop(request_id, None)
+
+    def _abort_all(self, error: BaseException, reason: str) -> None:
+        replies: list[tuple[str, RequestOutput | BaseException]] = []
+        for request_id in list(self.llm.sequences):
+            self._abort(request_id, reason)
+            replies.append((request_id, error))
+        self._send(replies)
+
+    def _account(self, outputs: list[RequestOutput]) -> None:
+        """Token counters and latency histograms for one step's outputs."""
+        new_tokens = 0
+        for out in outputs:
+            before = self._seen_tokens.get(out.request_id, 0)
+            n = len(out.output_ids)
+            new_tokens += n - before
+            if self.metrics is not None and before == 0 and n > 0 and out.ttft_s is not None:
+                self.metrics.ttft.observe(out.ttft_s)
+            if out.finished:
+                self._seen_tokens.pop(out.request_id, None)
+                if self.metrics is not None:
+                    self.metrics.observe_finished(out.finish_reason or "stop", out.ttft_s, out.latency_s, n)
+            else:
+                self._seen_tokens[out.request_id] = n
+        if self.metrics is not None and new_tokens:
+            self.metrics.generation_tokens.inc(new_tokens)
+
+    def _take_commands(self, block: bool) -> list[tuple[Any, ...]]:
+        commands = []
+        if block:
+            try:
+                commands.append(self._inbox.get(timeout=0.25))
+            except queue.Empty:
+                return []
+        while True:
+            try:
+                commands.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _run(self) -> None:
+        llm = self.llm
+        stopping = False
+        while not stopping:
+            try:
+                commands = self._take_commands(block=not llm.has_unfinished())
+                replies: list[tuple[str, RequestOutput | BaseException]] = []
+                adds = 0
+                for command in commands:
+                    if command[0] == "add":
+                        adds += 1
+                        self._add(*command[1:], replies)
+                    elif command[0] == "abort":
+                        self._abort(command[1])
+                    elif command[0] == "stop":
+                        stopping = True
+                self._send(replies)
+                self._publish_snapshot(adds)
+                if stopping:
+                    break
+                if llm.has_unfinished():
+                    steps = llm.stats["steps"]
+                    try:
+                        outputs = llm.step()
+                    except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
+                        log.exception("engine step failed; aborting the running requests")
+                        self._abort_all(EngineError(f"the engine failed: {type(e).__name__}: {e}"), "error")
+                        outputs = []
+                    self._account(outputs)
+                    self._send([(o.request_id, o) for o in outputs])
+                    self._publish_snapshot()
+                    if llm.stats["steps"] == steps:  # nothing could be scheduled: do not spin
+                        time.sleep(0.001)
+            except Exception:  # noqa: BLE001 - a bug here must not kill the thread silently
+                log.exception("engine loop error")
+                time.sleep(0.01)
+        self._abort_all(EngineStopped("the server shut down before the request finished"), "abort")
+        self._publish_snapshot()
+        self._stopped.set()

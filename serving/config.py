@@ -1,0 +1,266 @@
+"""Server settings: the command line, and MindIE-Service's config.json mapped onto it.
+
+Precedence: a flag given on the command line, then the value from `--config` (MindIE's
+config.json), then the default here. MindIE keys that are read:
+
+    ServerConfig.ipAddress / port                          -> host / port
+    ServerConfig.httpsEnabled                              -> must be false (TLS: put a proxy in front)
+    BackendConfig.ModelDeployConfig.maxSeqLen              -> max_seq_len
+    BackendConfig.ModelDeployConfig.maxInputTokenLen       -> max_input_length
+    BackendConfig.ModelDeployConfig.ModelConfig[0].modelName       -> served_model_name
+    BackendConfig.ModelDeployConfig.ModelConfig[0].modelWeightPath -> model_path
+    BackendConfig.ModelDeployConfig.ModelConfig[0].npuMemSize      -> kv_cache_gb (-1: automatic)
+    BackendConfig.ModelDeployConfig.ModelConfig[0].worldSize       -> must be 1 (see below)
+    BackendConfig.ScheduleConfig.maxPrefillTokens          -> max_prefill_tokens
+    BackendConfig.ScheduleConfig.maxBatchSize              -> max_batch_size
+    BackendConfig.ScheduleConfig.maxIterTimes              -> max_iter_times (output length cap)
+    BackendConfig.ScheduleConfig.cacheBlockSize            -> block_size
+    BackendConfig.ScheduleConfig.maxQueueLen (ours, optional) -> max_waiting
+
+Other keys (managementPort, npuDeviceIds, maxLinkNum, ...) are accepted and listed as ignored.
+MindIE's README writes its examples with `#` comments and trailing commas; both are accepted.
+The server drives one engine in one process: worldSize > 1 (tensor parallel) is refused with a
+clear message rather than silently served on one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ServeConfig:
+    """Everything `tools/serve.py` needs to build the engine and the HTTP app."""
+
+    model_path: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 1025
+    served_model_name: list[str] = field(default_factory=list)
+    allowed_media_dir: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    max_batch_size: int = 64
+    max_input_length: int | None = None
+    max_seq_len: int | None = None
+    max_prefill_tokens: int = 8192
+    max_iter_times: int = 1024
+    kv_cache_gb: float | None = None
+    block_size: int = 16
+    max_waiting: int = 1024
+    enable_prefix_caching: bool = True
+    graceful_timeout: float = 30.0
+    preprocess_workers: int = 2
+    log_level: str = "info"
+
+    def model_names(self) -> list[str]:
+        """Names the server answers to: --served_model_name, else the checkpoint folder's name
+        and 'qwen2_vl' (the name MindIE's examples send)."""
+        if self.served_model_name:
+            return list(self.served_model_name)
+        names = [Path(self.model_path).name] if self.model_path else []
+        return names + [n for n in ("qwen2_vl",) if n not in names]
+
+
+# ------------------------------------------------------------------------------------- MindIE JSON
+
+
+def strip_json_comments(text: str) -> str:
+    """JSON with `#` / `//` line comments and trailing commas (as MindIE's README writes its
+    config.json examples) turned into strict JSON. String contents are left alone."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    in_string = False
+    while i < n:
+        c = text[i]
+        if in_string:
+            out.append(c)
+            if c == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 2
+                continue
+            if c == '"':
+                in_string = False
+            i += 1
+            continue
+        if c == '"':
+            in_string = True
+            out.append(c)
+            i += 1
+        elif c == "#" or text.startswith("//", i):
+            while i < n and text[i] != "\n":
+                i += 1
+        else:
+            out.append(c)
+            i += 1
+    cleaned = "".join(out)
+    # Trailing commas: a comma followed (after whitespace) by } or ], outside strings.
+    result: list[str] = []
+    in_string = False
+    i, n = 0, len(cleaned)
+    while i < n:
+        c = cleaned[i]
+        if in_string:
+            result.append(c)
+            if c == "\\" and i + 1 < n:
+                result.append(cleaned[i + 1])
+                i += 2
+                continue
+            if c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+            result.append(c)
+        elif c == ",":
+            j = i + 1
+            while j < n and cleaned[j] in " \t\r\n":
+                j += 1
+            if j >= n or cleaned[j] not in "}]":
+                result.append(c)
+        else:
+            result.append(c)
+        i += 1
+    return "".join(result)
+
+
+def read_mindie_config(path: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """(ServeConfig field -> value, ignored MindIE keys) from a MindIE-Service config.json.
+    Raises ValueError naming the problem (unreadable JSON, https, worldSize > 1)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        doc = json.loads(strip_json_comments(text))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON even with comments and trailing commas removed ({e})") from e
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: the top level must be an object")
+    values: dict[str, Any] = {}
+    ignored: list[str] = []
+
+    server = doc.get("ServerConfig") or {}
+    for key, value in server.items():
+        if key == "ipAddress":
+            values["host"] = str(value)
+        elif key == "port":
+            values["port"] = int(value)
+        elif key == "httpsEnabled":
+            if value:
+                raise ValueError(f"{path}: ServerConfig.httpsEnabled is true, but this server speaks plain "
+                                 "HTTP only; terminate TLS in a reverse proxy and set it to false")
+        else:
+            ignored.append(f"ServerConfig.{key}")
+
+    backend = doc.get("BackendConfig") or {}
+    for key in backend:
+        if key not in ("ModelDeployConfig", "ScheduleConfig"):
+            ignored.append(f"BackendConfig.{key}")
+    deploy = backend.get("ModelDeployConfig") or {}
+    for key, value in deploy.items():
+        if key == "maxSeqLen":
+            values["max_seq_len"] = int(value)
+        elif key == "maxInputTokenLen":
+            values["max_input_length"] = int(value)
+        elif key != "ModelConfig":
+            ignored.append(f"ModelDeployConfig.{key}")
+    models = deploy.get("ModelConfig") or []
+    if isinstance(models, dict):
+        models = [models]
+    if len(models) > 1:
+        raise ValueError(f"{path}: {len(models)} ModelConfig entries; this server serves one model")
+    for key, value in (models[0] if models else {}).items():
+        if key == "modelName":
+            values["served_model_name"] = [str(value)]
+        elif key == "modelWeightPath":
+            values["model_path"] = str(value)
+        elif key == "npuMemSize":
+            values["kv_cache_gb"] = None if float(value) < 0 else float(value)
+        elif key == "worldSize":
+            if int(value) != 1:
+                raise ValueError(f"{path}: worldSize {value}: the HTTP server runs one engine on one device; "
+                                 "tensor-parallel serving is not supported yet (set worldSize to 1)")
+        else:
+            ignored.append(f"ModelConfig.{key}")
+
+    schedule = backend.get("ScheduleConfig") or {}
+    mapping = {"maxPrefillTokens": ("max_prefill_tokens", int), "maxBatchSize": ("max_batch_size", int),
+               "maxIterTimes": ("max_iter_times", int), "cacheBlockSize": ("block_size", int),
+               "maxQueueLen": ("max_waiting", int)}
+    for key, value in schedule.items():
+        if key in mapping:
+            name, cast = mapping[key]
+            values[name] = cast(value)
+        else:
+            ignored.append(f"ScheduleConfig.{key}")
+    for key in doc:
+        if key not in ("ServerConfig", "BackendConfig"):
+            ignored.append(key)
+    return values, ignored
+
+
+# ------------------------------------------------------------------------------------- command line
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The server's flags. Defaults are None here so that a flag given wins over --config;
+    `build_config` fills in ServeConfig's defaults (shown in each help text)."""
+    d = ServeConfig()
+    add = p.add_argument
+    add("--model_path", help="HF-format checkpoint directory (or ModelConfig.modelWeightPath in --config)")
+    add("--config", type=Path, help="a MindIE-Service config.json (comments and trailing commas allowed); "
+                                    "flags given on the command line override its values")
+    add("--host", help=f"address to listen on (default: {d.host})")
+    add("--port", type=int, help=f"port to listen on (default: {d.port})")
+    add("--served_model_name", nargs="+", metavar="NAME",
+        help="model name(s) requests may name; the first is reported by /v1/models (default: the "
+             "checkpoint folder's name, and 'qwen2_vl' as MindIE's examples send)")
+    add("--allowed_media_dir", help="local folder whose files requests may name as media (paths and file:// "
+                                    "URLs; anything outside it is refused); without it only data: URIs are read")
+    add("--dtype", choices=["auto", "float16", "bfloat16", "float32"],
+        help="weights and activations (default: auto = the config's torch_dtype)")
+    add("--device", help="cuda, npu, cpu or e.g. cuda:1 (default: the first accelerator found, else cpu)")
+    add("--max_batch_size", type=int, help=f"running sequences per step (default: {d.max_batch_size})")
+    add("--max_input_length", "--max_input_token_len", dest="max_input_length", type=int,
+        help="prompt tokens allowed, media included; longer prompts get a 400 (default: the model's)")
+    add("--max_seq_len", type=int, help="prompt + output tokens per sequence (default: the model's)")
+    add("--max_prefill_tokens", type=int,
+        help=f"prompt tokens computed per step; longer prompts are chunked (default: {d.max_prefill_tokens})")
+    add("--max_iter_times", type=int,
+        help=f"output tokens per request at most; also the max_tokens default (default: {d.max_iter_times})")
+    add("--kv_cache_gb", type=float, help="KV cache size in GiB, MindIE's npuMemSize (default: 85%% of free "
+                                          "GPU memory, 4 GiB on CPU)")
+    add("--block_size", type=int, help=f"tokens per KV block (default: {d.block_size})")
+    add("--max_waiting", type=int, help=f"requests accepted but not yet running before new ones get 503 "
+                                        f"(default: {d.max_waiting})")
+    add("--disable_prefix_caching", action="store_true", default=None,
+        help="never share KV blocks between requests")
+    add("--graceful_timeout", type=float,
+        help=f"seconds SIGTERM waits for in-flight requests before aborting them (default: {d.graceful_timeout})")
+    add("--preprocess_workers", type=int,
+        help=f"threads decoding media and tokenizing prompts (default: {d.preprocess_workers})")
+    add("--log_level", choices=["debug", "info", "warning", "error"], help=f"(default: {d.log_level})")
+
+
+def build_config(args: argparse.Namespace) -> tuple[ServeConfig, list[str]]:
+    """ServeConfig from parsed flags (and --config); also the MindIE keys that were ignored."""
+    values: dict[str, Any] = {}
+    ignored: list[str] = []
+    if getattr(args, "config", None) is not None:
+        values, ignored = read_mindie_config(args.config)
+    names = {f.name for f in fields(ServeConfig)}
+    for name, value in vars(args).items():
+        if name in names and value is not None:
+            values[name] = value
+    if getattr(args, "disable_prefix_caching", None):
+        values["enable_prefix_caching"] = False
+    cfg = ServeConfig(**values)
+    if not cfg.model_path:
+        raise ValueError("no model: pass --model_path, or --config with ModelConfig.modelWeightPath")
+    for name in ("max_batch_size", "max_prefill_tokens", "max_iter_times", "block_size", "max_waiting",
+                 "preprocess_workers"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.allowed_media_dir is not None and not Path(cfg.allowed_media_dir).is_dir():
+        raise ValueError(f"--allowed_media_dir {cfg.allowed_media_dir}: not a directory")
+    return cfg, ignored

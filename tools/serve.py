@@ -1,0 +1,48 @@
+"""Serve Qwen2-VL / Qwen2.5-VL / QVQ over HTTP: OpenAI-compatible and vLLM/MindIE-style APIs.
+
+    python tools/serve.py --model_path CKPT --host 127.0.0.1 --port 1025 --allowed_media_dir /data
+    python tools/serve.py --config mindie_config.json          # MindIE-Service's config.json
+
+Endpoints: POST /v1/chat/completions, /v1/completions, /generate; GET /v1/models, /health
+(200 once the model is loaded), /metrics (Prometheus). SIGTERM stops accepting requests, lets
+in-flight ones finish (--graceful_timeout), aborts the rest and exits 0. See serving/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from serving.config import add_serve_arguments, build_config  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_arguments(p)
+    p.add_argument("--access_log", action="store_true", help="log every HTTP request (uvicorn's access log)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        cfg, ignored = build_config(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if ignored:
+        logging.getLogger("serve").info("config keys not used by this server: %s", ", ".join(ignored))
+    # uvicorn re-raises SIGTERM after its graceful shutdown; end with status 0 then (and during loading).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    from serving.api_server import run_server
+
+    run_server(cfg, access_log=args.access_log)
+
+
+if __name__ == "__main__":
+    main()
