@@ -2,7 +2,8 @@
 
 On a CUDA or Ascend device the full shapes run. Without one, kernels run in Triton's CPU
 interpreter on a small smoke set: that proves the benchmarks work, and its timings are not
-performance. `--only NAME` runs one family (module name without `bench_`).
+performance (the end-to-end comparison uses the PyTorch paths on CPU, as a CPU user would).
+`--only NAME` runs one family.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-FAMILIES = ["elementwise", "attention"]
+# family name -> module with `run(ctx)`
+FAMILIES = {
+    "elementwise": "benchmarks.bench_elementwise",
+    "attention": "benchmarks.bench_attention",
+    "e2e": "benchmarks.e2e_vs_hf",
+}
 
 
 def pick_device():
@@ -36,7 +42,7 @@ def pick_device():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=FAMILIES, action="append", help="run only these families")
+    parser.add_argument("--only", choices=list(FAMILIES), action="append", help="run only these families")
     parser.add_argument("--smoke", action="store_true", help="small shapes even on a device")
     args = parser.parse_args()
 
@@ -54,10 +60,11 @@ def main() -> None:
     print(f"device={device} measured copy bandwidth {copy_gbs:.1f} GB/s")
     ctx = BenchContext(device=device, smoke=smoke, copy_gbs=copy_gbs)
     started = time.time()
-    for family in args.only or FAMILIES:
+    families = args.only or list(FAMILIES)
+    for family in families:
         print(f"== {family}")
-        importlib.import_module(f"benchmarks.bench_{family}").run(ctx)
-    path = write_results(ctx, {"families": args.only or FAMILIES, "wall_s": round(time.time() - started, 1)})
+        importlib.import_module(FAMILIES[family]).run(ctx)
+    path = write_results(ctx, {"families": families, "wall_s": round(time.time() - started, 1)})
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 

@@ -36,6 +36,7 @@ from kernels.varlen_attention import (
     _attend_kv_tile,
     _load_query_tile,
     _store_query_tile,
+    attention_reference,
     check_head_dim,
     group_pad,
     launch_options,
@@ -234,23 +235,21 @@ def _paged_prefill_kernel(
 
 
 def _gather_kv(cache: torch.Tensor, table_row: torch.Tensor, n: int) -> torch.Tensor:
-    """The first n cached tokens of one sequence: [Hk, n, D] fp32."""
+    """The first n cached tokens of one sequence: [n, Hk, D]."""
     block_size = cache.shape[1]
     blocks = table_row[: triton.cdiv(n, block_size)].long()
-    return cache[blocks].flatten(0, 1)[:n].transpose(0, 1).float()  # [nb, BS, Hk, D] -> [Hk, n, D]
+    return cache[blocks].flatten(0, 1)[:n]  # [nb, BS, Hk, D] -> [n, Hk, D]
 
 
 def _paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor,
                                scale: float | None = None) -> torch.Tensor:
-    """PyTorch reference of paged decode: per sequence, gather its K/V and run fp32 SDPA."""
+    """PyTorch reference of paged decode: per sequence, gather its K/V and attend in fp32."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.empty_like(q)
     for b, n in enumerate(context_lens.tolist()):
         k, v = _gather_kv(k_cache, block_tables[b], n), _gather_kv(v_cache, block_tables[b], n)
-        o = torch.nn.functional.scaled_dot_product_attention(q[b, :, None].float(), k, v, scale=scale,
-                                                             enable_gqa=True)  # [Hq, 1, D]
-        out[b] = o[:, 0].to(q.dtype)
+        out[b] = attention_reference(q[b, None], k, v, scale, None)[0].to(q.dtype)
     return out
 
 
@@ -258,21 +257,16 @@ def _paged_prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v
                                        block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                        context_lens: torch.Tensor,
                                        scale: float | None = None) -> torch.Tensor:
-    """PyTorch reference of paged prefill: per sequence, gather its K/V and run fp32 SDPA with the
+    """PyTorch reference of paged prefill: per sequence, gather its K/V and attend in fp32 with the
     causal mask aligned to the end of the context (query i sits at ctx - q_len + i)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.empty_like(q)
     bounds = cu_seqlens_q.tolist()
     for b, n in enumerate(context_lens.tolist()):
         s, e = bounds[b], bounds[b + 1]
-        if e <= s:
-            continue
-        k, v = _gather_kv(k_cache, block_tables[b], n), _gather_kv(v_cache, block_tables[b], n)
-        pos = torch.arange(n - (e - s), n, device=q.device)  # [q_len] positions of the queries
-        mask = torch.arange(n, device=q.device)[None, :] <= pos[:, None]  # [q_len, n]
-        o = torch.nn.functional.scaled_dot_product_attention(q[s:e].transpose(0, 1).float(), k, v,
-                                                             attn_mask=mask, scale=scale, enable_gqa=True)
-        out[s:e] = o.transpose(0, 1).to(q.dtype)
+        if e > s:
+            k, v = _gather_kv(k_cache, block_tables[b], n), _gather_kv(v_cache, block_tables[b], n)
+            out[s:e] = attention_reference(q[s:e], k, v, scale, n - (e - s)).to(q.dtype)
     return out
 
 

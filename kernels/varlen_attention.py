@@ -253,20 +253,48 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+# Query rows per reference step: scores of at most ~16M fp32 values (64 MB) are live at once.
+_REFERENCE_SCORES = 1 << 24
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        causal_from: int | None) -> torch.Tensor:
+    """fp32 softmax attention of one sequence: q [Lq, Hq, D], k/v [Lk, Hk, D] -> [Lq, Hq, D] fp32.
+
+    causal_from: None = every query sees every key; else query i sits at position causal_from + i
+    and sees keys 0..causal_from + i. GQA by grouping the query heads of each kv head, so K/V are
+    never repeated. Explicit matmul + softmax over query chunks rather than SDPA: on the CPU (torch
+    2.13, 2 cores) SDPA took 21 ms for a 16-head decode over 300 keys where this takes 0.7 ms.
+    """
+    lq, hq, d = q.shape
+    lk, hk, _ = k.shape
+    group = hq // hk
+    keys = k.float().permute(1, 2, 0)  # [Hk, D, Lk]
+    values = v.float().transpose(0, 1)  # [Hk, Lk, D]
+    out = torch.empty(lq, hq, d, dtype=torch.float32, device=q.device)
+    step = max(1, _REFERENCE_SCORES // (hq * max(lk, 1)))
+    for s in range(0, lq, step):
+        e = min(lq, s + step)
+        qg = q[s:e].float().reshape(e - s, hk, group, d).permute(1, 2, 0, 3)  # [Hk, G, n, D]
+        scores = (qg.reshape(hk, group * (e - s), d) @ keys).view(hk, group, e - s, lk) * scale
+        if causal_from is not None:
+            pos = torch.arange(causal_from + s, causal_from + e, device=q.device)
+            scores = scores.masked_fill(torch.arange(lk, device=q.device) > pos[:, None], float("-inf"))
+        o = scores.softmax(-1).view(hk, group * (e - s), lk) @ values  # [Hk, G*n, D]
+        out[s:e] = o.view(hk, group, e - s, d).permute(2, 0, 1, 3).reshape(e - s, hq, d)
+    return out
+
+
 def _varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                                 max_seqlen: int, causal: bool = False,
                                 scale: float | None = None) -> torch.Tensor:
-    """PyTorch reference: one fp32 SDPA call per sequence (GQA through enable_gqa)."""
+    """PyTorch reference: fp32 attention per sequence."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-        if e <= s:
-            continue
-        qs, ks, vs = (x[s:e].transpose(0, 1).float() for x in (q, k, v))  # [H, L, D]
-        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale,
-                                                             enable_gqa=True)
-        out[s:e] = o.transpose(0, 1).to(q.dtype)
+        if e > s:
+            out[s:e] = attention_reference(q[s:e], k[s:e], v[s:e], scale, 0 if causal else None).to(q.dtype)
     return out
 
 
