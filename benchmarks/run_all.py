@@ -25,21 +25,6 @@ FAMILIES = {
 }
 
 
-def pick_device():
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    try:
-        import torch_npu  # noqa: F401
-
-        if torch.npu.is_available():  # type: ignore[attr-defined]
-            return torch.device("npu")
-    except ImportError:
-        pass
-    return torch.device("cpu")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=list(FAMILIES), action="append", help="run only these families")
@@ -51,8 +36,9 @@ def main() -> None:
     if not (torch.cuda.is_available()):
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import
     from benchmarks.common import BenchContext, measure_copy_bandwidth, write_results
+    from engine.llm import default_device
 
-    device = pick_device()
+    device = default_device()
     smoke = args.smoke or device.type == "cpu"
     if device.type == "cpu":
         print("No GPU/NPU: smoke run through Triton's CPU interpreter. Timings are NOT performance.")
