@@ -25,7 +25,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -432,24 +432,39 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     return VideoInfo(total, fps, height, width)
 
 
-def sample_video(path: str | os.PathLike, cfg: ImageProcessorConfig | None = None, fps: float = FPS,
-                 nframes: int | None = None, min_frames: int = FPS_MIN_FRAMES, max_frames: int | None = None,
-                 min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: int | None = None,
-                 total_pixels: int = VIDEO_TOTAL_PIXELS, video_start: float | None = None,
-                 video_end: float | None = None, resized_height: int | None = None,
-                 resized_width: int | None = None) -> SampledVideo:
-    """Decode and sample a video file as qwen-vl-utils does, keeping only the sampled frames.
+@dataclass(frozen=True)
+class VideoPlan:
+    """What `sample_video` will take from a clip, known before any frame is decoded: the frame
+    indices to sample (sorted, may repeat), the resized frame size, and the sampling rate."""
+
+    path: Path
+    info: VideoInfo
+    indices: tuple[int, ...]
+    height: int
+    width: int
+    sample_fps: float
+
+    def grid(self, cfg: ImageProcessorConfig) -> tuple[int, int, int]:
+        """The patch grid (t, h, w) these frames give under `cfg`."""
+        return (len(self.indices) // cfg.temporal_patch_size, self.height // cfg.patch_size,
+                self.width // cfg.patch_size)
+
+
+def plan_video(path: str | os.PathLike, cfg: ImageProcessorConfig | None = None, fps: float = FPS,
+               nframes: int | None = None, min_frames: int = FPS_MIN_FRAMES, max_frames: int | None = None,
+               min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: int | None = None,
+               total_pixels: int = VIDEO_TOTAL_PIXELS, video_start: float | None = None,
+               video_end: float | None = None, resized_height: int | None = None,
+               resized_width: int | None = None) -> VideoPlan:
+    """Sample a clip as qwen-vl-utils does, from its header alone (nothing is decoded).
 
     Frame count: `smart_nframes` over the [video_start, video_end] range (fps 2 by default, or
     exactly `nframes`, even), indices spread evenly by `video_frame_indices`. Frame size:
     `smart_resize` of the stream's size within [min_pixels, video_max_pixels(...)] (or the explicit
-    resized_height x resized_width), each frame resized with PIL bicubic as it is decoded (PIL, not
-    qwen-vl-utils' torchvision resize: the same sizes, pixel values may differ by a level).
-    `cfg` only supplies the size factor (patch_size * merge_size, 28 when None). sample_fps =
-    nframes / frames in range * video fps, so second_per_grid_t = temporal_patch_size / sample_fps.
+    resized_height x resized_width). `cfg` only supplies the size factor (patch_size * merge_size,
+    28 when None). sample_fps = nframes / frames in range * video fps, so second_per_grid_t =
+    temporal_patch_size / sample_fps.
     """
-    import av
-
     path = Path(path)
     factor = cfg.factor if cfg is not None else IMAGE_FACTOR
     info = probe_video(path)
@@ -466,45 +481,73 @@ def sample_video(path: str | os.PathLike, cfg: ImageProcessorConfig | None = Non
             th, tw = smart_resize(info.height, info.width, factor, min_pixels, cap)
     except ValueError as e:
         raise MediaError(f"{path}: {e}") from e
-    wanted = video_frame_indices(start, end, n)
-    want_count: dict[int, int] = {}
-    for i in wanted:
-        want_count[i] = want_count.get(i, 0) + 1
-    last_wanted = wanted[-1]
+    sample_fps = n / max(count, 1e-6) * info.fps
+    return VideoPlan(path, info, tuple(video_frame_indices(start, end, n)), th, tw, sample_fps)
 
-    frames: list[np.ndarray] = []
-    times: list[float] = []
+
+def iter_video_frames(plan: VideoPlan, chunk_frames: int) -> Iterator[np.ndarray]:
+    """Decode the planned frames in order, yielding uint8 [<= chunk_frames, H, W, 3] chunks.
+
+    Only the planned frames are converted and resized (PIL bicubic, as each is decoded: the same
+    sizes as qwen-vl-utils' torchvision resize, pixel values may differ by a level); decoding
+    starts at a seek to the first planned frame's keyframe, and the clip is never held whole.
+    """
+    import av
+
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    path, info = plan.path, plan.info
+    want_count: dict[int, int] = {}
+    for i in plan.indices:
+        want_count[i] = want_count.get(i, 0) + 1
+    first, last = plan.indices[0], plan.indices[-1]
+    pending: list[np.ndarray] = []
+    emitted = 0
     container = _open_video(path)
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         t0 = float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0
-        decoded = 0
-        for index, frame in enumerate(container.decode(stream)):
-            decoded = index + 1
-            if index in want_count:
-                img = frame.to_image().resize((tw, th), resample=Image.Resampling.BICUBIC)
-                arr = np.asarray(img, dtype=np.uint8)
-                t = float(frame.time) - t0 if frame.time is not None else index / info.fps
-                for _ in range(want_count[index]):
-                    frames.append(arr)
-                    times.append(t)
-            if index >= last_wanted:
+        if first > 0 and stream.time_base and stream.start_time is not None:
+            # land on the keyframe at or before the first frame wanted
+            container.seek(int((t0 + first / info.fps) / stream.time_base), stream=stream, backward=True)
+        last_frame = None
+        for counter, frame in enumerate(container.decode(stream)):
+            # The frame's index from its timestamp (after a seek, counting from 0 would be wrong);
+            # a stream without timestamps is decoded from its start (no seek) and counted.
+            index = round((float(frame.time) - t0) * info.fps) if frame.time is not None else counter
+            if index > last:
                 break
+            if index in want_count:
+                last_frame = np.asarray(frame.to_image().resize((plan.width, plan.height),
+                                                                resample=Image.Resampling.BICUBIC), dtype=np.uint8)
+                for _ in range(want_count.pop(index)):
+                    pending.append(last_frame)
+                while len(pending) >= chunk_frames:
+                    yield np.stack(pending[:chunk_frames])
+                    emitted += chunk_frames
+                    del pending[:chunk_frames]
     except av.FFmpegError as e:
         raise MediaError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
     finally:
         container.close()
-    if not frames:
-        raise MediaError(f"{path}: no decodable frames (wanted frames {wanted[0]}..{last_wanted})")
-    if len(frames) < n:  # the header over-counted frames: repeat the last one decoded
-        warnings.warn(f"{path}: header says {info.total_frames} frames but {decoded} decoded; "
-                      f"repeating the last frame for {n - len(frames)} samples", stacklevel=2)
-        while len(frames) < n:
-            frames.append(frames[-1])
-            times.append(times[-1])
-    sample_fps = n / max(count, 1e-6) * info.fps
-    return SampledVideo(np.stack(frames), times, sample_fps)
+    if last_frame is None:
+        raise MediaError(f"{path}: no decodable frames (wanted frames {first}..{last})")
+    missing = len(plan.indices) - emitted - len(pending)
+    if missing:  # the header over-counted frames: repeat the last one decoded
+        warnings.warn(f"{path}: header says {info.total_frames} frames but frames {sorted(want_count)[:3]}... "
+                      f"were not decoded; repeating the last frame for {missing} samples", stacklevel=2)
+        pending.extend([last_frame] * missing)
+    for i in range(0, len(pending), chunk_frames):
+        yield np.stack(pending[i:i + chunk_frames])
+
+
+def sample_video(path: str | os.PathLike, cfg: ImageProcessorConfig | None = None, **plan_kw: Any) -> SampledVideo:
+    """All planned frames of a clip at once (`plan_video` then `iter_video_frames`): uint8
+    [T, H, W, 3], their planned times in seconds from the clip's start, and the sampling rate."""
+    plan = plan_video(path, cfg, **plan_kw)
+    frames = np.concatenate(list(iter_video_frames(plan, len(plan.indices))))
+    return SampledVideo(frames, [i / plan.info.fps for i in plan.indices], plan.sample_fps)
 
 
 def process_frames(frames: np.ndarray | Sequence[np.ndarray], cfg: ImageProcessorConfig, sample_fps: float
