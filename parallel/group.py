@@ -1,0 +1,147 @@
+"""Process groups for tensor parallelism, from torchrun's environment.
+
+    tp = init_from_env()          # under `torchrun --nproc-per-node N ...`: rank, world size, device
+    model = load_model(path, "auto", tp.device, tp=tp)
+
+torchrun (and any launcher that sets the same variables) gives every process RANK, WORLD_SIZE,
+LOCAL_RANK (its index on this machine), MASTER_ADDR and MASTER_PORT. `init_from_env` binds the
+process to accelerator LOCAL_RANK, picks the backend by device (hccl on Ascend NPUs, nccl on CUDA
+GPUs, gloo on the CPU) and returns a `TPGroup`: the small context object the model and the engine
+are handed explicitly. Without WORLD_SIZE (or with WORLD_SIZE=1) nothing is initialised and the
+group is the single-process one, on which every collective is a no-op.
+
+Tensor parallelism spans the whole world (every process holds 1 / world_size of each layer):
+2/4/8-way on one machine, or across machines with torchrun's --nnodes / rendezvous flags.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+
+# Ranks > 0 wait for rank 0's next command in a broadcast on the object group; a server on rank 0
+# may sit idle for hours, so that group's timeout is long (the default, 30 min, would kill idle
+# workers).
+OBJECT_GROUP_TIMEOUT = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """Where this process sits in the tensor-parallel world.
+
+    rank / world_size: this process's index and the number of processes (all tensor-parallel);
+    local_rank: its index on this machine (the accelerator it is bound to);
+    device: the device its weights, activations and KV cache live on;
+    group: the process group of the tensor collectives (nccl / hccl / gloo); None at world size 1;
+    object_group: a gloo group for python-object broadcasts (engine commands) kept off the
+    accelerator's stream; None at world size 1.
+    The default instance is the single process: every collective on it is a no-op.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    group: dist.ProcessGroup | None = None
+    object_group: dist.ProcessGroup | None = None
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in a world of size {self.world_size}")
+
+    @property
+    def is_driver(self) -> bool:
+        """Rank 0: reads requests, drives the engine and writes results; the others follow it."""
+        return self.rank == 0
+
+
+SINGLE_PROCESS = TPGroup()
+
+
+def detect_device_type() -> str:
+    """"cuda" if a GPU is visible, then "npu" (torch_npu), else "cpu"."""
+    if torch.cuda.is_available():
+        return "cuda"
+    try:
+        import torch_npu  # noqa: F401
+
+        if torch.npu.is_available():  # type: ignore[attr-defined]
+            return "npu"
+    except ImportError:
+        pass
+    return "cpu"
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        if default is None:
+            raise RuntimeError(f"tensor parallelism: {name} is not set (launch with torchrun, which sets "
+                               f"RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)")
+        return default
+    return int(value)
+
+
+def _bind_device(device_type: str, local_rank: int) -> torch.device:
+    """Make accelerator `local_rank` this process's current device (no-op on the CPU)."""
+    if device_type == "cpu":
+        return torch.device("cpu")
+    if device_type == "cuda":
+        count = torch.cuda.device_count()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+        if local_rank >= count:
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {count} CUDA device(s) are visible "
+                               f"(CUDA_VISIBLE_DEVICES={visible}); use --nproc-per-node <= {count}")
+        torch.cuda.set_device(local_rank)
+    elif device_type == "npu":
+        import torch_npu  # noqa: F401
+
+        count = torch.npu.device_count()  # type: ignore[attr-defined]
+        visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES", "<unset>")
+        if local_rank >= count:
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {count} NPU(s) are visible "
+                               f"(ASCEND_RT_VISIBLE_DEVICES={visible}); use --nproc-per-node <= {count}")
+        torch.npu.set_device(local_rank)  # type: ignore[attr-defined]
+    else:
+        raise ValueError(f"tensor parallelism on {device_type!r} devices is not supported; "
+                         f"use one of {', '.join(BACKENDS)}")
+    return torch.device(device_type, local_rank)
+
+
+def init_from_env(device: str | torch.device | None = None) -> TPGroup:
+    """Join the tensor-parallel world torchrun describes in the environment.
+
+    device: "cuda" / "npu" / "cpu" (an index, if given, is replaced by LOCAL_RANK); default: the
+    first accelerator found, else the CPU. At world size 1 (WORLD_SIZE unset or 1) no process
+    group is made and the single-process TPGroup (on `device`, or the CPU) is returned. Calling it
+    again after the world is up returns the same description.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    device_type = torch.device(device).type if device is not None else detect_device_type()
+    if world == 1:
+        return TPGroup(device=torch.device(device) if device is not None else torch.device(device_type))
+    rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
+    bound = _bind_device(device_type, local_rank)
+    backend = BACKENDS[device_type]
+    if not dist.is_initialized():
+        kwargs = {"device_id": bound} if device_type == "cuda" else {}
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, **kwargs)
+    if dist.get_world_size() != world or dist.get_rank() != rank:
+        raise RuntimeError(f"the process group (rank {dist.get_rank()} of {dist.get_world_size()}) does not "
+                           f"match RANK={rank} WORLD_SIZE={world}")
+    # A separate gloo group for pickled objects: CPU-side, and with a long timeout (see above).
+    object_group = dist.new_group(backend="gloo", timeout=OBJECT_GROUP_TIMEOUT)
+    return TPGroup(rank=rank, world_size=world, local_rank=local_rank, device=bound,
+                   group=dist.group.WORLD, object_group=object_group)
+
+
+def destroy(tp: TPGroup) -> None:
+    """Leave the world (at the end of a run; no-op at world size 1)."""
+    if tp.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
