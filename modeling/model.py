@@ -8,6 +8,10 @@
     hidden = model.forward(positions, meta, kv, inputs_embeds=embeds)   # [T, H]
     logits = model.compute_logits(hidden, last_rows)                    # [B, V] fp32
     ... then one token per sequence per step, positions from decode_positions(len, 1, delta).
+
+Tensor parallel: `load_model(path, dtype, tp.device, tp=parallel.init_from_env())` on every rank;
+each rank holds its shards and its kv heads, every call is collective (all ranks make the same
+calls with the same inputs) and returns the same result on every rank.
 """
 
 from __future__ import annotations
@@ -22,15 +26,19 @@ from modeling import language, rope_index, vision
 from modeling.attention_metadata import AttentionMetadata
 from modeling.config import ModelConfig, load_config, parse_dtype
 from modeling.weights import ModelWeights, load_weights
+from parallel.group import SINGLE_PROCESS, TPGroup
+from parallel.sharding import local_kv_heads
 
 
 @dataclass
 class QwenVLModel:
     """Qwen2-VL / QVQ / Qwen2.5-VL: config + weights; all methods are thin calls into
-    modeling.vision / modeling.language / modeling.rope_index."""
+    modeling.vision / modeling.language / modeling.rope_index. `tp`: the tensor-parallel group
+    the weights were sharded for (the single process by default)."""
 
     config: ModelConfig
     weights: ModelWeights
+    tp: TPGroup = SINGLE_PROCESS
 
     @property
     def dtype(self) -> torch.dtype:
@@ -47,7 +55,7 @@ class QwenVLModel:
         model dtype; rows follow the items in order (items of different sizes in one call).
         """
         return vision.vision_forward(self.weights.vision, self.config.vision, pixel_values, grid_thw,
-                                     out_dtype=self.dtype)
+                                     out_dtype=self.dtype, tp=self.tp)
 
     def rope_index(self, input_ids: Sequence[int] | torch.Tensor,
                    image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
@@ -60,7 +68,7 @@ class QwenVLModel:
               video_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings [T, H] with media embeddings put at the image / video pad tokens."""
         input_ids = input_ids.to(self.device)
-        embeds = language.embed_tokens(self.weights.language, input_ids)
+        embeds = language.embed_tokens(self.weights.language, input_ids, self.tp)
         if image_embeds is not None:
             embeds = language.scatter_media(embeds, input_ids, self.config.image_token_id, image_embeds)
         if video_embeds is not None:
@@ -77,19 +85,21 @@ class QwenVLModel:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = language.embed_tokens(self.weights.language, input_ids.to(self.device))
+            inputs_embeds = language.embed_tokens(self.weights.language, input_ids.to(self.device), self.tp)
         return language.decoder_forward(self.weights.language, self.config.text, inputs_embeds,
-                                        positions.to(self.device), attn_metadata, kv_caches)
+                                        positions.to(self.device), attn_metadata, kv_caches, self.tp)
 
     def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits [n, V] of hidden [T, H] at `rows` (all rows when None)."""
-        return language.compute_logits(self.weights.language, hidden, rows)
+        """fp32 logits [n, V] of hidden [T, H] at `rows` (all rows when None); the full vocabulary
+        on every rank under tensor parallelism."""
+        return language.compute_logits(self.weights.language, hidden, rows, self.tp, self.config.text.vocab_size)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int,
                           dtype: torch.dtype | None = None) -> list[language.KVCache]:
-        """Zeroed (k_cache, v_cache) per layer, each [num_blocks, block_size, Hk, D]."""
+        """Zeroed (k_cache, v_cache) per layer, each [num_blocks, block_size, Hk, D]; Hk: this
+        rank's kv heads (local_kv_heads)."""
         t = self.config.text
-        shape = (num_blocks, block_size, t.num_kv_heads, t.head_dim)
+        shape = (num_blocks, block_size, local_kv_heads(t.num_kv_heads, self.tp.world_size), t.head_dim)
         dtype = dtype or self.dtype
         return [(torch.zeros(shape, dtype=dtype, device=self.device),
                  torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(t.num_layers)]
@@ -105,8 +115,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torch
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto",
-               device: str | torch.device = "cpu") -> QwenVLModel:
-    """Read config.json and the safetensors of a checkpoint directory into a QwenVLModel."""
+               device: str | torch.device = "cpu", tp: TPGroup = SINGLE_PROCESS) -> QwenVLModel:
+    """Read config.json and the safetensors of a checkpoint directory into a QwenVLModel (only
+    this rank's shards under tensor parallelism)."""
     config = load_config(path)
     resolved = resolve_dtype(dtype, config)
-    return QwenVLModel(config, load_weights(path, config, resolved, device))
+    return QwenVLModel(config, load_weights(path, config, resolved, device, tp), tp)

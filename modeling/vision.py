@@ -11,6 +11,12 @@ video go through one varlen_attention call without attending to each other. Qwen
 attends within windows (window_size px square, in merged tokens) in all blocks but
 fullatt_block_indexes: tokens are reordered window by window before the blocks and put back in
 order after the merger.
+
+Tensor parallelism (tp.world_size > 1; weights sharded by modeling.weights): each rank runs
+num_heads / world heads (qkv column-parallel) and 1 / world of each MLP (fc1 / gate_up column-,
+fc2 / down row-parallel) and of the merger MLP; proj, fc2 and the merger's fc2 end in the
+all-reduce written out below (their biases live on rank 0 only, so they are added once). Tokens,
+norms and the patch embedding are replicated.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import torch.nn.functional as F
 import kernels
 from modeling.config import VisionConfig
 from modeling.weights import VisionBlockWeights, VisionWeights
+from parallel.comm import all_reduce
+from parallel.group import SINGLE_PROCESS, TPGroup
 
 _NORM_EPS = 1e-6  # both towers hard-code eps 1e-6 for their block and merger norms
 
@@ -98,34 +106,37 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     return kernels.layer_norm(x, weight, bias, _NORM_EPS)
 
 
-def _mlp(x: torch.Tensor, w: VisionBlockWeights, gated: bool) -> torch.Tensor:
-    """[N, E] -> [N, E]: SiLU-gated (Qwen2.5-VL) or QuickGELU (Qwen2-VL) MLP."""
+def _mlp(x: torch.Tensor, w: VisionBlockWeights, gated: bool, tp: TPGroup = SINGLE_PROCESS) -> torch.Tensor:
+    """[N, E] -> [N, E]: SiLU-gated (Qwen2.5-VL) or QuickGELU (Qwen2-VL) MLP (I: this rank's share)."""
     h = F.linear(x, w.fc1_weight, w.fc1_bias)  # [N, 2I] (gate | up) or [N, I]
     h = kernels.silu_and_mul(h) if gated else h * torch.sigmoid(1.702 * h)  # [N, I]
-    return F.linear(h, w.fc2_weight, w.fc2_bias)
+    return all_reduce(F.linear(h, w.fc2_weight, w.fc2_bias), tp)  # row-parallel fc2 / down: [N, E]
 
 
 def vision_block(x: torch.Tensor, w: VisionBlockWeights, cfg: VisionConfig, cos: torch.Tensor,
-                 sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+                 sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                 tp: TPGroup = SINGLE_PROCESS) -> torch.Tensor:
     """One pre-norm ViT block over packed tokens x [N, E] -> [N, E] (bidirectional attention
-    within each cu_seqlens segment)."""
+    within each cu_seqlens segment); `heads` below are this rank's num_heads / world."""
     n = x.shape[0]
+    heads = cfg.num_heads // tp.world_size
     qkv = F.linear(_norm(x, w.norm1_weight, w.norm1_bias), w.qkv_weight, w.qkv_bias)
-    qkv = qkv.view(n, 3, cfg.num_heads, cfg.head_dim)
+    qkv = qkv.view(n, 3, heads, cfg.head_dim)
     # q and k rotate as one [N, 2 heads, D] (strided) tensor: one launch instead of two.
-    qk = kernels.apply_rope(qkv[:, :2].reshape(n, 2 * cfg.num_heads, cfg.head_dim), cos, sin)
-    q, k = qk.view(n, 2, cfg.num_heads, cfg.head_dim).unbind(1)  # 2 x [N, heads, D]
+    qk = kernels.apply_rope(qkv[:, :2].reshape(n, 2 * heads, cfg.head_dim), cos, sin)
+    q, k = qk.view(n, 2, heads, cfg.head_dim).unbind(1)  # 2 x [N, heads, D]
     v = qkv[:, 2].contiguous()  # [N, heads, D]
     attn = kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen)  # [N, heads, D]
-    x = x + F.linear(attn.reshape(n, -1), w.proj_weight, w.proj_bias)
-    return x + _mlp(_norm(x, w.norm2_weight, w.norm2_bias), w, gated=cfg.norm == "rmsnorm")
+    x = x + all_reduce(F.linear(attn.reshape(n, -1), w.proj_weight, w.proj_bias), tp)  # row-parallel proj
+    return x + _mlp(_norm(x, w.norm2_weight, w.norm2_bias), w, cfg.norm == "rmsnorm", tp)
 
 
-def patch_merger(x: torch.Tensor, w: VisionWeights, cfg: VisionConfig) -> torch.Tensor:
-    """[N, E] -> [N / merge_unit, out]: norm, concatenate each 2x2 group, MLP with exact GELU."""
+def patch_merger(x: torch.Tensor, w: VisionWeights, cfg: VisionConfig, tp: TPGroup = SINGLE_PROCESS) -> torch.Tensor:
+    """[N, E] -> [N / merge_unit, out]: norm, concatenate each 2x2 group, MLP with exact GELU
+    (fc1 column-, fc2 row-parallel)."""
     x = _norm(x, w.merger_norm_weight, w.merger_norm_bias).reshape(-1, cfg.merge_unit * cfg.hidden_size)
-    x = F.gelu(F.linear(x, w.merger_fc1_weight, w.merger_fc1_bias))
-    return F.linear(x, w.merger_fc2_weight, w.merger_fc2_bias)
+    x = F.gelu(F.linear(x, w.merger_fc1_weight, w.merger_fc1_bias))  # [N / merge_unit, 4E / world]
+    return all_reduce(F.linear(x, w.merger_fc2_weight, w.merger_fc2_bias), tp)
 
 
 # ----------------------------------------------------------------------------- the tower
@@ -141,14 +152,16 @@ def _by_window(x: torch.Tensor, index: torch.Tensor, unit: int) -> torch.Tensor:
 
 
 def vision_forward(w: VisionWeights, cfg: VisionConfig, pixel_values: torch.Tensor,
-                   grid_thw: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   grid_thw: torch.Tensor, out_dtype: torch.dtype | None = None,
+                   tp: TPGroup = SINGLE_PROCESS) -> torch.Tensor:
     """Encode packed images/videos to LLM token embeddings.
 
     pixel_values: [N, C * tp * p * p] any float dtype (cast to the tower's weight dtype)
     grid_thw:     [n_items, 3] int (t, h, w in patches); N = sum(t * h * w)
     Returns [N / merge_unit, out_hidden_size] in out_dtype (default: the tower's dtype), items in
     input order. Going to fp16, values are clamped to its range first (the tower itself runs in
-    bf16/fp32 for an fp16 model, see weights.vision_dtype_for).
+    bf16/fp32 for an fp16 model, see weights.vision_dtype_for). tp: the tensor-parallel group
+    (every rank passes the same inputs and gets the same output).
     """
     dtype = w.patch_embed.dtype
     device = w.patch_embed.device
@@ -170,8 +183,8 @@ def vision_forward(w: VisionWeights, cfg: VisionConfig, pixel_values: torch.Tens
     for i, block in enumerate(w.blocks):
         full = i in cfg.fullatt_block_indexes
         x = vision_block(x, block, cfg, cos, sin, cu_full if full else cu_window,
-                         max_full if full else max_window)
-    merged = patch_merger(x, w, cfg)  # [N / merge_unit, out]
+                         max_full if full else max_window, tp)
+    merged = patch_merger(x, w, cfg, tp)  # [N / merge_unit, out]
     if order is not None:
         merged = merged[torch.argsort(order)]  # back to the items' own order
     out_dtype = out_dtype or dtype

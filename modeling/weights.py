@@ -16,12 +16,20 @@ Layout changes made at load time (why: fewer, larger matmuls and the kernels' in
   - the Conv3d patch embedding [E, C, tp, p, p] becomes a matmul weight [E, C * tp * p * p]
     over the processor's flattened patches (stride == kernel, so the convolution is a matmul).
 Linear weights stay [out, in] (torch.nn.functional.linear's layout).
+
+Tensor parallelism (a TPGroup with world_size > 1): every tensor is read as its ShardSpec
+(`shard_spec`, by tensor kind, rules in parallel/sharding.py) says, through get_slice, so a rank
+reads only its part: q/k/v by heads and gate/up column-parallel (each sliced before fusing, so
+the fused qkv is [q_r | k_r | v_r] and gate_up [gate_r | up_r]), o_proj / down_proj and the ViT's
+proj / fc2 / merger fc2 row-parallel (their biases on rank 0 only), the embedding and LM head by
+vocabulary rows (padded), everything else replicated.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +37,9 @@ import torch
 from safetensors import safe_open
 
 from modeling.config import ModelConfig
+from parallel import sharding
+from parallel.group import SINGLE_PROCESS, TPGroup
+from parallel.sharding import ShardSpec
 
 # Tensors some checkpoints carry that the model recomputes (rotary tables): skipped, not errors.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")
@@ -103,7 +114,11 @@ class CheckpointReader:
 
 @dataclass
 class DecoderLayerWeights:
-    """One Qwen2 decoder layer. H hidden, I intermediate, D head dim."""
+    """One Qwen2 decoder layer. H hidden, I intermediate, D head dim.
+
+    Shapes are one process's; under tensor parallelism Hq, Hk and I are this rank's share
+    (Hq / world, local_kv_heads, I / world) and qkv / gate_up fuse this rank's slices.
+    """
 
     input_norm: torch.Tensor  # [H]
     qkv_weight: torch.Tensor  # [(Hq + 2 Hk) * D, H]
@@ -116,6 +131,8 @@ class DecoderLayerWeights:
 
 @dataclass
 class LanguageWeights:
+    """The decoder. Under tensor parallelism V is this rank's ceil(V / world) vocabulary rows."""
+
     embed_tokens: torch.Tensor  # [V, H]
     layers: list[DecoderLayerWeights]
     norm: torch.Tensor  # [H]
@@ -127,6 +144,8 @@ class VisionBlockWeights:
     """One ViT block. E width. Norm biases are None for RMSNorm (Qwen2.5-VL).
 
     fc1 is Qwen2-VL's [4E, E] QuickGELU input, or Qwen2.5-VL's fused [gate | up] [2 I, E].
+    Under tensor parallelism the heads (qkv rows, proj columns) and I are this rank's share, and
+    proj_bias / fc2_bias are zeros except on rank 0.
     """
 
     norm1_weight: torch.Tensor  # [E]
@@ -178,16 +197,69 @@ def vision_dtype_for(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------- loading
 
 
-class _Loader:
-    """Reads tensors by canonical name (optionally only a slice: the tensor-parallel hook),
-    casting and moving them."""
+# Tensor-parallel kind of each tensor, by canonical name (the first match wins; no match:
+# replicated). See parallel/sharding.py for what each kind means.
+_TP_KINDS: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), kind) for p, kind in (
+    (r"^(model\.embed_tokens|lm_head)\.weight$", "vocab"),
+    (r"^model\.layers\.\d+\.self_attn\.q_proj\.(weight|bias)$", "q_heads"),
+    (r"^model\.layers\.\d+\.self_attn\.[kv]_proj\.(weight|bias)$", "kv_heads"),
+    (r"^model\.layers\.\d+\.self_attn\.o_proj\.weight$", "row"),
+    (r"^model\.layers\.\d+\.mlp\.(gate|up)_proj\.weight$", "column"),
+    (r"^model\.layers\.\d+\.mlp\.down_proj\.weight$", "row"),
+    (r"^visual\.blocks\.\d+\.attn\.qkv\.(weight|bias)$", "vision_qkv"),
+    (r"^visual\.blocks\.\d+\.mlp\.(fc1|gate_proj|up_proj)\.(weight|bias)$", "column"),
+    (r"^visual\.blocks\.\d+\.(attn\.proj|mlp\.fc2|mlp\.down_proj)\.weight$", "row"),
+    (r"^visual\.blocks\.\d+\.(attn\.proj|mlp\.fc2|mlp\.down_proj)\.bias$", "first_rank"),
+    (r"^visual\.merger\.mlp\.0\.(weight|bias)$", "column"),
+    (r"^visual\.merger\.mlp\.2\.weight$", "row"),
+    (r"^visual\.merger\.mlp\.2\.bias$", "first_rank"),
+))
 
-    def __init__(self, reader: CheckpointReader, device: torch.device | str):
+
+def tp_kind(name: str) -> str:
+    """The tensor-parallel kind of canonical tensor `name` ("replicated" when no rule matches)."""
+    return next((kind for pattern, kind in _TP_KINDS if pattern.match(name)), "replicated")
+
+
+def shard_spec(name: str, shape: Sequence[int], config: ModelConfig, tp: TPGroup) -> ShardSpec:
+    """The part of checkpoint tensor `name` (full shape `shape`) that rank tp.rank holds."""
+    if tp.world_size == 1:
+        return sharding.REPLICATED
+    kind = tp_kind(name)
+    t, v = config.text, config.vision
+    if kind == "vocab":
+        return sharding.vocab(shape[0], tp)
+    if kind == "q_heads":
+        return sharding.heads(t.num_heads, t.head_dim, tp)
+    if kind == "kv_heads":
+        return sharding.kv_heads(t.num_heads, t.num_kv_heads, t.head_dim, tp)
+    if kind == "vision_qkv":
+        return sharding.heads(v.num_heads, v.head_dim, tp, parts=3)
+    if kind == "column":
+        return sharding.column(shape[0], tp, f"{name}: output features")
+    if kind == "row":
+        return sharding.row(shape[1], tp, f"{name}: input features")
+    if kind == "first_rank":
+        return sharding.first_rank(tp)
+    return sharding.REPLICATED
+
+
+class _Loader:
+    """Reads tensors by canonical name, only this rank's shard of each (shard_spec), casting and
+    moving them."""
+
+    def __init__(self, reader: CheckpointReader, device: torch.device | str, config: ModelConfig,
+                 tp: TPGroup):
         self.reader = reader
         self.device = device
+        self.config = config
+        self.tp = tp
 
-    def __call__(self, name: str, dtype: torch.dtype, index: tuple[slice, ...] | None = None) -> torch.Tensor:
-        return self.reader.get(name, index).to(device=self.device, dtype=dtype)
+    def __call__(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        shape = self.reader.shape(name)
+        spec = shard_spec(name, shape, self.config, self.tp)
+        tensor = sharding.read_shard(lambda index: self.reader.get(name, index), shape, spec, dtype)
+        return tensor.to(device=self.device, dtype=dtype)
 
     def cat(self, names: Iterable[str], dtype: torch.dtype) -> torch.Tensor:
         return torch.cat([self(n, dtype) for n in names], dim=0)
@@ -287,15 +359,20 @@ def _vision(get: _Loader, config: ModelConfig, dtype: torch.dtype) -> VisionWeig
 
 
 def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> ModelWeights:
+                 device: torch.device | str = "cpu", tp: TPGroup = SINGLE_PROCESS) -> ModelWeights:
     """Load a checkpoint directory's weights for `config`, cast to `dtype`, onto `device`.
 
     The vision tower is cast to vision_dtype_for(dtype) instead (fp16 guard). Raises
-    WeightsError naming every missing or unexpected tensor.
+    WeightsError naming every missing or unexpected tensor, or a shape that contradicts
+    config.json, before reading any data. With tp.world_size > 1 only rank tp.rank's shards are
+    read (see the module docstring); parallel.TPSizeError names the sizes the world size does not
+    divide.
     """
+    sharding.check_tp_sizes(config, tp.world_size)
     reader = CheckpointReader(path)
     _check_names(config, reader)
-    get = _Loader(reader, device)
+    _check_shapes(config, reader)
+    get = _Loader(reader, device, config, tp)
     embed = get("model.embed_tokens.weight", dtype)
     tied = config.tie_word_embeddings
     language = LanguageWeights(
@@ -304,21 +381,27 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype,
         norm=get("model.norm.weight", dtype),
         lm_head=embed if tied else get("lm_head.weight", dtype),
     )
-    _check_shapes(config, language)
     vdtype = vision_dtype_for(dtype)
     return ModelWeights(language=language, vision=_vision(get, config, vdtype), dtype=dtype,
                         vision_dtype=vdtype)
 
 
-def _check_shapes(config: ModelConfig, w: LanguageWeights) -> None:
-    t = config.text
-    qkv_rows = (t.num_heads + 2 * t.num_kv_heads) * t.head_dim
-    checks = {"model.embed_tokens.weight": (w.embed_tokens, [t.vocab_size, t.hidden_size]),
-              "lm_head.weight": (w.lm_head, [t.vocab_size, t.hidden_size]),
-              "model.layers.0.self_attn.{q,k,v}_proj.weight": (w.layers[0].qkv_weight,
-                                                               [qkv_rows, t.hidden_size]),
-              "model.layers.0.mlp.{gate,up}_proj.weight": (w.layers[0].gate_up_weight,
-                                                           [2 * t.intermediate_size, t.hidden_size])}
-    for name, (tensor, shape) in checks.items():
-        if list(tensor.shape) != shape:
-            raise WeightsError(f"{name}: shape {list(tensor.shape)} does not match config.json ({shape})")
+def _check_shapes(config: ModelConfig, reader: CheckpointReader) -> None:
+    """The checkpoint's full shapes of the tensors whose layout the loader (and its shard slices)
+    relies on, against config.json."""
+    t, v = config.text, config.vision
+    p = "model.layers.0."
+    checks = {"model.embed_tokens.weight": [t.vocab_size, t.hidden_size],
+              "lm_head.weight": [t.vocab_size, t.hidden_size],
+              p + "self_attn.q_proj.weight": [t.num_heads * t.head_dim, t.hidden_size],
+              p + "self_attn.k_proj.weight": [t.num_kv_heads * t.head_dim, t.hidden_size],
+              p + "self_attn.v_proj.weight": [t.num_kv_heads * t.head_dim, t.hidden_size],
+              p + "self_attn.o_proj.weight": [t.hidden_size, t.num_heads * t.head_dim],
+              p + "mlp.gate_proj.weight": [t.intermediate_size, t.hidden_size],
+              p + "mlp.up_proj.weight": [t.intermediate_size, t.hidden_size],
+              p + "mlp.down_proj.weight": [t.hidden_size, t.intermediate_size],
+              "visual.blocks.0.attn.qkv.weight": [3 * v.num_heads * v.head_dim, v.hidden_size],
+              "visual.blocks.0.attn.proj.weight": [v.hidden_size, v.num_heads * v.head_dim]}
+    for name, shape in checks.items():
+        if name in reader and reader.shape(name) != shape:
+            raise WeightsError(f"{name}: shape {reader.shape(name)} does not match config.json ({shape})")
