@@ -5,14 +5,26 @@
 
 The server drives the same object step by step: `add_request`, `step` (one forward pass for all
 running sequences, returns what changed) and `abort`.
+
+Tensor parallel (`torchrun --nproc-per-node N ...`, `tp = parallel.init_from_env()`): every rank
+builds the same LLM(..., tp=tp), holding its shards of the model and its kv heads' cache, and runs
+the same schedule. Rank 0 is the driver: its add_request / abort calls take effect at once there
+and are recorded; at the start of each step() it broadcasts the recorded commands (one
+broadcast_object per step), and ranks > 0, inside `worker_loop()`, apply them and run the same
+step. Requests carry their prepared inputs (token ids, pixels), so only rank 0 reads media.
+Logits are all-gathered, identical on every rank, and sampling is made identical too: a sampled
+request without a seed gets one drawn on rank 0. `shutdown()` on rank 0 ends the workers' loops.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -27,6 +39,13 @@ from modeling.attention_metadata import AttentionMetadata
 from modeling.model import load_model
 from modeling.processing import ImageProcessorConfig
 from modeling.prompt import build_prompt, num_media_tokens
+from parallel.comm import all_gather_object, broadcast_object
+from parallel.group import SINGLE_PROCESS, TPGroup
+from parallel.sharding import local_kv_heads
+
+# A recorded engine command: ("add", request_id, ids, positions, rope_delta, media, keys, params),
+# ("abort", request_id) or ("stop",).
+Command = tuple[Any, ...]
 
 
 @dataclass
@@ -76,18 +95,29 @@ class LLM:
     running sequences, max_prefill_tokens the prompt tokens computed per step (longer prompts are
     prefilled in chunks); max_input_length bounds a prompt's tokens (media included), max_seq_len
     prompt + output. Prefix caching shares the KV of equal prompt prefixes (media by content).
+
+    tp: the tensor-parallel group (see the module docstring); its device is used when world_size
+    > 1, and kv_cache_gb is then each rank's budget for its own kv heads.
     """
 
     def __init__(self, model_path: str | Path, *, dtype: str = "auto", device: str | torch.device | None = None,
                  kv_cache_gb: float | None = None, num_kv_blocks: int | None = None, block_size: int = 16,
                  max_batch_size: int = 64, max_prefill_tokens: int = 8192, max_input_length: int | None = None,
                  max_seq_len: int | None = None, enable_prefix_caching: bool = True,
-                 encoder_cache_gb: float = 1.0):
+                 encoder_cache_gb: float = 1.0, tp: TPGroup = SINGLE_PROCESS):
         from transformers import AutoTokenizer
 
         self.path = Path(model_path)
-        self.device = torch.device(device) if device is not None else default_device()
-        self.model = load_model(self.path, dtype, self.device)
+        self.tp = tp
+        if tp.world_size > 1:
+            if device is not None and torch.device(device).type != tp.device.type:
+                raise ValueError(f"device {device} differs from the tensor-parallel group's {tp.device}")
+            self.device = tp.device
+        else:
+            self.device = torch.device(device) if device is not None else default_device()
+        self._pending: list[Command] = []  # rank 0: commands the other ranks apply before the next step
+        self._stopped = False
+        self.model = load_model(self.path, dtype, self.device, tp)
         self.config = self.model.config
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.image_cfg = ImageProcessorConfig.from_pretrained(self.path)
@@ -98,6 +128,8 @@ class LLM:
                                self.config.text.max_position_embeddings)
         self.max_input_length = min(max_input_length or self.max_seq_len - 1, self.max_seq_len - 1)
         num_blocks = num_kv_blocks or self._blocks_for_budget(kv_cache_gb, block_size, max_batch_size)
+        # Every rank schedules the same blocks: take the smallest cache any rank can hold.
+        num_blocks = min(all_gather_object(num_blocks, tp))
         # A lone sequence must always fit, so that preemption can never deadlock.
         self.max_seq_len = min(self.max_seq_len, num_blocks * block_size)
         self.max_input_length = min(self.max_input_length, self.max_seq_len - 1)
@@ -114,7 +146,8 @@ class LLM:
 
     def _blocks_for_budget(self, kv_cache_gb: float | None, block_size: int, max_batch_size: int) -> int:
         t = self.config.text
-        bytes_per_block = 2 * t.num_layers * block_size * t.num_kv_heads * t.head_dim * self.model.dtype.itemsize
+        kv_heads = local_kv_heads(t.num_kv_heads, self.tp.world_size)  # this rank's share of the cache
+        bytes_per_block = 2 * t.num_layers * block_size * kv_heads * t.head_dim * self.model.dtype.itemsize
         if kv_cache_gb is None:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
@@ -144,7 +177,8 @@ class LLM:
 
     def add_request(self, request_id: str, prompt: Prompt | str, params: SamplingParams | None = None) -> None:
         """Queue a request. Raises ValueError (naming the limit) for bad parameters, unreadable
-        media or a prompt over max_input_length."""
+        media or a prompt over max_input_length. Under tensor parallelism: rank 0 only."""
+        self._check_driver("add_request")
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt = Prompt(prompt) if isinstance(prompt, str) else prompt
@@ -160,8 +194,16 @@ class LLM:
             ids, torch.tensor(images) if images else None,
             torch.tensor([m.grid for m in videos]) if videos else None,
             [m.second_per_grid_t for m in videos] if videos else None)
-        seq = Sequence(self._next_seq_id, request_id, ids, positions, delta, media,
-                       self._content_keys(ids, media), params,
+        if self.tp.world_size > 1 and not params.greedy and params.seed is None:
+            # Every rank must draw the same tokens: the request gets a seed (from rank 0's global
+            # RNG, so torch.manual_seed on rank 0 still makes a run reproducible).
+            params = dataclasses.replace(params, seed=int(torch.randint(0, 2**62, ()).item()))
+        self._record(("add", request_id, ids, positions, delta, media, self._content_keys(ids, media), params))
+
+    def _enqueue(self, request_id: str, ids: list[int], positions: torch.Tensor, delta: int,
+                 media: list[PreparedMedia], keys: list[int], params: SamplingParams) -> None:
+        """Make the sequence of a validated, prepared request and queue it (every rank)."""
+        seq = Sequence(self._next_seq_id, request_id, ids, positions, delta, media, keys, params,
                        generator=make_generator(params.seed, self.device))
         self._next_seq_id += 1
         self.sequences[request_id] = seq
@@ -182,13 +224,70 @@ class LLM:
         return keys
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request and free everything it holds; False if it is unknown or already done."""
-        seq = self.sequences.pop(request_id, None)
-        if seq is None:
+        """Stop a request and free everything it holds; False if it is unknown or already done.
+        Under tensor parallelism: rank 0 only."""
+        self._check_driver("abort")
+        if request_id not in self.sequences:
             return False
+        self._record(("abort", request_id))
+        return True
+
+    def _abort(self, request_id: str) -> None:
+        seq = self.sequences.pop(request_id)
         seq.finish_reason = seq.finish_reason or "abort"
         self.scheduler.finish(seq)
-        return True
+
+    # ------------------------------------------------------------------ tensor-parallel commands
+
+    def _check_driver(self, what: str) -> None:
+        if self.tp.rank != 0:
+            raise RuntimeError(f"{what}() on rank {self.tp.rank}: under tensor parallelism rank 0 drives the "
+                               f"LLM and the other ranks run worker_loop()")
+        if self._stopped:
+            raise RuntimeError(f"{what}() after shutdown()")
+
+    def _record(self, command: Command) -> None:
+        """Apply a command here and, with other ranks, keep it for the next step's broadcast."""
+        self._apply(command)
+        if self.tp.world_size > 1:
+            self._pending.append(command)
+
+    def _apply(self, command: Command) -> None:
+        kind, *args = command
+        if kind == "add":
+            self._enqueue(*args)
+        elif kind == "abort":
+            self._abort(*args)
+        else:
+            raise ValueError(f"unknown engine command {kind!r}")
+
+    def worker_loop(self, on_outputs: Callable[[list[RequestOutput]], None] | None = None) -> None:
+        """Ranks > 0: follow rank 0 until it calls shutdown().
+
+        Each iteration receives the commands rank 0 recorded since its last step, applies them and
+        runs the same step (its collectives pair with rank 0's). on_outputs, if given, gets each
+        step's outputs (the same as rank 0's step() returns).
+        """
+        if self.tp.rank == 0:
+            raise RuntimeError("worker_loop() runs on ranks > 0; rank 0 drives the LLM (add_request / step)")
+        while True:
+            commands: list[Command] = broadcast_object(None, self.tp)
+            for command in commands:
+                if command[0] == "stop":
+                    self._stopped = True
+                    return
+                self._apply(command)
+            outputs = self._step()
+            if on_outputs is not None:
+                on_outputs(outputs)
+
+    def shutdown(self) -> None:
+        """Rank 0: end the other ranks' worker_loop() (no-op on one process, on workers, or twice)."""
+        if self.tp.world_size == 1 or self.tp.rank != 0 or self._stopped:
+            return
+        self._stopped = True
+        broadcast_object([*self._pending, ("stop",)], self.tp)
+        self._pending = []
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -196,7 +295,19 @@ class LLM:
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[RequestOutput]:
-        """One forward pass over every scheduled sequence; outputs of those that changed."""
+        """One forward pass over every scheduled sequence; outputs of those that changed.
+
+        Under tensor parallelism (rank 0 only) the other ranks first get the commands recorded
+        since the last step, then all run the same step.
+        """
+        if self.tp.world_size > 1:
+            self._check_driver("step")
+            broadcast_object(self._pending, self.tp)
+            self._pending = []
+        return self._step()
+
+    def _step(self) -> list[RequestOutput]:
+        """The step itself, the same on every rank."""
         batch = self.scheduler.schedule()
         if not batch.runs:
             return []

@@ -4,6 +4,9 @@
     python tools/generate.py --model_path CKPT --dataset_path images/ --max_batch_size 16
     torchrun --nproc-per-node 2 tools/generate.py ...          # tensor parallel
 
+Under torchrun every rank loads its shards and runs the same engine steps; rank 0 reads the
+requests, prints and writes --output_json, the other ranks follow it (LLM.worker_loop).
+
 Without --model_path a tiny random Qwen2.5-VL checkpoint is made once (under ~/.cache/qwen-vl-triton
 or $QVL_CACHE) and used with the bundled sample image: a smoke test of the whole path, whose
 text is random. --input_image takes images and videos (by extension) and may be repeated.
@@ -26,6 +29,7 @@ from engine.request import Media  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from modeling.processing import SAMPLE_IMAGE_PATH  # noqa: E402
 from modeling.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
+from parallel import TPGroup, barrier, destroy, init_from_env  # noqa: E402
 
 DEFAULT_TEXT = "Describe this image."
 
@@ -57,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
         help="weights and activations (auto: the config's torch_dtype)")
     add("--device", help="cuda, npu or cpu (default: the first accelerator found, else cpu)")
-    add("--kv_cache_gb", type=float, help="KV cache size in GiB (default: 85%% of free GPU memory, 4 on CPU)")
+    add("--kv_cache_gb", type=float,
+        help="KV cache size in GiB, per rank under torchrun (default: 85%% of free GPU memory, 4 on CPU)")
     add("--block_size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
     add("--disable_prefix_caching", action="store_true", help="never share KV blocks between requests")
     add("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
@@ -85,15 +90,37 @@ def build_prompts(args: argparse.Namespace, using_demo: bool) -> list[tuple[list
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the requests the flags describe; returns the --output_json report ({} on ranks > 0)."""
     args = parse_args(argv)
     if args.num_copies < 1:
         raise SystemExit("--num_copies must be >= 1")
+    tp = init_from_env(args.device)  # world size 1 unless launched by torchrun
+    try:
+        return _run(args, tp)
+    finally:
+        destroy(tp)
+
+
+def _run(args: argparse.Namespace, tp: TPGroup) -> dict:
     using_demo = args.model_path is None
+    if using_demo and tp.local_rank == 0:
+        demo_checkpoint()  # one process per machine makes it; the others wait, then read it
+    barrier(tp)
     model_path = demo_checkpoint() if using_demo else args.model_path
     llm = LLM(model_path, dtype=args.dtype, device=args.device, kv_cache_gb=args.kv_cache_gb,
               block_size=args.block_size, max_batch_size=args.max_batch_size,
               max_prefill_tokens=args.max_prefill_tokens, max_input_length=args.max_input_length,
-              enable_prefix_caching=not args.disable_prefix_caching)
+              enable_prefix_caching=not args.disable_prefix_caching, tp=tp)
+    if tp.rank != 0:
+        llm.worker_loop()  # follow rank 0's requests and steps until it shuts down
+        return {}
+    try:
+        return _generate(args, llm, using_demo)
+    finally:
+        llm.shutdown()
+
+
+def _generate(args: argparse.Namespace, llm: LLM, using_demo: bool) -> dict:
     requests = build_prompts(args, using_demo) * args.num_copies
     params = SamplingParams(max_tokens=args.max_output_length, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
