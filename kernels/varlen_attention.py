@@ -253,8 +253,8 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-# Query rows per reference step: scores of at most ~16M fp32 values (64 MB) are live at once.
-_REFERENCE_SCORES = 1 << 24
+# Up to this many queries the reference attends with explicit matmuls (decode), beyond with SDPA.
+_FEW_QUERIES = 8
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -262,27 +262,30 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     """fp32 softmax attention of one sequence: q [Lq, Hq, D], k/v [Lk, Hk, D] -> [Lq, Hq, D] fp32.
 
     causal_from: None = every query sees every key; else query i sits at position causal_from + i
-    and sees keys 0..causal_from + i. GQA by grouping the query heads of each kv head, so K/V are
-    never repeated. Explicit matmul + softmax over query chunks rather than SDPA: on the CPU (torch
-    2.13, 2 cores) SDPA took 21 ms for a 16-head decode over 300 keys where this takes 0.7 ms.
+    and sees keys 0..causal_from + i. Runs of queries go through SDPA (its flash path never builds
+    the [Lq, Lk] scores); a few queries (decode) through an explicit matmul + softmax with the query
+    heads of each kv head grouped: on the CPU (torch 2.13, 2 cores) SDPA took 21 ms for one
+    16-head decode query over 300 keys where this takes 0.7 ms.
     """
     lq, hq, d = q.shape
     lk, hk, _ = k.shape
+    if lq > _FEW_QUERIES:
+        mask = None
+        if causal_from is not None and (causal_from > 0 or lq != lk):
+            mask = torch.arange(lk, device=q.device) <= torch.arange(causal_from, causal_from + lq,
+                                                                     device=q.device)[:, None]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.float().transpose(0, 1), k.float().transpose(0, 1), v.float().transpose(0, 1), attn_mask=mask,
+            is_causal=causal_from is not None and mask is None, scale=scale, enable_gqa=hq != hk)
+        return out.transpose(0, 1)
     group = hq // hk
-    keys = k.float().permute(1, 2, 0)  # [Hk, D, Lk]
-    values = v.float().transpose(0, 1)  # [Hk, Lk, D]
-    out = torch.empty(lq, hq, d, dtype=torch.float32, device=q.device)
-    step = max(1, _REFERENCE_SCORES // (hq * max(lk, 1)))
-    for s in range(0, lq, step):
-        e = min(lq, s + step)
-        qg = q[s:e].float().reshape(e - s, hk, group, d).permute(1, 2, 0, 3)  # [Hk, G, n, D]
-        scores = (qg.reshape(hk, group * (e - s), d) @ keys).view(hk, group, e - s, lk) * scale
-        if causal_from is not None:
-            pos = torch.arange(causal_from + s, causal_from + e, device=q.device)
-            scores = scores.masked_fill(torch.arange(lk, device=q.device) > pos[:, None], float("-inf"))
-        o = scores.softmax(-1).view(hk, group * (e - s), lk) @ values  # [Hk, G*n, D]
-        out[s:e] = o.view(hk, group, e - s, d).permute(2, 0, 1, 3).reshape(e - s, hq, d)
-    return out
+    qg = q.float().reshape(lq, hk, group, d).permute(1, 2, 0, 3).reshape(hk, group * lq, d)  # [Hk, G*Lq, D]
+    scores = (qg @ k.float().permute(1, 2, 0)).view(hk, group, lq, lk) * scale
+    if causal_from is not None:
+        pos = torch.arange(causal_from, causal_from + lq, device=q.device)
+        scores = scores.masked_fill(torch.arange(lk, device=q.device) > pos[:, None], float("-inf"))
+    out = scores.softmax(-1).view(hk, group * lq, lk) @ v.float().transpose(0, 1)  # [Hk, G*Lq, D]
+    return out.view(hk, group, lq, d).permute(2, 0, 1, 3).reshape(lq, hq, d)
 
 
 def _varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
