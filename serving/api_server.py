@@ -254,14 +254,16 @@ class Server:
         assert self.preparer is not None
         ids = out.output_ids[start:end]
         tops = [t or [] for t in out.top_logprobs[start:end]]
-        strings = self.preparer.decode_tokens(ids + [tid for top in tops for tid, _ in top])
-        text_of = dict(zip(ids + [tid for top in tops for tid, _ in top], strings, strict=True))
+        all_ids = ids + [tid for top in tops for tid, _ in top]
+        text_of = dict(zip(all_ids, self.preparer.decode_tokens(all_ids), strict=True))
+
+        def entry(tid: int, logprob: float) -> dict[str, Any]:
+            text, raw = text_of[tid]
+            return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
         entries = []
         for tid, lp, top in zip(ids, out.output_logprobs[start:end], tops, strict=True):
-            token = text_of[tid]
-            entries.append({"token": token, "logprob": lp, "bytes": list(token.encode("utf-8")),
-                            "top_logprobs": [{"token": text_of[t], "logprob": v,
-                                              "bytes": list(text_of[t].encode("utf-8"))} for t, v in top]})
+            entries.append({**entry(tid, lp), "top_logprobs": [entry(t, v) for t, v in top]})
         return entries
 
     # ---------------------------------------------------------------------------- chat
@@ -306,7 +308,7 @@ class Server:
                 extra: dict[str, Any] = {}
                 if req.logprobs and len(out.output_ids) > sent_tokens:
                     extra["logprobs"] = chat_logprobs(self.logprob_entries(out, sent_tokens, len(out.output_ids)))
-                if req.return_token_ids:
+                if req.return_token_ids and len(out.output_ids) > sent_tokens:
                     extra["token_ids"] = out.output_ids[sent_tokens:]
                 sent_tokens = len(out.output_ids)
                 if delta or extra:
@@ -364,7 +366,7 @@ class Server:
                 if req.logprobs and len(out.output_ids) > sent_tokens:
                     extra["logprobs"] = completion_logprobs(
                         self.logprob_entries(out, sent_tokens, len(out.output_ids)), offset)
-                if req.return_token_ids:
+                if req.return_token_ids and len(out.output_ids) > sent_tokens:
                     extra["token_ids"] = out.output_ids[sent_tokens:]
                 sent_tokens = len(out.output_ids)
                 if delta or extra:

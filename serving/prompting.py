@@ -96,6 +96,24 @@ def resolve_source(ref: MediaRef, allowed_dir: Path | None) -> str | bytes:
     return str(real)
 
 
+def _byte_level_decoder() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): printable Latin-1 bytes stand for themselves, the other
+    bytes for code points 256 and up, in order. Maps a token piece's characters to its bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    decoder, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            decoder[chr(b)] = b
+        else:
+            decoder[chr(256 + extra)] = b
+            extra += 1
+    return decoder
+
+
+_BYTE_DECODER = _byte_level_decoder()
+
+
 def _is_image(source: str | bytes) -> bool:
     """Whether PIL recognises the file / bytes as an image."""
     try:
@@ -186,7 +204,20 @@ class Preparer:
             raise APIError("prompt is empty after tokenization", param="prompt", code="invalid_value")
         return self._expand(ids, [], "prompt"), []
 
-    def decode_tokens(self, ids: list[int]) -> list[str]:
-        """Each token's own text (logprobs' 'token' fields)."""
+    def decode_tokens(self, ids: list[int]) -> list[tuple[str, bytes]]:
+        """Each token's own text and its exact bytes (logprobs' 'token' and 'bytes' fields; the
+        text of a token holding part of a UTF-8 character is U+FFFD, its bytes are the real ones)."""
         with self.lock:
-            return [self.tokenizer.decode([t]) for t in ids]
+            texts = [self.tokenizer.decode([t]) for t in ids]
+            pieces = self.tokenizer.convert_ids_to_tokens(ids)
+            special = set(getattr(self.tokenizer, "added_tokens_decoder", {}))
+        out = []
+        for tid, text, piece in zip(ids, texts, pieces, strict=True):
+            if piece is None:
+                raw = b""
+            elif tid not in special and all(c in _BYTE_DECODER for c in piece):
+                raw = bytes(_BYTE_DECODER[c] for c in piece)  # byte-level BPE (Qwen2's tokenizer)
+            else:
+                raw = text.encode("utf-8")
+            out.append((text, raw))
+        return out

@@ -1,0 +1,263 @@
+"""Behaviour under load and faults: many concurrent streams, clients that leave mid-stream, bad
+requests, a full waiting queue, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from serving.api_server import create_app
+from serving.async_engine import ServingLLM
+from serving.config import ServeConfig
+from tests.serving.conftest import MAX_INPUT, MAX_SEQ, SMALL_IMAGE, metrics, start_server, stop_server, wait_idle
+
+LIMITS = httpx.Limits(max_connections=128, max_keepalive_connections=128)
+
+
+async def stream_chat(client: httpx.AsyncClient, url: str, body: dict, stop_after: int | None = None) -> dict:
+    """Stream one chat request; stop reading (closing the connection) after `stop_after` content
+    chunks. Returns content, chunk count, finish reason and usage."""
+    result = {"content": "", "chunks": 0, "finish": None, "usage": None}
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200, await resp.aread()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            result["usage"] = event.get("usage") or result["usage"]
+            for ch in event["choices"]:
+                if ch["delta"].get("content"):
+                    result["content"] += ch["delta"]["content"]
+                    result["chunks"] += 1
+                result["finish"] = ch["finish_reason"] or result["finish"]
+            if stop_after is not None and result["chunks"] >= stop_after:
+                break  # leaving the context manager closes the connection mid-stream
+    return result
+
+
+def test_64_concurrent_streams_batch_and_metrics_agree(server, media_dir):
+    before = metrics(server.url)
+    image = str(media_dir / "textvqa" / "train_images" / "sign_2.png")
+
+    def body(i: int) -> dict:
+        content = [{"type": "text", "text": f"Request {i}: describe."}]
+        if i % 2:
+            content.insert(0, {"type": "image_url", "image_url": {"url": image, **SMALL_IMAGE}})
+        return {"messages": [{"role": "user", "content": content}], "max_tokens": 6 + i % 5, "temperature": 0.7,
+                "seed": i, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+    async def run() -> list[dict]:
+        async with httpx.AsyncClient(limits=LIMITS, timeout=120) as c:
+            return await asyncio.gather(*(stream_chat(c, server.url, body(i)) for i in range(64)))
+
+    started = time.perf_counter()
+    results = asyncio.run(run())
+    wall = time.perf_counter() - started
+    for i, r in enumerate(results):
+        assert r["finish"] == "length" and r["usage"]["completion_tokens"] == 6 + i % 5, (i, r)
+    after = wait_idle(server.url)
+    want_tokens = sum(6 + i % 5 for i in range(64))
+    assert after["qvl_generation_tokens_total"] - before["qvl_generation_tokens_total"] == want_tokens
+    prompt_tokens = sum(r["usage"]["prompt_tokens"] for r in results)
+    assert after["qvl_prompt_tokens_total"] - before["qvl_prompt_tokens_total"] == prompt_tokens
+    key = 'qvl_requests_finished_total{finish_reason="length"}'
+    assert after[key] - before.get(key, 0) == 64
+    key = 'qvl_http_requests_total{endpoint="/v1/chat/completions",status="200"}'
+    assert after[key] - before.get(key, 0) == 64
+    assert after["qvl_time_to_first_token_seconds_count"] - before["qvl_time_to_first_token_seconds_count"] == 64
+    assert after["qvl_kv_cache_blocks_used"] == 0
+    # Batched, not serialised: 64 requests of ~8 tokens finish in far less than 64 one-by-one runs.
+    assert wall < 60
+
+
+def test_100_cancelled_streams_free_every_kv_block(server):
+    before = metrics(server.url)
+    body = {"messages": [{"role": "user", "content": "Write a very long essay."}], "max_tokens": 400,
+            "ignore_eos": True, "stream": True}
+
+    async def run() -> list[dict]:
+        async with httpx.AsyncClient(limits=LIMITS, timeout=120) as c:
+            return await asyncio.gather(*(stream_chat(c, server.url, body, stop_after=2) for _ in range(100)))
+
+    results = asyncio.run(run())
+    assert all(r["chunks"] == 2 and r["finish"] is None for r in results)
+    after = wait_idle(server.url)
+    assert after["qvl_kv_cache_blocks_used"] == 0, after
+    assert after["qvl_num_requests_running"] == 0 and after["qvl_num_requests_waiting"] == 0
+    key = 'qvl_requests_finished_total{finish_reason="abort"}'
+    assert after[key] - before.get(key, 0) == 100
+    # Nowhere near 100 x 400 tokens were generated: the requests stopped when their clients left.
+    assert after["qvl_generation_tokens_total"] - before["qvl_generation_tokens_total"] < 100 * 50
+    ok = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                               "max_tokens": 3}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def _chat(content, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
+
+
+def _image(url: str) -> list[dict]:
+    return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
+
+
+BAD_REQUESTS = [
+    # (name, path, raw body or json body, expected param (None: not checked), expected code)
+    ("malformed json", "/v1/chat/completions", b'{"messages": [', None, "invalid_json"),
+    ("body not an object", "/v1/chat/completions", b"[1, 2]", None, "invalid_json"),
+    ("empty body", "/v1/chat/completions", b"", None, "invalid_json"),
+    ("messages wrong type", "/v1/chat/completions", {"messages": "hello"}, "messages", "invalid_type"),
+    ("empty messages", "/v1/chat/completions", {"messages": []}, "messages", "empty_messages"),
+    ("unknown model", "/v1/chat/completions", _chat("hi", model="gpt-4"), "model", "model_not_found"),
+    ("max_tokens 0", "/v1/chat/completions", _chat("hi", max_tokens=0), "max_tokens", "invalid_value"),
+    ("max_tokens string", "/v1/chat/completions", _chat("hi", max_tokens="5"), "max_tokens", "invalid_type"),
+    ("temperature negative", "/v1/chat/completions", _chat("hi", temperature=-1), "temperature", "invalid_value"),
+    ("top_p bool", "/v1/chat/completions", _chat("hi", top_p=True), "top_p", "invalid_type"),
+    ("bad role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]},
+     "messages[0].role", "invalid_value"),
+    ("bad part type", "/v1/chat/completions", _chat([{"type": "audio", "audio": "x"}]),
+     "messages[0].content[0].type", "invalid_value"),
+    ("invalid base64", "/v1/chat/completions", _chat(_image("data:image/png;base64,not base64!!")),
+     "messages[0].content[0].image_url", "invalid_base64"),
+    ("base64 not an image", "/v1/chat/completions",
+     _chat(_image("data:image/png;base64," + base64.b64encode(b"plain text, no pixels").decode())),
+     "messages[0].content[0].image_url", "invalid_media"),
+    ("file not an image", "/v1/chat/completions", _chat(_image("notes.txt")),
+     "messages[0].content[0].image_url", "invalid_media"),
+    ("image as video", "/v1/chat/completions",
+     _chat([{"type": "video_url", "video_url": {"url": "textvqa/train_images/sign_0.png"}}]),
+     "messages[0].content[0].video_url", "invalid_media"),
+    ("path outside allowed dir", "/v1/chat/completions", _chat(_image("/etc/hostname")),
+     "messages[0].content[0].image_url", "path_not_allowed"),
+    ("dot-dot escape", "/v1/chat/completions", _chat(_image("../../../../etc/hostname")),
+     "messages[0].content[0].image_url", "path_not_allowed"),
+    ("missing file", "/v1/chat/completions", _chat(_image("nope.png")),
+     "messages[0].content[0].image_url", "file_not_found"),
+    ("http url", "/v1/chat/completions", _chat(_image("http://example.com/cat.png")),
+     "messages[0].content[0].image_url", "unsupported_url"),
+    ("unknown media option", "/v1/chat/completions",
+     _chat([{"type": "image_url", "image_url": {"url": "textvqa/train_images/sign_0.png"}, "max_pixels": "big"}]),
+     "messages[0].content[0].max_pixels", "invalid_type"),
+    ("prompt over max_input_token_len", "/v1/chat/completions", _chat("word " * (MAX_INPUT + 50)),
+     "messages", "context_length_exceeded"),
+    ("max_tokens over max_seq_len", "/v1/chat/completions", _chat("hi", max_tokens=MAX_SEQ),
+     "max_tokens", "context_length_exceeded"),
+    ("n > 1", "/v1/chat/completions", _chat("hi", n=2), "n", "unsupported_parameter"),
+    ("completions without prompt", "/v1/completions", {"max_tokens": 3}, "prompt", "invalid_type"),
+    ("generate empty prompt list", "/generate", {"prompt": []}, "prompt", "invalid_value"),
+    ("generate bad part", "/generate", {"prompt": [{"type": "image_url", "image_url": 5}]},
+     "prompt[0].image_url", "invalid_type"),
+    ("stream_options without stream", "/v1/chat/completions", _chat("hi", stream_options={"include_usage": True}),
+     "stream_options", "invalid_value"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,param,code", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_request_gets_openai_400_and_server_keeps_serving(server, name, path, body, param, code):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + path, content=content, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["code"] == code, error
+    if param is not None:
+        assert error["param"] == param, error
+    if code == "context_length_exceeded" and param == "messages":
+        assert f"max_input_token_len {MAX_INPUT}" in error["message"]
+    ok = httpx.post(server.url + "/v1/chat/completions", json=_chat("hello"), timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_unknown_route_is_openai_404(server):
+    r = httpx.get(server.url + "/v2/nothing", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_full_waiting_queue_gets_503(serving_ckpt, monkeypatch):
+    """In-process app: one running sequence, one waiting; the third request is refused."""
+    monkeypatch.setenv("QVL_KERNELS", "torch")  # references: fast (the Triton path is tested elsewhere)
+    llm = ServingLLM(serving_ckpt, kv_cache_gb=0.02, max_batch_size=1)
+    app = create_app(ServeConfig(model_path=str(serving_ckpt), max_waiting=1, max_batch_size=1), llm)
+    server = app.state.server
+    long_body = _chat("a long one", max_tokens=300, ignore_eos=True)
+
+    async def run() -> None:
+        await server.startup()
+        try:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+                running = asyncio.ensure_future(c.post("/v1/chat/completions", json=long_body))
+                for _ in range(500):  # bounded: until the first request runs
+                    if server.engine.num_running == 1:
+                        break
+                    await asyncio.sleep(0.01)
+                assert server.engine.num_running == 1
+                waiting = asyncio.ensure_future(c.post("/v1/chat/completions", json=long_body))
+                for _ in range(500):
+                    if server.engine.num_waiting == 1:
+                        break
+                    await asyncio.sleep(0.01)
+                assert server.engine.num_waiting == 1
+                refused = await c.post("/v1/chat/completions", json=_chat("hi"))
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["error"]["code"] == "server_busy"
+                metrics_text = (await c.get("/metrics")).text
+                assert 'qvl_http_requests_total{endpoint="/v1/chat/completions",status="503"} 1.0' in metrics_text
+                running.cancel()
+                waiting.cancel()
+                await asyncio.gather(running, waiting, return_exceptions=True)
+                for _ in range(500):  # the cancelled requests are aborted: the queue drains
+                    if server.engine.num_waiting == 0 and server.engine.num_running == 0:
+                        break
+                    await asyncio.sleep(0.01)
+                ok = await c.post("/v1/chat/completions", json=_chat("hi"))
+                assert ok.status_code == 200, ok.text
+                for _ in range(500):  # the engine publishes its block count after each step
+                    if server.engine.kv_blocks_used == 0:
+                        break
+                    await asyncio.sleep(0.01)
+                assert server.engine.kv_blocks_used == 0
+        finally:
+            await server.shutdown()
+
+    asyncio.run(run())
+
+
+def test_sigterm_finishes_in_flight_then_exits_0(serving_ckpt, media_dir, tmp_path):
+    live = start_server(serving_ckpt, media_dir, tmp_path / "server.log", "--graceful_timeout", "30")
+    result: dict = {}
+    first_chunk = threading.Event()
+
+    def stream() -> None:
+        body = _chat("go on", max_tokens=60, ignore_eos=True, stream=True)
+        content = ""
+        with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    for ch in json.loads(line[6:])["choices"]:
+                        content += ch["delta"].get("content") or ""
+                        result["finish"] = ch["finish_reason"] or result.get("finish")
+                    first_chunk.set()
+                elif line == "data: [DONE]":
+                    result["done"] = True
+        result["content"] = content
+
+    try:
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first_chunk.wait(60), live.log_tail()
+        code = stop_server(live, timeout=60)
+        reader.join(30)
+        assert result.get("done") and result.get("finish") == "length", (result, live.log_tail())
+        assert code == 0, live.log_tail()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(live.url + "/health", timeout=5)
+    finally:
+        stop_server(live)

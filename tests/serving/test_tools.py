@@ -1,0 +1,196 @@
+"""benchmark.py and eval.py against the live server; the VQA metric, choice extraction, dataset
+readers, MindIE config mapping and streamed-text deltas on hand-made cases."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from serving import benchmark
+from serving import eval as qvl_eval
+from serving.api_server import TextDelta
+from serving.config import ServeConfig, read_mindie_config, strip_json_comments
+from serving.datasets import load_textvqa, load_videobench
+from serving.eval import extract_choice, normalize_answer, vqa_score
+
+# ------------------------------------------------------------------------------------- the VQA metric
+
+TEN = ["yes", "yes", "yes", "no", "no", "no", "no", "no", "no", "no"]
+
+# (prediction, reference answers, hand-computed accuracy)
+VQA_TABLE = [
+    # 3 of 10 say yes: each leave-one-out subset without a "yes" has 3 matches (7 subsets: 1.0),
+    # each without one has 2 (3 subsets: 2/3): (7 * 1 + 3 * 2/3) / 10 = 0.9
+    ("yes", TEN, 0.9),
+    ("No.", TEN, 1.0),              # 7 matches everywhere; the period is stripped
+    ("maybe", TEN, 0.0),
+    # 2 of 10 say "2": subsets without one of them have 1 match (2 subsets: 1/3), the other 8 have
+    # 2 (2/3): (2/3 + 16/3) / 10 = 0.6; "two" normalises to "2"
+    ("two", ["2", "2", "x", "x", "x", "x", "x", "x", "x", "x"], 0.6),
+    ("The Dakota", ["dakota"] * 10, 1.0),      # articles and case
+    # the one "dakota digital": 9 subsets contain it (1 match: 1/3), 1 does not (0): 9 / 3 / 10 = 0.3
+    ("dakota digital", ["dakota"] * 9 + ["dakota digital"], 0.3),
+    ("isnt", ["isn't"] * 10, 1.0),             # contractions restored
+    ("1,000", ["1000"] * 10, 1.0),             # comma between digits removed
+    ("red!", ["red"], 1.0),                    # one reference: exact match after normalisation
+    ("Red", ["dark red"], 0.0),
+]
+
+
+@pytest.mark.parametrize("pred,answers,expected", VQA_TABLE)
+def test_vqa_score_hand_computed(pred, answers, expected):
+    assert vqa_score(pred, answers) == pytest.approx(expected)
+
+
+def test_vqa_mean_over_a_table():
+    mean = sum(vqa_score(p, a) for p, a, _ in VQA_TABLE) / len(VQA_TABLE)
+    assert mean == pytest.approx((0.9 + 1 + 0 + 0.6 + 1 + 0.3 + 1 + 1 + 1 + 0) / 10)
+
+
+def test_answer_normalisation():
+    assert normalize_answer("  The Two dogs, isnt it?\n") == "2 dogs isn't it"
+    assert normalize_answer("a-ok") == "ok"           # '-' becomes a space, then the article goes
+    assert normalize_answer("3.5 apples.") == "3.5 apples"
+    assert normalize_answer("one") == "1" and normalize_answer("none") == "0"
+
+
+@pytest.mark.parametrize("output,expected", [
+    ("B", "B"), ("(C) Up", "C"), ("B. No", "B"), ("Answer: D", "D"), ("The answer is A.", "A"),
+    ("I pick (B) Right.", "B"), ("Right", "B"), ("down, clearly", "D"), ("A man walks", None),
+    ("a dog", None), ("no idea", None), ("", None),
+])
+def test_extract_choice(output, expected):
+    assert extract_choice(output, {"A": "Left", "B": "Right", "C": "Up", "D": "Down"}) == expected
+
+
+def test_extract_choice_prefers_the_longer_choice_text():
+    assert extract_choice("Yes, clearly it is", {"A": "Yes", "B": "No", "C": "Yes, clearly"}) == "C"
+
+
+# ------------------------------------------------------------------------------------- datasets
+
+
+def test_dataset_readers(media_dir):
+    tv = load_textvqa(media_dir / "textvqa")
+    assert [s.id for s in tv] == ["1001", "1002", "1003", "1004", "1005", "1006"]
+    assert len(tv[0].answers) == 10 and tv[4].answers == ["yes"]  # annotations file, else the line's answer
+    assert tv[0].media[0][0] == "image" and tv[0].text.endswith("Answer the question using a single word or phrase.")
+    vb = load_videobench(media_dir / "videobench" / "Eval_QA")
+    assert {s.subset for s in vb} == {"Synthetic", "Driving-decision-making"}
+    by_id = {s.id: s for s in vb}
+    assert by_id["Synthetic/square_0"].answer == "B"
+    assert by_id["Driving-decision-making/1"].answer == "C"  # given as the choice's text
+    assert "(A) Left\n(B) Right" in by_id["Synthetic/square_0"].text
+    assert all(s.media[0][0] == "video" and s.media[0][1].endswith(".mp4") for s in vb)
+
+
+# ------------------------------------------------------------------------------------- MindIE config
+
+MINDIE_7B = """
+{
+    "ServerConfig": {
+        "port" : 1025,
+        "managementPort" : 1026,
+        "httpsEnabled": false,
+    },
+    "BackendConfig": {
+        "npuDeviceIds": [
+            [0,1]
+        ],
+        "ModelDeployConfig": {
+            "maxSeqLen": 32768,
+            "maxInputTokenLen": 32768,
+            "ModelConfig": [
+                {
+                    "modelInstanceType": "Standard",
+                    "modelName": "qwen2_vl",
+                    "modelWeightPath": "/data/Qwen2-VL-7B-Instruct",
+                    "worldSize": 1,
+                    "npuMemSize": 10, #KV Cache的显存大小，单位是GB，请勿设置为-1，需要给vit预留空间。
+                }
+            ]
+        },
+        "ScheduleConfig": {
+            "maxPrefillTokens": 32768,
+            "maxIterTimes": 2048, # 模型最大输出长度
+        }
+    }
+}
+"""
+
+
+def test_mindie_config_mapping(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(MINDIE_7B)
+    values, ignored = read_mindie_config(path)
+    assert values == {"port": 1025, "max_seq_len": 32768, "max_input_length": 32768,
+                      "served_model_name": ["qwen2_vl"], "model_path": "/data/Qwen2-VL-7B-Instruct",
+                      "kv_cache_gb": 10.0, "max_prefill_tokens": 32768, "max_iter_times": 2048}
+    assert "ServerConfig.managementPort" in ignored and "BackendConfig.npuDeviceIds" in ignored
+    path.write_text(MINDIE_7B.replace('"worldSize": 1', '"worldSize": 2'))
+    with pytest.raises(ValueError, match="worldSize 2"):
+        read_mindie_config(path)
+    assert json.loads(strip_json_comments('{"a": "# not a comment", "b": [1, 2,], } // end')) == \
+        {"a": "# not a comment", "b": [1, 2]}
+    assert ServeConfig(model_path="/x/Qwen2-VL-7B").model_names() == ["Qwen2-VL-7B", "qwen2_vl"]
+
+
+# ------------------------------------------------------------------------------------- stream deltas
+
+
+def test_text_delta_holds_back_partial_characters_and_stop_prefixes():
+    d = TextDelta([])
+    assert d.update("ab\ufffd", False) == "ab"       # an unfinished UTF-8 character waits
+    assert d.update("ab\u4e2d", False) == "\u4e2d"
+    assert d.update("ab\u4e2d\ufffd", True) == "\ufffd"  # at the end it is what it is
+    s = TextDelta(["STOP"])
+    assert s.update("hello ST", False) == "hello"     # 3 characters held back
+    assert s.update("hello STO", False) == " "
+    assert s.update("hello ", True) == ""             # the engine cut the stop string away
+    assert s.sent == "hello "
+
+
+# ------------------------------------------------------------------------------------- the tools
+
+
+def test_benchmark_against_the_server(server, media_dir, tmp_path):
+    out = tmp_path / "bench"
+    summary = benchmark.main(["--url", server.url, "--dataset_type", "textvqa", "--dataset_path",
+                              str(media_dir / "textvqa" / "textvqa_val.jsonl"), "--num_prompts", "12",
+                              "--concurrency", "4", "--request_rate", "50", "--max_output_len", "5",
+                              "--ignore_eos", "--warmup", "1", "--save_path", str(out)])
+    assert summary["completed"] == 12 and summary["failed"] == 0
+    assert summary["output_tokens"] == 60 and summary["output_throughput_tps"] > 0
+    assert set(summary["ttft_ms"]) == {"p50", "p90", "p99", "mean"}
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and all(r["success"] and r["output_tokens"] == 5 for r in records)
+    assert json.loads((out / "summary.json").read_text())["completed"] == 12
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_server_and_engine_agree(server, serving_ckpt, media_dir, tmp_path, monkeypatch):
+    """VideoBench through the server and in-process give the same outputs (greedy), scored alike."""
+    common = ["--task", "videobench", "--dataset_path", str(media_dir / "videobench" / "Eval_QA"), "--nframes", "4",
+              "--max_pixels", str(16 * 28 * 28), "--max_output_len", "6"]
+    via_server = qvl_eval.main([*common, "--url", server.url, "--save_path", str(tmp_path / "srv")])
+    monkeypatch.setenv("QVL_KERNELS", "torch")  # the server's backend (the Triton path is tested elsewhere)
+    in_process = qvl_eval.main([*common, "--model_path", str(serving_ckpt), "--kv_cache_gb", "0.02",
+                                "--save_path", str(tmp_path / "eng")])
+    assert via_server["samples"] == in_process["samples"] == 5
+    srv = [json.loads(x) for x in (tmp_path / "srv" / "predictions.jsonl").read_text().splitlines()]
+    eng = [json.loads(x) for x in (tmp_path / "eng" / "predictions.jsonl").read_text().splitlines()]
+    assert [x["output"] for x in srv] == [x["output"] for x in eng]
+    rows = list(csv.DictReader((tmp_path / "srv" / "results.csv").open()))
+    assert [r["subset"] for r in rows] == ["Driving-decision-making", "Synthetic", "all"]
+    assert float(rows[-1]["accuracy"]) == pytest.approx(sum(x["score"] for x in srv) / 5)
+
+
+def test_eval_textvqa_scores_each_item(server, media_dir, tmp_path):
+    summary = qvl_eval.main(["--task", "textvqa", "--dataset_path", str(media_dir / "textvqa"), "--url", server.url,
+                             "--save_path", str(tmp_path), "--max_output_len", "4", "--num_samples", "4"])
+    items = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(items) == 4 and summary["samples"] == 4
+    for item in items:
+        assert item["score"] == pytest.approx(vqa_score(item["prediction"], item["answers"]))
