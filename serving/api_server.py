@@ -8,7 +8,10 @@
 `create_app(cfg)` builds the FastAPI app; the model loads in its lifespan (so /health answers
 only once it is loaded) unless an LLM is passed in. `run_server(cfg)` runs it with uvicorn;
 SIGTERM stops accepting requests (new ones get 503), lets in-flight ones finish for up to
-`graceful_timeout` seconds, aborts the rest and exits 0.
+`graceful_timeout` seconds, aborts the rest and exits 0. `serve(cfg)` adds tensor parallelism:
+under `torchrun --nproc-per-node N`, every rank loads its shard, rank 0 serves HTTP and drives the
+engine (its engine thread broadcasts each step's commands), the other ranks follow in
+`LLM.worker_loop()` until rank 0 shuts the engine down.
 
 Client disconnects abort the request in the engine: a streaming response aborts when the ASGI
 server reports the disconnect (or a send fails), a non-streaming one watches the connection
@@ -34,6 +37,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.llm import RequestOutput
+from parallel import SINGLE_PROCESS, TPGroup
 from serving.async_engine import (
     AsyncEngine,
     EngineError,
@@ -67,12 +71,12 @@ CLIENT_CLOSED = 499  # nginx's "client closed request": the response is never de
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/generate", "/v1/models", "/health", "/metrics")
 
 
-def load_llm(cfg: ServeConfig) -> ServingLLM:
-    """The engine as the config describes it."""
+def load_llm(cfg: ServeConfig, tp: TPGroup = SINGLE_PROCESS) -> ServingLLM:
+    """The engine as the config describes it (this rank's shard under tensor parallelism)."""
     return ServingLLM(cfg.model_path, dtype=cfg.dtype, device=cfg.device, kv_cache_gb=cfg.kv_cache_gb,
                       block_size=cfg.block_size, max_batch_size=cfg.max_batch_size,
                       max_prefill_tokens=cfg.max_prefill_tokens, max_input_length=cfg.max_input_length,
-                      max_seq_len=cfg.max_seq_len, enable_prefix_caching=cfg.enable_prefix_caching)
+                      max_seq_len=cfg.max_seq_len, enable_prefix_caching=cfg.enable_prefix_caching, tp=tp)
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -516,3 +520,26 @@ def run_server(cfg: ServeConfig, llm: ServingLLM | None = None, access_log: bool
     started = time.perf_counter()
     _Server(config).run()
     log.info("server stopped after %.1f s", time.perf_counter() - started)
+
+
+def serve(cfg: ServeConfig, access_log: bool = False) -> None:
+    """Serve on one process, or tensor-parallel under torchrun (rank 0 serves, the others follow)."""
+    from parallel import destroy, init_from_env
+
+    tp = init_from_env(cfg.device)  # world size 1 unless launched by torchrun
+    try:
+        if cfg.world_size is not None and cfg.world_size != tp.world_size:
+            raise SystemExit(f"error: the config asks for worldSize {cfg.world_size} but this is a world of "
+                             f"{tp.world_size} process(es); launch with torchrun --nproc-per-node {cfg.world_size}")
+        if tp.world_size > 1:
+            log.info("rank %d of %d: loading %s", tp.rank, tp.world_size, cfg.model_path)
+        llm = load_llm(cfg, tp)
+        if tp.rank != 0:
+            llm.worker_loop()  # follow rank 0's requests and steps until its engine stops
+            return
+        try:
+            run_server(cfg, llm, access_log)
+        finally:
+            llm.shutdown()  # ends the other ranks' loops (a no-op if the engine thread already did)
+    finally:
+        destroy(tp)

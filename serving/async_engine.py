@@ -16,6 +16,10 @@ the event-loop side every request has a `RequestStream` (an asyncio.Queue of cum
     finally:
         stream.close()                               # aborts the request if it is unfinished
 
+Under tensor parallelism this thread is rank 0's driver: each `step()` first broadcasts the
+adds / aborts recorded since the last one, and `stop` calls `LLM.shutdown()` to release the
+other ranks.
+
 Prompts are tokenized and media decoded before they reach the engine thread (serving/prompting.py):
 `ServingLLM` is an LLM whose `prepare` passes such a `PreparedPrompt` through unchanged, so the
 engine thread only builds rope positions and queues the sequence.
@@ -318,4 +322,8 @@ class AsyncEngine:
                 time.sleep(0.01)
         self._abort_all(EngineStopped("the server shut down before the request finished"), "abort")
         self._publish_snapshot()
+        try:
+            self.llm.shutdown()  # tensor parallel: ends the other ranks' worker loops (else a no-op)
+        except Exception:  # noqa: BLE001 - shutting down regardless
+            log.exception("engine shutdown failed")
         self._stopped.set()

@@ -10,7 +10,7 @@ config.json), then the default here. MindIE keys that are read:
     BackendConfig.ModelDeployConfig.ModelConfig[0].modelName       -> served_model_name
     BackendConfig.ModelDeployConfig.ModelConfig[0].modelWeightPath -> model_path
     BackendConfig.ModelDeployConfig.ModelConfig[0].npuMemSize      -> kv_cache_gb (-1: automatic)
-    BackendConfig.ModelDeployConfig.ModelConfig[0].worldSize       -> must be 1 (see below)
+    BackendConfig.ModelDeployConfig.ModelConfig[0].worldSize       -> world_size (checked against torchrun's)
     BackendConfig.ScheduleConfig.maxPrefillTokens          -> max_prefill_tokens
     BackendConfig.ScheduleConfig.maxBatchSize              -> max_batch_size
     BackendConfig.ScheduleConfig.maxIterTimes              -> max_iter_times (output length cap)
@@ -19,8 +19,9 @@ config.json), then the default here. MindIE keys that are read:
 
 Other keys (managementPort, npuDeviceIds, maxLinkNum, ...) are accepted and listed as ignored.
 MindIE's README writes its examples with `#` comments and trailing commas; both are accepted.
-The server drives one engine in one process: worldSize > 1 (tensor parallel) is refused with a
-clear message rather than silently served on one device.
+Tensor parallelism comes from the launcher, as for tools/generate.py: `torchrun --nproc-per-node N
+tools/serve.py ...` (rank 0 serves HTTP and drives the engine, the other ranks follow it); a
+worldSize in the config must match N.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class ServeConfig:
     graceful_timeout: float = 30.0
     preprocess_workers: int = 2
     log_level: str = "info"
+    world_size: int | None = None  # MindIE's worldSize: must equal the torchrun world size when given
 
     def model_names(self) -> list[str]:
         """Names the server answers to: --served_model_name, else the checkpoint folder's name
@@ -177,9 +179,7 @@ def read_mindie_config(path: str | Path) -> tuple[dict[str, Any], list[str]]:
         elif key == "npuMemSize":
             values["kv_cache_gb"] = None if float(value) < 0 else float(value)
         elif key == "worldSize":
-            if int(value) != 1:
-                raise ValueError(f"{path}: worldSize {value}: the HTTP server runs one engine on one device; "
-                                 "tensor-parallel serving is not supported yet (set worldSize to 1)")
+            values["world_size"] = int(value)
         else:
             ignored.append(f"ModelConfig.{key}")
 

@@ -2,6 +2,7 @@
 
     python tools/serve.py --model_path CKPT --host 127.0.0.1 --port 1025 --allowed_media_dir /data
     python tools/serve.py --config mindie_config.json          # MindIE-Service's config.json
+    torchrun --nproc-per-node 2 tools/serve.py --model_path CKPT ...   # tensor parallel
 
 Endpoints: POST /v1/chat/completions, /v1/completions, /generate; GET /v1/models, /health
 (200 once the model is loaded), /metrics (Prometheus). SIGTERM stops accepting requests, lets
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -37,11 +39,17 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if ignored:
         logging.getLogger("serve").info("config keys not used by this server: %s", ", ".join(ignored))
-    # uvicorn re-raises SIGTERM after its graceful shutdown; end with status 0 then (and during loading).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    from serving.api_server import run_server
+    if int(os.environ.get("RANK", "0")) > 0:
+        # Tensor-parallel followers leave when rank 0 shuts the engine down (after its graceful
+        # drain); a signal here would pull a rank out from under requests still running.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
+        # uvicorn re-raises SIGTERM after its graceful shutdown; end with status 0 then (and during loading).
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    from serving.api_server import serve
 
-    run_server(cfg, access_log=args.access_log)
+    serve(cfg, access_log=args.access_log)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ MINDIE_7B = """
                     "modelInstanceType": "Standard",
                     "modelName": "qwen2_vl",
                     "modelWeightPath": "/data/Qwen2-VL-7B-Instruct",
-                    "worldSize": 1,
+                    "worldSize": 2,
                     "npuMemSize": 10, #KV Cache的显存大小，单位是GB，请勿设置为-1，需要给vit预留空间。
                 }
             ]
@@ -127,10 +127,10 @@ def test_mindie_config_mapping(tmp_path):
     values, ignored = read_mindie_config(path)
     assert values == {"port": 1025, "max_seq_len": 32768, "max_input_length": 32768,
                       "served_model_name": ["qwen2_vl"], "model_path": "/data/Qwen2-VL-7B-Instruct",
-                      "kv_cache_gb": 10.0, "max_prefill_tokens": 32768, "max_iter_times": 2048}
+                      "kv_cache_gb": 10.0, "max_prefill_tokens": 32768, "max_iter_times": 2048, "world_size": 2}
     assert "ServerConfig.managementPort" in ignored and "BackendConfig.npuDeviceIds" in ignored
-    path.write_text(MINDIE_7B.replace('"worldSize": 1', '"worldSize": 2'))
-    with pytest.raises(ValueError, match="worldSize 2"):
+    path.write_text(MINDIE_7B.replace('"httpsEnabled": false', '"httpsEnabled": true'))
+    with pytest.raises(ValueError, match="httpsEnabled"):
         read_mindie_config(path)
     assert json.loads(strip_json_comments('{"a": "# not a comment", "b": [1, 2,], } // end')) == \
         {"a": "# not a comment", "b": [1, 2]}
