@@ -40,7 +40,7 @@ from modeling.model import load_model
 from modeling.processing import ImageProcessorConfig
 from modeling.prompt import build_prompt, num_media_tokens
 from parallel.comm import all_gather_object, broadcast_object
-from parallel.group import SINGLE_PROCESS, TPGroup
+from parallel.group import SINGLE_PROCESS, TPGroup, detect_device_type
 from parallel.sharding import local_kv_heads
 
 # A recorded engine command: ("add", request_id, ids, positions, rope_delta, media, keys, params),
@@ -76,16 +76,7 @@ class RequestOutput:
 
 def default_device() -> torch.device:
     """CUDA if present, then an Ascend NPU (torch_npu), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    try:
-        import torch_npu  # noqa: F401
-
-        if torch.npu.is_available():  # type: ignore[attr-defined]
-            return torch.device("npu")
-    except ImportError:
-        pass
-    return torch.device("cpu")
+    return torch.device(detect_device_type())
 
 
 class LLM:

@@ -135,6 +135,6 @@ def compute_logits(w: LanguageWeights, hidden: torch.Tensor, rows: torch.Tensor 
     if rows is not None:
         hidden = hidden[rows]
     logits = F.linear(hidden, w.lm_head)  # [n, V / world]
-    if tp.world_size > 1:
+    if tp.world_size > 1 and logits.shape[0] > 0:  # n is the same on every rank
         logits = all_gather(logits, tp, dim=-1)[:, :vocab_size]  # [n, V]
     return logits.float()

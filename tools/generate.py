@@ -29,7 +29,7 @@ from engine.request import Media  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from modeling.processing import SAMPLE_IMAGE_PATH  # noqa: E402
 from modeling.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
-from parallel import TPGroup, barrier, destroy, init_from_env  # noqa: E402
+from parallel import TPGroup, TPSizeError, barrier, destroy, init_from_env  # noqa: E402
 
 DEFAULT_TEXT = "Describe this image."
 
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     tp = init_from_env(args.device)  # world size 1 unless launched by torchrun
     try:
         return _run(args, tp)
+    except TPSizeError as e:  # the same on every rank: rank 0 says it
+        raise SystemExit(f"error: {e}" if tp.rank == 0 else 1) from None
     finally:
         destroy(tp)
 

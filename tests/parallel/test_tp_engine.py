@@ -29,9 +29,26 @@ def tp_checkpoint(path: Path, arch: str) -> Path:
     return make_tiny_checkpoint(path, arch, seed=5, **TP_SIZES)
 
 
-def run_world(checkpoint: Path, world: int, out: Path) -> list[dict]:
-    run_ranks(SCRIPT, [str(checkpoint), str(out)], world, out, TIMEOUT_S, env={"QVL_KERNELS": "torch"})
+def run_world(checkpoint: Path, world: int, out: Path, tight: bool = False) -> list[dict]:
+    args = [str(checkpoint), str(out)] + (["tight"] if tight else [])
+    run_ranks(SCRIPT, args, world, out, TIMEOUT_S, env={"QVL_KERNELS": "torch"})
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def assert_same_tokens(reports: list[dict], ref: dict, world: int) -> None:
+    """Every rank saw the same outputs; rank 0's greedy and seeded tokens are the 1-process ones."""
+    for rank, report in enumerate(reports):
+        # Every rank ran the same schedule and drew the same tokens (logits are all-gathered).
+        assert report["outputs"] == reports[0]["outputs"], (world, rank)
+        assert report["all_blocks_free"], (world, rank)
+        assert report["preemptions"] == reports[0]["preemptions"], (world, rank)
+    outs = reports[0]["outputs"]
+    assert set(outs) == set(ref)
+    for request_id in (*GREEDY, "seeded"):
+        assert outs[request_id]["ids"] == ref[request_id]["ids"], (world, request_id)
+        diffs = [abs(a - b) for a, b in zip(outs[request_id]["logprobs"], ref[request_id]["logprobs"], strict=True)]
+        assert max(diffs) < 1e-4, (world, request_id, diffs)
+    assert all(o["finish_reason"] == "length" for o in outs.values())
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
@@ -43,17 +60,16 @@ def test_tp_2_and_4_ranks_match_one_process(arch: str, tmp_path: Path) -> None:
     assert single["kv_cache_shape"][2] == 2 and single["embed_rows"] == 578
     for world in (2, 4):
         reports = run_world(checkpoint, world, tmp_path / f"w{world}")
-        for rank, report in enumerate(reports):
-            # Every rank ran the same schedule and drew the same tokens (logits are all-gathered).
-            assert report["outputs"] == reports[0]["outputs"], (world, rank)
-            assert report["all_blocks_free"], (world, rank)
-            assert report["kv_cache_shape"][2] == 2 // world or report["kv_cache_shape"][2] == 1
-            assert report["embed_rows"] == -(-578 // world)
-        outs = reports[0]["outputs"]
-        assert set(outs) == set(ref)
-        for request_id in (*GREEDY, "seeded"):
-            assert outs[request_id]["ids"] == ref[request_id]["ids"], (world, request_id)
-            diffs = [abs(a - b) for a, b in zip(outs[request_id]["logprobs"], ref[request_id]["logprobs"],
-                                                strict=True)]
-            assert max(diffs) < 1e-4, (world, request_id, diffs)
-        assert all(o["finish_reason"] == "length" for o in outs.values())
+        assert_same_tokens(reports, ref, world)
+        for report in reports:
+            assert report["kv_cache_shape"][2] == 1  # each rank caches only its kv head
+            assert report["embed_rows"] == -(-578 // world)  # 289 or 145 (the last rank padded)
+
+
+def test_tp_under_preemption_and_chunked_prefill(tmp_path: Path) -> None:
+    """8 KV blocks and 23 prefill tokens per step: sequences are preempted and recomputed and
+    prompts prefilled in chunks (steps where nothing samples), in lockstep on both ranks."""
+    checkpoint = tp_checkpoint(tmp_path / "ckpt", "qwen2_5_vl")
+    (single,) = run_world(checkpoint, 1, tmp_path / "w1", tight=True)
+    assert single["preemptions"] > 0
+    assert_same_tokens(run_world(checkpoint, 2, tmp_path / "w2", tight=True), single["outputs"], 2)

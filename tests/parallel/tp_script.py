@@ -1,10 +1,12 @@
 """One rank of a tensor-parallel engine run, launched by tests/parallel/test_tp_engine.py.
 
-    RANK=r WORLD_SIZE=n LOCAL_RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tp_script.py CKPT OUT_DIR
+    RANK=r WORLD_SIZE=n LOCAL_RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tp_script.py CKPT OUT_DIR [tight]
 
 Rank 0 drives the LLM by hand (add_request / step / abort, a request added between steps, one
 aborted mid-run), the others follow in worker_loop; every rank writes what it saw to
-OUT_DIR/rank{r}.json (finished outputs, free KV blocks, cache and embedding shapes).
+OUT_DIR/rank{r}.json (finished outputs, free KV blocks, preemptions, cache and embedding shapes).
+`tight`: a KV cache of 8 blocks and a prefill budget of 23 tokens per step, which force
+preemption (and recompute) and chunked prefill (steps in which no sequence samples).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from modeling.processing import SAMPLE_IMAGE_PATH  # noqa: E402
 from parallel import destroy, init_from_env  # noqa: E402
 
 IMAGE = {"min_pixels": 16 * 28 * 28, "max_pixels": 36 * 28 * 28}  # 4x4 .. 6x6 merged tokens: 1-4 windows
-NUM_BLOCKS = 64
 
 
 def greedy(n: int) -> SamplingParams:
@@ -39,9 +40,11 @@ REQUESTS = [
 LATE = ("late", Prompt("Describe it.", [Media(SAMPLE_IMAGE_PATH, options=IMAGE)]), greedy(4))  # after step 1
 
 
-def main(checkpoint: str, out_dir: str) -> None:
+def main(checkpoint: str, out_dir: str, tight: bool) -> None:
     tp = init_from_env("cpu")
-    llm = LLM(checkpoint, device="cpu", num_kv_blocks=NUM_BLOCKS, block_size=16, tp=tp)
+    num_blocks = 8 if tight else 64
+    llm = LLM(checkpoint, device="cpu", num_kv_blocks=num_blocks, block_size=16, tp=tp,
+              max_prefill_tokens=23 if tight else 8192)
     finished: dict[str, RequestOutput] = {}
 
     def collect(outputs: list[RequestOutput]) -> None:
@@ -65,7 +68,8 @@ def main(checkpoint: str, out_dir: str) -> None:
         "rank": tp.rank, "world_size": tp.world_size,
         "outputs": {k: {"ids": o.output_ids, "logprobs": o.output_logprobs, "finish_reason": o.finish_reason}
                     for k, o in sorted(finished.items())},
-        "all_blocks_free": llm.blocks.num_free_blocks == llm.blocks.num_blocks == NUM_BLOCKS,
+        "all_blocks_free": llm.blocks.num_free_blocks == llm.blocks.num_blocks == num_blocks,
+        "preemptions": llm.scheduler.num_preemptions,
         "kv_cache_shape": list(llm.kv_caches[0][0].shape),
         "embed_rows": llm.model.weights.language.embed_tokens.shape[0],
     }
@@ -74,4 +78,4 @@ def main(checkpoint: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], tight=sys.argv[3:] == ["tight"])
