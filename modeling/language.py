@@ -92,9 +92,9 @@ def attention(x: torch.Tensor, w: DecoderLayerWeights, cfg: TextConfig, position
 def mlp(x: torch.Tensor, w: DecoderLayerWeights, tp: TPGroup = SINGLE_PROCESS) -> torch.Tensor:
     """[T, H] -> [T, H]: down(silu(gate(x)) * up(x)) with gate/up as one matmul.
 
-    gate/up are column-parallel ([T, 2 I / world] here), down row-parallel: one all-reduce.
+    gate/up are column-parallel (this rank's share of I), down row-parallel: one all-reduce.
     """
-    h = kernels.silu_and_mul(F.linear(x, w.gate_up_weight))  # [T, I / world]
+    h = kernels.silu_and_mul(F.linear(x, w.gate_up_weight))  # [T, I_rank]
     return all_reduce(F.linear(h, w.down_weight), tp)  # [T, H]
 
 

@@ -13,8 +13,8 @@ fullatt_block_indexes: tokens are reordered window by window before the blocks a
 order after the merger.
 
 Tensor parallelism (tp.world_size > 1; weights sharded by modeling.weights): each rank runs
-num_heads / world heads (qkv column-parallel) and 1 / world of each MLP (fc1 / gate_up column-,
-fc2 / down row-parallel) and of the merger MLP; proj, fc2 and the merger's fc2 end in the
+num_heads / world heads (qkv column-parallel) and a balanced share of each MLP's features (fc1 /
+gate_up column-, fc2 / down row-parallel) and of the merger MLP's; proj, fc2 and the merger's fc2 end in the
 all-reduce written out below (their biases live on rank 0 only, so they are added once). Tokens,
 norms and the patch embedding are replicated.
 """
@@ -135,7 +135,7 @@ def patch_merger(x: torch.Tensor, w: VisionWeights, cfg: VisionConfig, tp: TPGro
     """[N, E] -> [N / merge_unit, out]: norm, concatenate each 2x2 group, MLP with exact GELU
     (fc1 column-, fc2 row-parallel)."""
     x = _norm(x, w.merger_norm_weight, w.merger_norm_bias).reshape(-1, cfg.merge_unit * cfg.hidden_size)
-    x = F.gelu(F.linear(x, w.merger_fc1_weight, w.merger_fc1_bias))  # [N / merge_unit, 4E / world]
+    x = F.gelu(F.linear(x, w.merger_fc1_weight, w.merger_fc1_bias))  # [N / merge_unit, this rank's share of 4E]
     return all_reduce(F.linear(x, w.merger_fc2_weight, w.merger_fc2_bias), tp)
 
 

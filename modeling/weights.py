@@ -117,7 +117,7 @@ class DecoderLayerWeights:
     """One Qwen2 decoder layer. H hidden, I intermediate, D head dim.
 
     Shapes are one process's; under tensor parallelism Hq, Hk and I are this rank's share
-    (Hq / world, local_kv_heads, I / world) and qkv / gate_up fuse this rank's slices.
+    (Hq / world, local_kv_heads, a balanced share of I) and qkv / gate_up fuse this rank's slices.
     """
 
     input_norm: torch.Tensor  # [H]
@@ -203,12 +203,13 @@ _TP_KINDS: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), kind)
     (r"^(model\.embed_tokens|lm_head)\.weight$", "vocab"),
     (r"^model\.layers\.\d+\.self_attn\.q_proj\.(weight|bias)$", "q_heads"),
     (r"^model\.layers\.\d+\.self_attn\.[kv]_proj\.(weight|bias)$", "kv_heads"),
-    (r"^model\.layers\.\d+\.self_attn\.o_proj\.weight$", "row"),
+    (r"^model\.layers\.\d+\.self_attn\.o_proj\.weight$", "o_heads"),
     (r"^model\.layers\.\d+\.mlp\.(gate|up)_proj\.weight$", "column"),
     (r"^model\.layers\.\d+\.mlp\.down_proj\.weight$", "row"),
     (r"^visual\.blocks\.\d+\.attn\.qkv\.(weight|bias)$", "vision_qkv"),
     (r"^visual\.blocks\.\d+\.mlp\.(fc1|gate_proj|up_proj)\.(weight|bias)$", "column"),
-    (r"^visual\.blocks\.\d+\.(attn\.proj|mlp\.fc2|mlp\.down_proj)\.weight$", "row"),
+    (r"^visual\.blocks\.\d+\.attn\.proj\.weight$", "vision_o_heads"),
+    (r"^visual\.blocks\.\d+\.mlp\.(fc2|down_proj)\.weight$", "row"),
     (r"^visual\.blocks\.\d+\.(attn\.proj|mlp\.fc2|mlp\.down_proj)\.bias$", "first_rank"),
     (r"^visual\.merger\.mlp\.0\.(weight|bias)$", "column"),
     (r"^visual\.merger\.mlp\.2\.weight$", "row"),
@@ -231,14 +232,18 @@ def shard_spec(name: str, shape: Sequence[int], config: ModelConfig, tp: TPGroup
         return sharding.vocab(shape[0], tp)
     if kind == "q_heads":
         return sharding.heads(t.num_heads, t.head_dim, tp)
+    if kind == "o_heads":
+        return sharding.heads(t.num_heads, t.head_dim, tp, dim=1)
     if kind == "kv_heads":
         return sharding.kv_heads(t.num_heads, t.num_kv_heads, t.head_dim, tp)
     if kind == "vision_qkv":
         return sharding.heads(v.num_heads, v.head_dim, tp, parts=3)
+    if kind == "vision_o_heads":
+        return sharding.heads(v.num_heads, v.head_dim, tp, dim=1)
     if kind == "column":
-        return sharding.column(shape[0], tp, f"{name}: output features")
+        return sharding.column(shape[0], tp)
     if kind == "row":
-        return sharding.row(shape[1], tp, f"{name}: input features")
+        return sharding.row(shape[1], tp)
     if kind == "first_rank":
         return sharding.first_rank(tp)
     return sharding.REPLICATED

@@ -4,14 +4,18 @@ A `ShardSpec` says which rows (or columns) of a [out, in] linear weight, bias or
 rank keeps; `read_shard` reads exactly that part through a slice reader (safetensors' get_slice),
 never the whole tensor. modeling/weights.py maps every tensor name to one of these kinds:
 
-  column      split the output features (dim 0) evenly: q/k/v, gate/up, fc1 (+ their biases);
-              the layer's output is this rank's slice of the features, no communication.
-  row         split the input features (dim 1) evenly: o_proj, down_proj, proj, fc2; each rank
-              computes a partial sum, one all-reduce completes it.
+  column      split an MLP's output features (dim 0): gate/up, fc1, the merger's fc1 (+ their
+              biases); the layer's output is this rank's slice of the features, no communication.
+  row         split an MLP's input features (dim 1) the same way: down_proj, fc2, the merger's
+              fc2; each rank computes a partial sum, one all-reduce completes it. MLP splits are
+              balanced, not necessarily even (sizes differ by at most one: the first n % world
+              ranks hold one more), so an intermediate size need not divide by the world size
+              (Qwen2.5-VL-3B/7B's vision MLP has 3420 = 8 * 427.5).
   first_rank  a row-parallel layer's bias: rank 0 holds it, the others zeros of its shape, so the
               all-reduce adds it exactly once and the layer stays one F.linear + all_reduce.
-  heads       column-parallel by attention heads (q: this rank's Hq / world heads; k, v: its kv
-              heads, see kv_head_range; the ViT's fused qkv: the same heads of q, k and v).
+  heads       by attention heads, which must divide evenly: rows of q (this rank's Hq / world
+              heads), of k and v (its kv heads, see kv_head_range) and of the ViT's fused qkv (the
+              same heads of q, k and v); columns of o_proj / the ViT's proj (row-parallel).
   vocab       the embedding / LM head rows, ceil(V / world) per rank, the last rank's tail padded
               with zero rows: any vocabulary size shards, the padded logits are cut after the
               all-gather.
@@ -64,21 +68,23 @@ class ShardSpec:
 REPLICATED = ShardSpec()
 
 
-def _even(n: int, tp: TPGroup, what: str) -> tuple[int, int]:
-    if n % tp.world_size:
-        raise TPSizeError(f"{what} {n} does not divide by the world size {tp.world_size}")
-    per = n // tp.world_size
-    return tp.rank * per, (tp.rank + 1) * per
+def balanced_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[a, b): rank's share of n items, world_size shares in order whose sizes differ by at most
+    one (the first n % world_size ranks hold one more)."""
+    base, extra = divmod(n, world_size)
+    a = rank * base + min(rank, extra)
+    return a, a + base + (rank < extra)
 
 
-def column(out_features: int, tp: TPGroup, what: str = "output features") -> ShardSpec:
-    """Rows [r * n / world, (r + 1) * n / world) of a [n, in] weight or an [n] bias."""
-    return ShardSpec(dim=0, ranges=(_even(out_features, tp, what),))
+def column(out_features: int, tp: TPGroup) -> ShardSpec:
+    """This rank's balanced share of the rows of an [n, in] MLP weight or an [n] bias."""
+    return ShardSpec(dim=0, ranges=(balanced_range(out_features, tp.rank, tp.world_size),))
 
 
-def row(in_features: int, tp: TPGroup, what: str = "input features") -> ShardSpec:
-    """Columns [r * n / world, (r + 1) * n / world) of an [out, n] weight."""
-    return ShardSpec(dim=1, ranges=(_even(in_features, tp, what),))
+def row(in_features: int, tp: TPGroup) -> ShardSpec:
+    """This rank's balanced share of the columns of an [out, n] MLP weight (the same split as
+    `column` of n, so gate/up's output features meet down's input features)."""
+    return ShardSpec(dim=1, ranges=(balanced_range(in_features, tp.rank, tp.world_size),))
 
 
 def first_rank(tp: TPGroup) -> ShardSpec:
@@ -86,12 +92,17 @@ def first_rank(tp: TPGroup) -> ShardSpec:
     return ShardSpec(first_rank_only=True, on_first_rank=tp.rank == 0)
 
 
-def heads(num_heads: int, head_dim: int, tp: TPGroup, parts: int = 1) -> ShardSpec:
-    """This rank's num_heads / world heads, as rows of a [parts * num_heads * head_dim, in] weight
-    whose `parts` blocks (1 for q_proj; 3 for the ViT's fused q | k | v) each hold every head."""
-    a, b = _even(num_heads, tp, "attention heads")
+def heads(num_heads: int, head_dim: int, tp: TPGroup, parts: int = 1, dim: int = 0) -> ShardSpec:
+    """This rank's num_heads / world heads along `dim` of a weight whose `dim` has `parts` blocks of
+    num_heads * head_dim (rows, dim 0: 1 block for q_proj, 3 for the ViT's fused q | k | v;
+    columns, dim 1: o_proj and the ViT's proj, whose inputs are the heads' outputs)."""
+    if num_heads % tp.world_size:
+        raise TPSizeError(f"{num_heads} attention heads do not divide by the world size {tp.world_size}")
+    per = num_heads // tp.world_size
+    a, b = tp.rank * per, (tp.rank + 1) * per
     block = num_heads * head_dim
-    return ShardSpec(dim=0, ranges=tuple((p * block + a * head_dim, p * block + b * head_dim) for p in range(parts)))
+    return ShardSpec(dim=dim, ranges=tuple((p * block + a * head_dim, p * block + b * head_dim)
+                                           for p in range(parts)))
 
 
 def kv_head_range(rank: int, num_heads: int, num_kv_heads: int, world_size: int) -> tuple[int, int]:
@@ -155,14 +166,11 @@ def read_shard(get: Callable[[Index | None], torch.Tensor], shape: Sequence[int]
 def tp_size_problems(config: ModelConfig, world_size: int) -> list[str]:
     """The sizes (named, with their values) that tensor parallelism over `world_size` cannot split."""
     t, v = config.text, config.vision
-    sizes = {
-        "text num_attention_heads": t.num_heads,
-        "text intermediate_size": t.intermediate_size,
-        "vision num_heads": v.num_heads,
-        "vision MLP intermediate size": v.intermediate_size,
-        "vision merger width (hidden_size * spatial_merge_size**2)": v.hidden_size * v.merge_unit,
-    }
-    problems = [f"{name} {n}" for name, n in sizes.items() if n % world_size]
+    heads = {"text num_attention_heads": t.num_heads, "vision num_heads": v.num_heads}
+    problems = [f"{name} {n}" for name, n in heads.items() if n % world_size]
+    mlps = {"text intermediate_size": t.intermediate_size, "vision MLP intermediate size": v.intermediate_size,
+            "vision merger width": v.hidden_size * v.merge_unit}
+    problems += [f"{name} {n} (fewer features than ranks)" for name, n in mlps.items() if n < world_size]
     hk = t.num_kv_heads
     if (hk >= world_size and hk % world_size) or (hk < world_size and world_size % hk):
         problems.append(f"text num_key_value_heads {hk} (with fewer kv heads than ranks, the world size must "
@@ -173,9 +181,9 @@ def tp_size_problems(config: ModelConfig, world_size: int) -> list[str]:
 def check_tp_sizes(config: ModelConfig, world_size: int) -> None:
     """Raise TPSizeError naming every size `world_size` must divide and does not.
 
-    Attention heads (text and vision), kv heads (or the world size must be a multiple of them,
-    when there are fewer kv heads than ranks), intermediate sizes (text, vision MLP, patch merger).
-    The vocabulary never fails: it is padded to a multiple of the world size.
+    Attention heads (text and vision) and kv heads (or, with fewer kv heads than ranks, the world
+    size must be a multiple of them). MLP intermediate sizes are split in balanced shares and the
+    vocabulary is padded, so neither needs to divide (they only need one feature per rank).
     """
     if world_size < 1:
         raise TPSizeError(f"world size must be >= 1, got {world_size}")
@@ -183,4 +191,4 @@ def check_tp_sizes(config: ModelConfig, world_size: int) -> None:
     if problems:
         fits = [str(w) for w in (1, 2, 4, 8) if not tp_size_problems(config, w)]
         raise TPSizeError(f"tensor parallelism over {world_size} processes: the world size must divide "
-                          + ", ".join(problems) + f". Use a world size that does (e.g. {', '.join(fits)}).")
+                          + "; ".join(problems) + f". Use a world size that does (e.g. {', '.join(fits)}).")

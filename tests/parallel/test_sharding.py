@@ -4,6 +4,7 @@ fused layouts the forward passes expect, and world sizes that do not fit fail wi
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from modeling.weights import _IGNORED_SUFFIXES, CheckpointReader, load_weights, 
 from parallel import SINGLE_PROCESS, TPGroup, TPSizeError, check_tp_sizes
 from parallel.comm import all_gather, all_gather_object, all_reduce, barrier, broadcast_object
 from parallel.group import init_from_env
-from parallel.sharding import kv_head_range, local_kv_heads, read_shard
+from parallel.sharding import balanced_range, kv_head_range, local_kv_heads, read_shard
 from tests.parallel.test_tp_engine import TP_SIZES
 
 WORLDS = (2, 4)
@@ -44,7 +45,8 @@ def test_shards_tile_every_tensor_exactly(checkpoint: Path) -> None:
     reader = CheckpointReader(checkpoint)
     names = sorted(n for n in reader.names() if not n.endswith(_IGNORED_SUFFIXES))
     kinds = {tp_kind(n) for n in names}
-    assert {"vocab", "q_heads", "kv_heads", "row", "column", "vision_qkv", "first_rank", "replicated"} <= kinds
+    assert {"vocab", "q_heads", "kv_heads", "o_heads", "row", "column", "vision_qkv", "vision_o_heads", "first_rank",
+            "replicated"} <= kinds
     for world, name in itertools.product(WORLDS, names):
         full = reader.get(name)
         shape = list(full.shape)
@@ -101,7 +103,8 @@ def test_loaded_rank_weights_fuse_their_slices(checkpoint: Path, world: int) -> 
         qs.append(q)
         a, b = kv_head_range(r, t.num_heads, t.num_kv_heads, world)
         assert torch.equal(k, k_full[a * d:b * d])
-        assert list(layer.gate_up_weight.shape) == [2 * t.intermediate_size // world, t.hidden_size]
+        a, b = balanced_range(t.intermediate_size, r, world)  # 250 features: shares of 125 or 63 / 62
+        assert list(layer.gate_up_weight.shape) == [2 * (b - a), t.hidden_size]
         assert list(layer.o_weight.shape) == [t.hidden_size, hq * d]
         blk = w.vision.blocks[0]
         assert list(blk.qkv_weight.shape) == [3 * v.num_heads // world * v.head_dim, v.hidden_size]
@@ -127,6 +130,32 @@ def test_bad_world_sizes_name_the_numbers(tmp_path: Path) -> None:
         load_weights(path, config, torch.float32, tp=TPGroup(rank=1, world_size=4))
     assert "num_attention_heads" not in str(err.value)  # 4 heads split 4 ways is fine
     check_tp_sizes(config, 2)  # fits
+
+
+def test_released_model_shapes_fit_their_world_sizes(tmp_path: Path) -> None:
+    """Qwen2.5-VL-3B (16 heads, 2 kv heads, vision MLP 3420 = 8 * 427.5) runs 8-way thanks to the
+    balanced MLP split; the 7B models' 28 heads stop at 4-way, and the error says why."""
+    config = load_config(make_tiny_checkpoint(tmp_path / "c", "qwen2_5_vl"))
+    vision = dataclasses.replace(config.vision, num_heads=16, head_dim=80, hidden_size=1280, intermediate_size=3420)
+    three_b = dataclasses.replace(config, vision=vision, text=dataclasses.replace(
+        config.text, num_heads=16, num_kv_heads=2, intermediate_size=11008))
+    for world in (1, 2, 4, 8):
+        check_tp_sizes(three_b, world)
+    seven_b = dataclasses.replace(three_b, text=dataclasses.replace(three_b.text, num_heads=28, num_kv_heads=4))
+    check_tp_sizes(seven_b, 4)
+    with pytest.raises(TPSizeError, match=r"over 8 processes: the world size must divide text num_attention_heads 28\. "
+                                          r"Use a world size that does \(e\.g\. 1, 2, 4\)"):
+        check_tp_sizes(seven_b, 8)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 130, 3420])
+def test_balanced_shares_tile_in_order(n: int) -> None:
+    for world in (1, 2, 3, 4, 8):
+        shares = [balanced_range(n, r, world) for r in range(world)]
+        assert shares[0][0] == 0 and shares[-1][1] == n
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(shares))
+        sizes = [b - a for a, b in shares]
+        assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 2), (8, 8), (16, 2), (28, 4), (32, 8), (12, 2), (64, 8)])

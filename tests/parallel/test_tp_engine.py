@@ -5,8 +5,9 @@ Each case runs tests/parallel/tp_script.py as separate processes on 127.0.0.1. T
 their PyTorch references there (QVL_KERNELS=torch): the Triton kernels are proven against those
 references in tests/kernels and on the whole model in tests/modeling; here what is under test is
 the sharding and the collectives. The tiny checkpoints have 4 query heads, 2 kv heads (fewer than
-4 ranks: replicated kv heads) and 4 vision heads, and a vocabulary of 578 rows (not a multiple of
-4: the last rank's LM-head shard is padded).
+4 ranks: replicated kv heads) and 4 vision heads; their MLPs (250 text features, 130 in
+Qwen2.5-VL's vision MLP) and vocabulary (578 rows) are not multiples of 4 (balanced MLP shares, the
+last rank's LM-head shard padded).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from modeling.tiny_checkpoint import make_tiny_checkpoint
 from tests.parallel.launch import run_ranks
 
 SCRIPT = Path(__file__).with_name("tp_script.py")
-TP_SIZES = {"vision_num_heads": 4, "extra": {"vocab_size": 578}}  # heads 4, kv heads 2, I 256: all / 4
+TP_SIZES = {"vision_num_heads": 4, "intermediate_size": 250, "vision_intermediate_size": 130,
+            "extra": {"vocab_size": 578}}
 GREEDY = ("image", "text", "late")
 TIMEOUT_S = 150
 
