@@ -531,8 +531,8 @@ def serve(cfg: ServeConfig, access_log: bool = False) -> None:
         if cfg.world_size is not None and cfg.world_size != tp.world_size:
             raise SystemExit(f"error: the config asks for worldSize {cfg.world_size} but this is a world of "
                              f"{tp.world_size} process(es); launch with torchrun --nproc-per-node {cfg.world_size}")
-        if tp.world_size > 1:
-            log.info("rank %d of %d: loading %s", tp.rank, tp.world_size, cfg.model_path)
+        where = f"rank {tp.rank} of {tp.world_size}: " if tp.world_size > 1 else ""
+        log.info("%sloading %s", where, cfg.model_path)
         llm = load_llm(cfg, tp)
         if tp.rank != 0:
             llm.worker_loop()  # follow rank 0's requests and steps until its engine stops

@@ -283,6 +283,8 @@ def _sampling(body: dict[str, Any], *, greedy_default: bool = False) -> tuple[Sa
     )
     if params.top_k == 0:
         params.top_k = -1
+    if params.seed is not None and not 0 <= params.seed < 2**63:
+        raise APIError(f"'seed' must be in [0, 2**63), got {params.seed}", param="seed", code="invalid_value")
     return params, given
 
 
