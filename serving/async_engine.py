@@ -3,8 +3,8 @@
 `LLM` is not thread-safe, so exactly one thread (the "engine thread") ever calls it: it takes
 commands (add / abort / stop) from a `queue.SimpleQueue`, runs `LLM.step()` while there is work,
 and hands each step's outputs to the asyncio event loop in one `call_soon_threadsafe` call. On
-the event-loop side every request has a `RequestStream` (an asyncio.Queue of cumulative
-`RequestOutput`s): a slow reader simply skips to the newest output.
+the event-loop side every request has a `RequestStream` holding its newest cumulative
+`RequestOutput`: a slow reader simply skips to the newest output.
 
     engine = AsyncEngine(ServingLLM(path, ...), max_waiting=1024)
     engine.start()                                   # inside the running event loop
@@ -79,23 +79,31 @@ class EngineError(RuntimeError):
 
 
 class RequestStream:
-    """The event-loop side of one request: cumulative outputs as the engine produces them."""
+    """The event-loop side of one request. Outputs are cumulative, so it keeps only the newest
+    one not yet read: a slow reader skips ahead and memory stays one output per request."""
 
     def __init__(self, engine: AsyncEngine, request_id: str):
         self.engine = engine
         self.request_id = request_id
-        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.finished = False
         self.last: RequestOutput | None = None
+        self._latest: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Event-loop thread: a newer output (or the request's error) replaces an unread one."""
+        self._latest = item
+        self._ready.set()
 
     async def next(self) -> RequestOutput:
-        """The newest output (skipping older ones already queued); raises the engine's error."""
-        item = await self.queue.get()
-        while not self.queue.empty() and not isinstance(item, BaseException) and not item.finished:
-            item = self.queue.get_nowait()
+        """The newest output; raises the engine's error for this request."""
+        await self._ready.wait()
+        self._ready.clear()
+        item, self._latest = self._latest, None
         if isinstance(item, BaseException):
             self.finished = True
             raise item
+        assert item is not None
         self.finished = item.finished
         self.last = item
         return item
@@ -198,7 +206,7 @@ class AsyncEngine:
             self._inbox.put(("stop",))
             await asyncio.to_thread(self._thread.join, timeout)
         for stream in list(self._streams.values()):
-            stream.queue.put_nowait(EngineStopped("the server shut down before the request finished"))
+            stream.put(EngineStopped("the server shut down before the request finished"))
         self._streams.clear()
 
     def _dispatch(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
@@ -207,7 +215,7 @@ class AsyncEngine:
             stream = self._streams.get(request_id)
             if stream is None:
                 continue
-            stream.queue.put_nowait(item)
+            stream.put(item)
             if isinstance(item, BaseException) or item.finished:
                 del self._streams[request_id]
 

@@ -194,3 +194,47 @@ def test_eval_textvqa_scores_each_item(server, media_dir, tmp_path):
     assert len(items) == 4 and summary["samples"] == 4
     for item in items:
         assert item["score"] == pytest.approx(vqa_score(item["prediction"], item["answers"]))
+
+
+# ------------------------------------------------------------------------------------- request streams
+
+
+def _output(n: int, finished: bool = False):
+    from engine.llm import RequestOutput
+
+    return RequestOutput("r", 3, list(range(n)), [0.0] * n, [None] * n, "x" * n, finished,
+                         "length" if finished else None, 0, 0.1, 0.2, [0.1] * n)
+
+
+def test_request_stream_keeps_the_newest_output_and_raises_errors():
+    import asyncio
+
+    from serving.async_engine import EngineError, RequestStream
+
+    class FakeEngine:
+        aborted: list[str] = []
+
+        def abort(self, request_id: str) -> None:
+            self.aborted.append(request_id)
+
+    async def run() -> None:
+        engine = FakeEngine()
+        s = RequestStream(engine, "r")
+        for n in (1, 2, 3):  # a slow reader: three steps arrive before it reads
+            s.put(_output(n))
+        assert len((await s.next()).output_ids) == 3
+        s.put(_output(4, finished=True))
+        assert (await s.next()).finished and s.finished
+        s.close()
+        assert engine.aborted == []  # finished: nothing to abort
+        t = RequestStream(engine, "t")
+        t.put(_output(1))
+        t.put(EngineError("boom"))
+        with pytest.raises(EngineError):
+            await asyncio.wait_for(t.next(), 5)
+        u = RequestStream(engine, "u")
+        u.close()
+        u.close()
+        assert engine.aborted == ["u"]  # an unfinished stream aborts once
+
+    asyncio.run(run())
