@@ -1,10 +1,11 @@
 """Tensor parallelism end to end: the engine over 2 and 4 gloo ranks on the CPU gives the tokens of
 one process, for both architectures, with an image.
 
-Each case runs tests/parallel/tp_script.py as separate processes on 127.0.0.1. The kernels run
-their PyTorch references there (QVL_KERNELS=torch): the Triton kernels are proven against those
-references in tests/kernels and on the whole model in tests/modeling; here what is under test is
-the sharding and the collectives. The tiny checkpoints have 4 query heads, 2 kv heads (fewer than
+Each case runs tests/parallel/tp_script.py as separate processes on 127.0.0.1. The kernels mostly
+run their PyTorch references there (QVL_KERNELS=torch, fast): the Triton kernels are proven against
+those references in tests/kernels and on the whole model in tests/modeling, and what is under test
+here is the sharding and the collectives; one 2-rank case runs the Triton kernels (interpreted) on
+the per-rank head counts. The tiny checkpoints have 4 query heads, 2 kv heads (fewer than
 4 ranks: replicated kv heads) and 4 vision heads; their MLPs (250 text features, 130 in
 Qwen2.5-VL's vision MLP) and vocabulary (578 rows) are not multiples of 4 (balanced MLP shares, the
 last rank's LM-head shard padded).
@@ -31,9 +32,9 @@ def tp_checkpoint(path: Path, arch: str) -> Path:
     return make_tiny_checkpoint(path, arch, seed=5, **TP_SIZES)
 
 
-def run_world(checkpoint: Path, world: int, out: Path, tight: bool = False) -> list[dict]:
+def run_world(checkpoint: Path, world: int, out: Path, tight: bool = False, kernels: str = "torch") -> list[dict]:
     args = [str(checkpoint), str(out)] + (["tight"] if tight else [])
-    run_ranks(SCRIPT, args, world, out, TIMEOUT_S, env={"QVL_KERNELS": "torch"})
+    run_ranks(SCRIPT, args, world, out, TIMEOUT_S, env={"QVL_KERNELS": kernels, "TRITON_INTERPRET": "1"})
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
@@ -75,3 +76,11 @@ def test_tp_under_preemption_and_chunked_prefill(tmp_path: Path) -> None:
     (single,) = run_world(checkpoint, 1, tmp_path / "w1", tight=True)
     assert single["preemptions"] > 0
     assert_same_tokens(run_world(checkpoint, 2, tmp_path / "w2", tight=True), single["outputs"], 2)
+
+
+def test_tp_on_the_triton_path(tmp_path: Path) -> None:
+    """2 ranks on the Triton kernels (interpreted: 2 query heads, 1 kv head and 2 vision heads per
+    rank) give the tokens of one process on the references."""
+    checkpoint = tp_checkpoint(tmp_path / "ckpt", "qwen2_5_vl")
+    (single,) = run_world(checkpoint, 1, tmp_path / "w1")
+    assert_same_tokens(run_world(checkpoint, 2, tmp_path / "w2", kernels="triton"), single["outputs"], 2)
