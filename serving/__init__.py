@@ -1,0 +1,10 @@
+"""HTTP serving and the clients that measure a server.
+
+    config.py        ServeConfig, the command line, MindIE-Service config.json mapping
+    protocol.py      request parsing / validation (OpenAI chat + completions, vLLM/MindIE /generate), errors
+    prompting.py     media resolution (data URIs, --allowed_media_dir paths) and chat-template prompts
+    async_engine.py  the engine thread, per-request streams, the waiting-queue limit
+    api_server.py    the FastAPI app and uvicorn runner (tensor parallel under torchrun)
+    metrics.py       Prometheus metrics
+    client.py        a timing chat client; benchmark.py / eval.py / datasets.py build on it
+"""
