@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from engine.block_manager import BlockManager
 from engine.encoder_cache import EncoderCache
-from engine.request import Media, PreparedMedia, prepare_media
+from engine.request import DEFAULT_LIMITS, Media, MediaLimits, PreparedMedia, fit_videos, prepare_media
 from engine.sampling import SamplingParams, find_stop, make_generator, sample
 from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence
@@ -72,6 +72,7 @@ class RequestOutput:
     ttft_s: float | None
     latency_s: float
     token_times: list[float]
+    media_adjustments: list[str] = field(default_factory=list)  # videos shrunk to fit the context
 
 
 def default_device() -> torch.device:
@@ -87,6 +88,10 @@ class LLM:
     prefilled in chunks); max_input_length bounds a prompt's tokens (media included), max_seq_len
     prompt + output. Prefix caching shares the KV of equal prompt prefixes (media by content).
 
+    media_limits: defaults and hard limits for requests' media controls (engine/request.py);
+    vision_chunk_patches: patches per vision-encoder call: videos are decoded and encoded that many
+    temporal slices at a time, so the encoder's activations do not grow with a clip's length.
+
     tp: the tensor-parallel group (see the module docstring); its device is used when world_size
     > 1, and kv_cache_gb is then each rank's budget for its own kv heads.
     """
@@ -95,7 +100,8 @@ class LLM:
                  kv_cache_gb: float | None = None, num_kv_blocks: int | None = None, block_size: int = 16,
                  max_batch_size: int = 64, max_prefill_tokens: int = 8192, max_input_length: int | None = None,
                  max_seq_len: int | None = None, enable_prefix_caching: bool = True,
-                 encoder_cache_gb: float = 1.0, tp: TPGroup = SINGLE_PROCESS):
+                 encoder_cache_gb: float = 1.0, media_limits: MediaLimits = DEFAULT_LIMITS,
+                 vision_chunk_patches: int = 16384, tp: TPGroup = SINGLE_PROCESS):
         from transformers import AutoTokenizer
 
         self.path = Path(model_path)
@@ -128,6 +134,10 @@ class LLM:
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens)
         self.encoder_cache = EncoderCache(int(encoder_cache_gb * (1 << 30)))
+        self.media_limits = media_limits
+        if vision_chunk_patches < 1:
+            raise ValueError(f"vision_chunk_patches must be >= 1, got {vision_chunk_patches}")
+        self.vision_chunk_patches = vision_chunk_patches
         self.sequences: dict[str, Sequence] = {}
         self._next_seq_id = 0
         self.stats = {"vision_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "steps": 0,
@@ -159,12 +169,20 @@ class LLM:
     # ------------------------------------------------------------------ requests
 
     def prepare(self, prompt: Prompt) -> tuple[list[int], list[PreparedMedia]]:
-        """Preprocess media and build the prompt's token ids (media pads expanded)."""
-        media = [prepare_media(m, self.image_cfg) for m in prompt.media]
-        items = [(m.kind, m.grid) for m in media]
-        ids = build_prompt(self.tokenizer, items, prompt.text, self.config.vision.spatial_merge_size,
-                           self.config.image_token_id, self.config.video_token_id)
+        """Preprocess media and build the prompt's token ids (media pads expanded). Videos that
+        would push the prompt over max_input_length are shrunk (see engine.request.fit_videos)."""
+        media = [prepare_media(m, self.image_cfg, self.media_limits) for m in prompt.media]
+        ids = self._build_ids(prompt.text, media)
+        if len(ids) > self.max_input_length:
+            text_tokens = len(ids) - sum(m.num_tokens for m in media)
+            if fit_videos(media, self.max_input_length - text_tokens, f"max_input_length {self.max_input_length}"):
+                ids = self._build_ids(prompt.text, media)
         return ids, media
+
+    def _build_ids(self, text: str, media: list[PreparedMedia]) -> list[int]:
+        return build_prompt(self.tokenizer, [(m.kind, m.grid) for m in media], text,
+                            self.config.vision.spatial_merge_size, self.config.image_token_id,
+                            self.config.video_token_id)
 
     def add_request(self, request_id: str, prompt: Prompt | str, params: SamplingParams | None = None) -> None:
         """Queue a request. Raises ValueError (naming the limit) for bad parameters, unreadable
@@ -189,6 +207,8 @@ class LLM:
             # Every rank must draw the same tokens: the request gets a seed (from rank 0's global
             # RNG, so torch.manual_seed on rank 0 still makes a run reproducible).
             params = dataclasses.replace(params, seed=int(torch.randint(0, 2**62, ()).item()))
+        if self.tp.world_size > 1:  # the other ranks get pixels, not files they may not have
+            media = [m.materialized() for m in media]
         self._record(("add", request_id, ids, positions, delta, media, self._content_keys(ids, media), params))
 
     def _enqueue(self, request_id: str, ids: list[int], positions: torch.Tensor, delta: int,
@@ -332,7 +352,7 @@ class LLM:
         return results
 
     def _encode_media(self, admitted: list[Sequence]) -> None:
-        """Vision-encode the media of newly admitted sequences (one batched call for all misses)."""
+        """Vision-encode the media of newly admitted sequences that the encoder cache lacks."""
         todo = [s for s in admitted if s.media and s.media_embeds is None]
         if not todo:
             return
@@ -346,17 +366,31 @@ class LLM:
                     missing[m.content_hash] = m
                 else:
                     found[m.content_hash] = cached
-        if missing:
-            items = list(missing.values())
-            pixel_values = torch.cat([m.pixel_values for m in items]).to(self.device)
-            embeds = self.model.encode_media(pixel_values, torch.tensor([m.grid for m in items]))
-            sizes = [num_media_tokens(m.grid, self.config.vision.spatial_merge_size) for m in items]
-            for m, e in zip(items, embeds.split(sizes), strict=True):
-                found[m.content_hash] = e
-                self.encoder_cache.put(m.content_hash, e)
+        for m, embeds in zip(missing.values(), self._encode(list(missing.values())), strict=True):
+            found[m.content_hash] = embeds
+            self.encoder_cache.put(m.content_hash, embeds)  # too large for the cache: used, not kept
         for seq in todo:
             seq.media_embeds = torch.cat([found[m.content_hash] for m in seq.media])
         self.stats["vision_s"] += time.perf_counter() - started
+
+    def _encode(self, media: list[PreparedMedia]) -> list[torch.Tensor]:
+        """Embeddings [tokens, H] of each medium. Images go together in one vision call; a video
+        goes in chunks of temporal slices of at most vision_chunk_patches patches, decoded as they
+        are needed. Vision attention never crosses temporal slices (nor Qwen2.5-VL's windows), so
+        chunks give the embeddings of one call over the whole clip."""
+        out: dict[int, torch.Tensor] = {}
+        images = [i for i, m in enumerate(media) if m.image_pixels is not None]
+        if images:
+            pixel_values = torch.cat([media[i].image_pixels for i in images]).to(self.device)
+            embeds = self.model.encode_media(pixel_values, torch.tensor([media[i].grid for i in images]))
+            out.update(zip(images, embeds.split([media[i].num_tokens for i in images]), strict=True))
+        for i, m in enumerate(media):
+            if i not in out:
+                _, h, w = m.grid
+                chunks = m.pixel_chunks(max(1, self.vision_chunk_patches // (h * w)))
+                out[i] = torch.cat([self.model.encode_media(pv.to(self.device), torch.tensor([grid]))
+                                    for pv, grid in chunks])
+        return [out[i] for i in range(len(media))]
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         """Run the model over the batch's runs; fp32 logits [n sampling runs, V]."""
@@ -424,7 +458,8 @@ class LLM:
             finished=seq.is_finished, finish_reason=seq.finish_reason,
             cached_prompt_tokens=seq.num_cached_prompt_tokens,
             ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
-            latency_s=end - seq.arrival_time, token_times=[t - seq.arrival_time for t in seq.token_times])
+            latency_s=end - seq.arrival_time, token_times=[t - seq.arrival_time for t in seq.token_times],
+            media_adjustments=[m.adjustment for m in seq.media if m.adjustment])
 
     # ------------------------------------------------------------------ offline batches
 

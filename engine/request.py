@@ -1,9 +1,15 @@
 """What a user asks for: a prompt's text and media, and the media turned into model inputs.
 
 `Media` is one image or video as the user names it (a path, raw bytes or a PIL image) with
-qwen-vl-utils' per-item controls; `prepare_media` decodes and preprocesses it and gives it a
-content hash, which keys the encoder cache and the prefix cache (two requests with the same
-pixels share both; the same file with other controls does not).
+qwen-vl-utils' per-item controls; `prepare_media` checks those controls against the server's
+`MediaLimits`, preprocesses images and *plans* videos, and gives each a content hash, which keys
+the encoder cache and the prefix cache (two requests with the same pixels share both; the same
+file with other controls does not).
+
+A video is never held decoded: its `PreparedMedia` keeps the plan (which frames, what size), and
+`pixel_chunks` decodes and patchifies a few temporal patches at a time while the vision tower
+encodes them. `fit_videos` shrinks the videos of a prompt that would not fit the context, as
+qwen-vl-utils' total-pixel budget does: fewer pixels per frame first, then fewer frames.
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +28,13 @@ import torch
 from PIL import Image
 
 from modeling import processing
-from modeling.processing import ImageProcessorConfig, MediaError
+from modeling.processing import ImageProcessorConfig, MediaError, VideoPlan
 
 IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 VIDEO_OPTIONS = ("fps", "nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels",
                  "video_start", "video_end", "resized_height", "resized_width")
+_INT_OPTIONS = {"min_pixels", "max_pixels", "resized_height", "resized_width", "nframes", "min_frames",
+                "max_frames", "total_pixels"}
 
 
 @dataclass
@@ -46,20 +56,141 @@ class Media:
         return f"<{self.kind or 'media'} {'bytes' if isinstance(self.source, bytes) else 'PIL image'}>"
 
 
+@dataclass(frozen=True)
+class MediaLimits:
+    """Server-wide media policy: defaults for the controls a request leaves unset, and hard limits
+    no request may pass (a value over one is an error naming the limit, never a silent clamp).
+
+    image_max_pixels: an image's max_pixels / resized area; video_max_pixels: per frame;
+    video_max_total_pixels: all frames of one video; video_max_frames: sampled frames;
+    video_max_fps: sampling rate. Defaults are qwen-vl-utils' own maxima.
+    """
+
+    image_max_pixels: int = processing.MAX_PIXELS
+    video_max_pixels: int = processing.VIDEO_MAX_PIXELS
+    video_max_total_pixels: int = processing.VIDEO_TOTAL_PIXELS
+    video_max_frames: int = processing.FPS_MAX_FRAMES
+    video_max_fps: float = 30.0
+    image_defaults: dict[str, Any] = field(default_factory=dict)
+    video_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, kind: str, options: dict[str, Any], name: str) -> dict[str, Any]:
+        """The request's options over this policy's defaults, validated; MediaError names the
+        first control out of range and its limit."""
+        allowed = IMAGE_OPTIONS if kind == "image" else VIDEO_OPTIONS
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise MediaError(f"{name}: unknown {kind} option(s) {unknown}; allowed: {list(allowed)}")
+        merged = {**(self.image_defaults if kind == "image" else self.video_defaults),
+                  **{k: v for k, v in options.items() if v is not None}}
+
+        def bad(key: str, rule: str) -> MediaError:
+            return MediaError(f"{name}: {key}={merged[key]!r} {rule}")
+
+        for key, value in merged.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad(key, "must be a number")
+            if key in _INT_OPTIONS and value != int(value):
+                raise bad(key, "must be an integer")
+            if value < 0 or (value == 0 and key not in ("video_start",)):
+                raise bad(key, "must be positive")
+        pixel_cap = self.image_max_pixels if kind == "image" else self.video_max_pixels
+        for key in ("min_pixels", "max_pixels"):
+            if key in merged and merged[key] > pixel_cap:
+                raise bad(key, f"is over the configured limit of {pixel_cap} pixels per {kind}"
+                               f"{'' if kind == 'image' else ' frame'}")
+        if "min_pixels" in merged and "max_pixels" in merged and merged["min_pixels"] > merged["max_pixels"]:
+            raise bad("min_pixels", f"is above max_pixels={merged['max_pixels']}")
+        if ("resized_height" in merged) != ("resized_width" in merged):
+            raise MediaError(f"{name}: give both resized_height and resized_width, or neither")
+        if "resized_height" in merged and merged["resized_height"] * merged["resized_width"] > pixel_cap:
+            raise bad("resized_height", f"x resized_width={merged['resized_width']} is over the configured limit "
+                                        f"of {pixel_cap} pixels")
+        if kind == "video":
+            self._check_video(merged, bad)
+        return merged
+
+    def _check_video(self, merged: dict[str, Any], bad) -> None:
+        if "fps" in merged and "nframes" in merged:
+            raise bad("nframes", "cannot be combined with fps: give one")
+        if merged.get("fps", 0) > self.video_max_fps:
+            raise bad("fps", f"is over the configured limit of {self.video_max_fps} frames per second")
+        for key in ("nframes", "min_frames", "max_frames"):
+            if key in merged and not processing.FRAME_FACTOR <= merged[key] <= self.video_max_frames:
+                raise bad(key, f"must be in [{processing.FRAME_FACTOR}, {self.video_max_frames}] (the server's "
+                               f"frame limit)")
+        if merged.get("min_frames", 0) > merged.get("max_frames", math.inf):
+            raise bad("min_frames", f"is above max_frames={merged['max_frames']}")
+        if merged.get("total_pixels", 0) > self.video_max_total_pixels:
+            raise bad("total_pixels", f"is over the configured limit of {self.video_max_total_pixels} pixels per video")
+        if merged.get("video_start", 0) >= merged.get("video_end", math.inf):
+            raise bad("video_start", f"must be before video_end={merged['video_end']}")
+
+    def video_plan_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Controls for processing.plan_video: the request's, with the server's frame and total
+        limits applied where the request leaves them to qwen-vl-utils' defaults."""
+        plan = dict(options)
+        plan.setdefault("max_frames", self.video_max_frames)
+        plan.setdefault("total_pixels", self.video_max_total_pixels)
+        if "resized_height" not in plan:
+            plan.setdefault("max_pixels", self.video_max_pixels)
+        return plan
+
+
+DEFAULT_LIMITS = MediaLimits()
+
+
 @dataclass
 class PreparedMedia:
     """A medium as the model takes it.
 
-    pixel_values: float32 [t*h*w, 3*temporal_patch*patch^2]; grid: (t, h, w) in patches;
-    second_per_grid_t: seconds per temporal patch (videos; 1.0 for images, unused there);
-    content_hash: sha256 hex of the bytes + kind + controls.
+    grid: (t, h, w) in patches; second_per_grid_t: seconds per temporal patch (videos; 1.0 for
+    images, unused there); content_hash: sha256 hex of the bytes + kind + controls.
+    Images hold their patches (`image_pixels`, float32 [h*w, 3*temporal_patch*patch^2]); videos
+    hold their plan and are decoded chunk by chunk in `pixel_chunks`.
     """
 
     kind: str
-    pixel_values: torch.Tensor
     grid: tuple[int, int, int]
     second_per_grid_t: float
     content_hash: str
+    cfg: ImageProcessorConfig
+    image_pixels: torch.Tensor | None = None
+    video_plan: VideoPlan | None = None
+    video_options: dict[str, Any] = field(default_factory=dict)
+    adjustment: str | None = None  # how fit_videos shrank it, for the response's usage info
+    spill: Any = None  # a temporary file holding in-memory video bytes, kept while this lives
+
+    def pixel_chunks(self, max_slices: int) -> Iterator[tuple[torch.Tensor, tuple[int, int, int]]]:
+        """(pixel_values [t_chunk*h*w, patch_dim] float32, grid (t_chunk, h, w)) in temporal order,
+        at most max_slices temporal patches at a time; an image is one chunk."""
+        if self.image_pixels is not None:
+            yield self.image_pixels, self.grid
+            return
+        assert self.video_plan is not None
+        tp = self.cfg.temporal_patch_size
+        for frames in processing.iter_video_frames(self.video_plan, max(1, max_slices) * tp):
+            pixel_values, grid = processing.patchify(frames, self.cfg)
+            yield pixel_values, tuple(grid)
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        """All patches at once (images; videos are decoded whole here: for oracles and small clips)."""
+        if self.image_pixels is not None:
+            return self.image_pixels
+        return torch.cat([pv for pv, _ in self.pixel_chunks(self.grid[0])])
+
+    @property
+    def num_tokens(self) -> int:
+        """LLM tokens of this medium: t * h * w / merge_size^2."""
+        t, h, w = self.grid
+        return t * h * w // self.cfg.merge_size**2
+
+    def materialized(self) -> PreparedMedia:
+        """A copy holding all its patches (what travels to other ranks under tensor parallelism)."""
+        if self.image_pixels is not None:
+            return self
+        return replace(self, image_pixels=self.pixel_values, video_plan=None, spill=None)
 
 
 def _content_digest(media: Media) -> hashlib._Hash:
@@ -109,26 +240,89 @@ def _open_image(media: Media) -> Image.Image:
     return image
 
 
-def prepare_media(media: Media, cfg: ImageProcessorConfig) -> PreparedMedia:
-    """Decode and preprocess one medium; raises MediaError (a ValueError) naming the problem."""
+def _plan(path: str | Path, cfg: ImageProcessorConfig, options: dict[str, Any]) -> tuple[VideoPlan, float]:
+    plan = processing.plan_video(path, cfg, **options)
+    return plan, cfg.temporal_patch_size / plan.sample_fps
+
+
+def prepare_media(media: Media, cfg: ImageProcessorConfig, limits: MediaLimits = DEFAULT_LIMITS) -> PreparedMedia:
+    """Check, hash and preprocess one medium (a video is only planned: see `pixel_chunks`).
+    Raises MediaError (a ValueError) naming the problem and, for controls, the limit."""
     if isinstance(media.source, bytes) and not media.source:
         raise MediaError(f"{media.describe()}: empty data")
     digest = _content_digest(media)
     kind = _kind_of(media)
-    allowed = IMAGE_OPTIONS if kind == "image" else VIDEO_OPTIONS
-    unknown = sorted(set(media.options) - set(allowed))
-    if unknown:
-        raise MediaError(f"{media.describe()}: unknown {kind} option(s) {unknown}; allowed: {list(allowed)}")
-    options = {k: v for k, v in media.options.items() if v is not None}
+    options = limits.check(kind, media.options, media.describe())
     digest.update(json.dumps([kind, sorted(options.items())], default=str).encode())
     if kind == "image":
         pixel_values, grid = processing.process_image(_open_image(media), cfg, **options)
-        return PreparedMedia(kind, pixel_values, tuple(grid), 1.0, digest.hexdigest())
-    if isinstance(media.source, (str, Path)):
-        pixel_values, grid, spgt = processing.process_video(media.source, cfg, **options)
-    else:  # PyAV reads files: spill in-memory video bytes to a temporary one
-        with tempfile.NamedTemporaryFile(suffix=".video") as tmp:
-            tmp.write(media.source)
-            tmp.flush()
-            pixel_values, grid, spgt = processing.process_video(tmp.name, cfg, **options)
-    return PreparedMedia(kind, pixel_values, tuple(grid), float(spgt), digest.hexdigest())
+        return PreparedMedia(kind, tuple(grid), 1.0, digest.hexdigest(), cfg, image_pixels=pixel_values)
+    spill = None
+    path = media.source
+    if not isinstance(path, (str, Path)):  # PyAV reads files: spill in-memory video bytes to one
+        spill = tempfile.NamedTemporaryFile(suffix=".video")  # noqa: SIM115 - lives as long as the medium
+        spill.write(media.source)
+        spill.flush()
+        path = spill.name
+    plan_options = limits.video_plan_options(options)
+    plan, spgt = _plan(path, cfg, plan_options)
+    return PreparedMedia(kind, plan.grid(cfg), spgt, digest.hexdigest(), cfg, video_plan=plan,
+                         video_options=plan_options, spill=spill)
+
+
+def fit_videos(media: list[PreparedMedia], budget: int, limit_name: str) -> list[str]:
+    """Shrink the videos of one prompt (in place) until all media take at most `budget` tokens.
+
+    As qwen-vl-utils' total-pixel budget: each video's share of what the images leave, taken from
+    its pixels per frame first (down to its min_pixels), then from its frame count (down to its
+    min_frames, 4 by default). Returns one line per changed video, for the response's usage info;
+    raises MediaError naming `limit_name` when even the smallest allowed sizes do not fit.
+    """
+    videos = [m for m in media if m.kind == "video" and m.video_plan is not None]
+    total = sum(m.num_tokens for m in media)
+    if total <= budget or not videos:
+        if total > budget:
+            raise MediaError(f"the prompt's images take {total} tokens, more than the {budget} that {limit_name} "
+                             f"leaves after the text; lower their max_pixels")
+        return []
+    room = budget - sum(m.num_tokens for m in media if m not in videos)
+    video_tokens = sum(m.num_tokens for m in videos)
+    notes = []
+    for i, m in enumerate(videos):
+        share = room * m.num_tokens // video_tokens
+        before = (len(m.video_plan.indices), m.video_plan.height, m.video_plan.width, m.num_tokens)
+        _shrink_video(m, share, limit_name)
+        after = (len(m.video_plan.indices), m.video_plan.height, m.video_plan.width, m.num_tokens)
+        m.adjustment = (f"video {i}: {before[0]} frames of {before[2]}x{before[1]} ({before[3]} tokens) -> "
+                        f"{after[0]} frames of {after[2]}x{after[1]} ({after[3]} tokens) to fit {limit_name}")
+        notes.append(m.adjustment)
+    return notes
+
+
+def _shrink_video(m: PreparedMedia, tokens: int, limit_name: str) -> None:
+    """Re-plan one video to at most `tokens` LLM tokens: fewer pixels per frame, then fewer frames."""
+    cfg, options = m.cfg, dict(m.video_options)
+    pixels_per_token = (cfg.patch_size * cfg.merge_size) ** 2
+    options.pop("resized_height", None)
+    options.pop("resized_width", None)
+    # tokens = frames / temporal_patch * pixels per frame / pixels_per_token, and qwen-vl-utils' per-frame
+    # cap is total_pixels / frames * temporal_patch: so total_pixels = tokens * pixels_per_token.
+    options["total_pixels"] = max(1, tokens * pixels_per_token)
+    plan, spgt = _plan(m.video_plan.path, cfg, options)
+    if plan.grid(cfg)[0] * plan.grid(cfg)[1] * plan.grid(cfg)[2] // cfg.merge_size**2 > tokens:
+        # At the smallest frame size: fewer frames (an even count, not below min_frames).
+        t, h, w = plan.grid(cfg)
+        per_patch = h * w // cfg.merge_size**2
+        frames = cfg.temporal_patch_size * (tokens // per_patch)
+        min_frames = int(options.get("min_frames", processing.FPS_MIN_FRAMES))
+        if frames < min_frames:
+            raise MediaError(f"{m.video_plan.path}: the video needs at least {min_frames} frames of {per_patch} "
+                             f"tokens per {cfg.temporal_patch_size} frames, over the {tokens} tokens left by "
+                             f"{limit_name}; lower min_pixels/min_frames or shorten the clip (video_start/video_end)")
+        options.pop("fps", None)
+        options["nframes"] = frames
+        plan, spgt = _plan(m.video_plan.path, cfg, options)
+    m.video_plan, m.second_per_grid_t, m.video_options = plan, spgt, options
+    m.grid = plan.grid(cfg)
+    # Other frames, other embeddings: the caches must not mistake it for the unshrunk video.
+    m.content_hash = hashlib.sha256(f"{m.content_hash}{sorted(options.items())}".encode()).hexdigest()

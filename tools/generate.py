@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from engine.llm import LLM, Prompt  # noqa: E402
 from engine.report import format_summary, perf_summary  # noqa: E402
-from engine.request import Media  # noqa: E402
+from engine.request import IMAGE_OPTIONS, VIDEO_OPTIONS, Media  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
-from modeling.processing import SAMPLE_IMAGE_PATH  # noqa: E402
+from modeling.processing import SAMPLE_IMAGE_PATH, media_kind  # noqa: E402
 from modeling.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 from parallel import TPGroup, TPSizeError, barrier, destroy, init_from_env  # noqa: E402
 
@@ -71,9 +71,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--repetition_penalty", type=float, default=1.0, help="HF-style repetition penalty (1.0: off)")
     add("--seed", type=int, help="per-request sampling seed (reproducible sampling)")
     add("--ignore_eos", action="store_true", help="generate max_output_length tokens regardless of EOS")
+    media = p.add_argument_group("media controls (qwen-vl-utils' names; applied to every image / video given)")
+    media.add_argument("--min_pixels", type=int, help="smallest frame/image area in pixels (images: from "
+                       "preprocessor_config.json; videos: 128*28*28)")
+    media.add_argument("--max_pixels", type=int, help="largest frame/image area in pixels (images: from "
+                       "preprocessor_config.json; videos: 768*28*28, lowered by --total_pixels)")
+    media.add_argument("--resized_height", type=int, help="exact height (a multiple of 28), with --resized_width")
+    media.add_argument("--resized_width", type=int, help="exact width (a multiple of 28), with --resized_height")
+    media.add_argument("--fps", type=float, help="video frames sampled per second (default: 2)")
+    media.add_argument("--nframes", type=int, help="exact number of video frames to sample (instead of --fps)")
+    media.add_argument("--min_frames", type=int, help="fewest video frames sampled (default: 4)")
+    media.add_argument("--max_frames", type=int, help="most video frames sampled (default: 768)")
+    media.add_argument("--total_pixels", type=int, help="pixel budget over all frames of a video "
+                       "(default: 90%% of a 128k-token context)")
+    media.add_argument("--video_start", type=float, help="first second of each video to use")
+    media.add_argument("--video_end", type=float, help="last second of each video to use")
     add("--output_json", type=Path, help="write results and the perf summary here")
     add("--quiet", action="store_true", help="print only the perf summary")
     return p.parse_args(argv)
+
+
+def media_of(path: str | Path, args: argparse.Namespace) -> Media:
+    """A Media with the media-control flags that apply to its kind."""
+    kind = media_kind(path) if Path(path).exists() else None
+    names = IMAGE_OPTIONS if kind == "image" else VIDEO_OPTIONS
+    return Media(path, kind, {k: getattr(args, k) for k in names if getattr(args, k) is not None})
 
 
 def build_prompts(args: argparse.Namespace, using_demo: bool) -> list[tuple[list[str], Prompt]]:
@@ -84,9 +106,9 @@ def build_prompts(args: argparse.Namespace, using_demo: bool) -> list[tuple[list
         files = sorted(f for f in args.dataset_path.iterdir() if f.is_file() and not f.name.startswith("."))
         if not files:
             raise SystemExit(f"--dataset_path {args.dataset_path}: no files in it")
-        return [([str(f)], Prompt(args.input_text, [Media(f)])) for f in files]
+        return [([str(f)], Prompt(args.input_text, [media_of(f, args)])) for f in files]
     paths = list(args.input_image) or ([str(SAMPLE_IMAGE_PATH)] if using_demo else [])
-    return [(paths, Prompt(args.input_text, [Media(p) for p in paths]))]
+    return [(paths, Prompt(args.input_text, [media_of(p, args) for p in paths]))]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -135,12 +157,14 @@ def _generate(args: argparse.Namespace, llm: LLM, using_demo: bool) -> dict:
     perf = perf_summary(outputs, time.perf_counter() - started, llm)
     results = [{"media": media, "prompt_tokens": o.prompt_tokens, "output_token_ids": o.output_ids,
                 "output_logprobs": o.output_logprobs, "text": o.text, "ttft_s": o.ttft_s,
-                "latency_s": o.latency_s, "finish_reason": o.finish_reason}
+                "latency_s": o.latency_s, "finish_reason": o.finish_reason,
+                "media_adjustments": o.media_adjustments}
                for (media, _), o in zip(requests, outputs, strict=True)]
     if not args.quiet:
         for (media, _), r in zip(requests, results, strict=True):
+            notes = "".join(f"\n  note: {note}" for note in r["media_adjustments"])
             print(f"[{', '.join(media) or 'text'}] ({r['prompt_tokens']} prompt tokens, "
-                  f"{len(r['output_token_ids'])} generated, {r['finish_reason']})\n{r['text']}\n")
+                  f"{len(r['output_token_ids'])} generated, {r['finish_reason']}){notes}\n{r['text']}\n")
     print(format_summary(perf))
     report = {"results": results, "perf": perf}
     if args.output_json is not None:
