@@ -366,14 +366,14 @@ class LLM:
                     missing[m.content_hash] = m
                 else:
                     found[m.content_hash] = cached
-        for m, embeds in zip(missing.values(), self._encode(list(missing.values())), strict=True):
+        for m, embeds in zip(missing.values(), self.encode_media(list(missing.values())), strict=True):
             found[m.content_hash] = embeds
             self.encoder_cache.put(m.content_hash, embeds)  # too large for the cache: used, not kept
         for seq in todo:
             seq.media_embeds = torch.cat([found[m.content_hash] for m in seq.media])
         self.stats["vision_s"] += time.perf_counter() - started
 
-    def _encode(self, media: list[PreparedMedia]) -> list[torch.Tensor]:
+    def encode_media(self, media: list[PreparedMedia]) -> list[torch.Tensor]:
         """Embeddings [tokens, H] of each medium. Images go together in one vision call; a video
         goes in chunks of temporal slices of at most vision_chunk_patches patches, decoded as they
         are needed. Vision attention never crosses temporal slices (nor Qwen2.5-VL's windows), so

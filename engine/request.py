@@ -81,8 +81,12 @@ class MediaLimits:
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             raise MediaError(f"{name}: unknown {kind} option(s) {unknown}; allowed: {list(allowed)}")
-        merged = {**(self.image_defaults if kind == "image" else self.video_defaults),
-                  **{k: v for k, v in options.items() if v is not None}}
+        given = {k: v for k, v in options.items() if v is not None}
+        defaults = dict(self.image_defaults if kind == "image" else self.video_defaults)
+        for a, b in (("fps", "nframes"), ("nframes", "fps")):  # a request's own choice replaces the other
+            if a in given:
+                defaults.pop(b, None)
+        merged = {**defaults, **given}
 
         def bad(key: str, rule: str) -> MediaError:
             return MediaError(f"{name}: {key}={merged[key]!r} {rule}")
@@ -316,9 +320,10 @@ def _shrink_video(m: PreparedMedia, tokens: int, limit_name: str) -> None:
         frames = cfg.temporal_patch_size * (tokens // per_patch)
         min_frames = int(options.get("min_frames", processing.FPS_MIN_FRAMES))
         if frames < min_frames:
-            raise MediaError(f"{m.video_plan.path}: the video needs at least {min_frames} frames of {per_patch} "
-                             f"tokens per {cfg.temporal_patch_size} frames, over the {tokens} tokens left by "
-                             f"{limit_name}; lower min_pixels/min_frames or shorten the clip (video_start/video_end)")
+            smallest = min_frames // cfg.temporal_patch_size * per_patch
+            raise MediaError(f"{m.video_plan.path}: even at its smallest ({min_frames} frames at min_pixels: "
+                             f"{smallest} tokens) the video does not fit the {tokens} tokens left by {limit_name}; "
+                             f"lower min_pixels or min_frames, or use a part of the clip (video_start/video_end)")
         options.pop("fps", None)
         options["nframes"] = frames
         plan, spgt = _plan(m.video_plan.path, cfg, options)

@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "(default: 90%% of a 128k-token context)")
     media.add_argument("--video_start", type=float, help="first second of each video to use")
     media.add_argument("--video_end", type=float, help="last second of each video to use")
+    media.add_argument("--vision_chunk_patches", type=int, default=16384,
+                       help="patches per vision-encoder call: a video is decoded and encoded this many patches' "
+                            "worth of frames at a time, bounding memory (default: %(default)s)")
     add("--output_json", type=Path, help="write results and the perf summary here")
     add("--quiet", action="store_true", help="print only the perf summary")
     return p.parse_args(argv)
@@ -134,7 +137,8 @@ def _run(args: argparse.Namespace, tp: TPGroup) -> dict:
     llm = LLM(model_path, dtype=args.dtype, device=args.device, kv_cache_gb=args.kv_cache_gb,
               block_size=args.block_size, max_batch_size=args.max_batch_size,
               max_prefill_tokens=args.max_prefill_tokens, max_input_length=args.max_input_length,
-              enable_prefix_caching=not args.disable_prefix_caching, tp=tp)
+              enable_prefix_caching=not args.disable_prefix_caching, vision_chunk_patches=args.vision_chunk_patches,
+              tp=tp)
     if tp.rank != 0:
         llm.worker_loop()  # follow rank 0's requests and steps until it shuts down
         return {}
