@@ -67,6 +67,7 @@ from serving.protocol import (
 
 log = logging.getLogger("serving.api")
 
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of streams
 CLIENT_CLOSED = 499  # nginx's "client closed request": the response is never delivered
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/generate", "/v1/models", "/health", "/metrics")
 
@@ -279,7 +280,7 @@ class Server:
         if req.stream:
             return DisconnectingStreamingResponse(self._chat_events(req, stream, request_id, created, model),
                                                   stream.close, media_type="text/event-stream",
-                                                  headers={"Cache-Control": "no-cache"})
+                                                  headers=SSE_HEADERS)
         out = await self.wait_final(request, stream)
         if out is None:
             return Response(status_code=CLIENT_CLOSED)
@@ -337,7 +338,7 @@ class Server:
         if req.stream:
             return DisconnectingStreamingResponse(self._completion_events(req, stream, request_id, created, model),
                                                   stream.close, media_type="text/event-stream",
-                                                  headers={"Cache-Control": "no-cache"})
+                                                  headers=SSE_HEADERS)
         out = await self.wait_final(request, stream)
         if out is None:
             return Response(status_code=CLIENT_CLOSED)
