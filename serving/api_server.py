@@ -77,7 +77,17 @@ def load_llm(cfg: ServeConfig, tp: TPGroup = SINGLE_PROCESS) -> ServingLLM:
     return ServingLLM(cfg.model_path, dtype=cfg.dtype, device=cfg.device, kv_cache_gb=cfg.kv_cache_gb,
                       block_size=cfg.block_size, max_batch_size=cfg.max_batch_size,
                       max_prefill_tokens=cfg.max_prefill_tokens, max_input_length=cfg.max_input_length,
-                      max_seq_len=cfg.max_seq_len, enable_prefix_caching=cfg.enable_prefix_caching, tp=tp)
+                      max_seq_len=cfg.max_seq_len, enable_prefix_caching=cfg.enable_prefix_caching,
+                      media_limits=cfg.media_limits(), tp=tp)
+
+
+def usage_of(out: RequestOutput) -> dict[str, Any]:
+    """The usage block of a finished request (videos shrunk to fit the context are reported)."""
+    u = usage(out.prompt_tokens, len(out.output_ids), out.cached_prompt_tokens)
+    adjustments = getattr(out, "media_adjustments", None)
+    if adjustments:
+        u["media_adjustments"] = list(adjustments)
+    return u
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -292,7 +302,7 @@ class Server:
             choice["token_ids"] = out.output_ids
         return JSONResponse({"id": request_id, "object": "chat.completion", "created": created, "model": model,
                              "choices": [choice],
-                             "usage": usage(out.prompt_tokens, len(out.output_ids), out.cached_prompt_tokens)})
+                             "usage": usage_of(out)})
 
     async def _chat_events(self, req: GenerationRequest, stream: RequestStream, request_id: str, created: int,
                            model: str) -> AsyncIterator[str]:
@@ -323,7 +333,7 @@ class Server:
                     if req.include_usage:
                         yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
                                    "model": model, "choices": [],
-                                   "usage": usage(out.prompt_tokens, len(out.output_ids), out.cached_prompt_tokens)})
+                                   "usage": usage_of(out)})
                     break
         except (EngineError, EngineStopped, ValueError) as e:
             yield sse(error_body(e))
@@ -349,7 +359,7 @@ class Server:
             choice["token_ids"] = out.output_ids
         return JSONResponse({"id": request_id, "object": "text_completion", "created": created, "model": model,
                              "choices": [choice],
-                             "usage": usage(out.prompt_tokens, len(out.output_ids), out.cached_prompt_tokens)})
+                             "usage": usage_of(out)})
 
     async def _completion_events(self, req: GenerationRequest, stream: RequestStream, request_id: str,
                                  created: int, model: str) -> AsyncIterator[str]:
@@ -381,7 +391,7 @@ class Server:
                     if req.include_usage:
                         yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
                                    "choices": [],
-                                   "usage": usage(out.prompt_tokens, len(out.output_ids), out.cached_prompt_tokens)})
+                                   "usage": usage_of(out)})
                     break
         except (EngineError, EngineStopped, ValueError) as e:
             yield sse(error_body(e))

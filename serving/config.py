@@ -32,6 +32,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from engine.request import DEFAULT_LIMITS, MediaLimits
+
 
 @dataclass
 class ServeConfig:
@@ -56,7 +58,19 @@ class ServeConfig:
     graceful_timeout: float = 30.0
     preprocess_workers: int = 2
     log_level: str = "info"
+    image_max_pixels: int | None = None        # engine.request.MediaLimits fields (None: its defaults)
+    video_max_pixels: int | None = None
+    video_max_total_pixels: int | None = None
+    video_max_frames: int | None = None
+    video_max_fps: float | None = None
     world_size: int | None = None  # MindIE's worldSize: must equal the torchrun world size when given
+
+    def media_limits(self) -> MediaLimits:
+        """The server-wide media policy: hard limits on what requests' media controls may ask."""
+        given = {name: getattr(self, name) for name in ("image_max_pixels", "video_max_pixels",
+                                                         "video_max_total_pixels", "video_max_frames",
+                                                         "video_max_fps") if getattr(self, name) is not None}
+        return MediaLimits(**given)
 
     def model_names(self) -> list[str]:
         """Names the server answers to: --served_model_name, else the checkpoint folder's name
@@ -240,6 +254,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add("--preprocess_workers", type=int,
         help=f"threads decoding media and tokenizing prompts (default: {d.preprocess_workers})")
     add("--log_level", choices=["debug", "info", "warning", "error"], help=f"(default: {d.log_level})")
+    limits = p.add_argument_group("media limits (a request asking for more gets a 400 naming the limit)")
+    lim = DEFAULT_LIMITS
+    limits.add_argument("--image_max_pixels", type=int, help=f"an image's area (default: {lim.image_max_pixels})")
+    limits.add_argument("--video_max_pixels", type=int, help=f"a video frame's area (default: {lim.video_max_pixels})")
+    limits.add_argument("--video_max_total_pixels", type=int,
+                        help=f"all frames of one video (default: {lim.video_max_total_pixels})")
+    limits.add_argument("--video_max_frames", type=int, help=f"frames sampled (default: {lim.video_max_frames})")
+    limits.add_argument("--video_max_fps", type=float, help=f"sampling rate (default: {lim.video_max_fps})")
 
 
 def build_config(args: argparse.Namespace) -> tuple[ServeConfig, list[str]]:

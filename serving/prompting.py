@@ -13,7 +13,11 @@ Media sources (`MediaRef.url`):
 
 Chat messages are rendered with the tokenizer's chat template, parts in the order given (for one
 user message of media then text this is exactly `modeling.prompt.build_prompt`, i.e. what
-`LLM.generate` builds offline); each media pad is then expanded to its merged-patch count.
+`LLM.generate` builds offline); each media pad is then expanded to its merged-patch count. As in
+`LLM.prepare`, media controls are checked against the engine's `media_limits`, and videos that
+would push a prompt over max_input_length are shrunk to fit (`engine.request.fit_videos`; the
+response reports it in usage.media_adjustments). Videos are only planned here: the engine
+decodes their frames chunk by chunk when it encodes them.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 
 from PIL import Image
 
-from engine.request import Media, PreparedMedia, prepare_media
+from engine.request import DEFAULT_LIMITS, Media, MediaLimits, PreparedMedia, fit_videos, prepare_media
 from modeling.processing import ImageProcessorConfig
 from modeling.prompt import expand_media_pads
 from serving.protocol import APIError, ChatMessage, MediaRef
@@ -128,8 +132,11 @@ class Preparer:
     media decoding runs outside it."""
 
     def __init__(self, tokenizer: Any, image_cfg: ImageProcessorConfig, merge_size: int, image_token_id: int,
-                 video_token_id: int, allowed_media_dir: str | Path | None):
+                 video_token_id: int, allowed_media_dir: str | Path | None, max_input_length: int | None = None,
+                 limits: MediaLimits = DEFAULT_LIMITS):
         self.tokenizer = tokenizer
+        self.max_input_length = max_input_length
+        self.limits = limits
         self.image_cfg = image_cfg
         self.merge_size = merge_size
         self.image_token_id = image_token_id
@@ -143,7 +150,8 @@ class Preparer:
         from transformers import AutoTokenizer
 
         return cls(AutoTokenizer.from_pretrained(llm.path), llm.image_cfg, llm.config.vision.spatial_merge_size,
-                   llm.config.image_token_id, llm.config.video_token_id, allowed_media_dir)
+                   llm.config.image_token_id, llm.config.video_token_id, allowed_media_dir, llm.max_input_length,
+                   getattr(llm, "media_limits", DEFAULT_LIMITS))
 
     # ---------------------------------------------------------------------------- media
 
@@ -156,7 +164,7 @@ class Preparer:
         if ref.kind == "video" and _is_image(source):
             raise _media_error(ref, "this is an image, not a video: send it as an image_url part", "invalid_media")
         try:
-            return prepare_media(Media(source, ref.kind, dict(ref.options)), self.image_cfg)
+            return prepare_media(Media(source, ref.kind, dict(ref.options)), self.image_cfg, self.limits)
         except Exception as e:  # noqa: BLE001 - any decoder failure is the file's fault: a 400
             article = "an" if ref.kind == "image" else "a"
             raise _media_error(ref, f"cannot read it as {article} {ref.kind}: {e}"[:500], "invalid_media") from None
@@ -194,7 +202,17 @@ class Preparer:
                 raise APIError(f"the model's chat template cannot render these messages: {e}", param="messages",
                                code="invalid_value") from None
             ids = self.tokenizer.encode(rendered, add_special_tokens=False)
-        return self._expand(ids, media, "messages"), media
+        expanded = self._expand(ids, media, "messages")
+        limit = self.max_input_length
+        if limit is not None and len(expanded) > limit and any(m.kind == "video" for m in media):
+            text_tokens = len(expanded) - sum(m.num_tokens for m in media)
+            try:
+                changed = fit_videos(media, limit - text_tokens, f"max_input_token_len {limit}")
+            except ValueError as e:
+                raise APIError(str(e), param="messages", code="context_length_exceeded") from None
+            if changed:
+                expanded = self._expand(ids, media, "messages")
+        return expanded, media
 
     def prepare_raw(self, text: str) -> tuple[list[int], list[PreparedMedia]]:
         """Token ids of raw prompt text (no chat template, no media)."""

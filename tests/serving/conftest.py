@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 MAX_INPUT = 600       # the test server's --max_input_length
 MAX_SEQ = 1024        # its --max_seq_len
+IMAGE_LIMIT = 1024 * 28 * 28  # its --image_max_pixels
 SMALL_IMAGE = {"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28}
 
 
@@ -63,7 +64,8 @@ def start_server(ckpt: Path, media_dir: Path, log: Path, *extra: str, timeout: f
     port = free_port()
     cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), "--model_path", str(ckpt), "--host", "127.0.0.1",
            "--port", str(port), "--allowed_media_dir", str(media_dir), "--kv_cache_gb", "0.05",
-           "--max_input_length", str(MAX_INPUT), "--max_seq_len", str(MAX_SEQ), "--log_level", "warning", *extra]
+           "--max_input_length", str(MAX_INPUT), "--max_seq_len", str(MAX_SEQ), "--image_max_pixels", str(IMAGE_LIMIT),
+           "--log_level", "warning", *extra]
     with log.open("w") as f:
         process = subprocess.Popen(cmd, cwd=ROOT, env=server_env(), stdout=f, stderr=subprocess.STDOUT)
     server = LiveServer(f"http://127.0.0.1:{port}", process, log)

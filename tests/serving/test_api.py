@@ -18,7 +18,7 @@ from engine.llm import LLM, Prompt
 from engine.request import Media
 from engine.sampling import SamplingParams
 from modeling.processing import synthetic_frame
-from tests.serving.conftest import SMALL_IMAGE
+from tests.serving.conftest import MAX_INPUT, SMALL_IMAGE
 
 
 def png_bytes(height: int, width: int, t: float) -> bytes:
@@ -184,3 +184,18 @@ def test_stop_strings_cut_the_text_and_the_stream(server):
                 for ch in json.loads(line[6:])["choices"]:
                     streamed += ch["delta"].get("content") or ""
     assert streamed == expected
+
+
+def test_video_over_max_input_length_is_shrunk_and_reported(server):
+    """256 tokens per temporal patch x 4 patches does not fit max_input_token_len: the server
+    keeps fewer frames (as LLM.prepare does) and says so in usage.media_adjustments."""
+    frame = 256 * 28 * 28
+    part = {"type": "video_url", "video_url": {"url": "videobench/Eval_video/Synthetic/square_0.mp4", "nframes": 8,
+                                               "min_pixels": frame, "max_pixels": frame}}
+    body = {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "What moves?"}]}],
+            "max_tokens": 3, "temperature": 0}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] <= MAX_INPUT
+    assert len(usage["media_adjustments"]) == 1 and "8 frames" in usage["media_adjustments"][0]

@@ -15,7 +15,16 @@ import pytest
 from serving.api_server import create_app
 from serving.async_engine import ServingLLM
 from serving.config import ServeConfig
-from tests.serving.conftest import MAX_INPUT, MAX_SEQ, SMALL_IMAGE, metrics, start_server, stop_server, wait_idle
+from tests.serving.conftest import (
+    IMAGE_LIMIT,
+    MAX_INPUT,
+    MAX_SEQ,
+    SMALL_IMAGE,
+    metrics,
+    start_server,
+    stop_server,
+    wait_idle,
+)
 
 LIMITS = httpx.Limits(max_connections=128, max_keepalive_connections=128)
 
@@ -144,6 +153,10 @@ BAD_REQUESTS = [
     ("unknown media option", "/v1/chat/completions",
      _chat([{"type": "image_url", "image_url": {"url": "textvqa/train_images/sign_0.png"}, "max_pixels": "big"}]),
      "messages[0].content[0].max_pixels", "invalid_type"),
+    ("image over the server's pixel limit", "/v1/chat/completions",
+     _chat([{"type": "image_url", "image_url": {"url": "textvqa/train_images/sign_0.png",
+                                                "max_pixels": 2 * IMAGE_LIMIT}}]),
+     "messages[0].content[0].image_url", "invalid_media"),
     ("prompt over max_input_token_len", "/v1/chat/completions", _chat("word " * (MAX_INPUT + 50)),
      "messages", "context_length_exceeded"),
     ("max_tokens over max_seq_len", "/v1/chat/completions", _chat("hi", max_tokens=MAX_SEQ),
@@ -174,6 +187,8 @@ def test_bad_request_gets_openai_400_and_server_keeps_serving(server, name, path
         assert error["param"] == param, error
     if code == "context_length_exceeded" and param == "messages":
         assert f"max_input_token_len {MAX_INPUT}" in error["message"]
+    if name.startswith("image over"):
+        assert f"configured limit of {IMAGE_LIMIT}" in error["message"]
     ok = httpx.post(server.url + "/v1/chat/completions", json=_chat("hello"), timeout=60)
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
 
