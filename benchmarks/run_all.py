@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 FAMILIES = {
     "elementwise": "benchmarks.bench_elementwise",
     "attention": "benchmarks.bench_attention",
+    "video": "benchmarks.bench_video",
     "e2e": "benchmarks.e2e_vs_hf",
 }
 
