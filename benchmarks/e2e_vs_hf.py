@@ -90,7 +90,7 @@ def run_transformers(args) -> dict:
     from engine.llm import LLM
 
     # Our preprocessing gives both sides the same token ids and pixels; LLM is used only for that.
-    prep = LLM(args.checkpoint, dtype="float32", device="cpu", num_kv_blocks=2, max_batch_size=1)
+    prep = LLM(args.checkpoint, dtype="float32", device="cpu", num_kv_blocks=64, max_batch_size=1)
     prepared = [prep.prepare(p) for p in make_requests(args.requests)]
     image_token, pad = prep.config.image_token_id, prep.config.bos_token_id or 0
     del prep
