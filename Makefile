@@ -24,7 +24,7 @@ test: install
 
 # The whole path on a tiny random checkpoint (made once under ~/.cache/qwen-vl-triton) and a sample image.
 demo: install
-	$(VPY) tools/generate.py
+	$(VPY) tools/generate.py --max_output_length 32
 
 bench: install
 	$(VPY) benchmarks/run_all.py

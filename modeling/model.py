@@ -96,13 +96,15 @@ class QwenVLModel:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int,
                           dtype: torch.dtype | None = None) -> list[language.KVCache]:
-        """Zeroed (k_cache, v_cache) per layer, each [num_blocks, block_size, Hk, D]; Hk: this
-        rank's kv heads (local_kv_heads)."""
+        """(k_cache, v_cache) per layer, each [num_blocks, block_size, Hk, D]; Hk: this rank's kv
+        heads (local_kv_heads). Left uninitialised: attention reads only slots below each
+        sequence's context length, which were written first (the kernel tests fill unused slots
+        with NaN to prove it), and untouched pages of a large CPU cache cost no memory."""
         t = self.config.text
         shape = (num_blocks, block_size, local_kv_heads(t.num_kv_heads, self.tp.world_size), t.head_dim)
         dtype = dtype or self.dtype
-        return [(torch.zeros(shape, dtype=dtype, device=self.device),
-                 torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(t.num_layers)]
+        return [(torch.empty(shape, dtype=dtype, device=self.device),
+                 torch.empty(shape, dtype=dtype, device=self.device)) for _ in range(t.num_layers)]
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torch.dtype:
