@@ -34,8 +34,11 @@ from kernels._device import dot_dtype, interpreting, num_cores, persistent_grid
 from kernels.varlen_attention import (
     LOG2E,
     _attend_kv_tile,
+    _kv_tile_offsets,
     _load_query_tile,
+    _load_work_query,
     _store_query_tile,
+    _work_item,
     attention_reference,
     check_head_dim,
     group_pad,
@@ -52,6 +55,30 @@ MIN_SPLIT_TOKENS = 256
 # Upper bound on splits per sequence: the reduce kernel walks them in REDUCE_CHUNK pieces.
 MAX_SPLITS = 128
 REDUCE_CHUNK = 16
+
+
+@triton.jit
+def _attend_cache_blocks(q, qpos, ctx_len, lo, full_hi, hi, bt_row, k_head, v_head, stride_kcb, stride_vcb,
+                         d_ok, qk_scale, CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Online softmax of query tile q (positions qpos) over the cache blocks lo .. hi - 1 of one
+    sequence's table row bt_row, keys 0 .. ctx_len - 1 visible. k_head / v_head: the [BS, D] row
+    offsets of one kv head in the caches. Blocks below full_hi are fully visible to every row and
+    run unmasked; the rest are masked. Returns (m_i, l_i, acc) as _attend_kv_tile keeps them."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for j in range(lo, full_hi):
+        blk = tl.load(bt_row + j).to(tl.int64)  # one table entry per block
+        m_i, l_i, acc = _attend_kv_tile(q, k_head + blk * stride_kcb, v_head + blk * stride_vcb, d_ok,
+                                        j * BLOCK_SIZE, ctx_len, qpos, qk_scale, m_i, l_i, acc,
+                                        False, CAUSAL, BLOCK_SIZE, DOT_DTYPE)
+    for j in range(tl.maximum(full_hi, lo), hi):  # the partly visible blocks, if in range
+        blk = tl.load(bt_row + j).to(tl.int64)
+        m_i, l_i, acc = _attend_kv_tile(q, k_head + blk * stride_kcb, v_head + blk * stride_vcb, d_ok,
+                                        j * BLOCK_SIZE, ctx_len, qpos, qk_scale, m_i, l_i, acc,
+                                        True, CAUSAL, BLOCK_SIZE, DOT_DTYPE)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -78,11 +105,7 @@ def _paged_decode_kernel(
     rows = tl.arange(0, BLOCK_M)
     # Offsets of a cache block's [BS, D] rows of one head, computed once: the block loop only
     # moves a base pointer (the table entry times the block stride, in int64).
-    offs_s = tl.arange(0, BLOCK_SIZE)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    k_off = offs_s[:, None] * stride_kcs + offs_d[None, :]
-    v_off = offs_s[:, None] * stride_vcs + offs_d[None, :]
+    d_ok, k_off, v_off = _kv_tile_offsets(stride_kcs, stride_vcs, BLOCK_SIZE, BLOCK_D, HEAD_DIM)
     for item in range(pid, n_items, nprog):
         split = item % num_splits
         bh = item // num_splits
@@ -96,23 +119,11 @@ def _paged_decode_kernel(
         full_hi = tl.minimum(hi, n_full)
         q, qi, row_ok, _ = _load_query_tile(q_ptr, b, 1, kvh, stride_qb, stride_qh,
                                             GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
-        qpos = qi  # unused: decode needs no causal mask (its query is the last position)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        bt_row = bt_ptr + b * stride_btb
-        k_head = kc_ptr + kvh * stride_kch + k_off
-        v_head = vc_ptr + kvh * stride_vch + v_off
-        for j in range(lo, full_hi):
-            blk = tl.load(bt_row + j).to(tl.int64)  # one table entry per block
-            m_i, l_i, acc = _attend_kv_tile(q, k_head + blk * stride_kcb, v_head + blk * stride_vcb, d_ok,
-                                            j * BLOCK_SIZE, ctx_len, qpos, qk_scale, m_i, l_i, acc,
-                                            False, False, BLOCK_SIZE, DOT_DTYPE)
-        for j in range(tl.maximum(full_hi, lo), hi):  # the partly filled last block, if in range
-            blk = tl.load(bt_row + j).to(tl.int64)
-            m_i, l_i, acc = _attend_kv_tile(q, k_head + blk * stride_kcb, v_head + blk * stride_vcb, d_ok,
-                                            j * BLOCK_SIZE, ctx_len, qpos, qk_scale, m_i, l_i, acc,
-                                            True, False, BLOCK_SIZE, DOT_DTYPE)
+        # qpos = qi goes unused: decode needs no causal mask (its query is the last position)
+        m_i, l_i, acc = _attend_cache_blocks(
+            q, qi, ctx_len, lo, full_hi, hi, bt_ptr + b * stride_btb,
+            kc_ptr + kvh * stride_kch + k_off, vc_ptr + kvh * stride_vch + v_off, stride_kcb, stride_vcb,
+            d_ok, qk_scale, False, BLOCK_SIZE, BLOCK_M, BLOCK_D, DOT_DTYPE)
         if not SPLIT:
             _store_query_tile(o_ptr, acc, l_i, b, row_ok, kvh, stride_ob, stride_oh,
                               GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
@@ -123,6 +134,7 @@ def _paged_decode_kernel(
             tl.store(mpart_ptr + part_row, m_i, mask=row_ok)
             tl.store(lpart_ptr + part_row, l_i, mask=row_ok)
             o_mask = row_ok[:, None] & d_ok[None, :]
+            offs_d = tl.arange(0, BLOCK_D)
             tl.store(opart_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=o_mask)
 
 
@@ -184,47 +196,23 @@ def _paged_prefill_kernel(
     Work item = (work row, kv head). Cache blocks entirely at or below the tile's first position
     run unmasked; the rest (up to the last query's position) are masked.
     """
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
     # Offsets of a cache block's [BS, D] rows of one head, computed once: the block loop only
     # moves a base pointer (the table entry times the block stride, in int64).
-    offs_s = tl.arange(0, BLOCK_SIZE)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    k_off = offs_s[:, None] * stride_kcs + offs_d[None, :]
-    v_off = offs_s[:, None] * stride_vcs + offs_d[None, :]
-    for item in range(pid, n_work_rows * HK, nprog):
-        wrow = item // HK
-        kvh = item - wrow * HK
-        seq = tl.load(work_ptr + 2 * wrow)
+    d_ok, k_off, v_off = _kv_tile_offsets(stride_kcs, stride_vcs, BLOCK_SIZE, BLOCK_D, HEAD_DIM)
+    for item in range(tl.program_id(0), n_work_rows * HK, tl.num_programs(0)):
+        seq, m0, kvh = _work_item(work_ptr, item, HK)
         if seq >= 0:
-            m0 = tl.load(work_ptr + 2 * wrow + 1)
-            q_start = tl.load(cu_q_ptr + seq)
-            q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+            q, qi, row_ok, q_start, q_len, n_q = _load_work_query(q_ptr, cu_q_ptr, seq, m0, kvh,
+                                                                  stride_qt, stride_qh, GROUP, G_PAD, HEAD_DIM,
+                                                                  BLOCK_Q, BLOCK_M, BLOCK_D, DOT_DTYPE)
             ctx_len = tl.load(ctx_ptr + seq)
-            n_q = tl.minimum(q_len - m0, BLOCK_Q)
-            q, qi, row_ok, _ = _load_query_tile(q_ptr, q_start + m0, n_q, kvh, stride_qt, stride_qh,
-                                                GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
             first = ctx_len - q_len + m0  # cache position of the tile's first query
-            qpos = first + qi
             n_full = (first + 1) // BLOCK_SIZE
             n_blocks = (first + n_q + BLOCK_SIZE - 1) // BLOCK_SIZE
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            bt_row = bt_ptr + seq * stride_btb
-            k_head = kc_ptr + kvh * stride_kch + k_off
-            v_head = vc_ptr + kvh * stride_vch + v_off
-            for j in range(0, n_full):
-                blk = tl.load(bt_row + j).to(tl.int64)  # one table entry per block
-                m_i, l_i, acc = _attend_kv_tile(q, k_head + blk * stride_kcb, v_head + blk * stride_vcb,
-                                                d_ok, j * BLOCK_SIZE, ctx_len, qpos, qk_scale, m_i, l_i, acc,
-                                                False, True, BLOCK_SIZE, DOT_DTYPE)
-            for j in range(n_full, n_blocks):
-                blk = tl.load(bt_row + j).to(tl.int64)
-                m_i, l_i, acc = _attend_kv_tile(q, k_head + blk * stride_kcb, v_head + blk * stride_vcb,
-                                                d_ok, j * BLOCK_SIZE, ctx_len, qpos, qk_scale, m_i, l_i, acc,
-                                                True, True, BLOCK_SIZE, DOT_DTYPE)
+            m_i, l_i, acc = _attend_cache_blocks(
+                q, first + qi, ctx_len, 0, n_full, n_blocks, bt_ptr + seq * stride_btb,
+                kc_ptr + kvh * stride_kch + k_off, vc_ptr + kvh * stride_vch + v_off, stride_kcb, stride_vcb,
+                d_ok, qk_scale, True, BLOCK_SIZE, BLOCK_M, BLOCK_D, DOT_DTYPE)
             _store_query_tile(o_ptr, acc, l_i, q_start + m0, row_ok, kvh, stride_ot, stride_oh,
                               GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
 

@@ -79,6 +79,19 @@ def _attend_kv_tile(q, k_ptrs, v_ptrs, d_ok, n0, n_keys, qpos, qk_scale, m_i, l_
 
 
 @triton.jit
+def _kv_tile_offsets(stride_kn, stride_vn, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     HEAD_DIM: tl.constexpr):
+    """Offsets of a K/V tile's BLOCK_N rows (row strides stride_kn / stride_vn) and BLOCK_D head-dim
+    columns, computed once per program: the key loop then only moves a base pointer (cheaper on
+    every backend, and the interpreter checks each int32 op). Returns (d_ok, k_off, v_off)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_off = offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_off = offs_n[:, None] * stride_vn + offs_d[None, :]
+    return offs_d < HEAD_DIM, k_off, v_off
+
+
+@triton.jit
 def _load_query_tile(q_ptr, tok0, n_q, kvh, stride_qt, stride_qh,
                      GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
@@ -95,6 +108,31 @@ def _load_query_tile(q_ptr, tok0, n_q, kvh, stride_qt, stride_qh,
     mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + row_off[:, None] + offs_d[None, :], mask=mask, other=0.0)
     return q.to(DOT_DTYPE), qi, row_ok, row_off
+
+
+@triton.jit
+def _work_item(work_ptr, item, HK: tl.constexpr):
+    """Work item `item` = (work row, kv head) over a query_block_table, kv head fastest.
+    Returns (seq, m0, kvh): the row's sequence (-1 for a padding row) and first query."""
+    wrow = item // HK
+    seq = tl.load(work_ptr + 2 * wrow)
+    m0 = tl.load(work_ptr + 2 * wrow + 1)
+    return seq, m0, item - wrow * HK
+
+
+@triton.jit
+def _load_work_query(q_ptr, cu_ptr, seq, m0, kvh, stride_qt, stride_qh,
+                     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """The query block of a work item (seq >= 0, m0, kvh): queries m0 .. m0 + n_q - 1 of sequence
+    seq, which owns tokens cu[seq] .. cu[seq + 1] - 1, as the _load_query_tile of kv head kvh.
+    Returns (q, qi, row_ok, start, seq_len, n_q)."""
+    start = tl.load(cu_ptr + seq)
+    seq_len = tl.load(cu_ptr + seq + 1) - start
+    n_q = tl.minimum(seq_len - m0, BLOCK_Q)
+    q, qi, row_ok, _ = _load_query_tile(q_ptr, start + m0, n_q, kvh, stride_qt, stride_qh,
+                                        GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
+    return q, qi, row_ok, start, seq_len, n_q
 
 
 @triton.jit
@@ -130,26 +168,13 @@ def _varlen_attention_kernel(
     work_ptr: int32 [n_work_rows, 2] = (sequence, first query of the block), sequence -1 = padding.
     Work item = (work row, kv head); each program loops over items pid, pid + nprog, ...
     """
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    # Offsets of a K/V tile's rows and head-dim columns, computed once: the key loop only moves
-    # a base pointer (cheaper on every backend, and the interpreter checks each int32 op).
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    k_off = offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_off = offs_n[:, None] * stride_vt + offs_d[None, :]
-    for item in range(pid, n_work_rows * HK, nprog):
-        wrow = item // HK
-        kvh = item - wrow * HK
-        seq = tl.load(work_ptr + 2 * wrow)
+    d_ok, k_off, v_off = _kv_tile_offsets(stride_kt, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM)
+    for item in range(tl.program_id(0), n_work_rows * HK, tl.num_programs(0)):
+        seq, m0, kvh = _work_item(work_ptr, item, HK)
         if seq >= 0:
-            m0 = tl.load(work_ptr + 2 * wrow + 1)
-            start = tl.load(cu_ptr + seq)
-            seqlen = tl.load(cu_ptr + seq + 1) - start
-            n_q = tl.minimum(seqlen - m0, BLOCK_Q)
-            q, qi, row_ok, _ = _load_query_tile(q_ptr, start + m0, n_q, kvh, stride_qt, stride_qh,
-                                                GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
+            q, qi, row_ok, start, seqlen, n_q = _load_work_query(q_ptr, cu_ptr, seq, m0, kvh, stride_qt, stride_qh,
+                                                                 GROUP, G_PAD, HEAD_DIM, BLOCK_Q, BLOCK_M,
+                                                                 BLOCK_D, DOT_DTYPE)
             qpos = m0 + qi  # position of each row within its sequence
             k_base = k_ptr + start.to(tl.int64) * stride_kt + kvh * stride_kh
             v_base = v_ptr + start.to(tl.int64) * stride_vt + kvh * stride_vh
