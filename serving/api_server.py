@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -117,6 +118,31 @@ class TextDelta:
             delta = visible[len(os.path.commonprefix([visible, self.sent])):]
         self.sent = visible
         return delta
+
+
+@dataclass(frozen=True)
+class OpenAIEndpoint:
+    """What differs between /v1/chat/completions and /v1/completions; the rest is one code path."""
+    id_prefix: str  # of the response id
+    object: str  # of the response ...
+    chunk_object: str  # ... and of its streamed chunks
+    body: Callable[[str], dict[str, Any]]  # a choice's text part: the whole output ...
+    delta: Callable[[str], dict[str, Any]]  # ... or a streamed piece
+    last_chunk: dict[str, Any]  # the text part of the chunk that carries finish_reason
+    first_chunk: dict[str, Any] | None  # the text part of a chunk streamed before any output
+    logprobs: Callable[[list[dict[str, Any]], int], dict[str, Any]]  # (entries, text offset)
+
+
+CHAT = OpenAIEndpoint(
+    "chatcmpl", "chat.completion", "chat.completion.chunk",
+    body=lambda text: {"message": {"role": "assistant", "content": text}},
+    delta=lambda text: {"delta": {"content": text}},
+    last_chunk={"delta": {}}, first_chunk={"delta": {"role": "assistant", "content": ""}},
+    logprobs=lambda entries, offset: chat_logprobs(entries))
+COMPLETION = OpenAIEndpoint(
+    "cmpl", "text_completion", "text_completion",
+    body=lambda text: {"text": text}, delta=lambda text: {"text": text},
+    last_chunk={"text": ""}, first_chunk=None, logprobs=completion_logprobs)
 
 
 class DisconnectingStreamingResponse(StreamingResponse):
@@ -281,97 +307,48 @@ class Server:
             entries.append({**entry(tid, lp), "top_logprobs": [entry(t, v) for t, v in top]})
         return entries
 
-    # ---------------------------------------------------------------------------- chat
+    # ---------------------------------------------------------------------------- chat, completions
 
     async def chat(self, request: Request, req: GenerationRequest) -> Response:
-        model = self.check_model(req)
-        request_id, stream = await self.start_request(req, "chatcmpl")
-        created = now()
-        if req.stream:
-            return DisconnectingStreamingResponse(self._chat_events(req, stream, request_id, created, model),
-                                                  stream.close, media_type="text/event-stream",
-                                                  headers=SSE_HEADERS)
-        out = await self.wait_final(request, stream)
-        if out is None:
-            return Response(status_code=CLIENT_CLOSED)
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": out.text},
-                                  "logprobs": None, "finish_reason": out.finish_reason}
-        if req.logprobs:
-            choice["logprobs"] = chat_logprobs(self.logprob_entries(out, 0, len(out.output_ids)))
-        if req.return_token_ids:
-            choice["token_ids"] = out.output_ids
-        return JSONResponse({"id": request_id, "object": "chat.completion", "created": created, "model": model,
-                             "choices": [choice],
-                             "usage": usage_of(out)})
-
-    async def _chat_events(self, req: GenerationRequest, stream: RequestStream, request_id: str, created: int,
-                           model: str) -> AsyncIterator[str]:
-        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
-            c = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}]}
-            if req.include_usage:
-                c["usage"] = None
-            return c
-
-        text = TextDelta(req.params.stop)
-        sent_tokens = 0
-        yield sse(chunk({"role": "assistant", "content": ""}))
-        try:
-            while True:
-                out = await stream.next()
-                delta = text.update(out.text, out.finished)
-                extra: dict[str, Any] = {}
-                if req.logprobs and len(out.output_ids) > sent_tokens:
-                    extra["logprobs"] = chat_logprobs(self.logprob_entries(out, sent_tokens, len(out.output_ids)))
-                if req.return_token_ids and len(out.output_ids) > sent_tokens:
-                    extra["token_ids"] = out.output_ids[sent_tokens:]
-                sent_tokens = len(out.output_ids)
-                if delta or extra:
-                    yield sse(chunk({"content": delta}, **extra))
-                if out.finished:
-                    yield sse(chunk({}, out.finish_reason))
-                    if req.include_usage:
-                        yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                                   "model": model, "choices": [],
-                                   "usage": usage_of(out)})
-                    break
-        except (EngineError, EngineStopped, ValueError) as e:
-            yield sse(error_body(e))
-        yield "data: [DONE]\n\n"
-
-    # ---------------------------------------------------------------------------- completions
+        return await self._openai_response(request, req, CHAT)
 
     async def completion(self, request: Request, req: GenerationRequest) -> Response:
+        return await self._openai_response(request, req, COMPLETION)
+
+    async def _openai_response(self, request: Request, req: GenerationRequest, api: OpenAIEndpoint) -> Response:
         model = self.check_model(req)
-        request_id, stream = await self.start_request(req, "cmpl")
+        request_id, stream = await self.start_request(req, api.id_prefix)
         created = now()
         if req.stream:
-            return DisconnectingStreamingResponse(self._completion_events(req, stream, request_id, created, model),
+            return DisconnectingStreamingResponse(self._openai_events(req, stream, request_id, created, model, api),
                                                   stream.close, media_type="text/event-stream",
                                                   headers=SSE_HEADERS)
         out = await self.wait_final(request, stream)
         if out is None:
             return Response(status_code=CLIENT_CLOSED)
-        choice: dict[str, Any] = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+        choice: dict[str, Any] = {"index": 0, **api.body(out.text), "logprobs": None,
+                                  "finish_reason": out.finish_reason}
         if req.logprobs:
-            choice["logprobs"] = completion_logprobs(self.logprob_entries(out, 0, len(out.output_ids)), 0)
+            choice["logprobs"] = api.logprobs(self.logprob_entries(out, 0, len(out.output_ids)), 0)
         if req.return_token_ids:
             choice["token_ids"] = out.output_ids
-        return JSONResponse({"id": request_id, "object": "text_completion", "created": created, "model": model,
+        return JSONResponse({"id": request_id, "object": api.object, "created": created, "model": model,
                              "choices": [choice],
                              "usage": usage_of(out)})
 
-    async def _completion_events(self, req: GenerationRequest, stream: RequestStream, request_id: str,
-                                 created: int, model: str) -> AsyncIterator[str]:
-        def chunk(text: str, finish: str | None = None, **extra: Any) -> dict[str, Any]:
-            c = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish, **extra}]}
+    async def _openai_events(self, req: GenerationRequest, stream: RequestStream, request_id: str, created: int,
+                             model: str, api: OpenAIEndpoint) -> AsyncIterator[str]:
+        def chunk(body: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+            c = {"id": request_id, "object": api.chunk_object, "created": created, "model": model,
+                 "choices": [{"index": 0, **body, "logprobs": None, "finish_reason": finish, **extra}]}
             if req.include_usage:
                 c["usage"] = None
             return c
 
         text = TextDelta(req.params.stop)
         sent_tokens = 0
+        if api.first_chunk is not None:
+            yield sse(chunk(api.first_chunk))
         try:
             while True:
                 out = await stream.next()
@@ -379,18 +356,18 @@ class Server:
                 delta = text.update(out.text, out.finished)
                 extra: dict[str, Any] = {}
                 if req.logprobs and len(out.output_ids) > sent_tokens:
-                    extra["logprobs"] = completion_logprobs(
+                    extra["logprobs"] = api.logprobs(
                         self.logprob_entries(out, sent_tokens, len(out.output_ids)), offset)
                 if req.return_token_ids and len(out.output_ids) > sent_tokens:
                     extra["token_ids"] = out.output_ids[sent_tokens:]
                 sent_tokens = len(out.output_ids)
                 if delta or extra:
-                    yield sse(chunk(delta, **extra))
+                    yield sse(chunk(api.delta(delta), **extra))
                 if out.finished:
-                    yield sse(chunk("", out.finish_reason))
+                    yield sse(chunk(api.last_chunk, out.finish_reason))
                     if req.include_usage:
-                        yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
-                                   "choices": [],
+                        yield sse({"id": request_id, "object": api.chunk_object, "created": created,
+                                   "model": model, "choices": [],
                                    "usage": usage_of(out)})
                     break
         except (EngineError, EngineStopped, ValueError) as e:
