@@ -202,7 +202,9 @@ async def outputs_from_server(args: argparse.Namespace, samples: list[Sample]) -
                 record = await send_chat(client, args.url, payload, RequestRecord(i, s.id), args.timeout)
             bar.update(1)
             if not record.success:
-                raise RuntimeError(f"{s.id}: request failed: {record.error}")
+                hint = " (send the media inline with --media_mode base64)" if "allowed_media_dir" in str(
+                    record.error) else ""
+                raise RuntimeError(f"question {s.id}: request failed: {record.error}{hint}")
             return record.text
 
         outputs = await asyncio.gather(*(one(i, s) for i, s in enumerate(samples)))
@@ -257,17 +259,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_arguments(p)
     args = p.parse_args(argv)
-    if args.task == "textvqa":
-        samples = load_textvqa(args.dataset_path, args.num_samples)
-    else:
-        samples = load_videobench(args.dataset_path, args.num_samples, args.subsets)
-        missing = [s.id for s in samples if s.answer is None]
-        if missing:
-            raise SystemExit(f"{len(missing)} VideoBench questions have no answer (e.g. {missing[0]})")
-    if not samples:
-        raise SystemExit("no questions to evaluate")
-    started = time.perf_counter()
-    outputs = asyncio.run(outputs_from_server(args, samples)) if args.url else outputs_from_engine(args, samples)
+    try:
+        if args.task == "textvqa":
+            samples = load_textvqa(args.dataset_path, args.num_samples)
+        else:
+            samples = load_videobench(args.dataset_path, args.num_samples, args.subsets)
+            missing = [s.id for s in samples if s.answer is None]
+            if missing:
+                raise SystemExit(f"{len(missing)} VideoBench questions have no answer (e.g. {missing[0]})")
+        if not samples:
+            raise SystemExit("no questions to evaluate")
+        started = time.perf_counter()
+        outputs = asyncio.run(outputs_from_server(args, samples)) if args.url else outputs_from_engine(args, samples)
+    except (OSError, ValueError, RuntimeError) as e:  # bad dataset path or file, a failed request
+        raise SystemExit(f"error: {e}") from None
     items = score_samples(args.task, samples, outputs)
     rows = results_table(args.task, items)
     args.save_path.mkdir(parents=True, exist_ok=True)
