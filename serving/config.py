@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -89,57 +90,55 @@ def strip_json_comments(text: str) -> str:
     config.json examples) turned into strict JSON. String contents are left alone."""
     out: list[str] = []
     i, n = 0, len(text)
-    in_string = False
     while i < n:
         c = text[i]
-        if in_string:
-            out.append(c)
-            if c == "\\" and i + 1 < n:
-                out.append(text[i + 1])
-                i += 2
-                continue
-            if c == '"':
-                in_string = False
-            i += 1
-            continue
         if c == '"':
-            in_string = True
-            out.append(c)
-            i += 1
-        elif c == "#" or text.startswith("//", i):
-            while i < n and text[i] != "\n":
-                i += 1
+            end = _string_end(text, i)
+            out.append(text[i:end])
+            i = end
+        elif _comment_at(text, i):
+            i = _line_end(text, i)
+        elif c == "," and text.startswith(("}", "]"), _next_token(text, i + 1)):
+            i += 1  # a trailing comma: followed (past whitespace and comments) by } or ]
         else:
             out.append(c)
             i += 1
-    cleaned = "".join(out)
-    # Trailing commas: a comma followed (after whitespace) by } or ], outside strings.
-    result: list[str] = []
-    in_string = False
-    i, n = 0, len(cleaned)
-    while i < n:
-        c = cleaned[i]
-        if in_string:
-            result.append(c)
-            if c == "\\" and i + 1 < n:
-                result.append(cleaned[i + 1])
-                i += 2
-                continue
-            if c == '"':
-                in_string = False
-        elif c == '"':
-            in_string = True
-            result.append(c)
-        elif c == ",":
-            j = i + 1
-            while j < n and cleaned[j] in " \t\r\n":
-                j += 1
-            if j >= n or cleaned[j] not in "}]":
-                result.append(c)
+    return "".join(out)
+
+
+def _string_end(text: str, i: int) -> int:
+    """Index just past the JSON string opening at text[i] (the end of text if it never closes)."""
+    i += 1
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+        elif text[i] == '"':
+            return i + 1
         else:
-            result.append(c)
-        i += 1
-    return "".join(result)
+            i += 1
+    return len(text)
+
+
+def _comment_at(text: str, i: int) -> bool:
+    return text[i] == "#" or text.startswith("//", i)
+
+
+def _line_end(text: str, i: int) -> int:
+    """Index of the newline ending text[i]'s line (the end of text on the last line)."""
+    j = text.find("\n", i)
+    return len(text) if j < 0 else j
+
+
+def _next_token(text: str, i: int) -> int:
+    """Index of the first character at or after i that is neither whitespace nor in a comment."""
+    while i < len(text):
+        if text[i] in " \t\r\n":
+            i += 1
+        elif _comment_at(text, i):
+            i = _line_end(text, i)
+        else:
+            break
+    return i
 
 
 def read_mindie_config(path: str | Path) -> tuple[dict[str, Any], list[str]]:
@@ -155,61 +154,45 @@ def read_mindie_config(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     values: dict[str, Any] = {}
     ignored: list[str] = []
 
-    server = doc.get("ServerConfig") or {}
-    for key, value in server.items():
-        if key == "ipAddress":
-            values["host"] = str(value)
-        elif key == "port":
-            values["port"] = int(value)
-        elif key == "httpsEnabled":
-            if value:
-                raise ValueError(f"{path}: ServerConfig.httpsEnabled is true, but this server speaks plain "
-                                 "HTTP only; terminate TLS in a reverse proxy and set it to false")
-        else:
-            ignored.append(f"ServerConfig.{key}")
+    def take(section: dict[str, Any], prefix: str, mapping: dict[str, tuple[str | None, Callable[[Any], Any]]],
+             handled: tuple[str, ...] = ()) -> None:
+        """values[field] = convert(value) for the keys in mapping (field None: only checked), the
+        others (but those handled elsewhere) reported in `ignored` as prefix + key, in order."""
+        for key, value in section.items():
+            if key in mapping:
+                name, convert = mapping[key]
+                converted = convert(value)
+                if name is not None:
+                    values[name] = converted
+            elif key not in handled:
+                ignored.append(prefix + key)
 
+    def https_off(value: Any) -> None:
+        if value:
+            raise ValueError(f"{path}: ServerConfig.httpsEnabled is true, but this server speaks plain "
+                             "HTTP only; terminate TLS in a reverse proxy and set it to false")
+
+    take(doc.get("ServerConfig") or {}, "ServerConfig.",
+         {"ipAddress": ("host", str), "port": ("port", int), "httpsEnabled": (None, https_off)})
     backend = doc.get("BackendConfig") or {}
-    for key in backend:
-        if key not in ("ModelDeployConfig", "ScheduleConfig"):
-            ignored.append(f"BackendConfig.{key}")
+    take(backend, "BackendConfig.", {}, handled=("ModelDeployConfig", "ScheduleConfig"))
     deploy = backend.get("ModelDeployConfig") or {}
-    for key, value in deploy.items():
-        if key == "maxSeqLen":
-            values["max_seq_len"] = int(value)
-        elif key == "maxInputTokenLen":
-            values["max_input_length"] = int(value)
-        elif key != "ModelConfig":
-            ignored.append(f"ModelDeployConfig.{key}")
+    take(deploy, "ModelDeployConfig.", {"maxSeqLen": ("max_seq_len", int),
+                                        "maxInputTokenLen": ("max_input_length", int)}, handled=("ModelConfig",))
     models = deploy.get("ModelConfig") or []
     if isinstance(models, dict):
         models = [models]
     if len(models) > 1:
         raise ValueError(f"{path}: {len(models)} ModelConfig entries; this server serves one model")
-    for key, value in (models[0] if models else {}).items():
-        if key == "modelName":
-            values["served_model_name"] = [str(value)]
-        elif key == "modelWeightPath":
-            values["model_path"] = str(value)
-        elif key == "npuMemSize":
-            values["kv_cache_gb"] = None if float(value) < 0 else float(value)
-        elif key == "worldSize":
-            values["world_size"] = int(value)
-        else:
-            ignored.append(f"ModelConfig.{key}")
-
-    schedule = backend.get("ScheduleConfig") or {}
-    mapping = {"maxPrefillTokens": ("max_prefill_tokens", int), "maxBatchSize": ("max_batch_size", int),
-               "maxIterTimes": ("max_iter_times", int), "cacheBlockSize": ("block_size", int),
-               "maxQueueLen": ("max_waiting", int)}
-    for key, value in schedule.items():
-        if key in mapping:
-            name, cast = mapping[key]
-            values[name] = cast(value)
-        else:
-            ignored.append(f"ScheduleConfig.{key}")
-    for key in doc:
-        if key not in ("ServerConfig", "BackendConfig"):
-            ignored.append(key)
+    take(models[0] if models else {}, "ModelConfig.",
+         {"modelName": ("served_model_name", lambda v: [str(v)]), "modelWeightPath": ("model_path", str),
+          "npuMemSize": ("kv_cache_gb", lambda v: None if float(v) < 0 else float(v)),
+          "worldSize": ("world_size", int)})
+    take(backend.get("ScheduleConfig") or {}, "ScheduleConfig.",
+         {"maxPrefillTokens": ("max_prefill_tokens", int), "maxBatchSize": ("max_batch_size", int),
+          "maxIterTimes": ("max_iter_times", int), "cacheBlockSize": ("block_size", int),
+          "maxQueueLen": ("max_waiting", int)})
+    take(doc, "", {}, handled=("ServerConfig", "BackendConfig"))
     return values, ignored
 
 
