@@ -259,20 +259,23 @@ def _build_config(arch: str, sizes: TinySizes, ids: dict[str, int], vocab_size: 
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=sizes.tie_word_embeddings,
     )
+    vision_common = dict(  # the vision config fields both architectures set alike
+        num_heads=sizes.vision_num_heads,
+        in_channels=3,
+        patch_size=sizes.patch_size,
+        spatial_merge_size=sizes.spatial_merge_size,
+        temporal_patch_size=sizes.temporal_patch_size,
+        initializer_range=sizes.init_std,
+    )
     if arch == "qwen2_vl":
         from transformers import Qwen2VLConfig as Config
         vision = dict(
             depth=sizes.vision_depth or 2,
             embed_dim=sizes.vision_embed_dim,
-            num_heads=sizes.vision_num_heads,
             mlp_ratio=sizes.vision_mlp_ratio,
             hidden_size=sizes.hidden_size,  # Qwen2-VL: the merger's output width (= text hidden)
             hidden_act="quick_gelu",
-            in_channels=3,
-            patch_size=sizes.patch_size,
-            spatial_merge_size=sizes.spatial_merge_size,
-            temporal_patch_size=sizes.temporal_patch_size,
-            initializer_range=sizes.init_std,
+            **vision_common,
         )
     elif arch == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig as Config
@@ -284,17 +287,12 @@ def _build_config(arch: str, sizes: TinySizes, ids: dict[str, int], vocab_size: 
             depth=depth,
             hidden_size=sizes.vision_embed_dim,
             intermediate_size=sizes.vision_intermediate_size,
-            num_heads=sizes.vision_num_heads,
             out_hidden_size=sizes.hidden_size,
             hidden_act="silu",
-            in_channels=3,
-            patch_size=sizes.patch_size,
-            spatial_merge_size=sizes.spatial_merge_size,
-            temporal_patch_size=sizes.temporal_patch_size,
             window_size=sizes.window_size,
             fullatt_block_indexes=list(full),
             tokens_per_second=sizes.tokens_per_second,
-            initializer_range=sizes.init_std,
+            **vision_common,
         )
     else:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
