@@ -370,7 +370,8 @@ class LLM:
             found[m.content_hash] = embeds
             self.encoder_cache.put(m.content_hash, embeds)  # too large for the cache: used, not kept
         for seq in todo:
-            seq.media_embeds = torch.cat([found[m.content_hash] for m in seq.media])
+            embeds = [found[m.content_hash] for m in seq.media]
+            seq.media_embeds = embeds[0] if len(embeds) == 1 else torch.cat(embeds)  # one medium: no copy
         self.stats["vision_s"] += time.perf_counter() - started
 
     def encode_media(self, media: list[PreparedMedia]) -> list[torch.Tensor]:
@@ -385,11 +386,15 @@ class LLM:
             embeds = self.model.encode_media(pixel_values, torch.tensor([media[i].grid for i in images]))
             out.update(zip(images, embeds.split([media[i].num_tokens for i in images]), strict=True))
         for i, m in enumerate(media):
-            if i not in out:
+            if i not in out:  # a video: each chunk's embeddings go straight into their rows
                 _, h, w = m.grid
-                chunks = m.pixel_chunks(max(1, self.vision_chunk_patches // (h * w)))
-                out[i] = torch.cat([self.model.encode_media(pv.to(self.device), torch.tensor([grid]))
-                                    for pv, grid in chunks])
+                out[i] = torch.empty(m.num_tokens, self.config.text.hidden_size, dtype=self.model.dtype,
+                                     device=self.device)
+                row = 0
+                for pv, grid in m.pixel_chunks(max(1, self.vision_chunk_patches // (h * w))):
+                    chunk = self.model.encode_media(pv.to(self.device), torch.tensor([grid]))
+                    out[i][row:row + len(chunk)] = chunk
+                    row += len(chunk)
         return [out[i] for i in range(len(media))]
 
     def _forward(self, batch: Batch) -> torch.Tensor:

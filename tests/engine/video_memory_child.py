@@ -4,8 +4,10 @@
 
 Warms up with one run on the clip's first seconds (so imports, the model and the KV cache are
 resident and the allocator has its arenas), resets the kernel's peak-RSS mark (clear_refs 5),
-runs generate.py on the whole clip, and prints {"growth_bytes", "embedding_bytes", "prompt_tokens"}
-as JSON: growth is the peak resident set during the run above the resident set before it.
+runs generate.py on the whole clip, and prints {"growth_bytes", "embedding_bytes", "kv_bytes",
+"prompt_tokens"} as JSON: growth is the peak resident set during the run above the resident set
+before it; embedding_bytes and kv_bytes are what the prompt's embeddings and its KV cache entries
+take (the CPU cache is allocated untouched, so its pages become resident as tokens are written).
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ def main() -> None:
     report = generate.main(argv)
     growth = (rss_kib("VmHWM") - before) * 1024
     prompt_tokens = report["results"][0]["prompt_tokens"]
-    import json as _json
-
-    hidden = _json.loads((Path(checkpoint) / "config.json").read_text())
-    hidden = hidden.get("text_config", hidden)["hidden_size"]
-    print(json.dumps({"growth_bytes": growth, "embedding_bytes": prompt_tokens * hidden * 4,
-                      "prompt_tokens": prompt_tokens}))
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    text = config.get("text_config", config)
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    kv_per_token = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim * 4  # fp32 K and V
+    print(json.dumps({"growth_bytes": growth, "embedding_bytes": prompt_tokens * text["hidden_size"] * 4,
+                      "kv_bytes": prompt_tokens * kv_per_token, "prompt_tokens": prompt_tokens}))
 
 
 if __name__ == "__main__":
