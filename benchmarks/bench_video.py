@@ -1,10 +1,11 @@
 """Video scaling: vision-encoder time and peak memory against the sampled frame count, for the
 chunked path (decode and encode a few temporal slices at a time) and the one-call path.
 
-On a GPU the tower has Qwen2.5-VL-7B's vision shapes (random weights) and frames of 128 merged
-tokens per frame pair; on the CPU a small tower (the tiny checkpoint's) and 16-token frame pairs,
-because the CPU cannot run the real tower over hundreds of frames in a benchmark's time: the CPU
-table shows the shape of the curves, not the real model's cost. Times include decoding and
+On a GPU the tower has Qwen2.5-VL-7B's vision shapes (random weights), frames of 128 merged
+tokens per frame pair and the engine's default 16384 patches per vision call (32 temporal slices);
+on the CPU a small tower (the tiny checkpoint's), 12-token frame pairs and 1024 patches per call
+(21 slices), because the CPU cannot run the real tower over hundreds of frames in a benchmark's
+time: the CPU table shows the shape of the curves, not the real model's cost. Times include decoding and
 patchifying the frames. Peak memory: GPU memory allocated (in process), or on the CPU the growth
 of the peak resident set of a fresh process per point.
 
@@ -127,10 +128,10 @@ def run(ctx) -> None:
 
     device = ctx.device.type
     ckpt, clip, tokens = _assets(device)
-    counts = FRAME_COUNTS if not ctx.smoke or device != "cpu" else FRAME_COUNTS
+    chunk_patches = 16384 if device == "cuda" else 1024
     rows = []
-    for frames in counts:
-        for mode, patches in (("chunked", 16384), ("one call", ONE_CALL)):
+    for frames in FRAME_COUNTS:
+        for mode, patches in (("chunked", chunk_patches), ("one call", ONE_CALL)):
             args = (ckpt, clip, frames, patches, device, tokens)
             point = measure_point(*map(str, args[:2]), frames, patches, device, tokens) if device == "cuda" \
                 else _point_in_fresh_process(*args)
