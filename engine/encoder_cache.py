@@ -12,6 +12,8 @@ import torch
 
 
 class EncoderCache:
+    """LRU map: media content hash -> vision embeddings [tokens, H], bounded by max_bytes."""
+
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()

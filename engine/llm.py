@@ -301,6 +301,7 @@ class LLM:
         self._pending = []
 
     def has_unfinished(self) -> bool:
+        """Whether any request is still waiting or running."""
         return self.scheduler.has_work()
 
     # ------------------------------------------------------------------ one step
@@ -456,6 +457,7 @@ class LLM:
             self.sequences.pop(seq.request_id, None)
 
     def output_of(self, seq: Sequence) -> RequestOutput:
+        """A snapshot of a sequence's request as the caller sees it (whole output so far)."""
         end = seq.finish_time or time.perf_counter()
         return RequestOutput(
             request_id=seq.request_id, prompt_tokens=len(seq.prompt_ids), output_ids=list(seq.output_ids),

@@ -43,6 +43,7 @@ class Batch:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens computed in this step (the forward pass's T)."""
         return sum(r.count for r in self.runs)
 
 
@@ -60,10 +61,12 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        """Queue a new sequence at the end of the waiting line."""
         seq.status = Status.WAITING
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
+        """Whether any sequence is waiting or running."""
         return bool(self.waiting or self.running)
 
     def finish(self, seq: Sequence) -> None:

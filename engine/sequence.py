@@ -19,6 +19,8 @@ from engine.sampling import SamplingParams
 
 
 class Status(enum.Enum):
+    """Where a sequence is in its life."""
+
     WAITING = "waiting"    # not holding KV blocks (new, or preempted and to be recomputed)
     RUNNING = "running"    # holding blocks: prefilling in chunks or decoding
     FINISHED = "finished"
@@ -58,10 +60,12 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def all_ids(self) -> list[int]:
+        """Prompt token ids, then the generated ones."""
         return self.prompt_ids + self.output_ids
 
     @property
@@ -71,6 +75,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
+        """Whether the request has stopped (finished, aborted or out of room)."""
         return self.status == Status.FINISHED
 
     def positions_of(self, start: int, end: int) -> torch.Tensor:
