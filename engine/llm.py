@@ -444,7 +444,9 @@ class LLM:
             reason = "stop"
         elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
             reason = "length"
-        seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        seq.text += self._new_text(seq)
+        if reason is not None:  # the final text is exactly the whole output's decode
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
         if params.stop:
             cut = find_stop(seq.text, params.stop)
             if cut is not None:
@@ -455,6 +457,18 @@ class LLM:
             seq.finish_time = now
             self.scheduler.finish(seq)
             self.sequences.pop(seq.request_id, None)
+
+    def _new_text(self, seq: Sequence) -> str:
+        """Text the newest token adds, decoding only a few tokens (vLLM's incremental scheme): the
+        tokens since prefix_offset, minus the text they had without the newest ones. Text that
+        ends inside a multi-byte character (U+FFFD) waits for the next token."""
+        ids = seq.output_ids
+        before = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
+        after = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        return after[len(before):]
 
     def output_of(self, seq: Sequence) -> RequestOutput:
         """A snapshot of a sequence's request as the caller sees it (whole output so far)."""

@@ -51,6 +51,10 @@ class Sequence:
     num_computed: int = 0
     media_embeds: torch.Tensor | None = None  # [sum of media tokens, H] once encoded
     text: str = ""
+    # Incremental detokenization: output tokens [prefix_offset, read_offset) were decoded last step
+    # as the context of the next token's text (byte-level tokens may complete a character later).
+    prefix_offset: int = 0
+    read_offset: int = 0
     finish_reason: str | None = None
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
