@@ -232,13 +232,23 @@ def _gather_kv(cache: torch.Tensor, table_row: torch.Tensor, n: int) -> torch.Te
 def _paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor,
                                scale: float | None = None) -> torch.Tensor:
-    """PyTorch reference of paged decode: per sequence, gather its K/V and attend in fp32."""
+    """PyTorch reference of paged decode, all sequences in one batched fp32 attention: each
+    sequence's K/V gathered through its table into [B, longest context] rows (the rest masked),
+    the query heads of each kv head grouped so K/V are not repeated."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out = torch.empty_like(q)
-    for b, n in enumerate(context_lens.tolist()):
-        k, v = _gather_kv(k_cache, block_tables[b], n), _gather_kv(v_cache, block_tables[b], n)
-        out[b] = attention_reference(q[b, None], k, v, scale, None)[0].to(q.dtype)
-    return out
+    b, hq, d = q.shape
+    nb, bs, hk, _ = k_cache.shape
+    lens = context_lens.to(torch.int64)
+    pos = torch.arange(int(lens.max()), device=q.device)  # [L]
+    valid = pos < lens[:, None]  # [B, L]
+    blocks = block_tables.long().gather(1, (pos // bs).clamp(max=block_tables.shape[1] - 1).expand(b, -1))
+    slots = torch.where(valid, blocks * bs + pos % bs, 0)  # [B, L] rows of the flattened cache
+    k = k_cache.reshape(nb * bs, hk, d)[slots].float().permute(0, 2, 3, 1)  # [B, Hk, D, L]
+    v = v_cache.reshape(nb * bs, hk, d)[slots].float().transpose(1, 2)  # [B, Hk, L, D]
+    v = v.masked_fill(~valid[:, None, :, None], 0.0)  # padding rows may hold stale NaN: 0 * NaN is NaN
+    scores = (q.float().view(b, hk, hq // hk, d) @ k) * scale  # [B, Hk, G, L]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1) @ v).reshape(b, hq, d).to(q.dtype)
 
 
 def _paged_prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
