@@ -28,13 +28,13 @@ class RequestRecord:
     success: bool = False
     error: str | None = None
     status: int | None = None
+    text: str = ""
+    finish_reason: str | None = None
     prompt_tokens: int = 0
     output_tokens: int = 0
     ttft_s: float | None = None
     latency_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
     start_s: float = 0.0  # send time relative to the benchmark's start
 
     @property
