@@ -67,6 +67,7 @@ class BlockManager:
         return self.num_blocks - self.num_free_blocks
 
     def has_seq(self, seq_id: int) -> bool:
+        """Whether `seq_id` holds a block table."""
         return seq_id in self._tables
 
     def block_table(self, seq_id: int) -> list[int]:

@@ -42,10 +42,12 @@ class QwenVLModel:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The model's weights and activations dtype."""
         return self.weights.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device the weights (and the KV cache) live on."""
         return self.weights.language.embed_tokens.device
 
     def encode_media(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,7 @@ class CheckpointReader:
         return name in self._where
 
     def shape(self, name: str) -> list[int]:
+        """The full shape of tensor `name`, read from the file header (no data)."""
         f, original = self._locate(name)
         return list(self._handles[f].get_slice(original).get_shape())
 
@@ -164,6 +165,8 @@ class VisionBlockWeights:
 
 @dataclass
 class VisionWeights:
+    """The vision tower: patch embedding as a matmul weight, the blocks, and the 2x2 patch merger."""
+
     patch_embed: torch.Tensor  # [E, C * tp * p * p]
     blocks: list[VisionBlockWeights]
     merger_norm_weight: torch.Tensor  # [E]
@@ -267,9 +270,11 @@ class _Loader:
         return tensor.to(device=self.device, dtype=dtype)
 
     def cat(self, names: Iterable[str], dtype: torch.dtype) -> torch.Tensor:
+        """This rank's slices of several tensors, concatenated along dim 0 (fused qkv, gate_up)."""
         return torch.cat([self(n, dtype) for n in names], dim=0)
 
     def optional(self, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """This rank's slice of `name`, or None when the checkpoint lacks it (optional biases)."""
         return self(name, dtype) if name in self.reader else None
 
 

@@ -61,6 +61,7 @@ class ServingLLM(LLM):
     """An LLM that also takes `PreparedPrompt`s (tokenized off the engine thread)."""
 
     def prepare(self, prompt: Prompt) -> tuple[list[int], list[PreparedMedia]]:
+        """A PreparedPrompt passes through as it is (prepared in a worker thread); anything else as LLM.prepare."""
         if isinstance(prompt, PreparedPrompt):
             return list(prompt.ids), list(prompt.prepared)
         return super().prepare(prompt)
@@ -151,18 +152,22 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
+        """Requests accepted but not running: being prepared, handed over, or queued in the engine."""
         with self._lock:
             return self._preparing + self._pending_adds + self._waiting
 
     @property
     def num_running(self) -> int:
+        """Requests the engine is running (as of its last step)."""
         return self._running
 
     @property
     def kv_blocks_used(self) -> int:
+        """KV blocks held by sequences (as of the engine's last step)."""
         return self._kv_used
 
     def is_healthy(self) -> bool:
+        """Accepting requests and the engine thread alive."""
         return self._accepting and self._thread.is_alive()
 
     def stop_accepting(self) -> None:

@@ -31,6 +31,7 @@ from serving.datasets import Sample, load_dataset
 
 
 def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of tools/benchmark.py."""
     add = p.add_argument
     add("--url", default="http://127.0.0.1:1025", help="the server's base URL (default: %(default)s)")
     add("--model", help="model name to send (default: the first one /v1/models lists)")
@@ -229,6 +230,7 @@ def run_offline(args: argparse.Namespace, samples: list[Sample]) -> tuple[list[R
 
 
 def save_results(records: list[RequestRecord], summary: dict[str, Any], save_path: Path) -> list[Path]:
+    """Write records.jsonl, summary.json and latency.png under save_path; returns their paths."""
     save_path.mkdir(parents=True, exist_ok=True)
     records_path = save_path / "records.jsonl"
     with records_path.open("w", encoding="utf-8") as f:
@@ -242,6 +244,7 @@ def save_results(records: list[RequestRecord], summary: dict[str, Any], save_pat
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """tools/benchmark.py: run the benchmark, print the summary table, save the files; returns the summary."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_benchmark_arguments(p)
     args = p.parse_args(argv)

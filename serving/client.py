@@ -45,6 +45,7 @@ class RequestRecord:
         return (self.latency_s - self.ttft_s) / (self.output_tokens - 1)
 
     def to_json(self) -> dict[str, Any]:
+        """The record as a JSON object, with the derived time per output token."""
         d = asdict(self)
         d["tpot_s"] = self.tpot_s
         return d
@@ -68,6 +69,7 @@ def media_part(kind: str, source: str | bytes, options: dict[str, Any] | None = 
 
 def chat_payload(model: str | None, content: list[dict[str, Any]], max_tokens: int, stream: bool,
                  temperature: float = 0.0, ignore_eos: bool = False, seed: int | None = None) -> dict[str, Any]:
+    """The /v1/chat/completions body of one user message with `content` parts."""
     payload: dict[str, Any] = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
                                "temperature": temperature, "stream": stream}
     if model:

@@ -101,6 +101,7 @@ def subset_name(path: Path) -> str:
 
 
 def format_options(choices: dict[str, str]) -> str:
+    """Multiple-choice options as '(A) text' lines, in letter order."""
     return "\n".join(f"({k}) {v}" for k, v in sorted(choices.items()))
 
 

@@ -74,6 +74,7 @@ CONTRACTIONS = dict(pair.split(" ") for pair in _CONTRACTIONS.replace("\n", "|")
 
 
 def process_punctuation(text: str) -> str:
+    """The official VQA punctuation rule: strip or space out punctuation, periods only outside numbers."""
     out = text
     for p in PUNCTUATIONS:
         if (p + " " in text or " " + p in text) or COMMA_STRIP.search(text) is not None:
@@ -84,6 +85,7 @@ def process_punctuation(text: str) -> str:
 
 
 def process_digit_article(text: str) -> str:
+    """The official VQA rule: number words to digits, articles dropped, contractions restored."""
     words = [NUMBER_MAP.get(w, w) for w in text.lower().split()]
     words = [w for w in words if w not in ARTICLES]
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
@@ -228,6 +230,7 @@ def outputs_from_engine(args: argparse.Namespace, samples: list[Sample]) -> list
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of tools/eval.py."""
     add = p.add_argument
     add("--task", "--dataset_type", dest="task", choices=["textvqa", "videobench"], required=True,
         help="which accuracy to measure")

@@ -67,6 +67,7 @@ class Metrics:
         self.kv_ratio.set_function(lambda: kv_used() / max(kv_total(), 1))
 
     def observe_finished(self, reason: str, ttft_s: float | None, latency_s: float, num_tokens: int) -> None:
+        """Count a finished request and observe its time per output token and end-to-end latency."""
         self.finished.labels(finish_reason=reason).inc()
         if num_tokens > 1 and ttft_s is not None:
             self.tpot.observe((latency_s - ttft_s) / (num_tokens - 1))
@@ -74,6 +75,7 @@ class Metrics:
             self.e2e.observe(latency_s)
 
     def render(self) -> bytes:
+        """The registry in Prometheus' text format (the /metrics body)."""
         return generate_latest(self.registry)
 
 

@@ -156,6 +156,7 @@ class Preparer:
     # ---------------------------------------------------------------------------- media
 
     def prepare_one(self, ref: MediaRef) -> PreparedMedia:
+        """Resolve, size-check and prepare one media part; APIError (400) naming the part otherwise."""
         source = resolve_source(ref, self.allowed_dir)
         limit = MAX_IMAGE_BYTES if ref.kind == "image" else MAX_VIDEO_BYTES
         size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size

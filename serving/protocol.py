@@ -43,6 +43,7 @@ class APIError(Exception):
         self.code = code
 
     def body(self) -> dict[str, Any]:
+        """The OpenAI-style error object."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
@@ -91,6 +92,7 @@ class GenerationRequest:
 
     @property
     def media(self) -> list[MediaRef]:
+        """The media parts of all messages, in order."""
         return [p for m in self.messages or [] for p in m.parts if isinstance(p, MediaRef)]
 
 
@@ -189,6 +191,7 @@ def parse_content(content: Any, param: str) -> list[str | MediaRef]:
 
 
 def parse_messages(value: Any) -> list[ChatMessage]:
+    """Validate an OpenAI `messages` array into ChatMessages; APIError naming the bad field."""
     if value is None:
         raise APIError("'messages' is required", param="messages", code="missing_required_parameter")
     if not isinstance(value, list):
@@ -383,6 +386,7 @@ def parse_generate_request(body: dict[str, Any]) -> GenerationRequest:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """An OpenAI usage object."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
@@ -406,4 +410,5 @@ def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str,
 
 
 def now() -> int:
+    """Unix time in seconds (OpenAI's `created`)."""
     return int(time.time())
