@@ -32,7 +32,8 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def perf_summary(outputs: Sequence[RequestOutput], wall_s: float, llm: LLM) -> dict:
     """Throughput and latency of a finished batch: requests/s, output tokens/s, time to first
-    token and time per output token (p50/p90/p99), the engine's time split, KV blocks used."""
+    token and time per output token (p50/p90/p99), the engine's time split, KV blocks used,
+    preemptions and encoder-cache hits (media encoded once for all requests that repeat it)."""
     out_tokens = sum(len(o.output_ids) for o in outputs)
     ttft = [o.ttft_s for o in outputs if o.ttft_s is not None]
     tpot = [(o.latency_s - o.ttft_s) / (len(o.output_ids) - 1) for o in outputs
@@ -55,6 +56,8 @@ def perf_summary(outputs: Sequence[RequestOutput], wall_s: float, llm: LLM) -> d
         "kv_blocks_total": llm.blocks.num_blocks,
         "kv_blocks_peak_used": stats["max_blocks_used"],
         "preemptions": llm.scheduler.num_preemptions,
+        "encoder_cache_hits": llm.encoder_cache.hits,
+        "encoder_cache_misses": llm.encoder_cache.misses,
         "peak_memory_gb": round(peak_memory_gb(llm.device), 3),
     }
 

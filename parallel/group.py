@@ -55,11 +55,6 @@ class TPGroup:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in a world of size {self.world_size}")
 
-    @property
-    def is_driver(self) -> bool:
-        """Rank 0: reads requests, drives the engine and writes results; the others follow it."""
-        return self.rank == 0
-
 
 SINGLE_PROCESS = TPGroup()
 
