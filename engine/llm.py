@@ -38,7 +38,7 @@ from engine.sequence import Sequence
 from modeling.attention_metadata import AttentionMetadata
 from modeling.model import load_model
 from modeling.processing import ImageProcessorConfig
-from modeling.prompt import build_prompt, num_media_tokens
+from modeling.prompt import build_prompt
 from parallel.comm import all_gather_object, broadcast_object
 from parallel.group import SINGLE_PROCESS, TPGroup, detect_device_type
 from parallel.sharding import local_kv_heads
@@ -224,14 +224,11 @@ class LLM:
         """Prefix-cache keys: token ids, with media pad j of medium m keyed by m's content hash
         (negative, so never equal to a token id): equal keys mean equal KV."""
         keys = list(ids)
-        merge = self.config.vision.spatial_merge_size
-        pads = [i for i, t in enumerate(ids) if t in self.pad_ids]
-        at = 0
+        pads = iter(i for i, t in enumerate(ids) if t in self.pad_ids)
         for m in media:
             base = int(m.content_hash[:15], 16)
-            for j in range(num_media_tokens(m.grid, merge)):
-                keys[pads[at]] = -1 - (base + j)
-                at += 1
+            for j in range(m.num_tokens):
+                keys[next(pads)] = -1 - (base + j)
         return keys
 
     def abort(self, request_id: str) -> bool:
