@@ -416,23 +416,22 @@ class LLM:
             q_lens.append(run.count)
             ctx_lens.append(end)
             tables.append(table)
+        ends = torch.tensor(q_lens).cumsum(0)  # end of each run among the step's tokens
         width = max(len(t) for t in tables)
         block_tables = torch.stack([torch.nn.functional.pad(t, (0, width - len(t))) for t in tables])
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slots).to(self.device),
             block_tables=block_tables.to(self.device, torch.int32),
             context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=self.device),
-            cu_seqlens_q=torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32,
-                                      device=self.device),
+            cu_seqlens_q=torch.tensor([0, *ends.tolist()], dtype=torch.int32, device=self.device),
             max_query_len=max(q_lens),
         )
         embeds = self.model.embed(torch.tensor(ids))
         for at, (seq, rows) in zip(media_at, media_rows, strict=True):
             embeds[at.to(self.device)] = seq.media_embeds[rows.to(seq.media_embeds.device)].to(embeds.dtype)
         hidden = self.model.forward(torch.cat(positions, dim=1), meta, self.kv_caches, inputs_embeds=embeds)
-        last_rows = torch.tensor(q_lens).cumsum(0) - 1
         sampling = torch.tensor([r.samples for r in batch.runs])
-        return self.model.compute_logits(hidden, last_rows[sampling].to(self.device))
+        return self.model.compute_logits(hidden, (ends - 1)[sampling].to(self.device))
 
     def _check_finished(self, seq: Sequence, now: float) -> None:
         params, token = seq.params, seq.output_ids[-1]
