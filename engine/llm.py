@@ -19,6 +19,7 @@ request without a seed gets one drawn on rank 0. `shutdown()` on rank 0 ends the
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -114,6 +115,7 @@ class LLM:
             self.device = torch.device(device) if device is not None else default_device()
         self._pending: list[Command] = []  # rank 0: commands the other ranks apply before the next step
         self._stopped = False
+        self._shutdown_lock = threading.Lock()  # the server's engine thread and main thread may both shut down
         self.model = load_model(self.path, dtype, self.device, tp)
         self.config = self.model.config
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -291,11 +293,14 @@ class LLM:
 
     def shutdown(self) -> None:
         """Rank 0: end the other ranks' worker_loop() (no-op on one process, on workers, or twice)."""
-        if self.tp.world_size == 1 or self.tp.rank != 0 or self._stopped:
+        if self.tp.world_size == 1 or self.tp.rank != 0:
             return
-        self._stopped = True
-        broadcast_object([*self._pending, ("stop",)], self.tp)
-        self._pending = []
+        with self._shutdown_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            broadcast_object([*self._pending, ("stop",)], self.tp)
+            self._pending = []
 
     def has_unfinished(self) -> bool:
         """Whether any request is still waiting or running."""

@@ -210,6 +210,8 @@ class AsyncEngine:
         if self._thread.is_alive():
             self._inbox.put(("stop",))
             await asyncio.to_thread(self._thread.join, timeout)
+            if self._thread.is_alive():
+                log.warning("the engine thread is still running %.0f s after the stop request", timeout)
         for stream in list(self._streams.values()):
             stream.put(EngineStopped("the server shut down before the request finished"))
         self._streams.clear()

@@ -12,6 +12,7 @@ in-flight ones finish (--graceful_timeout), aborts the rest and exits 0. See ser
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -30,7 +31,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class Terminated(Exception):
+    """SIGTERM on rank 0: unwinds serve() (its finally blocks release the engine and the process
+    group) and is caught in main(), so everything is freed before the interpreter shuts down."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
+    faulthandler.enable()  # a native crash (e.g. in a collective library) prints every thread's stack
     args = parse_args(argv)
     try:
         cfg, ignored = build_config(args)
@@ -46,10 +57,13 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     else:
         # uvicorn re-raises SIGTERM after its graceful shutdown; end with status 0 then (and during loading).
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGTERM, _terminate)
     from serving.api_server import serve
 
-    serve(cfg, access_log=args.access_log)
+    try:
+        serve(cfg, access_log=args.access_log)
+    except Terminated:
+        logging.getLogger("serve").info("stopped by SIGTERM")
 
 
 if __name__ == "__main__":
