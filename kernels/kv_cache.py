@@ -54,13 +54,13 @@ def _write_kv_cache_kernel(
 
 def _write_kv_cache_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               slot_mapping: torch.Tensor) -> None:
-    """PyTorch reference: index_put of the kept tokens' rows (in place into the caches)."""
-    block_size = k_cache.shape[1]
+    """PyTorch reference: index_copy_ of the kept tokens' rows into [slots, Hk * D] views of the
+    caches (in place)."""
     keep = slot_mapping >= 0  # [T]
     slots = slot_mapping[keep].long()
-    blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
-    v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        rows = new[keep].to(cache.dtype)  # [T_kept, Hk, D]
+        cache.view(-1, rows.shape[1] * rows.shape[2]).index_copy_(0, slots, rows.reshape(rows.shape[0], -1))
 
 
 @_backend.op(reference=_write_kv_cache_reference)

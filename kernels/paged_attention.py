@@ -226,15 +226,16 @@ def _gather_kv(cache: torch.Tensor, table_row: torch.Tensor, n: int) -> torch.Te
     """The first n cached tokens of one sequence: [n, Hk, D]."""
     block_size = cache.shape[1]
     blocks = table_row[: triton.cdiv(n, block_size)].long()
-    return cache[blocks].flatten(0, 1)[:n]  # [nb, BS, Hk, D] -> [n, Hk, D]
+    rows = cache.reshape(cache.shape[0], -1).index_select(0, blocks)  # [nb, BS * Hk * D]
+    return rows.view(-1, *cache.shape[2:])[:n]  # [n, Hk, D]
 
 
 def _paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor,
                                scale: float | None = None) -> torch.Tensor:
-    """PyTorch reference of paged decode, all sequences in one batched fp32 attention: each
-    sequence's K/V gathered through its table into [B, longest context] rows (the rest masked),
-    the query heads of each kv head grouped so K/V are not repeated."""
+    """PyTorch reference of paged decode, all sequences in one SDPA call: each sequence's K/V
+    gathered through its table into [B, Hk, longest context, D] (the rest masked), and the query
+    heads of each kv head passed as that head's queries, so K/V are not repeated."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     b, hq, d = q.shape
     nb, bs, hk, _ = k_cache.shape
@@ -242,20 +243,23 @@ def _paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     pos = torch.arange(int(lens.max()), device=q.device)  # [L]
     valid = pos < lens[:, None]  # [B, L]
     blocks = block_tables.long().gather(1, (pos // bs).clamp(max=block_tables.shape[1] - 1).expand(b, -1))
-    slots = torch.where(valid, blocks * bs + pos % bs, 0)  # [B, L] rows of the flattened cache
-    k = k_cache.reshape(nb * bs, hk, d)[slots].float().permute(0, 2, 3, 1)  # [B, Hk, D, L]
-    v = v_cache.reshape(nb * bs, hk, d)[slots].float().transpose(1, 2)  # [B, Hk, L, D]
-    v = v.masked_fill(~valid[:, None, :, None], 0.0)  # padding rows may hold stale NaN: 0 * NaN is NaN
-    scores = (q.float().view(b, hk, hq // hk, d) @ k) * scale  # [B, Hk, G, L]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    return (scores.softmax(-1) @ v).reshape(b, hq, d).to(q.dtype)
+    slots = blocks * bs + pos % bs  # [B, L] rows of the flattened cache
+    # Padding reads the sequence's first token (always written): a masked score times a finite V
+    # adds 0, where an unwritten slot could hold NaN and 0 * NaN is NaN.
+    slots = torch.where(valid, slots, slots[:, :1])
+    # index_select over [rows, Hk * D] views: on the CPU 9x faster than advanced indexing.
+    k = k_cache.reshape(nb * bs, hk * d).index_select(0, slots.flatten()).view(b, -1, hk, d).transpose(1, 2)
+    v = v_cache.reshape(nb * bs, hk * d).index_select(0, slots.flatten()).view(b, -1, hk, d).transpose(1, 2)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(b, hk, hq // hk, d), k, v, attn_mask=valid[:, None, None, :], scale=scale)  # [B, Hk, G, D]
+    return out.reshape(b, hq, d)
 
 
 def _paged_prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                        block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                        context_lens: torch.Tensor,
                                        scale: float | None = None) -> torch.Tensor:
-    """PyTorch reference of paged prefill: per sequence, gather its K/V and attend in fp32 with the
+    """PyTorch reference of paged prefill: per sequence, gather its K/V and attend (SDPA) with the
     causal mask aligned to the end of the context (query i sits at ctx - q_len + i)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.empty_like(q)
@@ -264,7 +268,7 @@ def _paged_prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v
         s, e = bounds[b], bounds[b + 1]
         if e > s:
             k, v = _gather_kv(k_cache, block_tables[b], n), _gather_kv(v_cache, block_tables[b], n)
-            out[s:e] = attention_reference(q[s:e], k, v, scale, n - (e - s)).to(q.dtype)
+            out[s:e] = attention_reference(q[s:e], k, v, scale, n - (e - s))
     return out
 
 

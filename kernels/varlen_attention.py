@@ -278,51 +278,38 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-# Up to this many queries the reference attends with explicit matmuls (decode), beyond with SDPA.
-_FEW_QUERIES = 8
-
-
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                         causal_from: int | None) -> torch.Tensor:
-    """fp32 softmax attention of one sequence: q [Lq, Hq, D], k/v [Lk, Hk, D] -> [Lq, Hq, D] fp32.
+    """Softmax attention of one sequence through PyTorch's SDPA: q [Lq, Hq, D], k/v [Lk, Hk, D]
+    -> [Lq, Hq, D] in q's dtype (scores, softmax and sums in fp32 inside SDPA).
 
     causal_from: None = every query sees every key; else query i sits at position causal_from + i
-    and sees keys 0..causal_from + i. Runs of queries go through SDPA (its flash path never builds
-    the [Lq, Lk] scores); a few queries (decode) through an explicit matmul + softmax with the query
-    heads of each kv head grouped: on the CPU (torch 2.13, 2 cores) SDPA took 21 ms for one
-    16-head decode query over 300 keys where this takes 0.7 ms.
+    and sees keys 0..causal_from + i. The inputs go in as 4D [1, H, L, D] views: on the CPU
+    (torch 2.13) only 4D inputs take SDPA's flash kernel, 3D ones fall back to the math path,
+    which builds [H, Lq, Lk] scores and was 3x slower for a 1564-patch image.
     """
-    lq, hq, d = q.shape
+    lq, hq, _ = q.shape
     lk, hk, _ = k.shape
-    if lq > _FEW_QUERIES:
-        mask = None
-        if causal_from is not None and (causal_from > 0 or lq != lk):
-            mask = torch.arange(lk, device=q.device) <= torch.arange(causal_from, causal_from + lq,
-                                                                     device=q.device)[:, None]
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.float().transpose(0, 1), k.float().transpose(0, 1), v.float().transpose(0, 1), attn_mask=mask,
-            is_causal=causal_from is not None and mask is None, scale=scale, enable_gqa=hq != hk)
-        return out.transpose(0, 1)
-    group = hq // hk
-    qg = q.float().reshape(lq, hk, group, d).permute(1, 2, 0, 3).reshape(hk, group * lq, d)  # [Hk, G*Lq, D]
-    scores = (qg @ k.float().permute(1, 2, 0)).view(hk, group, lq, lk) * scale
-    if causal_from is not None:
-        pos = torch.arange(causal_from, causal_from + lq, device=q.device)
-        scores = scores.masked_fill(torch.arange(lk, device=q.device) > pos[:, None], float("-inf"))
-    out = scores.softmax(-1).view(hk, group * lq, lk) @ v.float().transpose(0, 1)  # [Hk, G*Lq, D]
-    return out.view(hk, group, lq, d).permute(2, 0, 1, 3).reshape(lq, hq, d)
+    mask = None
+    if causal_from is not None and (causal_from > 0 or lq != lk):
+        mask = torch.arange(lk, device=q.device) <= torch.arange(causal_from, causal_from + lq,
+                                                                 device=q.device)[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask,
+        is_causal=causal_from is not None and mask is None, scale=scale, enable_gqa=hq != hk)
+    return out[0].transpose(0, 1)
 
 
 def _varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                                 max_seqlen: int, causal: bool = False,
                                 scale: float | None = None) -> torch.Tensor:
-    """PyTorch reference: fp32 attention per sequence."""
+    """PyTorch reference: SDPA per sequence."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for s, e in zip(bounds[:-1], bounds[1:], strict=True):
         if e > s:
-            out[s:e] = attention_reference(q[s:e], k[s:e], v[s:e], scale, 0 if causal else None).to(q.dtype)
+            out[s:e] = attention_reference(q[s:e], k[s:e], v[s:e], scale, 0 if causal else None)
     return out
 
 
