@@ -5,7 +5,8 @@ VPY       := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP     := $(VENV)/.installed
 
-export TRITON_INTERPRET ?= 1
+# Stock Triton, or triton-ascend on an Ascend host (the two cannot be installed together).
+KERNEL_EXTRA ?= $(shell command -v npu-smi >/dev/null 2>&1 && echo ascend || echo triton)
 
 .PHONY: install test bench lint demo clean
 
@@ -15,10 +16,11 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q $(TORCH_PIN)
-	$(VPY) -m pip install -q -e ".[triton,serve,dev]"
+	$(VPY) -m pip install -q -e ".[$(KERNEL_EXTRA),serve,dev]"
 	touch $(STAMP)
 
-# Kernels run on the Triton path everywhere (interpreter on CPU).
+# Kernels run on the Triton path everywhere (tests/conftest.py picks the interpreter when there is
+# no GPU or NPU).
 test: install
 	QVL_KERNELS=triton $(VPY) -m pytest -n 2 tests
 

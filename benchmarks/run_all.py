@@ -32,9 +32,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="small shapes even on a device")
     args = parser.parse_args()
 
-    import torch
+    from parallel.group import detect_device_type  # imports no triton
 
-    if not (torch.cuda.is_available()):
+    if detect_device_type() == "cpu":  # no GPU and no Ascend NPU
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import
     from benchmarks.common import BenchContext, measure_copy_bandwidth, write_results
     from engine.llm import default_device

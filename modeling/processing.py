@@ -571,6 +571,12 @@ def process_video(path: str | os.PathLike, cfg: ImageProcessorConfig, **sample_k
 
 def media_kind(path: str | os.PathLike) -> str:
     """"video" for a known video extension, else "image" if PIL can identify it, else "video"."""
+    return probe_media_kind(path, open_videos=False) or "video"
+
+
+def probe_media_kind(path: str | os.PathLike, open_videos: bool = True) -> str | None:
+    """"image" if PIL identifies the file, "video" for a known video extension or (open_videos)
+    a file PyAV opens with a video stream, else None (not media: a note, a label file...)."""
     p = Path(path)
     if p.suffix.lower() in VIDEO_EXTENSIONS:
         return "video"
@@ -578,7 +584,16 @@ def media_kind(path: str | os.PathLike) -> str:
         with Image.open(p):
             return "image"
     except (OSError, ValueError):
-        return "video"
+        pass
+    if not open_videos:
+        return None
+    import av
+
+    try:
+        with av.open(str(p)) as container:
+            return "video" if container.streams.video else None
+    except (av.FFmpegError, OSError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Test set-up: kernels on the Triton path everywhere (the interpreter when there is no GPU).
+"""Test set-up: kernels on the Triton path everywhere (the interpreter when there is no GPU or NPU).
 
 TRITON_INTERPRET is read when triton is imported, so it is set here, before any test module
 imports kernels (and through them triton).
@@ -6,9 +6,9 @@ imports kernels (and through them triton).
 
 import os
 
-import torch
+from parallel.group import detect_device_type  # imports no triton
 
-if not torch.cuda.is_available():
+if detect_device_type() == "cpu":  # no GPU and no Ascend NPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("QVL_KERNELS", "triton")
 

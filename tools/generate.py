@@ -27,7 +27,7 @@ from engine.llm import LLM, Prompt  # noqa: E402
 from engine.report import format_summary, perf_summary  # noqa: E402
 from engine.request import IMAGE_OPTIONS, VIDEO_OPTIONS, Media  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
-from modeling.processing import SAMPLE_IMAGE_PATH, media_kind  # noqa: E402
+from modeling.processing import SAMPLE_IMAGE_PATH, media_kind, probe_media_kind  # noqa: E402
 from modeling.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 from parallel import TPGroup, TPSizeError, barrier, destroy, init_from_env  # noqa: E402
 
@@ -107,8 +107,14 @@ def build_prompts(args: argparse.Namespace, using_demo: bool) -> list[tuple[list
         if not args.dataset_path.is_dir():
             raise SystemExit(f"--dataset_path {args.dataset_path}: not a directory")
         files = sorted(f for f in args.dataset_path.iterdir() if f.is_file() and not f.name.startswith("."))
-        if not files:
-            raise SystemExit(f"--dataset_path {args.dataset_path}: no files in it")
+        media = [f for f in files if probe_media_kind(f) is not None]
+        if not media:
+            raise SystemExit(f"--dataset_path {args.dataset_path}: no image or video files in it")
+        if len(media) < len(files):
+            skipped = [f.name for f in files if f not in media]
+            print(f"--dataset_path: skipping {len(skipped)} file(s) that are not images or videos: "
+                  f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
+        files = media
         return [([str(f)], Prompt(args.input_text, [media_of(f, args)])) for f in files]
     paths = list(args.input_image) or ([str(SAMPLE_IMAGE_PATH)] if using_demo else [])
     return [(paths, Prompt(args.input_text, [media_of(p, args) for p in paths]))]

@@ -24,6 +24,7 @@ from modeling.processing import (
     image_grid_thw,
     image_target_size,
     media_kind,
+    probe_media_kind,
     probe_video,
     process_frames,
     process_image,
@@ -295,6 +296,16 @@ def test_bundled_assets():
     assert info.total_frames >= 4
     _, grid = process_image(SAMPLE_IMAGE_PATH, ImageProcessorConfig())
     assert grid == (1, 8, 12)
+
+
+def test_probe_media_kind_tells_media_from_other_files(tmp_path):
+    renamed = tmp_path / "clip.bin"  # a video without a video extension: PyAV opens it
+    renamed.write_bytes(SAMPLE_VIDEO_PATH.read_bytes())
+    (tmp_path / "notes.txt").write_text("this is not an image\n")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    assert probe_media_kind(SAMPLE_IMAGE_PATH) == "image" and probe_media_kind(SAMPLE_VIDEO_PATH) == "video"
+    assert probe_media_kind(renamed) == "video"
+    assert probe_media_kind(tmp_path / "notes.txt") is None and probe_media_kind(tmp_path / "empty.jpg") is None
 
 
 def test_unreadable_media_errors(tmp_path, clip):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling.processing import SAMPLE_IMAGE_PATH
+from modeling.processing import SAMPLE_IMAGE_PATH, SAMPLE_VIDEO_PATH
 from modeling.tiny_checkpoint import make_tiny_checkpoint
 from tools import generate
 
@@ -74,3 +74,27 @@ def test_generate_reports_bad_input_clearly(checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="no such file"):
         generate.main(["--model_path", str(checkpoint), "--input_image", str(tmp_path / "missing.jpg"),
                        "--device", "cpu"])
+
+
+def test_dataset_path_runs_each_image_and_video_and_skips_other_files(checkpoint, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for asset in (SAMPLE_IMAGE_PATH, SAMPLE_VIDEO_PATH):
+        (data / asset.name).write_bytes(asset.read_bytes())
+    (data / "notes.txt").write_text("not media\n")
+    (data / "labels.json").write_text('{"sample.png": "a picture"}\n')
+    out_json = tmp_path / "out.json"
+    generate.main(["--model_path", str(checkpoint), "--dataset_path", str(data), "--max_output_length", "2",
+                   "--ignore_eos", "--num_copies", "2", "--output_json", str(out_json), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "skipping 2 file(s)" in err and "notes.txt" in err and "labels.json" in err
+    results = json.loads(out_json.read_text())["results"]
+    media = sorted(str(data / asset.name) for asset in (SAMPLE_IMAGE_PATH, SAMPLE_VIDEO_PATH))
+    assert sorted(r["media"][0] for r in results) == sorted(media * 2)
+    assert all(len(r["output_token_ids"]) == 2 for r in results)
+
+    only_notes = tmp_path / "notes"
+    only_notes.mkdir()
+    (only_notes / "readme.txt").write_text("nothing to see\n")
+    with pytest.raises(SystemExit, match="no image or video files"):
+        generate.main(["--model_path", str(checkpoint), "--dataset_path", str(only_notes), "--device", "cpu"])
