@@ -1,6 +1,7 @@
-"""Attention benchmarks: ViT full / window attention (varlen_attention), LLM causal prefill, and
-paged decode (paged_attention) at Qwen2.5-VL shapes, against PyTorch SDPA baselines (and
-flash-attn where it is installed).
+"""Attention benchmarks: ViT full / window attention (varlen_attention), LLM causal prefill, paged
+decode (paged_attention), paged prefill over cached prefixes (paged_prefill_attention) and the KV
+cache write (write_kv_cache) at Qwen2.5-VL shapes, against PyTorch baselines (SDPA, index_copy_)
+and flash-attn where it is installed.
 
 Shapes
 - ViT: 16 heads x 80 (Qwen2.5-VL vision tower). A 1024x1024 image is resized to 1036x1036 (multiples
@@ -11,6 +12,10 @@ Shapes
 - Decode: 28/4 x 128, bf16, cache block 128, batch 1/16/64 x context 1k/4k/16k/32k. Bandwidth is
   the K+V bytes the kernel must read (B * ctx * Hk * D * 2 tensors * 2 bytes) per second, and
   frac_copy_bw its fraction of the measured device copy bandwidth.
+- Paged prefill: 28/4 x 128, bf16, block 128: 4 sequences of 512 new tokens after cached prefixes
+  of 0 / 1.5k / 3.5k / 7.5k tokens (prefix-cache hits, chunked prefill), against gather + SDPA.
+- KV write: 8192 tokens of 4 kv heads x 128 into a shuffled bf16 cache (a prefill step's write),
+  bandwidth = K+V bytes read + written, against the PyTorch reference (index_copy_).
 
 Under ctx.smoke (CPU, Triton interpreter) only a tiny fp32 set runs: the timings prove the
 benchmark works end to end; they are not performance figures.
@@ -38,6 +43,8 @@ FAMILY = "attention"
 # The Triton launchers themselves, whatever QVL_KERNELS says (op.__wrapped__ is the launcher).
 varlen_triton = kernels.varlen_attention.__wrapped__
 decode_triton = kernels.paged_attention.__wrapped__
+prefill_triton = kernels.paged_prefill_attention.__wrapped__
+write_triton = kernels.write_kv_cache.__wrapped__
 
 
 def _flash_attn():
@@ -69,17 +76,22 @@ def _cu(lens: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor([0, *lens], dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
 
 
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """[L, H, D] -> a [1, H, L, D] view: SDPA's fused kernels (flash on CUDA and CPU, memory-efficient)
+    take 4D inputs only; 3D ones fall back to the math path or are refused."""
+    return x.transpose(0, 1)[None]
+
+
 def _sdpa_per_sequence(q, k, v, lens: list[int], causal: bool) -> Callable[[], torch.Tensor]:
-    """Baseline: one SDPA call per sequence ([H, L, D] views of the packed tensors)."""
+    """Baseline: one SDPA call per sequence (4D views of the packed tensors)."""
     bounds = torch.tensor([0, *lens]).cumsum(0).tolist()
 
     def run():
         out = torch.empty_like(q)
         for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-            o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
-                                               v[s:e].transpose(0, 1), is_causal=causal,
-                                               enable_gqa=q.shape[1] != k.shape[1])
-            out[s:e] = o.transpose(0, 1)
+            o = F.scaled_dot_product_attention(_heads_first(q[s:e]), _heads_first(k[s:e]), _heads_first(v[s:e]),
+                                               is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+            out[s:e] = o[0].transpose(0, 1)
         return out
 
     return run
@@ -116,24 +128,31 @@ def bench_varlen(ctx: BenchContext, name: str, lens: list[int], hq: int, hk: int
                    baseline_ms=base_ms)
 
 
-def _paged_cache(batch: int, ctx_len: int, hk: int, d: int, block_size: int, dtype: torch.dtype,
+def _paged_cache(ctx_lens: list[int], hk: int, d: int, block_size: int, dtype: torch.dtype,
                  device: torch.device):
-    """Caches holding batch sequences of ctx_len tokens each, blocks shuffled across sequences."""
-    per_seq = math.ceil(ctx_len / block_size)
-    n_blocks = batch * per_seq
+    """Caches holding sequences of ctx_lens tokens, blocks shuffled across sequences; block tables
+    padded with block 0 to the longest."""
+    per_seq = max(math.ceil(n / block_size) for n in ctx_lens)
+    n_blocks = len(ctx_lens) * per_seq
     k_cache = torch.randn(n_blocks, block_size, hk, d, device=device, dtype=dtype)
     v_cache = torch.randn(n_blocks, block_size, hk, d, device=device, dtype=dtype)
     g = torch.Generator(device="cpu").manual_seed(0)
-    tables = torch.randperm(n_blocks, generator=g).to(torch.int32).view(batch, per_seq).to(device)
-    lens = torch.full((batch,), ctx_len, dtype=torch.int32, device=device)
+    tables = torch.randperm(n_blocks, generator=g).to(torch.int32).view(len(ctx_lens), per_seq).to(device)
+    lens = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
     return k_cache, v_cache, tables, lens
+
+
+def _gathered(cache: torch.Tensor, table_row: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n tokens of one sequence as a [1, Hk, n, D] view: the copy a block-table-unaware
+    kernel needs."""
+    return cache[table_row].flatten(0, 1)[:n].transpose(0, 1)[None]
 
 
 def bench_decode(ctx: BenchContext, batch: int, ctx_len: int, hq: int, hk: int, d: int, block_size: int,
                  dtype: torch.dtype) -> None:
     """paged_attention vs gather + SDPA, reporting the achieved K+V read bandwidth."""
     device = ctx.device
-    k_cache, v_cache, tables, lens = _paged_cache(batch, ctx_len, hk, d, block_size, dtype, device)
+    k_cache, v_cache, tables, lens = _paged_cache([ctx_len] * batch, hk, d, block_size, dtype, device)
     q = torch.randn(batch, hq, d, device=device, dtype=dtype)
     kv_bytes = 2.0 * batch * ctx_len * hk * d * k_cache.element_size()
     shape = f"decode B={batch} ctx={ctx_len} H={hq}/{hk} D={d} BS={block_size}"
@@ -164,6 +183,58 @@ def bench_decode(ctx: BenchContext, batch: int, ctx_len: int, hq: int, hk: int, 
             print(f"  flash-attn refused {shape}: {str(e)[:120]}")
 
 
+def bench_paged_prefill(ctx: BenchContext, prefixes: list[int], q_len: int, hq: int, hk: int, d: int,
+                        block_size: int, dtype: torch.dtype) -> None:
+    """paged_prefill_attention (q_len new tokens per sequence after cached prefixes) vs, per
+    sequence, a gather of its K/V and SDPA with the causal mask shifted by the prefix."""
+    device = ctx.device
+    ctx_lens = [p + q_len for p in prefixes]
+    k_cache, v_cache, tables, lens = _paged_cache(ctx_lens, hk, d, block_size, dtype, device)
+    q = torch.randn(len(prefixes) * q_len, hq, d, device=device, dtype=dtype)
+    cu_q = _cu([q_len] * len(prefixes), device)
+    masks = [torch.arange(n, device=device) <= torch.arange(n - q_len, n, device=device)[:, None] for n in ctx_lens]
+    flops = 4.0 * hq * d * sum(q_len * (n - q_len) + q_len * (q_len + 1) // 2 for n in ctx_lens)
+    shape = f"paged prefill {len(prefixes)} seqs x {q_len} new after {'/'.join(map(str, prefixes))} cached, " \
+            f"H={hq}/{hk} D={d} BS={block_size}"
+
+    def triton_run():
+        return prefill_triton(q, k_cache, v_cache, tables, cu_q, lens)
+
+    def gather_sdpa():
+        out = torch.empty_like(q)
+        for b, n in enumerate(ctx_lens):
+            rows = slice(b * q_len, (b + 1) * q_len)
+            o = F.scaled_dot_product_attention(_heads_first(q[rows]), _gathered(k_cache, tables[b], n),
+                                               _gathered(v_cache, tables[b], n), attn_mask=masks[b],
+                                               enable_gqa=hq != hk)
+            out[rows] = o[0].transpose(0, 1)
+        return out
+
+    err = float((triton_run().float() - gather_sdpa().float()).abs().max())
+    base_ms = ctx.time(gather_sdpa)
+    ctx.record(FAMILY, "paged_prefill_attention", shape, dtype, "torch-gather-sdpa", base_ms, flops=flops)
+    ms = ctx.time(triton_run)
+    ctx.record(FAMILY, "paged_prefill_attention", shape, dtype, "triton", ms, flops=flops, baseline_ms=base_ms,
+               note=f"max |triton - sdpa| = {err:.2e}")
+
+
+def bench_write_kv(ctx: BenchContext, n_tokens: int, hk: int, d: int, block_size: int, dtype: torch.dtype) -> None:
+    """write_kv_cache vs the PyTorch reference (index_copy_), n_tokens to shuffled slots."""
+    device = ctx.device
+    n_blocks = 2 * math.ceil(n_tokens / block_size)  # half the cache stays untouched
+    k_cache = torch.randn(n_blocks, block_size, hk, d, device=device, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    slots = torch.randperm(n_blocks * block_size, generator=g)[:n_tokens].to(device)
+    k, v = (torch.randn(n_tokens, hk, d, device=device, dtype=dtype) for _ in range(2))
+    nbytes = 2.0 * 2 * n_tokens * hk * d * k.element_size()  # K and V, read and written
+    shape = f"write {n_tokens} tokens Hk={hk} D={d} BS={block_size}"
+    base_ms = ctx.time(lambda: kernels.write_kv_cache.reference(k, v, k_cache, v_cache, slots))
+    ctx.record(FAMILY, "write_kv_cache", shape, dtype, "torch-index_copy", base_ms, nbytes=nbytes)
+    ms = ctx.time(lambda: write_triton(k, v, k_cache, v_cache, slots))
+    ctx.record(FAMILY, "write_kv_cache", shape, dtype, "triton", ms, nbytes=nbytes, baseline_ms=base_ms)
+
+
 def run(ctx: BenchContext) -> None:
     """Record the attention rows into ctx (see the module docstring for the shapes)."""
     if ctx.device.type == "cpu" and not interpreting():
@@ -175,6 +246,8 @@ def run(ctx: BenchContext) -> None:
         bench_varlen(ctx, "smoke windows", [16, 16, 8, 4], 2, 2, 80, torch.float32, causal=False)
         bench_varlen(ctx, "smoke prefill", [50], 4, 2, 64, torch.float32, causal=True)
         bench_decode(ctx, 2, 300, 4, 2, 64, 16, torch.float32)
+        bench_paged_prefill(ctx, [0, 40], 24, 4, 2, 64, 16, torch.float32)
+        bench_write_kv(ctx, 64, 2, 64, 16, torch.float32)
         return
     dtype = torch.bfloat16
     bench_varlen(ctx, "ViT full 1024x1024", [74 * 74], 16, 16, 80, dtype, causal=False)
@@ -183,3 +256,5 @@ def run(ctx: BenchContext) -> None:
     for batch in (1, 16, 64):
         for ctx_len in (1024, 4096, 16384, 32768):
             bench_decode(ctx, batch, ctx_len, 28, 4, 128, 128, dtype)
+    bench_paged_prefill(ctx, [0, 1536, 3584, 7680], 512, 28, 4, 128, 128, dtype)
+    bench_write_kv(ctx, 8192, 4, 128, 128, dtype)
