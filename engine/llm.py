@@ -105,6 +105,13 @@ class LLM:
                  vision_chunk_patches: int = 16384, tp: TPGroup = SINGLE_PROCESS):
         from transformers import AutoTokenizer
 
+        for name, value in (("block_size", block_size), ("max_batch_size", max_batch_size),
+                            ("max_prefill_tokens", max_prefill_tokens), ("max_input_length", max_input_length),
+                            ("max_seq_len", max_seq_len), ("num_kv_blocks", num_kv_blocks)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if kv_cache_gb is not None and not kv_cache_gb > 0:
+            raise ValueError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
         self.path = Path(model_path)
         self.tp = tp
         if tp.world_size > 1:

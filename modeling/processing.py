@@ -57,6 +57,11 @@ VIDEO_EXTENSIONS = frozenset({
     ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".flv", ".wmv", ".mpeg", ".mpg", ".3gp", ".ts",
 })
 
+# Extensions that name a picture even when PIL cannot read the file (then the error says "image").
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".heic",
+})
+
 SAMPLE_IMAGE_PATH = Path(__file__).parent / "assets" / "sample.png"
 SAMPLE_VIDEO_PATH = Path(__file__).parent / "assets" / "sample.mp4"
 
@@ -570,8 +575,12 @@ def process_video(path: str | os.PathLike, cfg: ImageProcessorConfig, **sample_k
 
 
 def media_kind(path: str | os.PathLike) -> str:
-    """"video" for a known video extension, else "image" if PIL can identify it, else "video"."""
-    return probe_media_kind(path, open_videos=False) or "video"
+    """"video" for a known video extension, "image" if PIL identifies the file or its extension is
+    an image's, else "video" (PyAV then reads it or says why not)."""
+    kind = probe_media_kind(path, open_videos=False)
+    if kind is None:
+        kind = "image" if Path(path).suffix.lower() in IMAGE_EXTENSIONS else "video"
+    return kind
 
 
 def probe_media_kind(path: str | os.PathLike, open_videos: bool = True) -> str | None:

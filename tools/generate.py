@@ -32,6 +32,7 @@ from modeling.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 from parallel import TPGroup, TPSizeError, barrier, destroy, init_from_env  # noqa: E402
 
 DEFAULT_TEXT = "Describe this image."
+DEFAULT_MAX_BATCH_SIZE = 16
 
 
 def demo_checkpoint() -> Path:
@@ -53,8 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="an image or video file for the prompt; repeat for several in one prompt")
     add("--dataset_path", type=Path,
         help="a folder: one request per image/video file in it (with --input_text), sorted by name")
-    add("--num_copies", type=int, default=1, help="send N copies of each request (throughput tests)")
-    add("--max_batch_size", type=int, default=16, help="running sequences per step (default: %(default)s)")
+    add("--num_copies", type=int,
+        help="send N copies of each request (throughput tests; default: 1, or --max_batch_size when that is "
+             "given for one --input_image/--input_text request, as MindIE's run_pa.py does)")
+    add("--max_batch_size", type=int,
+        help=f"running sequences per step (default: {DEFAULT_MAX_BATCH_SIZE}); given with a single request and "
+             "no --num_copies, it is also the number of copies run, like MindIE's performance runs")
     add("--max_input_length", type=int, help="prompt tokens allowed, media included (default: the model's)")
     add("--max_output_length", type=int, default=256, help="new tokens per request (default: %(default)s)")
     add("--max_prefill_tokens", type=int, default=8192, help="prompt tokens computed per step (default: %(default)s)")
@@ -89,7 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     media.add_argument("--vision_chunk_patches", type=int, default=16384,
                        help="patches per vision-encoder call: a video is decoded and encoded this many patches' "
                             "worth of frames at a time, bounding memory (default: %(default)s)")
-    add("--output_json", type=Path, help="write results and the perf summary here")
+    add("--output_json", "--results_save_path", type=Path, dest="output_json",
+        help="write results and the perf summary here (--results_save_path: MindIE's name)")
+    add("--shm_name_save_path", type=Path,
+        help="MindIE's shared-memory file-name list: accepted for compatibility and unused (media are read "
+             "in this process)")
     add("--quiet", action="store_true", help="print only the perf summary")
     return p.parse_args(argv)
 
@@ -123,8 +132,15 @@ def build_prompts(args: argparse.Namespace, using_demo: bool) -> list[tuple[list
 def main(argv: list[str] | None = None) -> dict:
     """Run the requests the flags describe; returns the --output_json report ({} on ranks > 0)."""
     args = parse_args(argv)
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        raise SystemExit(f"error: --max_batch_size must be >= 1, got {args.max_batch_size}")
+    if args.num_copies is None:  # MindIE's run_pa.py repeats its one input max_batch_size times
+        single = args.dataset_path is None and args.max_batch_size is not None
+        args.num_copies = args.max_batch_size if single else 1
     if args.num_copies < 1:
-        raise SystemExit("--num_copies must be >= 1")
+        raise SystemExit(f"error: --num_copies must be >= 1, got {args.num_copies}")
+    if args.max_batch_size is None:
+        args.max_batch_size = DEFAULT_MAX_BATCH_SIZE
     tp = init_from_env(args.device)  # world size 1 unless launched by torchrun
     try:
         return _run(args, tp)
@@ -140,11 +156,14 @@ def _run(args: argparse.Namespace, tp: TPGroup) -> dict:
         demo_checkpoint()  # one process per machine makes it; the others wait, then read it
     barrier(tp)
     model_path = demo_checkpoint() if using_demo else args.model_path
-    llm = LLM(model_path, dtype=args.dtype, device=args.device, kv_cache_gb=args.kv_cache_gb,
-              block_size=args.block_size, max_batch_size=args.max_batch_size,
-              max_prefill_tokens=args.max_prefill_tokens, max_input_length=args.max_input_length,
-              enable_prefix_caching=not args.disable_prefix_caching, vision_chunk_patches=args.vision_chunk_patches,
-              tp=tp)
+    try:
+        llm = LLM(model_path, dtype=args.dtype, device=args.device, kv_cache_gb=args.kv_cache_gb,
+                  block_size=args.block_size, max_batch_size=args.max_batch_size,
+                  max_prefill_tokens=args.max_prefill_tokens, max_input_length=args.max_input_length,
+                  enable_prefix_caching=not args.disable_prefix_caching,
+                  vision_chunk_patches=args.vision_chunk_patches, tp=tp)
+    except (ValueError, OSError) as e:  # no or bad checkpoint, bad engine sizes
+        raise SystemExit(f"error: {e}" if tp.rank == 0 else 1) from None
     if tp.rank != 0:
         llm.worker_loop()  # follow rank 0's requests and steps until it shuts down
         return {}

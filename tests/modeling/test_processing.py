@@ -306,6 +306,8 @@ def test_probe_media_kind_tells_media_from_other_files(tmp_path):
     assert probe_media_kind(SAMPLE_IMAGE_PATH) == "image" and probe_media_kind(SAMPLE_VIDEO_PATH) == "video"
     assert probe_media_kind(renamed) == "video"
     assert probe_media_kind(tmp_path / "notes.txt") is None and probe_media_kind(tmp_path / "empty.jpg") is None
+    # A broken file is still taken for what its extension says, so that its error names the right kind.
+    assert media_kind(tmp_path / "empty.jpg") == "image" and media_kind(renamed) == "video"
 
 
 def test_unreadable_media_errors(tmp_path, clip):

@@ -98,3 +98,32 @@ def test_dataset_path_runs_each_image_and_video_and_skips_other_files(checkpoint
     (only_notes / "readme.txt").write_text("nothing to see\n")
     with pytest.raises(SystemExit, match="no image or video files"):
         generate.main(["--model_path", str(checkpoint), "--dataset_path", str(only_notes), "--device", "cpu"])
+
+
+def test_mindie_run_pa_flags(checkpoint, tmp_path):
+    """MindIE's performance run: one input, --max_batch_size N -> N copies; its file flags accepted."""
+    saved = tmp_path / "results.json"
+    generate.main(["--model_path", str(checkpoint), "--input_image", str(SAMPLE_IMAGE_PATH), "--max_batch_size", "3",
+                   "--max_output_length", "2", "--ignore_eos", "--results_save_path", str(saved),
+                   "--shm_name_save_path", str(tmp_path / "shm_names.txt"), "--quiet", "--device", "cpu"])
+    results = json.loads(saved.read_text())["results"]
+    assert len(results) == 3 and len({tuple(r["output_token_ids"]) for r in results}) == 1
+    report = generate.main(["--model_path", str(checkpoint), "--max_batch_size", "3", "--num_copies", "1",
+                            "--max_output_length", "2", "--quiet", "--device", "cpu"])
+    assert len(report["results"]) == 1
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--block_size", "0"], "block_size must be >= 1, got 0"),
+    (["--max_batch_size", "-1"], "--max_batch_size must be >= 1, got -1"),
+    (["--max_input_length", "0"], "max_input_length must be >= 1, got 0"),
+    (["--kv_cache_gb", "0"], "kv_cache_gb must be > 0, got 0.0"),
+])
+def test_bad_engine_flags_are_named(checkpoint, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        generate.main(["--model_path", str(checkpoint), *flags, "--device", "cpu"])
+
+
+def test_missing_checkpoint_is_a_clean_error(tmp_path):
+    with pytest.raises(SystemExit, match="no config.json"):
+        generate.main(["--model_path", str(tmp_path / "nowhere"), "--device", "cpu"])
