@@ -184,6 +184,9 @@ class LLM:
         ids = self._build_ids(prompt.text, media)
         if len(ids) > self.max_input_length:
             text_tokens = len(ids) - sum(m.num_tokens for m in media)
+            if text_tokens >= self.max_input_length:
+                raise ValueError(f"the prompt's text takes {text_tokens} tokens (chat template included), "
+                                 f"leaving no room under max_input_length {self.max_input_length}")
             if fit_videos(media, self.max_input_length - text_tokens, f"max_input_length {self.max_input_length}"):
                 ids = self._build_ids(prompt.text, media)
         return ids, media

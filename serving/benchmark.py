@@ -257,10 +257,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            args.num_prompts if args.dataset_type == "synthetic" else None, (int(h), int(w or h)))
     if not samples:
         raise SystemExit("the dataset has no samples")
-    if args.model_path:
-        records, duration = run_offline(args, samples)
-    else:
-        records, duration = asyncio.run(run_benchmark(args, samples))
+    try:
+        if args.model_path:
+            records, duration = run_offline(args, samples)
+        else:
+            records, duration = asyncio.run(run_benchmark(args, samples))
+    except RuntimeError as e:  # server unreachable, warm-up request refused
+        raise SystemExit(f"error: {e}") from None
     summary = summarize(records, duration)
     summary["config"] = {k: (str(v) if isinstance(v, Path) or (isinstance(v, float) and math.isinf(v)) else v)
                          for k, v in vars(args).items()}
@@ -268,4 +271,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.save_path is not None:
         for path in save_results(records, summary, args.save_path):
             print(f"wrote {path}")
+    if not any(r.success for r in records):
+        raise SystemExit(f"error: all {len(records)} requests failed (first: {records[0].error})")
     return summary

@@ -156,7 +156,12 @@ async def send_chat(client: httpx.AsyncClient, url: str, payload: dict[str, Any]
 
 
 async def first_model(client: httpx.AsyncClient, url: str) -> str:
-    """The first model name the server lists."""
-    resp = await client.get(url.rstrip("/") + "/v1/models", timeout=30)
-    resp.raise_for_status()
-    return resp.json()["data"][0]["id"]
+    """The first model name the server lists; RuntimeError naming the URL when there is no answer."""
+    models = url.rstrip("/") + "/v1/models"
+    try:
+        resp = await client.get(models, timeout=30)
+        resp.raise_for_status()
+        return resp.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+        raise RuntimeError(f"no model list from {models} ({type(e).__name__}: {e}); is the server up? "
+                           f"GET /health answers 200 once it has loaded the model") from None

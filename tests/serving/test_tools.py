@@ -14,6 +14,7 @@ from serving.api_server import TextDelta
 from serving.config import ServeConfig, read_mindie_config, strip_json_comments
 from serving.datasets import load_textvqa, load_videobench
 from serving.eval import extract_choice, normalize_answer, vqa_score
+from tests.serving.conftest import free_port
 
 # ------------------------------------------------------------------------------------- the VQA metric
 
@@ -168,6 +169,24 @@ def test_benchmark_against_the_server(server, media_dir, tmp_path):
     assert len(records) == 12 and all(r["success"] and r["output_tokens"] == 5 for r in records)
     assert json.loads((out / "summary.json").read_text())["completed"] == 12
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_and_eval_name_a_server_that_is_not_there(media_dir, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(SystemExit, match=f"no model list from {dead}/v1/models .*is the server up"):
+        benchmark.main(["--url", dead, "--dataset_type", "synthetic", "--num_prompts", "2"])
+    with pytest.raises(SystemExit, match=f"no model list from {dead}/v1/models"):
+        qvl_eval.main(["--task", "textvqa", "--dataset_path", str(media_dir / "textvqa"), "--url", dead,
+                       "--save_path", str(tmp_path)])
+
+
+def test_benchmark_fails_when_every_request_fails(server):
+    with pytest.raises(SystemExit, match="all 2 requests failed .*model"):
+        benchmark.main(["--url", server.url, "--model", "no-such-model", "--dataset_type", "synthetic",
+                        "--num_prompts", "2", "--warmup", "0", "--max_output_len", "2"])
+    with pytest.raises(SystemExit, match="warmup request failed"):
+        benchmark.main(["--url", server.url, "--model", "no-such-model", "--dataset_type", "synthetic",
+                        "--num_prompts", "2", "--warmup", "1", "--max_output_len", "2"])
 
 
 def test_eval_server_and_engine_agree(server, serving_ckpt, media_dir, tmp_path, monkeypatch):
