@@ -394,8 +394,10 @@ class Server:
         try:
             while True:
                 out = await stream.next()
-                text.update(out.text, out.finished)
-                yield json.dumps({"text": [prefix + text.sent]}, ensure_ascii=False) + "\0"
+                # Each chunk carries the whole text so far (vLLM's /generate); one whose text did not
+                # grow (a token ending inside a UTF-8 character, held-back stop text) is not sent.
+                if text.update(out.text, out.finished) or out.finished:
+                    yield json.dumps({"text": [prefix + text.sent]}, ensure_ascii=False) + "\0"
                 if out.finished:
                     break
         except (EngineError, EngineStopped, ValueError) as e:
