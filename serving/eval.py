@@ -11,6 +11,9 @@ contractions. A prediction scores
 (the 10-choose-9 average of the official metric when 10 human answers are given); with a single
 reference answer it is an exact match after normalisation.
 
+Reasoning models (QVQ) are scored on their conclusion: the last \\boxed{} answer, or what follows
+"Final Answer" (see `final_answer`); give them a --max_output_len long enough to get there.
+
 VideoBench: the chosen option is read from the output (a leading letter such as "B", "(B)",
 "B." or "Answer: B"; else the one choice whose text appears in the output) and compared with the
 answer letter; accuracy per dataset and overall.
@@ -113,9 +116,27 @@ def vqa_score(prediction: str, answers: list[str]) -> float:
     return sum(accs) / len(accs)
 
 
+_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+_FINAL_ANSWER = re.compile(r"final answer", re.IGNORECASE)
+
+
+def final_answer(output: str) -> str:
+    """The conclusion of a reasoning model's output (QVQ thinks step by step, then writes
+    "**Final Answer** ... \\boxed{...}"): the last \\boxed{} content, else the text after the last
+    "Final Answer", else the output unchanged (the answer of a model that does not reason aloud)."""
+    boxed = _BOXED.findall(output)
+    if boxed:
+        return re.sub(r"\\(?:text|mathrm)\{([^{}]*)\}", r"\1", boxed[-1]).strip()  # \text{stop} -> stop
+    marks = list(_FINAL_ANSWER.finditer(output))
+    if marks:
+        tail = output[marks[-1].end():].strip(" \t\n*:#")
+        return tail.replace("\\[", "").replace("\\]", "").strip() or output
+    return output
+
+
 def textvqa_prediction(output: str) -> str:
-    """The answer part of a model's output: its first non-empty line, stripped."""
-    for line in output.strip().splitlines():
+    """The answer part of a model's output: the first non-empty line of its final answer, stripped."""
+    for line in final_answer(output).strip().splitlines():
         if line.strip():
             return line.strip()
     return ""
@@ -164,7 +185,7 @@ def score_samples(kind: str, samples: list[Sample], outputs: list[str]) -> list[
         else:
             item["choices"] = s.choices
             item["answer"] = s.answer
-            item["prediction"] = extract_choice(out, s.choices)
+            item["prediction"] = extract_choice(final_answer(out), s.choices)
             item["score"] = float(item["prediction"] is not None and item["prediction"] == s.answer)
         items.append(item)
     return items
@@ -242,7 +263,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     add("--model", help="model name sent to the server (default: the first /v1/models lists)")
     add("--num_samples", type=int, help="evaluate the first N questions only")
     add("--subsets", nargs="+", help="videobench: only these datasets (e.g. ActivityNet MSVD)")
-    add("--max_output_len", type=int, default=20, help="max_tokens per answer (default: %(default)s, as MindIE)")
+    add("--max_output_len", type=int, default=20,
+        help="max_tokens per answer (default: %(default)s, as MindIE; QVQ reasons first: give it ~2048)")
     add("--concurrency", type=int, default=16, help="server mode: requests in flight (default: %(default)s)")
     add("--media_mode", choices=["path", "base64"], default="path",
         help="server mode: send media as paths (inside the server's --allowed_media_dir) or base64")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 
 import httpx
@@ -162,7 +163,7 @@ def test_completions_and_streaming_generate(server, offline, monkeypatch):
     assert chunks and all(c["text"][0].startswith(prompt) for c in chunks)
     assert chunks[-1]["text"][0] == prompt + choice["text"]  # vLLM's api_server: prompt + output
     texts = [c["text"][0] for c in chunks]
-    assert all(a != b for a, b in zip(texts, texts[1:])), texts  # each chunk adds text
+    assert all(a != b for a, b in itertools.pairwise(texts)), texts  # each chunk adds text
 
 
 def test_stop_strings_cut_the_text_and_the_stream(server):

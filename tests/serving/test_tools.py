@@ -12,8 +12,8 @@ from serving import benchmark
 from serving import eval as qvl_eval
 from serving.api_server import TextDelta
 from serving.config import ServeConfig, read_mindie_config, strip_json_comments
-from serving.datasets import load_textvqa, load_videobench
-from serving.eval import extract_choice, normalize_answer, vqa_score
+from serving.datasets import Sample, load_textvqa, load_videobench
+from serving.eval import extract_choice, final_answer, normalize_answer, score_samples, textvqa_prediction, vqa_score
 from tests.serving.conftest import free_port
 
 # ------------------------------------------------------------------------------------- the VQA metric
@@ -64,6 +64,31 @@ def test_answer_normalisation():
 ])
 def test_extract_choice(output, expected):
     assert extract_choice(output, {"A": "Left", "B": "Right", "C": "Up", "D": "Down"}) == expected
+
+
+QVQ_OUTPUT = r"""So, I need to read the sign. It could say "stop" or "go"; the letters are S-T-O-P.
+A is wrong because the sign is red.
+
+**Final Answer**
+
+\[ \boxed{\text{Stop}} \]"""
+
+
+@pytest.mark.parametrize("output,expected", [
+    (QVQ_OUTPUT, "Stop"),
+    ("Let me think... (A) looks wrong.\n\n**Final Answer**: (C) Up", "(C) Up"),
+    (r"the count is \boxed{3}, no wait, \boxed{4}", "4"),
+    ("B. No", "B. No"),  # no reasoning markers: unchanged
+])
+def test_final_answer_of_reasoning_outputs(output, expected):
+    assert final_answer(output) == expected
+
+
+def test_reasoning_outputs_are_scored_on_their_conclusion():
+    assert textvqa_prediction(QVQ_OUTPUT) == "Stop" and vqa_score(textvqa_prediction(QVQ_OUTPUT), ["stop"]) == 1.0
+    samples = [Sample(id="q1", text="?", media=[], subset="s", choices={"A": "Left", "C": "Up"}, answer="C")]
+    (item,) = score_samples("videobench", samples, ["Maybe (A)? No.\n**Final Answer**: (C) Up"])
+    assert item["prediction"] == "C" and item["score"] == 1.0
 
 
 def test_extract_choice_prefers_the_longer_choice_text():
