@@ -37,6 +37,11 @@ _INT_OPTIONS = {"min_pixels", "max_pixels", "resized_height", "resized_width", "
                 "max_frames", "total_pixels"}
 
 
+class MediaOptionError(MediaError):
+    """A media control (max_pixels, fps, ...) that is unknown, malformed or over the limits: the
+    request's fault, whatever the file holds."""
+
+
 @dataclass
 class Media:
     """One image or video of a prompt.
@@ -80,7 +85,7 @@ class MediaLimits:
         allowed = IMAGE_OPTIONS if kind == "image" else VIDEO_OPTIONS
         unknown = sorted(set(options) - set(allowed))
         if unknown:
-            raise MediaError(f"{name}: unknown {kind} option(s) {unknown}; allowed: {list(allowed)}")
+            raise MediaOptionError(f"{name}: unknown {kind} option(s) {unknown}; allowed: {list(allowed)}")
         given = {k: v for k, v in options.items() if v is not None}
         defaults = dict(self.image_defaults if kind == "image" else self.video_defaults)
         for a, b in (("fps", "nframes"), ("nframes", "fps")):  # a request's own choice replaces the other
@@ -89,7 +94,7 @@ class MediaLimits:
         merged = {**defaults, **given}
 
         def bad(key: str, rule: str) -> MediaError:
-            return MediaError(f"{name}: {key}={merged[key]!r} {rule}")
+            return MediaOptionError(f"{name}: {key}={merged[key]!r} {rule}")
 
         for key, value in merged.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -106,7 +111,7 @@ class MediaLimits:
         if "min_pixels" in merged and "max_pixels" in merged and merged["min_pixels"] > merged["max_pixels"]:
             raise bad("min_pixels", f"is above max_pixels={merged['max_pixels']}")
         if ("resized_height" in merged) != ("resized_width" in merged):
-            raise MediaError(f"{name}: give both resized_height and resized_width, or neither")
+            raise MediaOptionError(f"{name}: give both resized_height and resized_width, or neither")
         if "resized_height" in merged and merged["resized_height"] * merged["resized_width"] > pixel_cap:
             raise bad("resized_height", f"x resized_width={merged['resized_width']} is over the configured limit "
                                         f"of {pixel_cap} pixels")
@@ -239,6 +244,8 @@ def _open_image(media: Media) -> Image.Image:
     try:
         image = Image.open(media.source if not isinstance(media.source, bytes) else io.BytesIO(media.source))
         image.load()
+    except Image.UnidentifiedImageError as e:  # its message would show a BytesIO repr
+        raise MediaError(f"{media.describe()}: not a readable image (not a format PIL knows)") from e
     except (OSError, ValueError) as e:
         raise MediaError(f"{media.describe()}: not a readable image ({e})") from e
     return image

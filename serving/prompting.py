@@ -33,7 +33,15 @@ from typing import Any
 
 from PIL import Image
 
-from engine.request import DEFAULT_LIMITS, Media, MediaLimits, PreparedMedia, fit_videos, prepare_media
+from engine.request import (
+    DEFAULT_LIMITS,
+    Media,
+    MediaLimits,
+    MediaOptionError,
+    PreparedMedia,
+    fit_videos,
+    prepare_media,
+)
 from modeling.processing import ImageProcessorConfig
 from modeling.prompt import expand_media_pads
 from serving.protocol import APIError, ChatMessage, MediaRef
@@ -95,6 +103,8 @@ def resolve_source(ref: MediaRef, allowed_dir: Path | None) -> str | bytes:
         raise _media_error(ref, f"cannot resolve path ({e})") from None
     if not real.is_relative_to(allowed_dir):
         raise _media_error(ref, "path is outside the server's --allowed_media_dir", "path_not_allowed")
+    if real.is_dir():
+        raise _media_error(ref, f"a directory, not a file: {path_text}", "file_not_found")
     if not real.is_file():
         raise _media_error(ref, f"no such file: {path_text}", "file_not_found")
     return str(real)
@@ -166,6 +176,8 @@ class Preparer:
             raise _media_error(ref, "this is an image, not a video: send it as an image_url part", "invalid_media")
         try:
             return prepare_media(Media(source, ref.kind, dict(ref.options)), self.image_cfg, self.limits)
+        except MediaOptionError as e:
+            raise _media_error(ref, str(e), "invalid_value") from None
         except Exception as e:  # noqa: BLE001 - any decoder failure is the file's fault: a 400
             article = "an" if ref.kind == "image" else "a"
             raise _media_error(ref, f"cannot read it as {article} {ref.kind}: {e}"[:500], "invalid_media") from None

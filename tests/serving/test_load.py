@@ -148,6 +148,8 @@ BAD_REQUESTS = [
      "messages[0].content[0].image_url", "path_not_allowed"),
     ("missing file", "/v1/chat/completions", _chat(_image("nope.png")),
      "messages[0].content[0].image_url", "file_not_found"),
+    ("directory as image", "/v1/chat/completions", _chat(_image("textvqa")),
+     "messages[0].content[0].image_url", "file_not_found"),
     ("http url", "/v1/chat/completions", _chat(_image("http://example.com/cat.png")),
      "messages[0].content[0].image_url", "unsupported_url"),
     ("unknown media option", "/v1/chat/completions",
@@ -156,7 +158,7 @@ BAD_REQUESTS = [
     ("image over the server's pixel limit", "/v1/chat/completions",
      _chat([{"type": "image_url", "image_url": {"url": "textvqa/train_images/sign_0.png",
                                                 "max_pixels": 2 * IMAGE_LIMIT}}]),
-     "messages[0].content[0].image_url", "invalid_media"),
+     "messages[0].content[0].image_url", "invalid_value"),
     ("prompt over max_input_token_len", "/v1/chat/completions", _chat("word " * (MAX_INPUT + 50)),
      "messages", "context_length_exceeded"),
     ("max_tokens over max_seq_len", "/v1/chat/completions", _chat("hi", max_tokens=MAX_SEQ),
@@ -188,7 +190,11 @@ def test_bad_request_gets_openai_400_and_server_keeps_serving(server, name, path
     if code == "context_length_exceeded" and param == "messages":
         assert f"max_input_token_len {MAX_INPUT}" in error["message"]
     if name.startswith("image over"):
-        assert f"configured limit of {IMAGE_LIMIT}" in error["message"]
+        assert f"configured limit of {IMAGE_LIMIT}" in error["message"] and "cannot read" not in error["message"]
+    if name == "base64 not an image":
+        assert "not a format PIL knows" in error["message"] and "BytesIO" not in error["message"]
+    if name == "directory as image":
+        assert "a directory, not a file" in error["message"]
     ok = httpx.post(server.url + "/v1/chat/completions", json=_chat("hello"), timeout=60)
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
 

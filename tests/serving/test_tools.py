@@ -110,6 +110,11 @@ def test_dataset_readers(media_dir):
     assert by_id["Driving-decision-making/1"].answer == "C"  # given as the choice's text
     assert "(A) Left\n(B) Right" in by_id["Synthetic/square_0"].text
     assert all(s.media[0][0] == "video" and s.media[0][1].endswith(".mp4") for s in vb)
+    assert {s.subset for s in load_videobench(media_dir / "videobench" / "Eval_QA", subsets=["Synthetic"])} == \
+        {"Synthetic"}
+    with pytest.raises(ValueError, match="no VideoBench subset ActivityNet .*there are: Driving-decision-making, "
+                                         "Synthetic"):
+        load_videobench(media_dir / "videobench" / "Eval_QA", subsets=["ActivityNet", "Synthetic"])
 
 
 # ------------------------------------------------------------------------------------- MindIE config
