@@ -97,6 +97,22 @@ def _sdpa_per_sequence(q, k, v, lens: list[int], causal: bool) -> Callable[[], t
     return run
 
 
+def _race(ctx: BenchContext, op: str, shape: str, dtype: torch.dtype, base_impl: str,
+          baseline: Callable[[], torch.Tensor | None], triton_run: Callable[[], torch.Tensor | None],
+          check: bool = True, **metric: float) -> float:
+    """Time the baseline and the Triton launcher and record both rows (metric: nbytes or flops);
+    with check, the Triton row notes its largest difference from the baseline. Returns the
+    baseline's median ms."""
+    note = ""
+    if check:
+        err = float((triton_run().float() - baseline().float()).abs().max())
+        note = f"max |triton - {base_impl}| = {err:.2e}"
+    base_ms = ctx.time(baseline)
+    ctx.record(FAMILY, op, shape, dtype, base_impl, base_ms, **metric)
+    ctx.record(FAMILY, op, shape, dtype, "triton", ctx.time(triton_run), baseline_ms=base_ms, note=note, **metric)
+    return base_ms
+
+
 def bench_varlen(ctx: BenchContext, name: str, lens: list[int], hq: int, hk: int, d: int,
                  dtype: torch.dtype, causal: bool) -> None:
     """varlen_attention vs per-sequence SDPA (flash backend forced on CUDA) and flash-attn."""
@@ -110,17 +126,14 @@ def bench_varlen(ctx: BenchContext, name: str, lens: list[int], hq: int, hk: int
     flops = 4.0 * pairs * hq * d  # QK^T and PV, 2 flops per multiply-add
     shape = f"{name}: {len(lens)} seqs, T={t}, max={max_len}, H={hq}/{hk}, D={d}, causal={causal}"
 
-    def triton_run():
-        return varlen_triton(q, k, v, cu, max_len, causal=causal)
+    per_sequence = _sdpa_per_sequence(q, k, v, lens, causal)
 
-    with _sdpa_flash(device):
-        sdpa_run = _sdpa_per_sequence(q, k, v, lens, causal)
-        err = float((triton_run().float() - sdpa_run().float()).abs().max())
-        base_ms = ctx.time(sdpa_run)
-    ctx.record(FAMILY, "varlen_attention", shape, dtype, "torch-sdpa-per-seq", base_ms, flops=flops)
-    ms = ctx.time(triton_run)
-    ctx.record(FAMILY, "varlen_attention", shape, dtype, "triton", ms, flops=flops, baseline_ms=base_ms,
-               note=f"max |triton - sdpa| = {err:.2e}")
+    def sdpa_run():
+        with _sdpa_flash(device):
+            return per_sequence()
+
+    base_ms = _race(ctx, "varlen_attention", shape, dtype, "torch-sdpa-per-seq", sdpa_run,
+                    lambda: varlen_triton(q, k, v, cu, max_len, causal=causal), flops=flops)
     fa = _flash_attn()
     if fa is not None and device.type == "cuda" and dtype != torch.float32:
         fa_ms = ctx.time(lambda: fa.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=causal))
@@ -157,21 +170,14 @@ def bench_decode(ctx: BenchContext, batch: int, ctx_len: int, hq: int, hk: int, 
     kv_bytes = 2.0 * batch * ctx_len * hk * d * k_cache.element_size()
     shape = f"decode B={batch} ctx={ctx_len} H={hq}/{hk} D={d} BS={block_size}"
 
-    def triton_run():
-        return decode_triton(q, k_cache, v_cache, tables, lens)
-
     def gather_sdpa():
         # [B, blocks, BS, Hk, D] -> [B, Hk, ctx, D]: the copy a block-table-unaware kernel needs.
         k = k_cache[tables].flatten(1, 2)[:, :ctx_len].transpose(1, 2)
         v = v_cache[tables].flatten(1, 2)[:, :ctx_len].transpose(1, 2)
         return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
 
-    err = float((triton_run().float() - gather_sdpa().float()).abs().max())
-    base_ms = ctx.time(gather_sdpa)
-    ctx.record(FAMILY, "paged_attention", shape, dtype, "torch-gather-sdpa", base_ms, nbytes=kv_bytes)
-    ms = ctx.time(triton_run)
-    ctx.record(FAMILY, "paged_attention", shape, dtype, "triton", ms, nbytes=kv_bytes, baseline_ms=base_ms,
-               note=f"max |triton - sdpa| = {err:.2e}")
+    base_ms = _race(ctx, "paged_attention", shape, dtype, "torch-gather-sdpa", gather_sdpa,
+                    lambda: decode_triton(q, k_cache, v_cache, tables, lens), nbytes=kv_bytes)
     fa = _flash_attn()
     if fa is not None and device.type == "cuda" and dtype != torch.float32:
         try:  # flash-attn 2 wants paged blocks of a multiple of 256 tokens: may refuse BS=128
@@ -197,9 +203,6 @@ def bench_paged_prefill(ctx: BenchContext, prefixes: list[int], q_len: int, hq: 
     shape = f"paged prefill {len(prefixes)} seqs x {q_len} new after {'/'.join(map(str, prefixes))} cached, " \
             f"H={hq}/{hk} D={d} BS={block_size}"
 
-    def triton_run():
-        return prefill_triton(q, k_cache, v_cache, tables, cu_q, lens)
-
     def gather_sdpa():
         out = torch.empty_like(q)
         for b, n in enumerate(ctx_lens):
@@ -210,12 +213,8 @@ def bench_paged_prefill(ctx: BenchContext, prefixes: list[int], q_len: int, hq: 
             out[rows] = o[0].transpose(0, 1)
         return out
 
-    err = float((triton_run().float() - gather_sdpa().float()).abs().max())
-    base_ms = ctx.time(gather_sdpa)
-    ctx.record(FAMILY, "paged_prefill_attention", shape, dtype, "torch-gather-sdpa", base_ms, flops=flops)
-    ms = ctx.time(triton_run)
-    ctx.record(FAMILY, "paged_prefill_attention", shape, dtype, "triton", ms, flops=flops, baseline_ms=base_ms,
-               note=f"max |triton - sdpa| = {err:.2e}")
+    _race(ctx, "paged_prefill_attention", shape, dtype, "torch-gather-sdpa", gather_sdpa,
+          lambda: prefill_triton(q, k_cache, v_cache, tables, cu_q, lens), flops=flops)
 
 
 def bench_write_kv(ctx: BenchContext, n_tokens: int, hk: int, d: int, block_size: int, dtype: torch.dtype) -> None:
@@ -229,10 +228,9 @@ def bench_write_kv(ctx: BenchContext, n_tokens: int, hk: int, d: int, block_size
     k, v = (torch.randn(n_tokens, hk, d, device=device, dtype=dtype) for _ in range(2))
     nbytes = 2.0 * 2 * n_tokens * hk * d * k.element_size()  # K and V, read and written
     shape = f"write {n_tokens} tokens Hk={hk} D={d} BS={block_size}"
-    base_ms = ctx.time(lambda: kernels.write_kv_cache.reference(k, v, k_cache, v_cache, slots))
-    ctx.record(FAMILY, "write_kv_cache", shape, dtype, "torch-index_copy", base_ms, nbytes=nbytes)
-    ms = ctx.time(lambda: write_triton(k, v, k_cache, v_cache, slots))
-    ctx.record(FAMILY, "write_kv_cache", shape, dtype, "triton", ms, nbytes=nbytes, baseline_ms=base_ms)
+    _race(ctx, "write_kv_cache", shape, dtype, "torch-index_copy",
+          lambda: kernels.write_kv_cache.reference(k, v, k_cache, v_cache, slots),
+          lambda: write_triton(k, v, k_cache, v_cache, slots), check=False, nbytes=nbytes)
 
 
 def run(ctx: BenchContext) -> None:
