@@ -78,25 +78,21 @@ def _point_in_fresh_process(*args) -> dict:
 def _assets(device: str) -> tuple[Path, Path, int]:
     """(checkpoint, clip of 800 frames, merged tokens per frame pair) for this device."""
     from modeling.processing import write_synthetic_video
-    from modeling.tiny_checkpoint import make_tiny_checkpoint
+    from modeling.tiny_checkpoint import cache_dir, cached_checkpoint
 
-    root = Path(os.environ.get("QVL_CACHE", Path.home() / ".cache" / "qwen-vl-triton"))
+    root = cache_dir()
     clip = root / "bench-video-800f.mp4"
     if not clip.exists():
         root.mkdir(parents=True, exist_ok=True)
         write_synthetic_video(clip, seconds=400, fps=2, width=320, height=240)
     if device == "cuda":  # Qwen2.5-VL-7B's vision tower, a one-layer language model behind it
-        ckpt = root / "bench-video-7b-vision"
-        if not (ckpt / "config.json").exists():
-            make_tiny_checkpoint(ckpt, "qwen2_5_vl", dtype="bfloat16", hidden_size=3584, intermediate_size=256,
-                                 num_hidden_layers=1, num_attention_heads=28, num_key_value_heads=4,
-                                 vision_embed_dim=1280, vision_num_heads=16, vision_intermediate_size=3420,
-                                 vision_depth=32, fullatt_block_indexes=[7, 15, 23, 31], init_std=0.02)
+        ckpt = cached_checkpoint("bench-video-7b-vision", "qwen2_5_vl", dtype="bfloat16", hidden_size=3584,
+                                 intermediate_size=256, num_hidden_layers=1, num_attention_heads=28,
+                                 num_key_value_heads=4, vision_embed_dim=1280, vision_num_heads=16,
+                                 vision_intermediate_size=3420, vision_depth=32,
+                                 fullatt_block_indexes=[7, 15, 23, 31], init_std=0.02)
         return ckpt, clip, 128
-    ckpt = root / "bench-video-tiny"
-    if not (ckpt / "config.json").exists():
-        make_tiny_checkpoint(ckpt, "qwen2_5_vl", seed=0)
-    return ckpt, clip, 16
+    return cached_checkpoint("bench-video-tiny", "qwen2_5_vl", seed=0), clip, 16
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -123,15 +122,10 @@ def run_transformers(args) -> dict:
 
 
 def checkpoint_for(preset: str, dtype: str) -> Path:
-    from modeling.tiny_checkpoint import make_tiny_checkpoint
+    from modeling.tiny_checkpoint import cached_checkpoint
 
-    root = Path(os.environ.get("QVL_CACHE", Path.home() / ".cache" / "qwen-vl-triton"))
-    path = root / f"bench-{preset}-{dtype}"
-    if not (path / "config.json").exists():
-        print(f"making the random {preset} checkpoint under {path} (once)", flush=True)
-        make_tiny_checkpoint(path, "qwen2_5_vl", seed=0, dtype="bfloat16" if dtype == "bfloat16" else "float32",
-                             **PRESETS[preset])
-    return path
+    return cached_checkpoint(f"bench-{preset}-{dtype}", "qwen2_5_vl", seed=0,
+                             dtype="bfloat16" if dtype == "bfloat16" else "float32", **PRESETS[preset])
 
 
 def compare(preset: str, requests: int, max_tokens: int, dtype: str, device: str, kv_cache_gb: float) -> dict:

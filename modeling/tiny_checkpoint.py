@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -564,3 +566,17 @@ def make_tiny_checkpoint(
         "sharded": sharded, "sizes": asdict(sizes),
     }, indent=2) + "\n")
     return out
+
+
+def cache_dir() -> Path:
+    """Where generated demo and benchmark assets live: $QVL_CACHE, default ~/.cache/qwen-vl-triton."""
+    return Path(os.environ.get("QVL_CACHE", Path.home() / ".cache" / "qwen-vl-triton"))
+
+
+def cached_checkpoint(name: str, arch: Arch = "qwen2_5_vl", **kwargs: Any) -> Path:
+    """`make_tiny_checkpoint(cache_dir() / name, arch, **kwargs)` the first time; the same folder after."""
+    path = cache_dir() / name
+    if not (path / "config.json").exists():
+        print(f"making the random checkpoint {path} (once)", file=sys.stderr, flush=True)
+        make_tiny_checkpoint(path, arch, **kwargs)
+    return path

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from engine.report import format_summary, perf_summary  # noqa: E402
 from engine.request import IMAGE_OPTIONS, VIDEO_OPTIONS, Media  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from modeling.processing import SAMPLE_IMAGE_PATH, media_kind, probe_media_kind  # noqa: E402
-from modeling.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
+from modeling.tiny_checkpoint import cached_checkpoint  # noqa: E402
 from parallel import TPGroup, TPSizeError, barrier, destroy, init_from_env  # noqa: E402
 
 DEFAULT_TEXT = "Describe this image."
@@ -37,12 +36,7 @@ DEFAULT_MAX_BATCH_SIZE = 16
 
 def demo_checkpoint() -> Path:
     """The tiny random Qwen2.5-VL checkpoint of the demo, made on first use."""
-    root = Path(os.environ.get("QVL_CACHE", Path.home() / ".cache" / "qwen-vl-triton"))
-    path = root / "tiny-qwen2_5_vl"
-    if not (path / "config.json").exists():
-        print(f"making the tiny demo checkpoint under {path} (once)", file=sys.stderr)
-        make_tiny_checkpoint(path, "qwen2_5_vl", seed=0)
-    return path
+    return cached_checkpoint("tiny-qwen2_5_vl", "qwen2_5_vl", seed=0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
