@@ -9,12 +9,17 @@ gets them as one left-padded batch (its static batching); our engine gets them a
 (continuous batching, paged KV). Each side runs in its own process so that peak memory (GPU
 allocated, or the process's peak resident set on CPU) is its own. Our side's time includes
 preprocessing the images; transformers' side gets the preprocessed tensors.
+
+A third process times the floor: the language model's matrix products alone for the work our side
+did (its prefill tokens, then one decode row per request per output token) on random weights of
+the same shapes. transformers' time over it caps what any schedule could gain on this device.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -74,12 +79,57 @@ def run_ours(args) -> dict:
               max_batch_size=args.requests)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(make_requests(1), SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
+    prefilled = llm.stats["prefill_tokens"]
     started = time.perf_counter()
     outputs = llm.generate(prompts, params)
     wall = time.perf_counter() - started
     tokens = sum(len(o.output_ids) for o in outputs)
     return {"side": "ours", "wall_s": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
-            "peak_memory_gb": peak_memory_gb(args.device), "first_tokens": outputs[0].output_ids[:8]}
+            "peak_memory_gb": peak_memory_gb(args.device), "first_tokens": outputs[0].output_ids[:8],
+            "prefill_tokens": llm.stats["prefill_tokens"] - prefilled}
+
+
+def run_gemm_floor(args) -> dict:
+    """Seconds the language model's matrix products alone take for our side's work: a prefill of
+    --prefill_tokens tokens and --max_tokens decode steps of --requests rows through every layer
+    (q/k/v, o, gate/up, down; random weights of the preset's shapes). No schedule can beat it."""
+    import torch
+    import torch.nn.functional as F
+
+    from modeling.config import load_config
+
+    t = load_config(args.checkpoint).text
+    dtype = getattr(torch, args.dtype)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    kv = t.num_kv_heads * t.head_dim
+    weights = [torch.randn(n, k, generator=g).to(args.device, dtype) for n, k in (
+        (t.num_heads * t.head_dim + 2 * kv, t.hidden_size), (t.hidden_size, t.num_heads * t.head_dim),
+        (2 * t.intermediate_size, t.hidden_size), (t.hidden_size, t.intermediate_size))]
+
+    def forward(rows: int, reps: int) -> float:
+        """Median seconds of `rows` tokens through every layer's four products over `reps` passes."""
+        inputs = [torch.randn(rows, w.shape[1], generator=g).to(args.device, dtype) for w in weights]
+
+        def layer() -> None:
+            for a, w in zip(inputs, weights, strict=True):
+                F.linear(a, w)
+
+        layer()  # warm-up
+        times = []
+        for _ in range(reps):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(t.num_layers):
+                layer()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    prefill_s = forward(args.prefill_tokens, 3)
+    decode_s = forward(args.requests, 9) * args.max_tokens
+    return {"side": "floor", "prefill_s": prefill_s, "decode_s": decode_s, "wall_s": prefill_s + decode_s}
 
 
 def run_transformers(args) -> dict:
@@ -128,20 +178,34 @@ def checkpoint_for(preset: str, dtype: str) -> Path:
                              dtype="bfloat16" if dtype == "bfloat16" else "float32", **PRESETS[preset])
 
 
+def _side(side: str, checkpoint: Path, requests: int, max_tokens: int, dtype: str, device: str,
+          kv_cache_gb: float, *extra: str) -> dict:
+    """Run one side in a fresh process; its JSON result."""
+    cmd = [sys.executable, __file__, "--side", side, "--checkpoint", str(checkpoint), "--requests", str(requests),
+           "--max_tokens", str(max_tokens), "--dtype", dtype, "--device", device, "--kv_cache_gb", str(kv_cache_gb),
+           *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{side} side failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def compare(preset: str, requests: int, max_tokens: int, dtype: str, device: str, kv_cache_gb: float) -> dict:
     """Run both sides in fresh processes; returns {"ours": ..., "transformers": ..., "speedup": ...}."""
     checkpoint = checkpoint_for(preset, dtype)
     results = {}
     for side in ("ours", "transformers"):
-        cmd = [sys.executable, __file__, "--side", side, "--checkpoint", str(checkpoint), "--requests", str(requests),
-               "--max_tokens", str(max_tokens), "--dtype", dtype, "--device", device, "--kv_cache_gb", str(kv_cache_gb)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise RuntimeError(f"{side} side failed:\n{done.stderr[-3000:]}")
-        results[side] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[side] = _side(side, checkpoint, requests, max_tokens, dtype, device, kv_cache_gb)
         print(f"  {side:12s} {results[side]['output_tokens_per_s']:9.1f} output tok/s  "
               f"wall {results[side]['wall_s']:.2f} s  peak memory {results[side]['peak_memory_gb']:.2f} GiB",
               flush=True)
+    floor = _side("floor", checkpoint, requests, max_tokens, dtype, device, kv_cache_gb,
+                  "--prefill_tokens", str(results["ours"]["prefill_tokens"]))
+    results["gemm_floor_s"] = floor["wall_s"]
+    results["speedup_cap"] = results["transformers"]["wall_s"] / floor["wall_s"]
+    print(f"  LLM matmuls alone for our side's work: {floor['wall_s']:.2f} s (prefill {floor['prefill_s']:.2f} s, "
+          f"decode {floor['decode_s']:.2f} s): no schedule beats {results['speedup_cap']:.2f}x transformers",
+          flush=True)
     results["speedup"] = results["ours"]["output_tokens_per_s"] / results["transformers"]["output_tokens_per_s"]
     results["memory_ratio"] = results["ours"]["peak_memory_gb"] / results["transformers"]["peak_memory_gb"]
     results["same_first_tokens"] = results["ours"]["first_tokens"] == results["transformers"]["first_tokens"]
@@ -163,6 +227,8 @@ def run(ctx) -> None:
         if side == "ours":
             row["speedup_vs_baseline"] = round(res["speedup"], 3)
             row["memory_vs_baseline"] = round(res["memory_ratio"], 3)
+    ctx.record("e2e", "generate", f"{preset} x{requests} req x64 tok", dtype, "floor: LLM matmuls alone",
+               res["gemm_floor_s"] * 1e3, note=f"caps ours at {res['speedup_cap']:.2f}x transformers")
 
 
 def main() -> None:
@@ -173,14 +239,15 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="(default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--kv_cache_gb", type=float, default=1.0, help="our engine's KV cache (default: %(default)s)")
-    p.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["ours", "transformers", "floor"], help=argparse.SUPPRESS)
+    p.add_argument("--prefill_tokens", type=int, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side is None:
         print(json.dumps(compare(args.preset, args.requests, args.max_tokens, args.dtype, args.device,
                                  args.kv_cache_gb), indent=1))
         return
-    result = run_ours(args) if args.side == "ours" else run_transformers(args)
+    result = {"ours": run_ours, "transformers": run_transformers, "floor": run_gemm_floor}[args.side](args)
     print(json.dumps(result))
 
 
