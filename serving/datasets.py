@@ -115,10 +115,10 @@ def load_videobench(path: str | Path, limit: int | None = None, subsets: list[st
     root = path if path.is_dir() else path.parent
     answer_file = root / "answer" / "ANSWER.json"
     answer_map = json.loads(answer_file.read_text(encoding="utf-8")) if answer_file.is_file() else {}
-    unknown = sorted(set(subsets or ()) - {subset_name(f) for f in files})
+    present = sorted(subset_name(f) for f in files)
+    unknown = sorted(set(subsets or ()) - set(present))
     if unknown:
-        raise ValueError(f"no VideoBench subset {', '.join(unknown)} in {path}; there are: "
-                         f"{', '.join(sorted(subset_name(f) for f in files))}")
+        raise ValueError(f"no VideoBench subset {', '.join(unknown)} in {path}; there are: {', '.join(present)}")
     samples = []
     for f in files:
         subset = subset_name(f)

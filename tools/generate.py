@@ -97,9 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def media_of(path: str | Path, args: argparse.Namespace) -> Media:
-    """A Media with the media-control flags that apply to its kind."""
-    kind = media_kind(path) if Path(path).exists() else None
+def media_of(path: str | Path, args: argparse.Namespace, kind: str | None = None) -> Media:
+    """A Media with the media-control flags that apply to its kind (told from the file if not given)."""
+    if kind is None and Path(path).exists():
+        kind = media_kind(path)
     names = IMAGE_OPTIONS if kind == "image" else VIDEO_OPTIONS
     return Media(path, kind, {k: getattr(args, k) for k in names if getattr(args, k) is not None})
 
@@ -110,15 +111,15 @@ def build_prompts(args: argparse.Namespace, using_demo: bool) -> list[tuple[list
         if not args.dataset_path.is_dir():
             raise SystemExit(f"--dataset_path {args.dataset_path}: not a directory")
         files = sorted(f for f in args.dataset_path.iterdir() if f.is_file() and not f.name.startswith("."))
-        media = [f for f in files if probe_media_kind(f) is not None]
-        if not media:
+        kinds = {f: probe_media_kind(f) for f in files}  # each file opened once
+        skipped = [f.name for f in files if kinds[f] is None]
+        if len(skipped) == len(files):
             raise SystemExit(f"--dataset_path {args.dataset_path}: no image or video files in it")
-        if len(media) < len(files):
-            skipped = [f.name for f in files if f not in media]
+        if skipped:
             print(f"--dataset_path: skipping {len(skipped)} file(s) that are not images or videos: "
                   f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
-        files = media
-        return [([str(f)], Prompt(args.input_text, [media_of(f, args)])) for f in files]
+        return [([str(f)], Prompt(args.input_text, [media_of(f, args, kinds[f])])) for f in files
+                if kinds[f] is not None]
     paths = list(args.input_image) or ([str(SAMPLE_IMAGE_PATH)] if using_demo else [])
     return [(paths, Prompt(args.input_text, [media_of(p, args) for p in paths]))]
 
