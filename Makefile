@@ -8,7 +8,14 @@ STAMP     := $(VENV)/.installed
 # Stock Triton, or triton-ascend on an Ascend host (the two cannot be installed together).
 KERNEL_EXTRA ?= $(shell command -v npu-smi >/dev/null 2>&1 && echo ascend || echo triton)
 
-.PHONY: install test bench lint demo clean
+# The Ascend compile check's own venv: triton-ascend is also the `triton` module, so it cannot
+# share .venv with stock Triton. Pinned: the check drives bishengir through their interfaces.
+ASCEND_VENV  := .venv-ascend
+AVPY         := $(ASCEND_VENV)/bin/python
+ASCEND_PINS  := triton-ascend==3.2.0 ascendnpu-ir==1.2.0 pybind11==2.13.6 numpy
+ASCEND_STAMP := $(ASCEND_VENV)/.installed
+
+.PHONY: install test bench lint demo clean compile-check
 
 install: $(STAMP)
 
@@ -31,8 +38,20 @@ demo: install
 bench: install
 	$(VPY) benchmarks/run_all.py
 
+$(ASCEND_STAMP):
+	test -x $(AVPY) || $(PY) -m venv $(ASCEND_VENV)
+	$(AVPY) -c "import torch" 2>/dev/null || $(AVPY) -m pip install -q $(TORCH_PIN)
+	$(AVPY) -m pip install -q $(ASCEND_PINS)
+	touch $(ASCEND_STAMP)
+
+# Every kernel launch of the released checkpoints compiled for sm_80, sm_90 (ptxas), Ascend910B3 and
+# Ascend910_9392 (bishengir), no device needed; fails on a compile error, a spill, shared memory
+# over the limit or a UB overflow. Tables: benchmarks/results/compile-<target>.md.
+compile-check: install $(ASCEND_STAMP)
+	$(VPY) -m benchmarks.compile_check --ascend-python $(AVPY)
+
 lint: install
 	$(VPY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(ASCEND_VENV) .pytest_cache .ruff_cache .hypothesis

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels
-from kernels._device import interpreting
+from kernels.target import interpreting
 
 if TYPE_CHECKING:  # run_all.py passes the context; importing it here would tie module paths
     from common import BenchContext

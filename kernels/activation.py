@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from kernels import _backend
-from kernels._device import num_warps_for, persistent_grid, rows_per_tile
 from kernels.norms import as_rows
+from kernels.target import Work, current_target, rows_per_tile
 
 CHUNK = 2048  # elements of one output chunk: 2 loads + 1 store of 8 KB each in fp32
 
@@ -55,8 +55,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(triton.next_power_of_2(max(n, 1)), CHUNK)
     n_chunks = triton.cdiv(n, block)
     n_rows = rows.shape[0]
-    block_rows = rows_per_tile(n_rows, block, x.device)
-    grid = (persistent_grid(triton.cdiv(n_rows, block_rows) * n_chunks, x.device),)
+    target = current_target(x.device)
+    block_rows = rows_per_tile(n_rows, block, target)
+    grid = (target.grid(triton.cdiv(n_rows, block_rows) * n_chunks, Work.ROWS),)
     _silu_and_mul_kernel[grid](rows, out, n_rows, n, rows.stride(0), n_chunks, BLOCK_R=block_rows, BLOCK=block,
-                               num_warps=num_warps_for(block_rows * block))
+                               num_warps=target.row_warps(block_rows * block))
     return out

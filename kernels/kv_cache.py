@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels import _backend
-from kernels._device import interpreting, persistent_grid
+from kernels.target import Work, current_target
 
 
 @triton.jit
@@ -83,9 +83,8 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         return None
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    # Memory-bound copy: on CUDA several programs per SM hide the load latency of the loop.
-    per_core = 8 if k.device.type == "cuda" and not interpreting() else 1
-    grid = (persistent_grid(n_tokens, k.device, "vector", per_core),)
+    # Memory-bound copy (Work.COPY): on CUDA several programs per SM hide the loop's load latency.
+    grid = (current_target(k.device).grid(n_tokens, Work.COPY),)
     _write_kv_cache_kernel[grid](
         k, v, k_cache, v_cache, slot_mapping.contiguous(), n_tokens,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels import _backend
-from kernels._device import num_warps_for, persistent_grid, rows_per_tile
+from kernels.target import Work, current_target, rows_per_tile
 
 # Widest row kept in one tile: 8192 fp32 values = 32 KB live, well inside Ascend's 192 KB
 # unified buffer together with the weight and the output tile. Wider rows go in CHUNK pieces.
@@ -118,13 +118,14 @@ def _launch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     single = n <= MAX_TILE
     block = triton.next_power_of_2(n) if single else CHUNK
     n_rows = rows.shape[0]
-    block_rows = rows_per_tile(n_rows, block, x.device)
-    grid = (persistent_grid(triton.cdiv(n_rows, block_rows), x.device),)
+    target = current_target(x.device)
+    block_rows = rows_per_tile(n_rows, block, target)
+    grid = (target.grid(triton.cdiv(n_rows, block_rows), Work.ROWS),)
     _norm_kernel[grid](
         rows, res_rows, weight.contiguous(), (bias if bias is not None else weight).contiguous(), out, summed,
         n_rows, n, rows.stride(0), res_rows.stride(0), eps,
         SUBTRACT_MEAN=subtract_mean, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK_R=block_rows, BLOCK=block, SINGLE_TILE=single, num_warps=num_warps_for(block_rows * block),
+        BLOCK_R=block_rows, BLOCK=block, SINGLE_TILE=single, num_warps=target.row_warps(block_rows * block),
     )
     return out, summed
 

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels import _backend
-from kernels._device import dot_dtype, interpreting, num_cores, persistent_grid
+from kernels.target import Target, Work, current_target
 from kernels.varlen_attention import (
     LOG2E,
     _attend_kv_tile,
@@ -42,11 +42,9 @@ from kernels.varlen_attention import (
     attention_reference,
     check_head_dim,
     group_pad,
-    launch_options,
-    programs_per_core,
     query_block_table,
+    query_tile,
     rows_bound,
-    rows_per_tile,
 )
 
 # A split covers at least this many tokens: below that its fixed costs (query load, partial
@@ -58,90 +56,108 @@ REDUCE_CHUNK = 16
 
 
 @triton.jit
-def _attend_cache_blocks(q, qpos, ctx_len, lo, full_hi, hi, bt_row, k_head, v_head, stride_kcb, stride_vcb,
-                         d_ok, qk_scale, CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Online softmax of query tile q (positions qpos) over the cache blocks lo .. hi - 1 of one
-    sequence's table row bt_row, keys 0 .. ctx_len - 1 visible. k_head / v_head: the [BS, D] row
-    offsets of one kv head in the caches. Blocks below full_hi are fully visible to every row and
-    run unmasked; the rest are masked. Returns (m_i, l_i, acc) as _attend_kv_tile keeps them."""
+def _cache_tile(bt_row, i, k_head, v_head, stride_kcb, stride_vcb, stride_kcs, stride_vcs,
+                TILES_PER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K/V pointers of key tile i of a sequence (keys i * BLOCK_N ..): piece i % TILES_PER_BLOCK of
+    cache block bt_row[i // TILES_PER_BLOCK]. k_head / v_head hold one kv head's [BLOCK_N, D]
+    row offsets; the block's base is int64 (a cache can pass 2^31 elements)."""
+    blk = tl.load(bt_row + i // TILES_PER_BLOCK).to(tl.int64)
+    row = (i % TILES_PER_BLOCK) * BLOCK_N
+    return k_head + blk * stride_kcb + row * stride_kcs, v_head + blk * stride_vcb + row * stride_vcs
+
+
+@triton.jit
+def _attend_cache_tiles(q, qpos, ctx_len, lo, full_hi, hi, bt_row, k_head, v_head,
+                        stride_kcb, stride_vcb, stride_kcs, stride_vcs, d_ok, qk_scale,
+                        CAUSAL: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Online softmax of query tile q (positions qpos) over key tiles lo .. hi - 1 of one
+    sequence (tile i = keys i * BLOCK_N .. i * BLOCK_N + BLOCK_N - 1, through table row bt_row),
+    keys 0 .. ctx_len - 1 visible. Tiles below full_hi are fully visible to every row and run
+    unmasked; the rest are masked. Returns (m_i, l_i, acc) as _attend_kv_tile keeps them."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for j in range(lo, full_hi):
-        blk = tl.load(bt_row + j).to(tl.int64)  # one table entry per block
-        m_i, l_i, acc = _attend_kv_tile(q, k_head + blk * stride_kcb, v_head + blk * stride_vcb, d_ok,
-                                        j * BLOCK_SIZE, ctx_len, qpos, qk_scale, m_i, l_i, acc,
-                                        False, CAUSAL, BLOCK_SIZE, DOT_DTYPE)
-    for j in range(tl.maximum(full_hi, lo), hi):  # the partly visible blocks, if in range
-        blk = tl.load(bt_row + j).to(tl.int64)
-        m_i, l_i, acc = _attend_kv_tile(q, k_head + blk * stride_kcb, v_head + blk * stride_vcb, d_ok,
-                                        j * BLOCK_SIZE, ctx_len, qpos, qk_scale, m_i, l_i, acc,
-                                        True, CAUSAL, BLOCK_SIZE, DOT_DTYPE)
+    for i in range(lo, full_hi):
+        k_ptrs, v_ptrs = _cache_tile(bt_row, i, k_head, v_head, stride_kcb, stride_vcb, stride_kcs, stride_vcs,
+                                     TILES_PER_BLOCK, BLOCK_N)
+        m_i, l_i, acc = _attend_kv_tile(q, k_ptrs, v_ptrs, d_ok, i * BLOCK_N, ctx_len, qpos, qk_scale, m_i, l_i,
+                                        acc, False, CAUSAL, BLOCK_N, DOT_DTYPE)
+    for i in range(tl.maximum(full_hi, lo), hi):  # the partly visible tiles, if in range
+        k_ptrs, v_ptrs = _cache_tile(bt_row, i, k_head, v_head, stride_kcb, stride_vcb, stride_kcs, stride_vcs,
+                                     TILES_PER_BLOCK, BLOCK_N)
+        m_i, l_i, acc = _attend_kv_tile(q, k_ptrs, v_ptrs, d_ok, i * BLOCK_N, ctx_len, qpos, qk_scale, m_i, l_i,
+                                        acc, True, CAUSAL, BLOCK_N, DOT_DTYPE)
     return m_i, l_i, acc
 
 
-@triton.jit
+# Sizes and the table's row stride change from step to step: specialising on them (== 1, % 16)
+# would compile new variants in the middle of serving for no gain.
+@triton.jit(do_not_specialize=["n_items", "num_splits", "blocks_per_split", "stride_btb"])
 def _paged_decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, o_ptr, mpart_ptr, lpart_ptr, opart_ptr,
-    n_items, num_splits, blocks_per_split, qk_scale,
+    n_items, num_splits, blocks_per_split, n_q_heads, n_kv_heads, group, qk_scale,
     stride_qb, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_btb, stride_ob, stride_oh,
-    HQ: tl.constexpr, HK: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
-    SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    G_PAD: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """One decode query per sequence against its cached keys 0 .. context_lens[b] - 1.
 
-    Work item = (b, kv head, split), split fastest. Split s covers the sequence's blocks
-    [s * blocks_per_split, (s + 1) * blocks_per_split). Without SPLIT (num_splits == 1) the result
-    goes to o[B, Hq, D]; with it, row (b, h)'s partial (max and sum in log2 units, output normalised
-    by its own sum) goes to mpart/lpart [B, Hq, num_splits] and opart [B, Hq, num_splits, D] (fp32).
-    num_splits is a runtime value (it follows the table width, which grows step by step: a
-    constexpr would compile a new kernel for each value).
+    Work item = (b, kv head, split), split fastest. Split s covers the sequence's cache blocks
+    [s * blocks_per_split, (s + 1) * blocks_per_split), walked BLOCK_N keys at a time. Without
+    SPLIT (num_splits == 1) the result goes to o[B, Hq, D]; with it, row (b, h)'s partial (max and
+    sum in log2 units, output normalised by its own sum) goes to mpart/lpart [B, Hq, num_splits]
+    and opart [B, Hq, num_splits, D] (fp32). num_splits is a runtime value (it follows the table
+    width, which grows step by step: a constexpr would compile a new kernel for each value).
     """
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_N
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_M)
-    # Offsets of a cache block's [BS, D] rows of one head, computed once: the block loop only
-    # moves a base pointer (the table entry times the block stride, in int64).
-    d_ok, k_off, v_off = _kv_tile_offsets(stride_kcs, stride_vcs, BLOCK_SIZE, BLOCK_D, HEAD_DIM)
+    # Offsets of a key tile's [BLOCK_N, D] rows of one head, computed once: the tile loop only
+    # moves a base pointer.
+    d_ok, k_off, v_off = _kv_tile_offsets(stride_kcs, stride_vcs, BLOCK_N, BLOCK_D, HEAD_DIM)
     for item in range(pid, n_items, nprog):
         split = item % num_splits
         bh = item // num_splits
-        kvh = bh % HK
-        b = bh // HK
+        kvh = bh % n_kv_heads
+        b = bh // n_kv_heads
         ctx_len = tl.load(ctx_ptr + b)
-        n_full = ctx_len // BLOCK_SIZE  # blocks with every slot in the context
-        n_blocks = (ctx_len + BLOCK_SIZE - 1) // BLOCK_SIZE
-        lo = split * blocks_per_split
-        hi = tl.minimum(lo + blocks_per_split, n_blocks)
+        n_full = ctx_len // BLOCK_N  # tiles with every key in the context
+        n_tiles = (ctx_len + BLOCK_N - 1) // BLOCK_N
+        lo = split * blocks_per_split * TILES_PER_BLOCK
+        hi = tl.minimum(lo + blocks_per_split * TILES_PER_BLOCK, n_tiles)
         full_hi = tl.minimum(hi, n_full)
-        q, qi, row_ok, _ = _load_query_tile(q_ptr, b, 1, kvh, stride_qb, stride_qh,
-                                            GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
+        q, qi, row_ok = _load_query_tile(q_ptr, b, 1, kvh, stride_qb, stride_qh, group,
+                                            G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
         # qpos = qi goes unused: decode needs no causal mask (its query is the last position)
-        m_i, l_i, acc = _attend_cache_blocks(
+        m_i, l_i, acc = _attend_cache_tiles(
             q, qi, ctx_len, lo, full_hi, hi, bt_ptr + b * stride_btb,
-            kc_ptr + kvh * stride_kch + k_off, vc_ptr + kvh * stride_vch + v_off, stride_kcb, stride_vcb,
-            d_ok, qk_scale, False, BLOCK_SIZE, BLOCK_M, BLOCK_D, DOT_DTYPE)
+            kc_ptr + kvh * stride_kch + k_off, vc_ptr + kvh * stride_vch + v_off,
+            stride_kcb, stride_vcb, stride_kcs, stride_vcs, d_ok, qk_scale,
+            False, TILES_PER_BLOCK, BLOCK_N, BLOCK_M, BLOCK_D, DOT_DTYPE)
         if not SPLIT:
-            _store_query_tile(o_ptr, acc, l_i, b, row_ok, kvh, stride_ob, stride_oh,
-                              GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
+            _store_query_tile(o_ptr, acc, l_i, b, row_ok, kvh, stride_ob, stride_oh, group,
+                              G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
         else:
             # An empty split (past the end of a short sequence) writes m = -inf, l = 0, o = 0.
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-            part_row = (b * HQ + kvh * GROUP + rows % G_PAD).to(tl.int64) * num_splits + split  # [BLOCK_M]
-            tl.store(mpart_ptr + part_row, m_i, mask=row_ok)
-            tl.store(lpart_ptr + part_row, l_i, mask=row_ok)
+            # Partials of rows (b, kvh * group + r % G_PAD): an int64 base for the group's first
+            # head, int32 offsets for the rows (as _load_query_tile does).
+            first = (tl.cast(b, tl.int64) * n_q_heads + kvh * group) * num_splits + split
+            part_row = (rows % G_PAD) * num_splits  # [BLOCK_M]
+            tl.store(mpart_ptr + first + part_row, m_i, mask=row_ok)
+            tl.store(lpart_ptr + first + part_row, l_i, mask=row_ok)
             o_mask = row_ok[:, None] & d_ok[None, :]
             offs_d = tl.arange(0, BLOCK_D)
-            tl.store(opart_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=o_mask)
+            tl.store(opart_ptr + first * HEAD_DIM + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=o_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "num_splits"])
 def _split_reduce_kernel(
-    mpart_ptr, lpart_ptr, opart_ptr, o_ptr, n_rows, num_splits, stride_ob, stride_oh,
-    HQ: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    mpart_ptr, lpart_ptr, opart_ptr, o_ptr, n_rows, num_splits, n_q_heads, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """o[b, h] = sum_s w_s * opart[b, h, s] / sum_s w_s with w_s = lpart_s * 2^(mpart_s - max_s mpart).
 
@@ -174,47 +190,47 @@ def _split_reduce_kernel(
             w_sum += w
         denom = tl.sum(w_sum, 0)
         out = total / tl.where(denom == 0.0, 1.0, denom)
-        b = row // HQ
-        h = row - b * HQ
+        b = row // n_q_heads
+        h = row - b * n_q_heads
         tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_work_rows", "stride_btb"])
 def _paged_prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_q_ptr, ctx_ptr, work_ptr, o_ptr,
-    n_work_rows, qk_scale,
+    n_work_rows, n_kv_heads, group, qk_scale,
     stride_qt, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_btb, stride_ot, stride_oh,
-    HK: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Queries of sequence b are its last q_len = cu_q[b+1] - cu_q[b] cached tokens (positions
     ctx - q_len .. ctx - 1); each attends causally to cached keys 0 .. its position.
 
     work_ptr: int32 [n_work_rows, 2] = (sequence, first query of the block), -1 = padding row.
-    Work item = (work row, kv head). Cache blocks entirely at or below the tile's first position
-    run unmasked; the rest (up to the last query's position) are masked.
+    Work item = (work row, kv head). The keys are walked BLOCK_N at a time (BLOCK_SIZE / BLOCK_N
+    pieces per cache block): tiles entirely at or below the tile's first position run unmasked,
+    the rest (up to the last query's position) masked.
     """
-    # Offsets of a cache block's [BS, D] rows of one head, computed once: the block loop only
-    # moves a base pointer (the table entry times the block stride, in int64).
-    d_ok, k_off, v_off = _kv_tile_offsets(stride_kcs, stride_vcs, BLOCK_SIZE, BLOCK_D, HEAD_DIM)
-    for item in range(tl.program_id(0), n_work_rows * HK, tl.num_programs(0)):
-        seq, m0, kvh = _work_item(work_ptr, item, HK)
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    d_ok, k_off, v_off = _kv_tile_offsets(stride_kcs, stride_vcs, BLOCK_N, BLOCK_D, HEAD_DIM)
+    for item in range(tl.program_id(0), n_work_rows * n_kv_heads, tl.num_programs(0)):
+        seq, m0, kvh = _work_item(work_ptr, item, n_kv_heads)
         if seq >= 0:
             q, qi, row_ok, q_start, q_len, n_q = _load_work_query(q_ptr, cu_q_ptr, seq, m0, kvh,
-                                                                  stride_qt, stride_qh, GROUP, G_PAD, HEAD_DIM,
+                                                                  stride_qt, stride_qh, group, G_PAD, HEAD_DIM,
                                                                   BLOCK_Q, BLOCK_M, BLOCK_D, DOT_DTYPE)
             ctx_len = tl.load(ctx_ptr + seq)
             first = ctx_len - q_len + m0  # cache position of the tile's first query
-            n_full = (first + 1) // BLOCK_SIZE
-            n_blocks = (first + n_q + BLOCK_SIZE - 1) // BLOCK_SIZE
-            m_i, l_i, acc = _attend_cache_blocks(
-                q, first + qi, ctx_len, 0, n_full, n_blocks, bt_ptr + seq * stride_btb,
-                kc_ptr + kvh * stride_kch + k_off, vc_ptr + kvh * stride_vch + v_off, stride_kcb, stride_vcb,
-                d_ok, qk_scale, True, BLOCK_SIZE, BLOCK_M, BLOCK_D, DOT_DTYPE)
-            _store_query_tile(o_ptr, acc, l_i, q_start + m0, row_ok, kvh, stride_ot, stride_oh,
-                              GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
+            n_full = (first + 1) // BLOCK_N
+            n_tiles = (first + n_q + BLOCK_N - 1) // BLOCK_N
+            m_i, l_i, acc = _attend_cache_tiles(
+                q, first + qi, ctx_len, 0, n_full, n_tiles, bt_ptr + seq * stride_btb,
+                kc_ptr + kvh * stride_kch + k_off, vc_ptr + kvh * stride_vch + v_off,
+                stride_kcb, stride_vcb, stride_kcs, stride_vcs, d_ok, qk_scale,
+                True, TILES_PER_BLOCK, BLOCK_N, BLOCK_M, BLOCK_D, DOT_DTYPE)
+            _store_query_tile(o_ptr, acc, l_i, q_start + m0, row_ok, kvh, stride_ot, stride_oh, group,
+                              G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +294,7 @@ def _paged_prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v
 
 
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
-    """(Hk, GROUP, G_PAD) after checking the caches against q."""
+    """(Hk, group, G_PAD) after checking the caches against q."""
     if k_cache.shape != v_cache.shape or k_cache.shape[-1] != q.shape[-1]:
         raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} "
                          f"do not match q {tuple(q.shape)}")
@@ -296,11 +312,16 @@ def _rows_contiguous(table: torch.Tensor) -> torch.Tensor:
     return table if table.stride(-1) == 1 else table.contiguous()
 
 
-def decode_splits(batch: int, n_kv_heads: int, table_blocks: int, block_size: int,
-                  device: torch.device) -> int:
+def key_tile(block_size: int, target: Target) -> int:
+    """Keys scored at once (BLOCK_N): the whole cache block, or target.key_tile-key pieces of a
+    larger one (a 128-slot block as one tile overflows Ascend's UB and spills on CUDA)."""
+    return min(block_size, target.key_tile)
+
+
+def decode_splits(batch: int, n_kv_heads: int, table_blocks: int, block_size: int, target: Target) -> int:
     """Splits per sequence for flash-decoding: enough (sequence, kv head, split) items to give
     each core's programs one, but no split shorter than MIN_SPLIT_TOKENS and at most MAX_SPLITS."""
-    programs = num_cores(device, "cube") * programs_per_core(device)
+    programs = target.cores(Work.ATTENTION) * target.programs_per_core[Work.ATTENTION]
     wanted = triton.cdiv(programs, max(batch * n_kv_heads, 1))
     most = triton.cdiv(table_blocks, max(1, MIN_SPLIT_TOKENS // block_size))
     return max(1, min(wanted, most, MAX_SPLITS))
@@ -312,6 +333,7 @@ def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     batch, hq, d = q.shape
     hk, group, g_pad = _check_cache(q, k_cache, v_cache)
     block_size = k_cache.shape[1]
+    target = current_target(q.device)
     out = _backend.empty_output(q.shape, q.dtype, q.device)
     if batch == 0:
         return out
@@ -320,7 +342,7 @@ def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_m = max(16, g_pad)  # one query x G_PAD heads, padded to tl.dot's 16-row minimum
     table_blocks = block_tables.shape[1]
     if num_splits is None:
-        num_splits = decode_splits(batch, hk, table_blocks, block_size, q.device)
+        num_splits = decode_splits(batch, hk, table_blocks, block_size, target)
     blocks_per_split = triton.cdiv(max(table_blocks, 1), num_splits)
     num_splits = triton.cdiv(max(table_blocks, 1), blocks_per_split)  # no split left always empty
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -331,24 +353,23 @@ def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     else:
         mpart = lpart = opart = out  # unused by the kernel
     n_items = batch * hk * num_splits
-    grid = (persistent_grid(n_items, q.device, "cube", programs_per_core(q.device)),)
+    grid = (target.grid(n_items, Work.ATTENTION),)
     _paged_decode_kernel[grid](
         q, k_cache, v_cache, _rows_contiguous(block_tables), context_lens.contiguous(),
         out, mpart, lpart, opart,
-        n_items, num_splits, blocks_per_split, scale * LOG2E,
+        n_items, num_splits, blocks_per_split, hq, hk, group, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), _rows_contiguous(block_tables).stride(0),
         out.stride(0), out.stride(1),
-        HQ=hq, HK=hk, GROUP=group, G_PAD=g_pad, SPLIT=num_splits > 1, HEAD_DIM=d,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_D=block_d, DOT_DTYPE=dot_dtype(q.dtype),
-        **launch_options(q.device),
+        G_PAD=g_pad, SPLIT=num_splits > 1, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_N=key_tile(block_size, target),
+        BLOCK_M=block_m, BLOCK_D=block_d, DOT_DTYPE=target.dot_dtype(q.dtype),
+        **target.attention_options(block_m, key_tile(block_size, target), block_d),
     )
     if num_splits > 1:
         n_rows = batch * hq
-        per_core = 4 if q.device.type == "cuda" and not interpreting() else 1
-        _split_reduce_kernel[(persistent_grid(n_rows, q.device, "vector", per_core),)](
-            mpart, lpart, opart, out, n_rows, num_splits, out.stride(0), out.stride(1),
-            HQ=hq, HEAD_DIM=d, CHUNK=REDUCE_CHUNK, BLOCK_D=block_d,
+        _split_reduce_kernel[(target.grid(n_rows, Work.ROWS),)](
+            mpart, lpart, opart, out, n_rows, num_splits, hq, out.stride(0), out.stride(1),
+            HEAD_DIM=d, CHUNK=REDUCE_CHUNK, BLOCK_D=block_d,
         )
     return out
 
@@ -391,21 +412,23 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_d = check_head_dim(d)
     # 64 rows per tile (e.g. 8 queries x 8 padded heads of a 7-head group); queries per tile
     # capped by T, the only bound on a sequence's new tokens known without a sync.
-    block_q, block_m = rows_per_tile(g_pad, t, 64)
+    target = current_target(q.device)
+    block_q, block_m = query_tile(g_pad, t, target.query_rows)
+    block_size = k_cache.shape[1]
     n_rows = rows_bound(t, n_seq, t, block_q)
     cu_seqlens_q = cu_seqlens_q.to(q.device, torch.int32)
     table = query_block_table(cu_seqlens_q, block_q, n_rows)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    grid = (persistent_grid(n_rows * hk, q.device, "cube", programs_per_core(q.device)),)
+    grid = (target.grid(n_rows * hk, Work.ATTENTION),)
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, _rows_contiguous(block_tables), cu_seqlens_q.contiguous(),
         context_lens.contiguous(), table, out,
-        n_rows, scale * LOG2E,
+        n_rows, hk, group, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), _rows_contiguous(block_tables).stride(0),
         out.stride(0), out.stride(1),
-        HK=hk, GROUP=group, G_PAD=g_pad, HEAD_DIM=d, BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q,
-        BLOCK_M=block_m, BLOCK_D=block_d, DOT_DTYPE=dot_dtype(q.dtype),
-        **launch_options(q.device),
+        G_PAD=g_pad, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_N=key_tile(block_size, target), BLOCK_Q=block_q,
+        BLOCK_M=block_m, BLOCK_D=block_d, DOT_DTYPE=target.dot_dtype(q.dtype),
+        **target.attention_options(block_m, key_tile(block_size, target), block_d),
     )
     return out

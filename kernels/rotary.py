@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels import _backend
-from kernels._device import num_warps_for, persistent_grid, rows_per_tile
+from kernels.target import Work, current_target, rows_per_tile
 
 
 @triton.jit
@@ -123,8 +123,9 @@ def _launch_rotary(q, k, cos, sin, positions, mrope_section, theta):
     block_half = triton.next_power_of_2(half)
     n_k_heads = k.shape[1] if k is not None else 0
     block_hq = triton.next_power_of_2(n_q_heads)
-    block_t = rows_per_tile(n_tokens, block_hq * block_half, q.device)
-    grid = (persistent_grid(triton.cdiv(n_tokens, block_t), q.device),)
+    target = current_target(q.device)
+    block_t = rows_per_tile(n_tokens, block_hq * block_half, target)
+    grid = (target.grid(triton.cdiv(n_tokens, block_t), Work.ROWS),)
     _rotary_kernel[grid](
         q, k if k is not None else q, q_out, k_out if k is not None else q_out,
         cos if cos is not None else q, sin if sin is not None else q,
@@ -135,7 +136,7 @@ def _launch_rotary(q, k, cos, sin, positions, mrope_section, theta):
         SECTION_T=section_t, SECTION_TH=section_th, HALF=half, BLOCK_T=block_t, BLOCK_HALF=block_half,
         BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(max(n_k_heads, 1)),
         FROM_POSITIONS=from_positions, HAS_K=k is not None,
-        num_warps=num_warps_for(block_t * block_hq * block_half),
+        num_warps=target.row_warps(block_t * block_hq * block_half),
     )
     return q_out, k_out
 

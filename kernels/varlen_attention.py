@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels import _backend
-from kernels._device import dot_dtype, interpreting, persistent_grid
+from kernels.target import Work, current_target
 
 LOG2E = 1.4426950408889634
 
@@ -92,37 +92,40 @@ def _kv_tile_offsets(stride_kn, stride_vn, BLOCK_N: tl.constexpr, BLOCK_D: tl.co
 
 
 @triton.jit
-def _load_query_tile(q_ptr, tok0, n_q, kvh, stride_qt, stride_qh,
-                     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _load_query_tile(q_ptr, tok0, n_q, kvh, stride_qt, stride_qh, group,
+                     G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """The [BLOCK_M, BLOCK_D] query tile of kv head `kvh`: row r is query token tok0 + r // G_PAD
-    (valid while r // G_PAD < n_q) of query head kvh * GROUP + r % G_PAD. Padding rows/cols load 0.
-    Returns (tile in DOT_DTYPE, row index within the block r // G_PAD, row-valid mask, row offsets)."""
+    (valid while r // G_PAD < n_q) of query head kvh * group + r % G_PAD. Padding rows/cols load 0.
+    Returns (tile in DOT_DTYPE, row index within the block r // G_PAD, row-valid mask)."""
     rows = tl.arange(0, BLOCK_M)
     qi = rows // G_PAD
     g = rows % G_PAD
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = (qi < n_q) & (g < GROUP)
-    # int64 token offset: T * Hq * D can pass 2^31 elements for long prompts.
-    row_off = (tok0 + qi).to(tl.int64) * stride_qt + (kvh * GROUP + g) * stride_qh
+    row_ok = (qi < n_q) & (g < group)
+    # The tile's first token in int64 (T * Hq * D can pass 2^31 elements for long prompts), the
+    # rows within it in int32: a [BLOCK_M, BLOCK_D] int64 offset tile would cost 64 KB of
+    # Ascend's unified buffer at 64 x 128 (and int64 vector math is slow there).
+    base = q_ptr + tl.cast(tok0, tl.int64) * stride_qt + kvh * group * stride_qh
+    row_off = qi * stride_qt + g * stride_qh
     mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(q_ptr + row_off[:, None] + offs_d[None, :], mask=mask, other=0.0)
-    return q.to(DOT_DTYPE), qi, row_ok, row_off
+    q = tl.load(base + row_off[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    return q.to(DOT_DTYPE), qi, row_ok
 
 
 @triton.jit
-def _work_item(work_ptr, item, HK: tl.constexpr):
+def _work_item(work_ptr, item, n_kv_heads):
     """Work item `item` = (work row, kv head) over a query_block_table, kv head fastest.
     Returns (seq, m0, kvh): the row's sequence (-1 for a padding row) and first query."""
-    wrow = item // HK
+    wrow = item // n_kv_heads
     seq = tl.load(work_ptr + 2 * wrow)
     m0 = tl.load(work_ptr + 2 * wrow + 1)
-    return seq, m0, item - wrow * HK
+    return seq, m0, item - wrow * n_kv_heads
 
 
 @triton.jit
-def _load_work_query(q_ptr, cu_ptr, seq, m0, kvh, stride_qt, stride_qh,
-                     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr,
+def _load_work_query(q_ptr, cu_ptr, seq, m0, kvh, stride_qt, stride_qh, group,
+                     G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """The query block of a work item (seq >= 0, m0, kvh): queries m0 .. m0 + n_q - 1 of sequence
     seq, which owns tokens cu[seq] .. cu[seq + 1] - 1, as the _load_query_tile of kv head kvh.
@@ -130,23 +133,24 @@ def _load_work_query(q_ptr, cu_ptr, seq, m0, kvh, stride_qt, stride_qh,
     start = tl.load(cu_ptr + seq)
     seq_len = tl.load(cu_ptr + seq + 1) - start
     n_q = tl.minimum(seq_len - m0, BLOCK_Q)
-    q, qi, row_ok, _ = _load_query_tile(q_ptr, start + m0, n_q, kvh, stride_qt, stride_qh,
-                                        GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
+    q, qi, row_ok = _load_query_tile(q_ptr, start + m0, n_q, kvh, stride_qt, stride_qh, group,
+                                        G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
     return q, qi, row_ok, start, seq_len, n_q
 
 
 @triton.jit
-def _store_query_tile(o_ptr, acc, l_i, tok0, row_ok, kvh, stride_ot, stride_oh,
-                      GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _store_query_tile(o_ptr, acc, l_i, tok0, row_ok, kvh, stride_ot, stride_oh, group,
+                      G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Store acc / l_i (rows laid out as in _load_query_tile) into o[T, Hq, D] in o's dtype."""
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     # Padding rows may have seen no key (l = 0): divide by 1 there, they are not stored anyway.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_off = (tok0 + rows // G_PAD).to(tl.int64) * stride_ot + (kvh * GROUP + rows % G_PAD) * stride_oh
+    base = o_ptr + tl.cast(tok0, tl.int64) * stride_ot + kvh * group * stride_oh  # int64 scalar, int32 rows
+    o_off = (rows // G_PAD) * stride_ot + (rows % G_PAD) * stride_oh
     mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    tl.store(o_ptr + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(base + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,26 +158,26 @@ def _store_query_tile(o_ptr, acc, l_i, tok0, row_ok, kvh, stride_ot, stride_oh,
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_work_rows"])
 def _varlen_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, work_ptr,
-    n_work_rows, qk_scale,
+    n_work_rows, n_kv_heads, group, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    HK: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """o[t, h] = softmax(q[t, h] . k[seq, h // GROUP]^T * scale) v[seq, h // GROUP] per sequence.
+    """o[t, h] = softmax(q[t, h] . k[seq, h // group]^T * scale) v[seq, h // group] per sequence.
 
     work_ptr: int32 [n_work_rows, 2] = (sequence, first query of the block), sequence -1 = padding.
     Work item = (work row, kv head); each program loops over items pid, pid + nprog, ...
     """
     d_ok, k_off, v_off = _kv_tile_offsets(stride_kt, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM)
-    for item in range(tl.program_id(0), n_work_rows * HK, tl.num_programs(0)):
-        seq, m0, kvh = _work_item(work_ptr, item, HK)
+    for item in range(tl.program_id(0), n_work_rows * n_kv_heads, tl.num_programs(0)):
+        seq, m0, kvh = _work_item(work_ptr, item, n_kv_heads)
         if seq >= 0:
             q, qi, row_ok, start, seqlen, n_q = _load_work_query(q_ptr, cu_ptr, seq, m0, kvh, stride_qt, stride_qh,
-                                                                 GROUP, G_PAD, HEAD_DIM, BLOCK_Q, BLOCK_M,
+                                                                 group, G_PAD, HEAD_DIM, BLOCK_Q, BLOCK_M,
                                                                  BLOCK_D, DOT_DTYPE)
             qpos = m0 + qi  # position of each row within its sequence
             k_base = k_ptr + start.to(tl.int64) * stride_kt + kvh * stride_kh
@@ -196,8 +200,8 @@ def _varlen_attention_kernel(
                 m_i, l_i, acc = _attend_kv_tile(q, k_base + n0 * stride_kt + k_off,
                                                 v_base + n0 * stride_vt + v_off, d_ok, n0, seqlen, qpos,
                                                 qk_scale, m_i, l_i, acc, True, CAUSAL, BLOCK_N, DOT_DTYPE)
-            _store_query_tile(o_ptr, acc, l_i, start + m0, row_ok, kvh, stride_ot, stride_oh,
-                              GROUP, G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
+            _store_query_tile(o_ptr, acc, l_i, start + m0, row_ok, kvh, stride_ot, stride_oh, group,
+                              G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,34 +235,20 @@ def rows_bound(total_tokens: int, n_seq: int, max_seqlen: int, block_q: int) -> 
 
 
 def group_pad(n_q_heads: int, n_kv_heads: int) -> tuple[int, int]:
-    """(GROUP, G_PAD): query heads per kv head and its power-of-two padding."""
+    """(group, G_PAD): query heads per kv head and its power-of-two padding."""
     if n_q_heads % n_kv_heads:
         raise ValueError(f"query heads {n_q_heads} not a multiple of kv heads {n_kv_heads}")
     group = n_q_heads // n_kv_heads
     return group, triton.next_power_of_2(group)
 
 
-def rows_per_tile(g_pad: int, max_queries: int, target_rows: int) -> tuple[int, int]:
+def query_tile(g_pad: int, max_queries: int, target_rows: int) -> tuple[int, int]:
     """(BLOCK_Q, BLOCK_M): queries per tile and tile rows (BLOCK_Q * G_PAD, at least 16 for tl.dot),
     aiming at `target_rows` rows but no more queries than a sequence can have."""
     block_q = max(1, target_rows // g_pad)
     block_q = min(block_q, triton.next_power_of_2(max(max_queries, 1)))
     block_m = max(16, block_q * g_pad)
     return block_m // g_pad, block_m
-
-
-def launch_options(device: torch.device) -> dict:
-    """num_warps / num_stages for the attention kernels: 4 warps and 2 stages keep a 64x64 tile
-    pipeline on CUDA; other backends ignore or pick their own."""
-    if device.type == "cuda" and not interpreting():
-        return {"num_warps": 4, "num_stages": 2}
-    return {}
-
-
-def programs_per_core(device: torch.device) -> int:
-    """Persistent programs per core: a CUDA SM runs several 4-warp attention programs at once
-    (latency hiding); an Ascend AI core runs one program at a time, so one per core there."""
-    return 4 if device.type == "cuda" and not interpreting() else 1
 
 
 def check_head_dim(d: int) -> int:
@@ -337,19 +327,19 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     block_d = check_head_dim(d)
     q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    # 64-row tiles: a window of Qwen2.5-VL's ViT (<= 64 patches) is one tile; a [64, 128] fp32
-    # accumulator plus the K/V tiles stays well inside Ascend's unified buffer / CUDA registers.
-    block_q, block_m = rows_per_tile(g_pad, max_seqlen, 64)
-    block_n = 64 if max_seqlen > 32 else max(16, triton.next_power_of_2(max(max_seqlen, 1)))
+    # 64-row tiles (target.query_rows): a window of Qwen2.5-VL's ViT (<= 64 patches) is one tile.
+    target = current_target(q.device)
+    block_q, block_m = query_tile(g_pad, max_seqlen, target.query_rows)
+    block_n = min(target.key_tile, max(16, triton.next_power_of_2(max(max_seqlen, 1))))
     n_rows = rows_bound(t, n_seq, max_seqlen, block_q)
     table = query_block_table(cu_seqlens.to(q.device), block_q, n_rows)
-    grid = (persistent_grid(n_rows * hk, q.device, "cube", programs_per_core(q.device)),)
+    grid = (target.grid(n_rows * hk, Work.ATTENTION),)
     _varlen_attention_kernel[grid](
-        q, k, v, out, cu_seqlens.to(q.device, torch.int32), table, n_rows, scale * LOG2E,
+        q, k, v, out, cu_seqlens.to(q.device, torch.int32), table, n_rows, hk, group, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
-        HK=hk, GROUP=group, G_PAD=g_pad, HEAD_DIM=d, CAUSAL=bool(causal), BLOCK_Q=block_q,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_DTYPE=dot_dtype(q.dtype),
-        **launch_options(q.device),
+        G_PAD=g_pad, HEAD_DIM=d, CAUSAL=bool(causal), BLOCK_Q=block_q,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_DTYPE=target.dot_dtype(q.dtype),
+        **target.attention_options(block_m, block_n, block_d),
     )
     return out

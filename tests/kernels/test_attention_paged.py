@@ -11,9 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels._device import num_cores
+from kernels.target import Work, current_target
 from kernels.paged_attention import _paged_decode, decode_splits
-from kernels.varlen_attention import programs_per_core
 from tests.helpers import DEVICE, DTYPES, assert_close, expect_triton_launch, randn
 from tests.kernels.attention_oracle import (
     ATTENTION_SCALE,
@@ -67,7 +66,7 @@ def test_paged_attention_decode_long_context_batch1():
     """Batch 1 with a few thousand cached tokens: the launcher splits the context across
     programs (flash-decoding) and the reduce kernel combines the partials."""
     ctx, hq, hk, d, bs = 3000, 7, 1, 128, 128
-    assert decode_splits(1, hk, math.ceil(ctx / bs), bs, DEVICE) > 1
+    assert decode_splits(1, hk, math.ceil(ctx / bs), bs, current_target(DEVICE)) > 1
     cache = build_paged_cache([ctx], hk, d, bs, torch.bfloat16, seed=1)
     q = randn(1, hq, d, dtype=torch.bfloat16, seed=2, scale=3.0)
     with expect_triton_launch("paged_attention"):
@@ -88,12 +87,13 @@ def test_paged_attention_decode_real_config():
 
 def test_decode_splits_policy():
     """Splits fill the cores only when B * Hk does not, and never go below MIN_SPLIT_TOKENS."""
-    programs = num_cores(DEVICE, "cube") * programs_per_core(DEVICE)
-    assert decode_splits(programs, 1, 256, 128, DEVICE) == 1  # every program has a sequence already
-    assert decode_splits(1, 1, 256, 128, DEVICE) > 1
-    assert decode_splits(1, 1, 1, 16, DEVICE) == 1  # nothing to split
-    assert decode_splits(1, 1, 4, 16, DEVICE) == 1  # 64 tokens < MIN_SPLIT_TOKENS
-    assert decode_splits(1, 1, 10_000, 16, DEVICE) > 1
+    target = current_target(DEVICE)
+    programs = target.cores(Work.ATTENTION) * target.programs_per_core[Work.ATTENTION]
+    assert decode_splits(programs, 1, 256, 128, current_target(DEVICE)) == 1  # every program has a sequence already
+    assert decode_splits(1, 1, 256, 128, current_target(DEVICE)) > 1
+    assert decode_splits(1, 1, 1, 16, current_target(DEVICE)) == 1  # nothing to split
+    assert decode_splits(1, 1, 4, 16, current_target(DEVICE)) == 1  # 64 tokens < MIN_SPLIT_TOKENS
+    assert decode_splits(1, 1, 10_000, 16, current_target(DEVICE)) > 1
 
 
 @st.composite

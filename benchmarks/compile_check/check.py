@@ -1,0 +1,110 @@
+"""Compile every launch for one target and collect what each compiled kernel needs.
+
+Run in the venv whose Triton builds for the target (stock Triton for sm_*, triton-ascend for
+Ascend*), one target per process: Triton keeps one compiled-kernel cache per device, and here every
+target is device 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.compile_check.launches import Launch, all_launches
+from benchmarks.compile_check.report import KernelResources, TargetReport, Variant
+from kernels.target import KNOWN_TARGETS, use_target
+
+
+def constexpr_text(src) -> str:
+    """The kernel's constexpr arguments (upper-case names) as `NAME=value`, from its ASTSource
+    (keys are argument indices in Triton 3.9, names in triton-ascend 3.2)."""
+    items = []
+    for key, value in src.constants.items():
+        name = src.fn.arg_names[key[0]] if isinstance(key, tuple) else key
+        if name[:1].isupper():
+            text = str(value).removeprefix("tl.").removeprefix("triton.language.")
+            items.append(f"{name}={text}")
+    return " ".join(items)
+
+
+_ERROR_LINE = re.compile(r".*(overflow|error|Error|failed|OutOfResources).*")
+
+
+def error_summary(err: BaseException) -> str:
+    """The line of a compile error that says what went wrong (an overflow first)."""
+    text = str(err)
+    lines = [m.group(0).strip() for m in _ERROR_LINE.finditer(text)]
+    pick = next((line for line in lines if "overflow" in line), lines[0] if lines else text.strip())
+    return f"{type(err).__name__}: {pick[:300]}"
+
+
+def run_target(arch: str, models: list[str] | None = None, launches: list[Launch] | None = None) -> TargetReport:
+    """Compile `launches` (default: all of the released models' launches) for `arch`."""
+    target = KNOWN_TARGETS[arch]
+    started = time.time()
+    if target.backend == "cuda":
+        from benchmarks.compile_check import nvidia
+        from benchmarks.compile_check.driver import compile_only
+
+        capability = int(arch.removeprefix("sm_"))
+        driver = compile_only(nvidia.gpu_target(capability), nvidia.max_shared_bytes(capability))
+
+        def resources(metadata) -> KernelResources:
+            return nvidia.kernel_resources(metadata, capability)
+    else:
+        from benchmarks.compile_check import ascend
+
+        work = Path(tempfile.mkdtemp(prefix="qvl-ascend-"))
+        # A cached kernel would skip bishengir and with it the UB report: compile afresh.
+        os.environ["TRITON_CACHE_DIR"] = str(work / "triton-cache")
+        ascend.setup(arch, work)
+        from triton.backends.compiler import GPUTarget
+
+        from benchmarks.compile_check.driver import compile_only
+
+        driver = compile_only(GPUTarget("npu", arch, 0), ascend.UB_BYTES)
+
+        def resources(metadata) -> KernelResources:
+            report = ascend.take_result()
+            if report is None:
+                return None
+            return KernelResources(ub_bytes=report["ub_bytes"], limit_ub=ascend.UB_BYTES, cube=report["cube"])
+
+    variants: dict[str, Variant] = {}
+    errors: dict[tuple[str, str], Variant] = {}
+    launch_list = launches if launches is not None else all_launches(models)
+    with driver as drv, use_target(target):
+        new: dict[str, tuple[str, KernelResources | None]] = {}
+
+        def on_new_kernel(src, metadata) -> None:
+            try:
+                new[metadata.hash] = (constexpr_text(src), resources(metadata))
+            except Exception as err:  # a resource report that cannot be read is a failure too
+                new[metadata.hash] = (constexpr_text(src), None)
+                errors_seen[metadata.hash] = error_summary(err)
+
+        errors_seen: dict[str, str] = {}
+        drv.on_new_kernel = on_new_kernel
+        for launch in launch_list:
+            first = len(drv.launches)
+            dtype = str(launch.dtype).removeprefix("torch.")
+            example = f"{launch.model} {launch.op} {launch.shape}"
+            try:
+                launch.call()
+            except Exception as err:
+                summary = error_summary(err)
+                v = errors.setdefault((launch.op, summary), Variant(launch.op, "", dtype, error=summary,
+                                                                    example=example))
+                v.launches += 1
+            for rec in drv.launches[first:]:
+                v = variants.get(rec.metadata.hash)
+                if v is None:
+                    text, res = new.get(rec.metadata.hash, ("", None))
+                    v = variants[rec.metadata.hash] = Variant(rec.metadata.name.split()[0], text, dtype, res,
+                                                              errors_seen.get(rec.metadata.hash), example=example)
+                v.launches += 1
+    return TargetReport(target=arch, backend=target.backend, variants=[*variants.values(), *errors.values()],
+                        launches=len(launch_list), seconds=time.time() - started)
