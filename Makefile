@@ -15,7 +15,7 @@ AVPY         := $(ASCEND_VENV)/bin/python
 ASCEND_PINS  := triton-ascend==3.2.0 ascendnpu-ir==1.2.0 pybind11==2.13.6 numpy
 ASCEND_STAMP := $(ASCEND_VENV)/.installed
 
-.PHONY: install test bench lint demo clean compile-check
+.PHONY: install test bench lint demo clean compile-check device-check
 
 install: $(STAMP)
 
@@ -49,6 +49,11 @@ $(ASCEND_STAMP):
 # over the limit or a UB overflow. Tables: benchmarks/results/compile-<target>.md.
 compile-check: install $(ASCEND_STAMP)
 	$(VPY) -m benchmarks.compile_check --ascend-python $(AVPY)
+
+# On a machine with an NVIDIA GPU: kernel tests on it, a short bench, and the static resource table
+# checked against what the driver loads (benchmarks/results/device-check-<gpu>.md). Under 8 minutes.
+device-check: install
+	$(VPY) benchmarks/device_check.py
 
 lint: install
 	$(VPY) -m ruff check .

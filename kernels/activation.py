@@ -18,7 +18,8 @@ from kernels.target import Work, current_target, rows_per_tile
 CHUNK = 2048  # elements of one output chunk: 2 loads + 1 store of 8 KB each in fp32
 
 
-@triton.jit
+# Row and chunk counts follow the batch: not specialised (== 1, % 16), so no new compile per size.
+@triton.jit(do_not_specialize=["n_rows", "n_chunks"])
 def _silu_and_mul_kernel(x_ptr, out_ptr, n_rows, n_cols, x_stride, n_chunks,
                          BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
     """out[r, c] = silu(x[r, c]) * x[r, n_cols + c]; x rows strided by x_stride, out contiguous.

@@ -19,7 +19,8 @@ from kernels import _backend
 from kernels.target import Work, current_target
 
 
-@triton.jit
+# The token count follows the batch: not specialised, so no new compile per size.
+@triton.jit(do_not_specialize=["n_tokens"])
 def _write_kv_cache_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, n_tokens,
     stride_kt, stride_kh, stride_vt, stride_vh,

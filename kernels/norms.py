@@ -21,7 +21,8 @@ MAX_TILE = 8192
 CHUNK = 4096
 
 
-@triton.jit
+# The row count follows the batch: not specialised, so no new compile per size.
+@triton.jit(do_not_specialize=["n_rows"])
 def _norm_kernel(
     x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr,
     n_rows, n_cols, x_stride, res_stride, eps,

@@ -91,9 +91,10 @@ def _attend_cache_tiles(q, qpos, ctx_len, lo, full_hi, hi, bt_row, k_head, v_hea
     return m_i, l_i, acc
 
 
-# Sizes and the table's row stride change from step to step: specialising on them (== 1, % 16)
-# would compile new variants in the middle of serving for no gain.
-@triton.jit(do_not_specialize=["n_items", "num_splits", "blocks_per_split", "stride_btb"])
+# Sizes, head counts and the table's row stride are not specialised (== 1, % 16): they change
+# from step to step (or rank to rank), and a new compile in the middle of serving gains nothing.
+@triton.jit(do_not_specialize=["n_items", "num_splits", "blocks_per_split", "n_q_heads", "n_kv_heads", "group",
+                              "stride_btb"])
 def _paged_decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, o_ptr, mpart_ptr, lpart_ptr, opart_ptr,
     n_items, num_splits, blocks_per_split, n_q_heads, n_kv_heads, group, qk_scale,
@@ -154,7 +155,7 @@ def _paged_decode_kernel(
             tl.store(opart_ptr + first * HEAD_DIM + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=o_mask)
 
 
-@triton.jit(do_not_specialize=["n_rows", "num_splits"])
+@triton.jit(do_not_specialize=["n_rows", "num_splits", "n_q_heads"])
 def _split_reduce_kernel(
     mpart_ptr, lpart_ptr, opart_ptr, o_ptr, n_rows, num_splits, n_q_heads, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -195,7 +196,7 @@ def _split_reduce_kernel(
         tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
 
 
-@triton.jit(do_not_specialize=["n_work_rows", "stride_btb"])
+@triton.jit(do_not_specialize=["n_work_rows", "n_kv_heads", "group", "stride_btb"])
 def _paged_prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_q_ptr, ctx_ptr, work_ptr, o_ptr,
     n_work_rows, n_kv_heads, group, qk_scale,
@@ -312,10 +313,11 @@ def _rows_contiguous(table: torch.Tensor) -> torch.Tensor:
     return table if table.stride(-1) == 1 else table.contiguous()
 
 
-def key_tile(block_size: int, target: Target) -> int:
-    """Keys scored at once (BLOCK_N): the whole cache block, or target.key_tile-key pieces of a
-    larger one (a 128-slot block as one tile overflows Ascend's UB and spills on CUDA)."""
-    return min(block_size, target.key_tile)
+def key_tile(block_size: int, target: Target, decode: bool = False) -> int:
+    """Keys scored at once (BLOCK_N): the whole cache block, or pieces of a larger one as the
+    target's key_tile (decode_key_tile) says (a 128-slot block as one tile overflows Ascend's UB
+    and spills on CUDA)."""
+    return min(block_size, target.decode_key_tile if decode else target.key_tile)
 
 
 def decode_splits(batch: int, n_kv_heads: int, table_blocks: int, block_size: int, target: Target) -> int:
@@ -361,9 +363,9 @@ def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), _rows_contiguous(block_tables).stride(0),
         out.stride(0), out.stride(1),
-        G_PAD=g_pad, SPLIT=num_splits > 1, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_N=key_tile(block_size, target),
-        BLOCK_M=block_m, BLOCK_D=block_d, DOT_DTYPE=target.dot_dtype(q.dtype),
-        **target.attention_options(block_m, key_tile(block_size, target), block_d),
+        G_PAD=g_pad, SPLIT=num_splits > 1, HEAD_DIM=d, BLOCK_SIZE=block_size,
+        BLOCK_N=key_tile(block_size, target, decode=True), BLOCK_M=block_m, BLOCK_D=block_d,
+        DOT_DTYPE=target.dot_dtype(q.dtype), **target.attention_options(block_m, block_d),
     )
     if num_splits > 1:
         n_rows = batch * hq
@@ -429,6 +431,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out.stride(0), out.stride(1),
         G_PAD=g_pad, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_N=key_tile(block_size, target), BLOCK_Q=block_q,
         BLOCK_M=block_m, BLOCK_D=block_d, DOT_DTYPE=target.dot_dtype(q.dtype),
-        **target.attention_options(block_m, key_tile(block_size, target), block_d),
+        **target.attention_options(block_m, block_d),
     )
     return out

@@ -22,6 +22,34 @@ import triton.language as tl
 from kernels import _backend
 from kernels.target import Work, current_target, rows_per_tile
 
+# sin/cos of an angle: a reduction to [-pi/4, pi/4] by multiples of pi/2 (pi/2 in three parts,
+# fused multiply-adds: exact enough for |x| up to ~1e5, past any context length), then Cephes'
+# single-precision polynomials (about 1 ulp). tl.sin/tl.cos lower to libdevice on NVIDIA, whose
+# slow path for huge arguments keeps a 28-byte local array that ptxas counts as spill stores
+# (sm_80 and sm_90, the MRoPE launches of small head counts); this is plain arithmetic everywhere.
+_TWO_OVER_PI = tl.constexpr(0.636619772367581343)
+_PIO2_HI = tl.constexpr(1.57079601e00)
+_PIO2_MID = tl.constexpr(3.13916473e-07)
+_PIO2_LO = tl.constexpr(5.39030253e-15)
+
+
+@triton.jit
+def _sin_cos(x):
+    """(sin x, cos x) of an fp32 tensor."""
+    j = tl.floor(x * _TWO_OVER_PI + 0.5)  # the nearest quadrant
+    r = tl.fma(j, -_PIO2_HI, x)
+    r = tl.fma(j, -_PIO2_MID, r)
+    r = tl.fma(j, -_PIO2_LO, r)
+    s = r * r
+    sin_r = r + r * s * (-1.6666654611e-1 + s * (8.3321608736e-3 + s * -1.9515295891e-4))
+    cos_r = 1.0 - 0.5 * s + s * s * (4.166664568298827e-2 + s * (-1.388731625493765e-3 + s * 2.443315711809948e-5))
+    q = j.to(tl.int32) & 3  # quadrant: 0 (sin, cos), 1 (cos, -sin), 2 (-sin, -cos), 3 (-cos, sin)
+    sin_x = tl.where((q & 1) == 0, sin_r, cos_r)
+    cos_x = tl.where((q & 1) == 0, cos_r, sin_r)
+    sin_x = tl.where(q >= 2, -sin_x, sin_x)
+    cos_x = tl.where((q == 1) | (q == 2), -cos_x, cos_x)
+    return sin_x, cos_x
+
 
 @triton.jit
 def _rotate_tile(src, dst, tokens, token_ok, n_heads, src_stride_t, src_stride_h, cos, sin,
@@ -41,7 +69,9 @@ def _rotate_tile(src, dst, tokens, token_ok, n_heads, src_stride_t, src_stride_h
     tl.store(dst + HALF, (second * cos + first * sin).to(out_ty), mask=mask)
 
 
-@triton.jit
+# Token and head counts follow the batch and the rank's heads: not specialised, so no new
+# compile per size.
+@triton.jit(do_not_specialize=["n_tokens", "n_q_heads", "n_k_heads", "pos_stride_axis"])
 def _rotary_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr, inv_freq_ptr,
     n_tokens, n_q_heads, n_k_heads, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
@@ -66,8 +96,7 @@ def _rotary_kernel(
             p_h = tl.load(pos_ptr + pos_stride_axis + tokens, mask=token_ok, other=0).to(tl.float32)
             p_w = tl.load(pos_ptr + 2 * pos_stride_axis + tokens, mask=token_ok, other=0).to(tl.float32)
             angle = tl.where(i < SECTION_T, p_t, tl.where(i < SECTION_TH, p_h, p_w)) * inv_freq
-            cos = tl.cos(angle)
-            sin = tl.sin(angle)
+            sin, cos = _sin_cos(angle)
         else:
             cs_mask = token_ok & i_ok
             cos = tl.load(cos_ptr + tokens * cs_stride_t + i, mask=cs_mask, other=0.0).to(tl.float32)

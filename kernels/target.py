@@ -52,9 +52,9 @@ class Target:
     attention_warps / attention_stages: num_warps / num_stages of the attention kernels (CUDA;
       attention_options doubles the warps for the largest tiles).
     query_rows: rows of an attention query tile (queries x padded query heads of one kv head).
-    key_tile: the most keys an attention program scores at once (the K/V tile rows); a larger
-      cache block is walked in key_tile pieces. With query_rows, sized so that a tile of head dim
-      128 stays in registers (CUDA) or the unified buffer (Ascend).
+    key_tile / decode_key_tile: the most keys a prefill / decode attention program scores at
+      once (the K/V tile rows); a larger cache block is walked in pieces. With query_rows, sized
+      so that a tile of head dim 128 stays in registers (CUDA) or the unified buffer (Ascend).
     interpret: kernels run in the CPU interpreter: tl.dot operands are fp32 there (it computes
       bf16 dots wrongly), whatever the tile plan.
     """
@@ -69,6 +69,7 @@ class Target:
     attention_stages: int = 2
     query_rows: int = 64
     key_tile: int = 64
+    decode_key_tile: int = 64
     interpret: bool = False
 
     @property
@@ -89,14 +90,15 @@ class Target:
             return tl.float32
         return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
-    def attention_options(self, block_m: int, block_n: int, block_d: int) -> dict:
-        """num_warps / num_stages of an attention launch with [block_m, block_d] queries and
-        [block_n, block_d] keys (CUDA; Ascend picks its own). A tile of 64 x 128 or more gets
-        twice attention_warps: at 4 warps its fp32 accumulator, the query and the K/V fragments
-        need ~255 registers a thread and spill (ptxas, sm_80 and sm_90)."""
+    def attention_options(self, block_m: int, block_d: int) -> dict:
+        """num_warps / num_stages of an attention launch with a [block_m, block_d] query tile
+        (CUDA; Ascend picks its own). A 64 x 128 query tile gets twice attention_warps: at 4 warps
+        its fp32 accumulator, the query and the K/V fragments need 255 registers a thread and
+        spill (ptxas, sm_80 and sm_90); smaller tiles fit 4 warps, and at 8 ptxas spills them
+        at 80-128 registers instead."""
         if self.backend != "cuda":
             return {}
-        warps = self.attention_warps * (2 if max(block_m, block_n) * block_d >= 64 * 128 else 1)
+        warps = self.attention_warps * (2 if block_m * block_d >= 64 * 128 else 1)
         return {"num_warps": warps, "num_stages": self.attention_stages}
 
     def row_warps(self, block_elements: int) -> int:
@@ -124,9 +126,10 @@ INTERPRETER = Target(backend="interpreter", arch="cpu", vector_cores=4, cube_cor
 
 
 def cuda_target(capability: int, sms: int, shared_bytes: int) -> Target:
-    """An NVIDIA GPU of compute capability `capability` (80, 90, ...) with `sms` SMs."""
+    """An NVIDIA GPU of compute capability `capability` (80, 90, ...) with `sms` SMs. Decode
+    scores 32 keys at a time: its 16-row query tile with 64-key K/V tiles spills at 4 warps."""
     return Target(backend="cuda", arch=f"sm_{capability}", vector_cores=sms, cube_cores=sms,
-                  on_chip_bytes=shared_bytes, programs_per_core=_gpu_per_core())
+                  on_chip_bytes=shared_bytes, programs_per_core=_gpu_per_core(), decode_key_tile=32)
 
 
 def ascend_target(arch: str, ai_cores: int, vector_cores: int) -> Target:

@@ -158,7 +158,7 @@ def _store_query_tile(o_ptr, acc, l_i, tok0, row_ok, kvh, stride_ot, stride_oh, 
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["n_work_rows"])
+@triton.jit(do_not_specialize=["n_work_rows", "n_kv_heads", "group"])
 def _varlen_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, work_ptr,
     n_work_rows, n_kv_heads, group, qk_scale,
@@ -340,6 +340,6 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         out.stride(0), out.stride(1),
         G_PAD=g_pad, HEAD_DIM=d, CAUSAL=bool(causal), BLOCK_Q=block_q,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_DTYPE=target.dot_dtype(q.dtype),
-        **target.attention_options(block_m, block_n, block_d),
+        **target.attention_options(block_m, block_d),
     )
     return out

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
+from hypothesis import strategies as st
 
 from kernels import _backend
+from kernels.target import Target, current_target
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,3 +59,14 @@ def expect_triton_launch(op_name: str, times: int = 1):
     yield
     ran = _backend.launch_counts[op_name] - before
     assert ran == times, f"{op_name}: expected {times} Triton launches, saw {ran}"
+
+
+def tile_plans() -> st.SearchStrategy[Target]:
+    """Attention tile plans to prove the kernels' numbers under: this device's own target (the
+    interpreter here) with its query-tile rows and key-tile size drawn from what any target may
+    choose, so a target's plan never runs tiles the tests have not seen."""
+    base = current_target(DEVICE)
+    tiles = st.sampled_from([16, 32, 64])
+    return st.builds(lambda key, decode_key, rows: dataclasses.replace(base, key_tile=key, decode_key_tile=decode_key,
+                                                                       query_rows=rows),
+                     tiles, tiles, st.sampled_from([16, 32, 64, 128]))

@@ -26,10 +26,10 @@ ALL_TARGETS = ("sm_80", "sm_90", "Ascend910B3", "Ascend910_9392")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run_one(arch: str, json_path: str, models: list[str] | None) -> int:
+def _run_one(arch: str, json_path: str, models: list[str] | None, ops: list[str] | None) -> int:
     from benchmarks.compile_check.check import run_target
 
-    report = run_target(arch, models)
+    report = run_target(arch, models, ops)
     Path(json_path).write_text(json.dumps(report.to_json()))
     print(report.summary(), flush=True)
     return 0
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="python of the triton-ascend venv (default: .venv-ascend)")
     parser.add_argument("--models", default=None,
                         help="comma-separated checkpoint names of benchmarks/model_shapes.json (default: all)")
+    parser.add_argument("--ops", default=None,
+                        help="comma-separated public ops to compile, e.g. rms_norm,paged_attention (default: all)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
                         help="where compile-<target>.md/.json go (default: benchmarks/results)")
     parser.add_argument("--jobs", type=int, default=2, help="targets compiled at once (default 2)")
@@ -51,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     models = args.models.split(",") if args.models else None
+    ops = args.ops.split(",") if args.ops else None
     if args.one:
-        return _run_one(args.one, args.json, models)
+        return _run_one(args.one, args.json, models, ops)
 
     from benchmarks.compile_check.report import TargetReport
 
@@ -75,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             arch = queue.pop(0)
             python = sys.executable if arch.startswith("sm_") else args.ascend_python
             cmd = [python, "-m", "benchmarks.compile_check", "--one", arch, "--json", str(tmp / f"{arch}.json")]
-            if models:
-                cmd += ["--models", ",".join(models)]
+            for flag, values in (("--models", models), ("--ops", ops)):
+                if values:
+                    cmd += [flag, ",".join(values)]
             print(f"compiling for {arch} ...", flush=True)
             running[arch] = subprocess.Popen(cmd, cwd=REPO)
         time.sleep(0.5)

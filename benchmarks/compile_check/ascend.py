@@ -33,16 +33,19 @@ REAL_COMPILER_ENV = "QVL_BISHENGIR_COMPILE"
 
 _ELEMENT_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "i1": 1}
 _CONSTANT = re.compile(r"(%[\w.]+) = arith\.constant (-?\d+) : i64")
-_UB_BUFFER = re.compile(r"hivm\.hir\.pointer_cast\(([^)]*)\)[^:]*: memref<([^,>]*?)x?(\w+)(?:,[^>]*)?, "
-                        r"#hivm\.address_space<ub>>")
+# `%x = hivm.hir.pointer_cast(%offset[, %offset2]) : memref<64x128xf32[, layout], #hivm.address_space<ub>>`
+_UB_BUFFER = re.compile(r"hivm\.hir\.pointer_cast\(([^)]*)\)[^:]*: memref<([^,>]+)[^>]*#hivm\.address_space<ub>>")
 
 
 def planned_ub_bytes(hivm_ir: str) -> int:
     """The UB bytes a kernel's final HIVM IR places: max over buffers of offset + size."""
     constants = {name: int(value) for name, value in _CONSTANT.findall(hivm_ir)}
     top = 0
-    for offsets, dims, element in _UB_BUFFER.findall(hivm_ir):
-        size = math.prod(int(d) for d in dims.split("x") if d) * _ELEMENT_BYTES.get(element, 4)
+    for offsets, shape in _UB_BUFFER.findall(hivm_ir):
+        *dims, element = shape.strip().split("x")  # "64x128xf32" -> 64, 128, f32
+        if element not in _ELEMENT_BYTES:
+            raise ValueError(f"UB buffer of unknown element type: memref<{shape}>")
+        size = math.prod(int(d) for d in dims) * _ELEMENT_BYTES[element]
         for offset in offsets.split(","):
             top = max(top, constants.get(offset.strip(), 0) + size)
     return top

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from benchmarks.compile_check.launches import Launch, all_launches
 from benchmarks.compile_check.report import KernelResources, TargetReport, Variant
-from kernels.target import KNOWN_TARGETS, use_target
+from kernels.target import KNOWN_TARGETS, Target, use_target
 
 
 def constexpr_text(src) -> str:
@@ -41,9 +41,12 @@ def error_summary(err: BaseException) -> str:
     return f"{type(err).__name__}: {pick[:300]}"
 
 
-def run_target(arch: str, models: list[str] | None = None, launches: list[Launch] | None = None) -> TargetReport:
-    """Compile `launches` (default: all of the released models' launches) for `arch`."""
-    target = KNOWN_TARGETS[arch]
+def run_target(target: Target | str, models: list[str] | None = None, ops: list[str] | None = None,
+               launches: list[Launch] | None = None) -> TargetReport:
+    """Compile `launches` (default: the released models' launches, or those of `models` and
+    `ops`) for `target` (a Target, or the arch of one of KNOWN_TARGETS)."""
+    target = KNOWN_TARGETS[target] if isinstance(target, str) else target
+    arch = target.arch
     started = time.time()
     if target.backend == "cuda":
         from benchmarks.compile_check import nvidia
@@ -75,7 +78,7 @@ def run_target(arch: str, models: list[str] | None = None, launches: list[Launch
 
     variants: dict[str, Variant] = {}
     errors: dict[tuple[str, str], Variant] = {}
-    launch_list = launches if launches is not None else all_launches(models)
+    launch_list = launches if launches is not None else all_launches(models, ops)
     with driver as drv, use_target(target):
         new: dict[str, tuple[str, KernelResources | None]] = {}
 
@@ -88,7 +91,11 @@ def run_target(arch: str, models: list[str] | None = None, launches: list[Launch
 
         errors_seen: dict[str, str] = {}
         drv.on_new_kernel = on_new_kernel
-        for launch in launch_list:
+        last_report = time.time()
+        for n, launch in enumerate(launch_list):
+            if time.time() - last_report > 30:  # progress on long runs
+                print(f"  {arch}: {n}/{len(launch_list)} launches, {len(new)} kernels compiled", flush=True)
+                last_report = time.time()
             first = len(drv.launches)
             dtype = str(launch.dtype).removeprefix("torch.")
             example = f"{launch.model} {launch.op} {launch.shape}"

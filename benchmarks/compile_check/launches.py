@@ -189,14 +189,18 @@ def vision_launches(model: str, shape: VisionShape, world: int, dtype: torch.dty
                              _t(n, heads, d, dtype=dtype), _cu([longest] * -(-n // longest)), longest))
 
 
-def all_launches(models: list[str] | None = None) -> list[Launch]:
-    """Every launch of the released checkpoints (or of the named ones), LLM and ViT."""
+def all_launches(models: list[str] | None = None, ops: list[str] | None = None) -> list[Launch]:
+    """Every launch of the released checkpoints (or of the named ones, or of the named ops)."""
+    known = released_models()
+    unknown = sorted(set(models or ()) - set(known))
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(known)}")
     out = []
-    for name, (text, vision) in released_models().items():
+    for name, (text, vision) in known.items():
         if models and name not in models:
             continue
         for world in WORLD_SIZES:
             for dtype in DTYPES:
                 out += text_launches(name, text, world, dtype)
                 out += vision_launches(name, vision, world, dtype)
-    return out
+    return [launch for launch in out if not ops or launch.op in ops]

@@ -1,7 +1,7 @@
 """paged_attention (decode) and paged_prefill_attention on the Triton path against float64
 attention over the same keys: shuffled block tables, NaN in every cache slot no sequence owns
 (and in the table's padding columns' block), GQA configs, head dims 64/80/128, block sizes
-16/32/128, fp32/fp16/bf16, flash-decoding splits forced and chosen."""
+16/32/64/128, fp32/fp16/bf16, flash-decoding splits forced and chosen, tile plans drawn."""
 
 import math
 
@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels.target import Work, current_target
 from kernels.paged_attention import _paged_decode, decode_splits
-from tests.helpers import DEVICE, DTYPES, assert_close, expect_triton_launch, randn
+from kernels.target import current_target, use_target
+from tests.helpers import DEVICE, DTYPES, assert_close, expect_triton_launch, randn, tile_plans
 from tests.kernels.attention_oracle import (
     ATTENTION_SCALE,
     HEAD_CONFIGS,
@@ -22,7 +22,7 @@ from tests.kernels.attention_oracle import (
     build_paged_cache,
 )
 
-BLOCK_SIZES = [16, 32, 128]
+BLOCK_SIZES = [16, 32, 64, 128]
 CONTEXTS = st.sampled_from([1, 15, 16, 17, 128, 129]) | st.integers(1, 400)
 
 
@@ -47,17 +47,19 @@ def prefill64(q, cache, q_lens, scale=None):
 @settings(max_examples=14)
 @given(ctx_lens=st.lists(CONTEXTS, min_size=1, max_size=4), heads=st.sampled_from(HEAD_CONFIGS),
        d=st.sampled_from(HEAD_DIMS), block_size=st.sampled_from(BLOCK_SIZES), dtype=st.sampled_from(DTYPES),
-       splits=st.sampled_from([None, 1, 2, 5]), seed=st.integers(0, 2**31 - 1))
-def test_paged_attention_decode(ctx_lens, heads, d, block_size, dtype, splits, seed):
+       splits=st.sampled_from([None, 1, 2, 5]), plan=tile_plans(), seed=st.integers(0, 2**31 - 1))
+def test_paged_attention_decode(ctx_lens, heads, d, block_size, dtype, splits, plan, seed):
+    """Under a drawn tile plan (key tiles smaller than the cache block included)."""
     hq, hk = heads
     cache = build_paged_cache(ctx_lens, hk, d, block_size, dtype, seed)
     q = randn(len(ctx_lens), hq, d, dtype=dtype, seed=seed + 7, scale=2.0)
     args = (q, cache.k_cache, cache.v_cache, cache.block_tables, cache.context_lens)
-    if splits is None:  # the public op, splits chosen by the launcher
-        with expect_triton_launch("paged_attention"):
-            out = kernels.paged_attention(*args)
-    else:  # the same launch with the split count forced (more splits than blocks included)
-        out = _paged_decode(*args, None, splits)
+    with use_target(plan):
+        if splits is None:  # the public op, splits chosen by the launcher
+            with expect_triton_launch("paged_attention"):
+                out = kernels.paged_attention(*args)
+        else:  # the same launch with the split count forced (more splits than blocks included)
+            out = _paged_decode(*args, None, splits)
     assert out.dtype == dtype
     assert_close(out, decode64(q, cache), dtype, scale=ATTENTION_SCALE)
 
@@ -85,17 +87,6 @@ def test_paged_attention_decode_real_config():
     assert_close(out, decode64(q, cache), torch.float16, scale=ATTENTION_SCALE)
 
 
-def test_decode_splits_policy():
-    """Splits fill the cores only when B * Hk does not, and never go below MIN_SPLIT_TOKENS."""
-    target = current_target(DEVICE)
-    programs = target.cores(Work.ATTENTION) * target.programs_per_core[Work.ATTENTION]
-    assert decode_splits(programs, 1, 256, 128, current_target(DEVICE)) == 1  # every program has a sequence already
-    assert decode_splits(1, 1, 256, 128, current_target(DEVICE)) > 1
-    assert decode_splits(1, 1, 1, 16, current_target(DEVICE)) == 1  # nothing to split
-    assert decode_splits(1, 1, 4, 16, current_target(DEVICE)) == 1  # 64 tokens < MIN_SPLIT_TOKENS
-    assert decode_splits(1, 1, 10_000, 16, current_target(DEVICE)) > 1
-
-
 @st.composite
 def prefill_batches(draw):
     """Per sequence (context length, new query tokens): fresh prompts (q_len == ctx), cached
@@ -109,14 +100,16 @@ def prefill_batches(draw):
 
 @settings(max_examples=12)
 @given(batch=prefill_batches(), heads=st.sampled_from(HEAD_CONFIGS), d=st.sampled_from(HEAD_DIMS),
-       block_size=st.sampled_from(BLOCK_SIZES), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
-def test_paged_prefill_attention(batch, heads, d, block_size, dtype, seed):
+       block_size=st.sampled_from(BLOCK_SIZES), dtype=st.sampled_from(DTYPES), plan=tile_plans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_paged_prefill_attention(batch, heads, d, block_size, dtype, plan, seed):
+    """Under a drawn tile plan (query and key tiles of every size a target may pick)."""
     ctx_lens, q_lens = batch
     hq, hk = heads
     cache = build_paged_cache(ctx_lens, hk, d, block_size, dtype, seed)
     q = randn(sum(q_lens), hq, d, dtype=dtype, seed=seed + 7, scale=2.0)
     cu_q = torch.tensor([0, *q_lens]).cumsum(0).to(torch.int32).to(DEVICE)
-    with expect_triton_launch("paged_prefill_attention"):
+    with use_target(plan), expect_triton_launch("paged_prefill_attention"):
         out = kernels.paged_prefill_attention(q, cache.k_cache, cache.v_cache, cache.block_tables, cu_q,
                                               cache.context_lens)
     assert out.dtype == dtype

@@ -9,19 +9,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from tests.helpers import DEVICE, DTYPES, assert_close, expect_triton_launch, randn
+from kernels.target import current_target, use_target
+from tests.helpers import DEVICE, DTYPES, assert_close, expect_triton_launch, randn, tile_plans
 from tests.kernels.attention_oracle import ATTENTION_SCALE, HEAD_CONFIGS, HEAD_DIMS, cu_seqlens, varlen64
 
 # Sequence mixes: single tokens, odd lengths, lengths around the 64-row tile, a few hundred.
 LENGTHS = st.lists(st.sampled_from([1, 2, 63, 64, 65]) | st.integers(1, 160), min_size=1, max_size=3)
 
 
-def run_varlen(lens, hq, hk, d, dtype, causal, seed, q_scale=1.0, scale=None):
+def run_varlen(lens, hq, hk, d, dtype, causal, seed, q_scale=1.0, scale=None, plan=None):
     t = sum(lens)
     q = randn(t, hq, d, dtype=dtype, seed=seed, scale=q_scale)
     k = randn(t, hk, d, dtype=dtype, seed=seed + 1)
     v = randn(t, hk, d, dtype=dtype, seed=seed + 2)
-    with expect_triton_launch("varlen_attention"):
+    with use_target(plan or current_target(DEVICE)), expect_triton_launch("varlen_attention"):
         out = kernels.varlen_attention(q, k, v, cu_seqlens(lens), max(lens), causal=causal, scale=scale)
     assert out.dtype == dtype and out.shape == q.shape
     assert_close(out, varlen64(q, k, v, lens, causal, scale), dtype, scale=ATTENTION_SCALE)
@@ -30,10 +31,11 @@ def run_varlen(lens, hq, hk, d, dtype, causal, seed, q_scale=1.0, scale=None):
 @settings(max_examples=12)
 @given(lens=LENGTHS, heads=st.sampled_from(HEAD_CONFIGS), d=st.sampled_from(HEAD_DIMS),
        dtype=st.sampled_from(DTYPES), causal=st.booleans(), q_scale=st.sampled_from([0.5, 3.0]),
-       seed=st.integers(0, 2**31 - 1))
-def test_varlen_attention(lens, heads, d, dtype, causal, q_scale, seed):
-    # q_scale 3 makes the softmax peaked (large running-max corrections across key tiles).
-    run_varlen(lens, *heads, d, dtype, causal, seed, q_scale)
+       plan=tile_plans(), seed=st.integers(0, 2**31 - 1))
+def test_varlen_attention(lens, heads, d, dtype, causal, q_scale, plan, seed):
+    """Under a drawn tile plan; q_scale 3 makes the softmax peaked (large running-max
+    corrections across key tiles)."""
+    run_varlen(lens, *heads, d, dtype, causal, seed, q_scale, plan=plan)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -1,0 +1,152 @@
+"""`make device-check`: the prepared run for the day an NVIDIA GPU is at hand (under 8 minutes).
+
+1. the kernel tests on the GPU (pytest tests/kernels, compiled kernels, no interpreter);
+2. a short `make bench` (the element-wise and attention families at full shapes);
+3. the static resource table of `make compile-check` against the device: the launches of two
+   checkpoints are compiled by the real CUDA driver (launches recorded, not run), which reports
+   each kernel's registers and local (spill) memory as loaded on this GPU; programs per SM follow
+   from those and the device's own limits; each row sits beside benchmarks/results/compile-sm_XX.json.
+
+Writes benchmarks/results/device-check-<gpu>.md (and the bench's own results files, and the
+pytest log as device-check-<gpu>-pytest.log). Exits non-zero if a step failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def _step(name: str, cmd: list[str], timeout: int, log: Path) -> tuple[bool, float]:
+    print(f"== {name}: {' '.join(cmd)}", flush=True)
+    started = time.time()
+    try:
+        run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        ok, text = run.returncode == 0, run.stdout + run.stderr
+    except subprocess.TimeoutExpired as err:
+        ok, text = False, f"{err.stdout or ''}{err.stderr or ''}\nTIMED OUT after {timeout} s"
+    log.write_text(text if isinstance(text, str) else text.decode())
+    print(text[-2000:] if isinstance(text, str) else "", flush=True)
+    return ok, time.time() - started
+
+
+def measured_resources(models: list[str]) -> list[dict]:
+    """Compile the launches of `models` on this GPU through the real driver, launching nothing;
+    one row per compiled kernel with what the driver reports."""
+    import torch
+    from triton.runtime import driver
+
+    from benchmarks.compile_check.check import constexpr_text
+    from benchmarks.compile_check.launches import all_launches
+    from kernels.target import current_target, use_target
+
+    real = driver.active
+    props = torch.cuda.get_device_properties(0)
+    rows: dict[str, dict] = {}
+
+    class Recording:  # the real driver in every respect but the launch itself
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def launcher_cls(self, src, metadata):
+            def record(*args):
+                pass
+
+            rows.setdefault(metadata.hash, {"kernel": metadata.name, "constexprs": constexpr_text(src),
+                                            "warps": metadata.num_warps, "shared": metadata.shared})
+            return record
+
+    target = current_target(torch.device("cuda", 0))
+    driver.set_active(Recording())
+    try:
+        with use_target(target):
+            for launch in all_launches(models):
+                launch.call()  # meta tensors: the launcher plans, the driver compiles and loads
+    finally:
+        driver.set_active(real)
+    # The loaded kernels (every kernel module is imported by now): registers and spills as the
+    # CUDA driver reports them.
+    from triton.runtime.jit import JITFunction
+
+    for module in list(sys.modules.values()):
+        if not getattr(module, "__name__", "").startswith("kernels."):
+            continue
+        for fn in vars(module).values():
+            if not isinstance(fn, JITFunction):
+                continue
+            for cache in fn.device_caches.values():
+                for compiled in cache[0].values():
+                    row = rows.get(compiled.hash)
+                    if row is None:
+                        continue
+                    regs = compiled.n_regs
+                    row.update(registers=regs, spills=compiled.n_spills)
+                    warps = row["warps"]
+                    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+                    shared_per_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
+                    row["programs_per_sm"] = min(
+                        getattr(props, "regs_per_multiprocessor", 65536) // regs_per_warp // warps,
+                        getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps),
+                        shared_per_sm // (row["shared"] + 1024) if row["shared"] else 32,
+                        32)
+    return list(rows.values())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="Qwen2.5-VL-7B,Qwen2.5-VL-72B",
+                        help="checkpoints whose launches are compared with the static table")
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("device-check needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+        return 2
+    name = torch.cuda.get_device_name(0).replace(" ", "-")
+    major, minor = torch.cuda.get_device_capability(0)
+    arch = f"sm_{10 * major + minor}"
+    started = time.time()
+    tests_ok, tests_s = _step("kernel tests on the GPU",
+                              [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/kernels"],
+                              240, RESULTS / f"device-check-{name}-pytest.log")
+    bench_ok, bench_s = _step("short bench", [sys.executable, "benchmarks/run_all.py", "--only", "elementwise",
+                                              "--only", "attention"], 180, RESULTS / f"device-check-{name}-bench.log")
+    measured = measured_resources(args.models.split(","))
+    static_path = RESULTS / f"compile-{arch}.json"
+    static = {}
+    if static_path.exists():
+        for v in json.loads(static_path.read_text())["variants"]:
+            if v["resources"]:
+                static[(v["kernel"], v["constexprs"])] = v["resources"]
+    lines = [f"# Device check: {torch.cuda.get_device_name(0)} ({arch})", "",
+             f"Kernel tests on the GPU: {'passed' if tests_ok else 'FAILED'} ({tests_s:.0f} s). "
+             f"Short bench: {'done' if bench_ok else 'FAILED'} ({bench_s:.0f} s). Total {time.time() - started:.0f} s.",
+             "", f"Registers and spills as the CUDA driver reports them for the kernels loaded on this GPU, "
+             f"beside the static figures of {static_path.name} (ptxas on this machine's CPU).", "",
+             "| kernel | constexprs | registers (static / device) | spills B (static / device) | "
+             "programs/SM (static / device) |", "|---|---|---|---|---|"]
+    mismatches = 0
+    for row in sorted(measured, key=lambda r: (r["kernel"], r["constexprs"])):
+        s = static.get((row["kernel"], row["constexprs"]), {})
+        same = s.get("registers") == row.get("registers")
+        mismatches += not same
+        lines.append(f"| {row['kernel']} | {row['constexprs']} | {s.get('registers', '-')} / {row.get('registers')} | "
+                     f"{s.get('spill_stores', '-')} / {row.get('spills')} | "
+                     f"{s.get('programs_per_core', '-')} / {row.get('programs_per_sm')} |")
+    lines.insert(4, f"{len(measured)} kernels compared; {mismatches} differ in registers from the static table.")
+    out = RESULTS / f"device-check-{name}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+    return 0 if tests_ok and bench_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
