@@ -81,7 +81,8 @@ def test_large_cache_blocks_are_walked_in_key_tiles(block_size):
             tile = key_tile(block_size, target, decode)
             assert block_size % tile == 0 and tile == min(block_size, target.decode_key_tile if decode
                                                            else target.key_tile)
-    assert key_tile(128, H100, decode=True) == 32 and key_tile(128, ASCEND_910B3, decode=True) == 64
+    assert key_tile(128, H100) == key_tile(128, A100, decode=True) == 32
+    assert key_tile(128, ASCEND_910B3) == key_tile(128, ASCEND_A3, decode=True) == 64
 
 
 def test_decode_splits_policy():
