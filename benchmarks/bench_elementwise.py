@@ -1,6 +1,6 @@
 """Norms, activation and rotary kernels against PyTorch eager, torch.compile and liger-kernel.
 
-Shapes are the real ones of ../shared/model_shapes.json: [tokens, hidden] for the LLM norms
+Shapes are the real ones of benchmarks/model_shapes.json: [tokens, hidden] for the LLM norms
 (Qwen2.5-VL-7B 3584, 72B 8192), [patches, 1280] for the vision LayerNorm, [tokens, 2*18944]
 for the 7B MLP, [T, 28|4, 128] for MRoPE and [5476, 16, 80] for the vision rotary of one
 1024x1024 image. Bytes counted are those each op must move (inputs read + outputs written).

@@ -32,7 +32,7 @@ PRESETS = {
     "cpu-small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                       num_key_value_heads=2, vision_embed_dim=256, vision_num_heads=4, vision_intermediate_size=512,
                       vision_depth=4, fullatt_block_indexes=[1, 3]),
-    # Qwen2.5-VL-7B's shapes (../shared/model_shapes.json) with random weights.
+    # Qwen2.5-VL-7B's shapes (benchmarks/model_shapes.json) with random weights.
     "qwen2.5-vl-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                           num_key_value_heads=4, vision_embed_dim=1280, vision_num_heads=16,
                           vision_intermediate_size=3420, vision_depth=32, fullatt_block_indexes=[7, 15, 23, 31],

@@ -72,10 +72,6 @@ class Target:
     decode_key_tile: int = 64
     interpret: bool = False
 
-    @property
-    def name(self) -> str:
-        return self.arch if not self.interpret or self.backend == "interpreter" else f"{self.arch}-interpreted"
-
     def cores(self, work: Work) -> int:
         return self.cube_cores if work is Work.ATTENTION else self.vector_cores
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({v.launches} launches, e.g. {v.example})")
             failed = True
         print(report.summary())
+    shutil.rmtree(tmp, ignore_errors=True)
     print(f"compile check {'FAILED' if failed else 'passed'} in {time.time() - started:.0f} s; "
           f"tables in {out}/compile-<target>.md")
     return 1 if failed else 0

@@ -26,7 +26,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-UB_BYTES = 192 * 1024
 HIVMC_MISSING = "Cannot find hivmc"
 RESULT_DIR_ENV = "QVL_BISHENGIR_RESULTS"
 REAL_COMPILER_ENV = "QVL_BISHENGIR_COMPILE"

@@ -2,13 +2,14 @@
 
 Run in the venv whose Triton builds for the target (stock Triton for sm_*, triton-ascend for
 Ascend*), one target per process: Triton keeps one compiled-kernel cache per device, and here every
-target is device 0.
+target is device 0 (see driver.install_compile_only).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -48,49 +49,58 @@ def run_target(target: Target | str, models: list[str] | None = None, ops: list[
     target = KNOWN_TARGETS[target] if isinstance(target, str) else target
     arch = target.arch
     started = time.time()
+    work = Path(tempfile.mkdtemp(prefix=f"qvl-compile-{arch}-"))
+    try:
+        return _run(target, models, ops, launches, work, started)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(target: Target, models: list[str] | None, ops: list[str] | None, launches: list[Launch] | None,
+         work: Path, started: float) -> TargetReport:
+    arch = target.arch
     if target.backend == "cuda":
         from benchmarks.compile_check import nvidia
-        from benchmarks.compile_check.driver import compile_only
+        from benchmarks.compile_check.driver import install_compile_only
 
         capability = int(arch.removeprefix("sm_"))
-        driver = compile_only(nvidia.gpu_target(capability), nvidia.max_shared_bytes(capability))
+        drv = install_compile_only(nvidia.gpu_target(capability), target.on_chip_bytes)
 
         def resources(metadata) -> KernelResources:
-            return nvidia.kernel_resources(metadata, capability)
+            return nvidia.kernel_resources(metadata, capability, target.on_chip_bytes)
     else:
         from benchmarks.compile_check import ascend
 
-        work = Path(tempfile.mkdtemp(prefix="qvl-ascend-"))
         # A cached kernel would skip bishengir and with it the UB report: compile afresh.
         os.environ["TRITON_CACHE_DIR"] = str(work / "triton-cache")
         ascend.setup(arch, work)
         from triton.backends.compiler import GPUTarget
 
-        from benchmarks.compile_check.driver import compile_only
+        from benchmarks.compile_check.driver import install_compile_only
 
-        driver = compile_only(GPUTarget("npu", arch, 0), ascend.UB_BYTES)
+        drv = install_compile_only(GPUTarget("npu", arch, 0), target.on_chip_bytes)
 
         def resources(metadata) -> KernelResources:
             report = ascend.take_result()
             if report is None:
                 return None
-            return KernelResources(ub_bytes=report["ub_bytes"], limit_ub=ascend.UB_BYTES, cube=report["cube"])
+            return KernelResources(ub_bytes=report["ub_bytes"], limit_ub=target.on_chip_bytes, cube=report["cube"])
 
     variants: dict[str, Variant] = {}
     errors: dict[tuple[str, str], Variant] = {}
     launch_list = launches if launches is not None else all_launches(models, ops)
-    with driver as drv, use_target(target):
-        new: dict[str, tuple[str, KernelResources | None]] = {}
+    new: dict[str, tuple[str, KernelResources | None]] = {}  # by compiled kernel: constexprs, resources
+    errors_seen: dict[str, str] = {}  # by compiled kernel: why its resources could not be read
 
-        def on_new_kernel(src, metadata) -> None:
-            try:
-                new[metadata.hash] = (constexpr_text(src), resources(metadata))
-            except Exception as err:  # a resource report that cannot be read is a failure too
-                new[metadata.hash] = (constexpr_text(src), None)
-                errors_seen[metadata.hash] = error_summary(err)
+    def on_new_kernel(src, metadata) -> None:
+        try:
+            new[metadata.hash] = (constexpr_text(src), resources(metadata))
+        except Exception as err:  # a resource report that cannot be read is a failure too
+            new[metadata.hash] = (constexpr_text(src), None)
+            errors_seen[metadata.hash] = error_summary(err)
 
-        errors_seen: dict[str, str] = {}
-        drv.on_new_kernel = on_new_kernel
+    drv.on_new_kernel = on_new_kernel
+    with use_target(target):
         last_report = time.time()
         for n, launch in enumerate(launch_list):
             if time.time() - last_report > 30:  # progress on long runs

@@ -10,9 +10,7 @@ Works with stock Triton (3.x) and triton-ascend (3.2).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 
 import torch
 from triton.backends.compiler import GPUTarget
@@ -37,7 +35,7 @@ class _Utils:
     def load_binary(self, name, kernel, shared, device):
         # (module, function, n_regs, n_spills[, n_max_threads]): a non-None module marks the
         # handles as initialised; the resource figures come from the compiler's own report.
-        return (name, name, 0, 0, 1024)[: 5 if _THREE_NINE else 4]
+        return (name, name, 0, 0, 1024)[: 5 if _LOADS_MAX_THREADS else 4]
 
     def unload_module(self, module) -> None:
         pass
@@ -46,12 +44,12 @@ class _Utils:
         return {"max_shared_mem": self.max_shared_bytes, "multiprocessor_count": 1}
 
 
-try:  # Triton >= 3.3 loads 5 values (n_max_threads); triton-ascend 3.2 loads 4.
+try:  # stock Triton 3.9 (it has `knobs`) loads 5 values, with n_max_threads; triton-ascend 3.2 loads 4.
     from triton import knobs  # noqa: F401
 
-    _THREE_NINE = True
+    _LOADS_MAX_THREADS = True
 except ImportError:
-    _THREE_NINE = False
+    _LOADS_MAX_THREADS = False
 
 
 class CompileOnlyDriver:
@@ -91,13 +89,10 @@ class CompileOnlyDriver:
         return launch
 
 
-@contextlib.contextmanager
-def compile_only(target: GPUTarget, max_shared_bytes: int) -> Iterator[CompileOnlyDriver]:
-    """Make a CompileOnlyDriver Triton's active driver for the block."""
+def install_compile_only(target: GPUTarget, max_shared_bytes: int) -> CompileOnlyDriver:
+    """Make a CompileOnlyDriver Triton's active driver for the rest of this process. There is no
+    way back: Triton's default driver would look for a GPU, and Triton caches compiled kernels per
+    device, so a process compiles for one target only (the check runs one process per target)."""
     drv = CompileOnlyDriver(target, max_shared_bytes)
     active_driver.set_active(drv)
-    try:
-        yield drv
-    finally:
-        # Leave no driver behind: stock Triton's default would probe for a GPU and fail here.
-        active_driver.set_active(None) if False else None
+    return drv

@@ -23,7 +23,6 @@ from triton.runtime.cache import get_cache_manager
 from benchmarks.compile_check.report import KernelResources
 
 SHARED_PER_SM = {80: 167936, 90: 233472}
-SHARED_PER_BLOCK = {80: 166912, 90: 232448}
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
@@ -31,10 +30,6 @@ MAX_BLOCKS_PER_SM = 32
 
 def gpu_target(capability: int) -> GPUTarget:
     return GPUTarget("cuda", capability, 32)
-
-
-def max_shared_bytes(capability: int) -> int:
-    return SHARED_PER_BLOCK[capability]
 
 
 def programs_per_sm(capability: int, registers: int, warps: int, shared: int) -> int:
@@ -67,8 +62,9 @@ def ptxas_report(ptx: str, capability: int) -> tuple[int, int, int, int]:
             int(stack.group(1)) if stack else 0)
 
 
-def kernel_resources(metadata, capability: int) -> KernelResources:
-    """The resources of one compiled kernel (its PTX read back from Triton's cache)."""
+def kernel_resources(metadata, capability: int, shared_limit: int) -> KernelResources:
+    """The resources of one compiled kernel (its PTX read back from Triton's cache); shared
+    memory is checked against `shared_limit` (the target's per-block opt-in maximum)."""
     ptx_path = get_cache_manager(metadata.hash).get_file(f"{metadata.name}.ptx")
     with open(ptx_path) as f:
         ptx = f.read()
@@ -77,4 +73,4 @@ def kernel_resources(metadata, capability: int) -> KernelResources:
         registers=regs, spill_stores=spill_stores, spill_loads=spill_loads, stack=stack,
         shared=int(metadata.shared), warps=int(metadata.num_warps), stages=int(metadata.num_stages),
         programs_per_core=programs_per_sm(capability, regs, int(metadata.num_warps), int(metadata.shared)),
-        limit_shared=SHARED_PER_BLOCK[capability])
+        limit_shared=shared_limit)
