@@ -31,15 +31,24 @@ def constexpr_text(src) -> str:
     return " ".join(items)
 
 
-_ERROR_LINE = re.compile(r".*(overflow|error|Error|failed|OutOfResources).*")
+# The lines of a compile error that say what went wrong, most telling first (bishengir's UB
+# overflow names the bits needed; its retry notes do not).
+_TELLING = [re.compile(p, re.I) for p in (r"ub overflow, requires", r"overflow", r"error", r"failed|OutOfResources")]
 
 
 def error_summary(err: BaseException) -> str:
-    """The line of a compile error that says what went wrong (an overflow first)."""
-    text = str(err)
-    lines = [m.group(0).strip() for m in _ERROR_LINE.finditer(text)]
-    pick = next((line for line in lines if "overflow" in line), lines[0] if lines else text.strip())
-    return f"{type(err).__name__}: {pick[:300]}"
+    """The line of a compile error that says what went wrong."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for pattern in _TELLING:
+        pick = next((line for line in lines if pattern.search(line)), None)
+        if pick:
+            break
+    return f"{type(err).__name__}: {(pick or (lines[0] if lines else ''))[:300]}"
+
+
+# What each kernel compiled in this process needs (Triton compiles a kernel once a process, so a
+# later run_target sees its launches but not its compile): hash -> (constexprs, resources, error).
+_compiled: dict[str, tuple[str, KernelResources | None, str | None]] = {}
 
 
 def run_target(target: Target | str, models: list[str] | None = None, ops: list[str] | None = None,
@@ -89,15 +98,13 @@ def _run(target: Target, models: list[str] | None, ops: list[str] | None, launch
     variants: dict[str, Variant] = {}
     errors: dict[tuple[str, str], Variant] = {}
     launch_list = launches if launches is not None else all_launches(models, ops)
-    new: dict[str, tuple[str, KernelResources | None]] = {}  # by compiled kernel: constexprs, resources
-    errors_seen: dict[str, str] = {}  # by compiled kernel: why its resources could not be read
+    new = _compiled  # by compiled kernel: constexprs, resources (this process's compiles, whichever run)
 
     def on_new_kernel(src, metadata) -> None:
         try:
-            new[metadata.hash] = (constexpr_text(src), resources(metadata))
+            new[metadata.hash] = (constexpr_text(src), resources(metadata), None)
         except Exception as err:  # a resource report that cannot be read is a failure too
-            new[metadata.hash] = (constexpr_text(src), None)
-            errors_seen[metadata.hash] = error_summary(err)
+            new[metadata.hash] = (constexpr_text(src), None, error_summary(err))
 
     drv.on_new_kernel = on_new_kernel
     with use_target(target):
@@ -119,9 +126,9 @@ def _run(target: Target, models: list[str] | None, ops: list[str] | None, launch
             for rec in drv.launches[first:]:
                 v = variants.get(rec.metadata.hash)
                 if v is None:
-                    text, res = new.get(rec.metadata.hash, ("", None))
-                    v = variants[rec.metadata.hash] = Variant(rec.metadata.name.split()[0], text, dtype, res,
-                                                              errors_seen.get(rec.metadata.hash), example=example)
+                    text, res, problem = new.get(rec.metadata.hash, ("", None, None))
+                    v = variants[rec.metadata.hash] = Variant(rec.metadata.name.split()[0], text, dtype, res, problem,
+                                                              example=example)
                 v.launches += 1
     return TargetReport(target=arch, backend=target.backend, variants=[*variants.values(), *errors.values()],
                         launches=len(launch_list), seconds=time.time() - started)

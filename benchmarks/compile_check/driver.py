@@ -84,7 +84,8 @@ class CompileOnlyDriver:
             self.on_new_kernel(src, metadata)
 
         def launch(grid_0, grid_1, grid_2, *rest):
-            self.launches.append(RecordedLaunch(metadata.name, metadata, (grid_0, grid_1, grid_2)))
+            # Into the driver active now: a kernel compiled under an earlier one keeps this closure.
+            active_driver.active.launches.append(RecordedLaunch(metadata.name, metadata, (grid_0, grid_1, grid_2)))
 
         return launch
 
