@@ -52,8 +52,11 @@ compile-check: install $(ASCEND_STAMP)
 
 # On a machine with an NVIDIA GPU: kernel tests on it, a short bench, and the static resource table
 # checked against what the driver loads (benchmarks/results/device-check-<gpu>.md). Under 8 minutes.
-device-check: install
-	$(VPY) benchmarks/device_check.py
+# Runs with the machine's own Python (its CUDA torch and Triton; DEVICE_PY=... to choose another):
+# no venv, since a GPU machine may have no package index to install from.
+DEVICE_PY ?= python3
+device-check:
+	$(DEVICE_PY) benchmarks/device_check.py
 
 lint: install
 	$(VPY) -m ruff check .

@@ -116,9 +116,9 @@ def main() -> int:
     started = time.time()
     tests_ok, tests_s = _step("kernel tests on the GPU",
                               [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/kernels"],
-                              240, RESULTS / f"device-check-{name}-pytest.log")
+                              210, RESULTS / f"device-check-{name}-pytest.log")
     bench_ok, bench_s = _step("short bench", [sys.executable, "benchmarks/run_all.py", "--only", "elementwise",
-                                              "--only", "attention"], 180, RESULTS / f"device-check-{name}-bench.log")
+                                              "--only", "attention"], 150, RESULTS / f"device-check-{name}-bench.log")
     measured = measured_resources(args.models.split(","))
     static_path = RESULTS / f"compile-{arch}.json"
     static = {}

@@ -36,10 +36,11 @@ def main() -> None:
 
     if detect_device_type() == "cpu":  # no GPU and no Ascend NPU
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import
-    from benchmarks.common import BenchContext, measure_copy_bandwidth, write_results
-    from engine.llm import default_device
+    import torch
 
-    device = default_device()
+    from benchmarks.common import BenchContext, measure_copy_bandwidth, write_results
+
+    device = torch.device(detect_device_type())  # the kernel families need nothing of the engine
     smoke = args.smoke or device.type == "cpu"
     if device.type == "cpu":
         print("No GPU/NPU: smoke run through Triton's CPU interpreter. Timings are NOT performance.")

@@ -5,13 +5,15 @@ Cache layout: k_cache, v_cache [NB, BS, Hk, D]; block_tables[b, j] is the cache 
 tokens j*BS .. j*BS + BS - 1 of sequence b. Only the first cdiv(context_lens[b], BS) entries of a
 row are read, so a table may be wider than a sequence needs (padding entries are never loaded).
 
-Both kernels walk a sequence's KV one cache block per step: the block id is loaded once (a scalar),
-then the block's [BS, D] keys and values of one kv head are loaded as contiguous rows with int64
-base offsets (a cache can pass 2^31 elements). Positions are compared in int32.
+Both kernels walk a sequence's KV one key tile (BLOCK_N keys) per step: a cache block of BS slots
+is BS / BLOCK_N tiles (BLOCK_N = min(BS, the target's key tile): a whole 128-slot block as one
+tile overflows Ascend's unified buffer and spills on CUDA). A tile's block id is loaded as a
+scalar, then its [BLOCK_N, D] keys and values of one kv head as contiguous rows with int64 base
+offsets (a cache can pass 2^31 elements). Positions are compared in int32.
 
 GQA: a program owns one kv head and stacks the query heads of its group as tile rows (row r =
-query r // G_PAD, head r % G_PAD), so each K/V block is read once for all heads that share it
-and the scores are one tl.dot of [BLOCK_M, D] x [D, BS].
+query r // G_PAD, head r % G_PAD), so each K/V tile is read once for all heads that share it
+and the scores are one tl.dot of [BLOCK_M, D] x [D, BLOCK_N]. Head counts are runtime values.
 
 Decode is flash-decoding: work item = (sequence, kv head, split); the splits divide a sequence's
 blocks so that batch 1 with a 32k context still gives every core work. Each split writes its
@@ -131,7 +133,7 @@ def _paged_decode_kernel(
         hi = tl.minimum(lo + blocks_per_split * TILES_PER_BLOCK, n_tiles)
         full_hi = tl.minimum(hi, n_full)
         q, qi, row_ok = _load_query_tile(q_ptr, b, 1, kvh, stride_qb, stride_qh, group,
-                                            G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
+                                         G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
         # qpos = qi goes unused: decode needs no causal mask (its query is the last position)
         m_i, l_i, acc = _attend_cache_tiles(
             q, qi, ctx_len, lo, full_hi, hi, bt_ptr + b * stride_btb,

@@ -134,7 +134,7 @@ def _load_work_query(q_ptr, cu_ptr, seq, m0, kvh, stride_qt, stride_qh, group,
     seq_len = tl.load(cu_ptr + seq + 1) - start
     n_q = tl.minimum(seq_len - m0, BLOCK_Q)
     q, qi, row_ok = _load_query_tile(q_ptr, start + m0, n_q, kvh, stride_qt, stride_qh, group,
-                                        G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
+                                     G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
     return q, qi, row_ok, start, seq_len, n_q
 
 
