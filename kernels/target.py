@@ -153,12 +153,14 @@ def interpreting() -> bool:
 
 @functools.cache
 def _device_target(device_type: str, index: int) -> Target:
-    props = triton.runtime.driver.active.utils.get_device_properties(index)
+    # Triton's own driver answers for both backends: the arch it compiles for (a compute
+    # capability on CUDA, the chip's name on Ascend) and the core counts.
+    driver = triton.runtime.driver.active
+    props = driver.utils.get_device_properties(index)
+    arch = driver.get_current_target().arch
     if device_type == "npu":
-        arch = torch.npu.get_device_name(index)  # type: ignore[attr-defined]
-        return ascend_target(arch, int(props["num_aicore"]), int(props["num_vectorcore"]))
-    major, minor = torch.cuda.get_device_capability(index)
-    return cuda_target(10 * major + minor, int(props["multiprocessor_count"]), int(props["max_shared_mem"]))
+        return ascend_target(str(arch), int(props["num_aicore"]), int(props["num_vectorcore"]))
+    return cuda_target(int(arch), int(props["multiprocessor_count"]), int(props["max_shared_mem"]))
 
 
 _forced: contextvars.ContextVar[Target | None] = contextvars.ContextVar("qvl_target", default=None)
