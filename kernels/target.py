@@ -6,7 +6,7 @@ project launches on it (programs per core for each kind of work, warps and pipel
 operand dtype of tl.dot). `current_target(device)` reads it from the device once; `use_target`
 makes the launchers plan for another target, which is how the compile check
 (`make compile-check`) compiles the production launches for chips this machine does not have, and
-how tests run a device's tile choices through the CPU interpreter.
+how tests run other tile plans (tests/helpers.tile_plans) through the CPU interpreter.
 
 Kinds of work (`Work`):
   ROWS       element-wise / row reductions (norms, rotary, activation): vector cores;
@@ -101,11 +101,6 @@ class Target:
         """num_warps of a ROWS/COPY program whose widest tile has `block_elements` elements
         (ignored on Ascend)."""
         return 8 if block_elements >= 4096 else 4 if block_elements >= 1024 else 2
-
-    def interpreted(self, cores: int = 4) -> Target:
-        """This target's tile plan run in the CPU interpreter (fp32 dots, `cores` cores): tests
-        prove the numbers of the exact tiles a device launch would use."""
-        return dataclasses.replace(self, vector_cores=cores, cube_cores=cores, interpret=True)
 
 
 def _gpu_per_core(rows: int = 4, copy: int = 8, attention: int = 4) -> dict[Work, int]:

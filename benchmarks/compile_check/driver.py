@@ -19,11 +19,10 @@ from triton.runtime import driver as active_driver
 
 @dataclasses.dataclass
 class RecordedLaunch:
-    """One launch as the driver saw it: the compiled kernel's name, its metadata and the grid."""
+    """One launch as the driver saw it: the compiled kernel's name and its metadata."""
 
     kernel: str
     metadata: object
-    grid: tuple[int, int, int]
 
 
 class _Utils:
@@ -83,9 +82,9 @@ class CompileOnlyDriver:
         if self.on_new_kernel is not None:
             self.on_new_kernel(src, metadata)
 
-        def launch(grid_0, grid_1, grid_2, *rest):
+        def launch(*args):
             # Into the driver active now: a kernel compiled under an earlier one keeps this closure.
-            active_driver.active.launches.append(RecordedLaunch(metadata.name, metadata, (grid_0, grid_1, grid_2)))
+            active_driver.active.launches.append(RecordedLaunch(metadata.name, metadata))
 
         return launch
 
