@@ -46,6 +46,7 @@ def measured_resources(models: list[str]) -> list[dict]:
 
     from benchmarks.compile_check.check import constexpr_text
     from benchmarks.compile_check.launches import all_launches
+    from benchmarks.compile_check.report import programs_per_sm
     from kernels.target import current_target, use_target
 
     real = driver.active
@@ -87,16 +88,12 @@ def measured_resources(models: list[str]) -> list[dict]:
                     row = rows.get(compiled.hash)
                     if row is None:
                         continue
-                    regs = compiled.n_regs
-                    row.update(registers=regs, spills=compiled.n_spills)
-                    warps = row["warps"]
-                    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
-                    shared_per_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
-                    row["programs_per_sm"] = min(
-                        getattr(props, "regs_per_multiprocessor", 65536) // regs_per_warp // warps,
-                        getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps),
-                        shared_per_sm // (row["shared"] + 1024) if row["shared"] else 32,
-                        32)
+                    row.update(registers=compiled.n_regs, spills=compiled.n_spills)
+                    row["programs_per_sm"] = programs_per_sm(
+                        compiled.n_regs, row["warps"], row["shared"],
+                        getattr(props, "shared_memory_per_multiprocessor", 233472),
+                        getattr(props, "regs_per_multiprocessor", 65536),
+                        getattr(props, "max_threads_per_multi_processor", 2048))
     return list(rows.values())
 
 

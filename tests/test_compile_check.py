@@ -16,8 +16,7 @@ import torch
 
 from benchmarks.compile_check.ascend import planned_ub_bytes, uses_cube
 from benchmarks.compile_check.launches import BLOCK_SIZES, all_launches, rank_heads, released_models
-from benchmarks.compile_check.nvidia import programs_per_sm
-from benchmarks.compile_check.report import KernelResources, TargetReport, Variant
+from benchmarks.compile_check.report import KernelResources, TargetReport, Variant, programs_per_sm
 
 REPO = Path(__file__).resolve().parents[1]
 ASCEND_PYTHON = REPO / ".venv-ascend" / "bin" / "python"
@@ -64,9 +63,9 @@ def test_planned_ub_is_the_largest_offset_plus_size_in_ub():
 
 
 def test_occupancy_rules():
-    assert programs_per_sm(90, registers=255, warps=4, shared=0) == 2  # 65536 / (256 * 32 * 4)
-    assert programs_per_sm(90, registers=32, warps=4, shared=0) == 16  # 64 warps an SM
-    assert programs_per_sm(80, registers=64, warps=4, shared=81920) == 2  # 164 KB shared an SM
+    assert programs_per_sm(registers=255, warps=4, shared=0, shared_per_sm=233472) == 2  # 65536 / (256 * 32 * 4)
+    assert programs_per_sm(registers=32, warps=4, shared=0, shared_per_sm=233472) == 16  # 64 warps an SM
+    assert programs_per_sm(registers=64, warps=4, shared=81920, shared_per_sm=167936) == 2  # 164 KB an SM (sm_80)
 
 
 def test_verdicts_and_tables():

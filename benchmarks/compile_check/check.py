@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.compile_check.driver import install_compile_only
 from benchmarks.compile_check.launches import Launch, all_launches
 from benchmarks.compile_check.report import KernelResources, TargetReport, Variant
 from kernels.target import KNOWN_TARGETS, Target, use_target
@@ -70,7 +71,6 @@ def _run(target: Target, models: list[str] | None, ops: list[str] | None, launch
     arch = target.arch
     if target.backend == "cuda":
         from benchmarks.compile_check import nvidia
-        from benchmarks.compile_check.driver import install_compile_only
 
         capability = int(arch.removeprefix("sm_"))
         drv = install_compile_only(nvidia.gpu_target(capability), target.on_chip_bytes)
@@ -85,8 +85,6 @@ def _run(target: Target, models: list[str] | None, ops: list[str] | None, launch
         ascend.setup(arch, work)
         from triton.backends.compiler import GPUTarget
 
-        from benchmarks.compile_check.driver import install_compile_only
-
         drv = install_compile_only(GPUTarget("npu", arch, 0), target.on_chip_bytes)
 
         def resources(metadata) -> KernelResources:
@@ -98,20 +96,18 @@ def _run(target: Target, models: list[str] | None, ops: list[str] | None, launch
     variants: dict[str, Variant] = {}
     errors: dict[tuple[str, str], Variant] = {}
     launch_list = launches if launches is not None else all_launches(models, ops)
-    new = _compiled  # by compiled kernel: constexprs, resources (this process's compiles, whichever run)
-
     def on_new_kernel(src, metadata) -> None:
         try:
-            new[metadata.hash] = (constexpr_text(src), resources(metadata), None)
+            _compiled[metadata.hash] = (constexpr_text(src), resources(metadata), None)
         except Exception as err:  # a resource report that cannot be read is a failure too
-            new[metadata.hash] = (constexpr_text(src), None, error_summary(err))
+            _compiled[metadata.hash] = (constexpr_text(src), None, error_summary(err))
 
     drv.on_new_kernel = on_new_kernel
     with use_target(target):
         last_report = time.time()
         for n, launch in enumerate(launch_list):
             if time.time() - last_report > 30:  # progress on long runs
-                print(f"  {arch}: {n}/{len(launch_list)} launches, {len(new)} kernels compiled", flush=True)
+                print(f"  {arch}: {n}/{len(launch_list)} launches, {len(_compiled)} kernels compiled", flush=True)
                 last_report = time.time()
             first = len(drv.launches)
             dtype = str(launch.dtype).removeprefix("torch.")
@@ -126,7 +122,7 @@ def _run(target: Target, models: list[str] | None, ops: list[str] | None, launch
             for rec in drv.launches[first:]:
                 v = variants.get(rec.metadata.hash)
                 if v is None:
-                    text, res, problem = new.get(rec.metadata.hash, ("", None, None))
+                    text, res, problem = _compiled.get(rec.metadata.hash, ("", None, None))
                     v = variants[rec.metadata.hash] = Variant(rec.metadata.name.split()[0], text, dtype, res, problem,
                                                               example=example)
                 v.launches += 1

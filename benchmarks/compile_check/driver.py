@@ -2,8 +2,8 @@
 
 Triton asks its active driver for the target, the device and the stream, compiles for that
 target, then asks the driver to load the binary and for a launcher. This driver answers with the
-target under check, loads nothing, and its launcher records each launch (kernel, grid) instead of
-running it. The JIT path up to the launch is Triton's own, so a kernel compiled here is compiled
+target under check, loads nothing, and its launcher records each launch (the compiled kernel)
+instead of running it. The JIT path up to the launch is Triton's own, so a kernel compiled here is compiled
 exactly as a launch on that device would compile it (same specialisation, options and stages).
 Works with stock Triton (3.x) and triton-ascend (3.2).
 """

@@ -20,25 +20,13 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.runtime.cache import get_cache_manager
 
-from benchmarks.compile_check.report import KernelResources
+from benchmarks.compile_check.report import KernelResources, programs_per_sm
 
 SHARED_PER_SM = {80: 167936, 90: 233472}
-REGISTERS_PER_SM = 65536
-MAX_WARPS_PER_SM = 64
-MAX_BLOCKS_PER_SM = 32
 
 
 def gpu_target(capability: int) -> GPUTarget:
     return GPUTarget("cuda", capability, 32)
-
-
-def programs_per_sm(capability: int, registers: int, warps: int, shared: int) -> int:
-    """Resident programs (CTAs) per SM that registers, warps and shared memory allow."""
-    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
-    by_regs = (REGISTERS_PER_SM // regs_per_warp) // warps
-    by_warps = MAX_WARPS_PER_SM // warps
-    by_shared = SHARED_PER_SM[capability] // (shared + 1024) if shared else MAX_BLOCKS_PER_SM
-    return min(by_regs, by_warps, by_shared, MAX_BLOCKS_PER_SM)
 
 
 _USED = re.compile(r"Used (\d+) registers")
@@ -72,5 +60,6 @@ def kernel_resources(metadata, capability: int, shared_limit: int) -> KernelReso
     return KernelResources(
         registers=regs, spill_stores=spill_stores, spill_loads=spill_loads, stack=stack,
         shared=int(metadata.shared), warps=int(metadata.num_warps), stages=int(metadata.num_stages),
-        programs_per_core=programs_per_sm(capability, regs, int(metadata.num_warps), int(metadata.shared)),
+        programs_per_core=programs_per_sm(regs, int(metadata.num_warps), int(metadata.shared),
+                                          SHARED_PER_SM[capability]),
         limit_shared=shared_limit)

@@ -6,6 +6,18 @@ from __future__ import annotations
 import dataclasses
 
 
+def programs_per_sm(registers: int, warps: int, shared: int, shared_per_sm: int, registers_per_sm: int = 65536,
+                    threads_per_sm: int = 2048, max_blocks: int = 32) -> int:
+    """Resident programs (CTAs) per SM by the CUDA occupancy rules: registers allocated per warp in
+    units of 256, at most `threads_per_sm` threads and `max_blocks` blocks, and shared memory per SM
+    with 1 KB reserved per block. The limits default to sm_80 / sm_90's."""
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = (registers_per_sm // regs_per_warp) // warps
+    by_threads = threads_per_sm // (32 * warps)
+    by_shared = shared_per_sm // (shared + 1024) if shared else max_blocks
+    return min(by_regs, by_threads, by_shared, max_blocks)
+
+
 @dataclasses.dataclass
 class KernelResources:
     """What one compiled kernel needs of the chip. NVIDIA fields are None on Ascend and the other
