@@ -58,8 +58,10 @@ DEVICE_PY ?= python3
 device-check:
 	$(DEVICE_PY) benchmarks/device_check.py
 
+# ruff, then the kernels read for the device rules (tools/kernel_lint.py; docs/DESIGN.md, "Device rules").
 lint: install
 	$(VPY) -m ruff check .
+	$(VPY) tools/kernel_lint.py kernels
 
 clean:
 	rm -rf $(VENV) $(ASCEND_VENV) .pytest_cache .ruff_cache .hypothesis

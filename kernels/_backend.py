@@ -1,4 +1,5 @@
-"""Backend choice for every op: Triton kernel or the PyTorch reference.
+"""Backend choice for every op (Triton kernel or the PyTorch reference), and the two tensor
+helpers every launcher uses (its output allocation, a unit-stride head/row dim).
 
 `QVL_KERNELS` (read at call time):
   auto   - Triton for tensors on a device (CUDA/NPU), the PyTorch reference for CPU tensors;
@@ -50,6 +51,12 @@ def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     if poison_outputs:
         out.fill_(float("nan"))
     return out
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x with unit stride on its last dim (a copy only when needed): the kernels address rows and
+    heads by stride but step along the last dim one element at a time."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def op(reference: Callable) -> Callable[[F], F]:

@@ -82,8 +82,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         raise ValueError("write_kv_cache writes in place: the caches' head dim must be contiguous")
     if n_tokens == 0:
         return None
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
+    k, v = _backend.last_dim_contiguous(k), _backend.last_dim_contiguous(v)
     # Memory-bound copy (Work.COPY): on CUDA several programs per SM hide the loop's load latency.
     grid = (current_target(k.device).grid(n_tokens, Work.COPY),)
     _write_kv_cache_kernel[grid](

@@ -100,9 +100,7 @@ def _norm_kernel(
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """x[..., N] as a 2D [rows, N] tensor with unit stride along N (a view when strides allow)."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return x.reshape(-1, x.shape[-1])
+    return _backend.last_dim_contiguous(x).reshape(-1, x.shape[-1])
 
 
 def _launch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -110,10 +110,6 @@ def _rotary_kernel(
                          HALF, BLOCK_HK, BLOCK_HALF)
 
 
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 @functools.lru_cache(maxsize=64)
 def inverse_frequencies(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
     """[head_dim/2] fp32: theta^(-2i/head_dim), computed exactly as the HF models do."""
@@ -126,13 +122,13 @@ def _launch_rotary(q, k, cos, sin, positions, mrope_section, theta):
     if head_dim % 2:
         raise ValueError(f"rotary needs an even head dim, got {head_dim}")
     half = head_dim // 2
-    q = _unit_last_stride(q)
+    q = _backend.last_dim_contiguous(q)
     q_out = _backend.empty_output(q.shape, q.dtype, q.device)
     k_out = None
     if k is not None:
         if k.shape[0] != n_tokens or k.shape[2] != head_dim:
             raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)}")
-        k = _unit_last_stride(k)
+        k = _backend.last_dim_contiguous(k)
         k_out = _backend.empty_output(k.shape, k.dtype, k.device)
     from_positions = positions is not None
     if from_positions:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from kernels.paged_attention import MIN_SPLIT_TOKENS
+from kernels.attention_paged import MIN_SPLIT_TOKENS
 
 SHAPES_FILE = Path(__file__).parents[1] / "model_shapes.json"
 DTYPES = (torch.float16, torch.bfloat16)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels.paged_attention import _paged_decode, decode_splits
+from kernels.attention_paged import _paged_decode, decode_splits
 from kernels.target import current_target, use_target
 from tests.helpers import DEVICE, DTYPES, assert_close, expect_triton_launch, randn, tile_plans
 from tests.kernels.attention_oracle import (

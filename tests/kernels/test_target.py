@@ -6,7 +6,7 @@ import pytest
 import torch
 import triton.language as tl
 
-from kernels.paged_attention import decode_splits, key_tile
+from kernels.attention_paged import cache_key_tile, decode_splits
 from kernels.target import (
     A100,
     ASCEND_910B3,
@@ -72,11 +72,11 @@ def test_attention_launch_options():
 def test_large_cache_blocks_are_walked_in_key_tiles(block_size):
     for target in KNOWN_TARGETS.values():
         for decode in (False, True):
-            tile = key_tile(block_size, target, decode)
+            tile = cache_key_tile(block_size, target, decode)
             assert block_size % tile == 0 and tile == min(block_size, target.decode_key_tile if decode
                                                            else target.key_tile)
-    assert key_tile(128, H100) == key_tile(128, A100, decode=True) == 32
-    assert key_tile(128, ASCEND_910B3) == key_tile(128, ASCEND_A3, decode=True) == 64
+    assert cache_key_tile(128, H100) == cache_key_tile(128, A100, decode=True) == 32
+    assert cache_key_tile(128, ASCEND_910B3) == cache_key_tile(128, ASCEND_A3, decode=True) == 64
 
 
 def test_decode_splits_policy():

@@ -11,9 +11,9 @@ tile overflows Ascend's unified buffer and spills on CUDA). A tile's block id is
 scalar, then its [BLOCK_N, D] keys and values of one kv head as contiguous rows with int64 base
 offsets (a cache can pass 2^31 elements). Positions are compared in int32.
 
-GQA: a program owns one kv head and stacks the query heads of its group as tile rows (row r =
-query r // G_PAD, head r % G_PAD), so each K/V tile is read once for all heads that share it
-and the scores are one tl.dot of [BLOCK_M, D] x [D, BLOCK_N]. Head counts are runtime values.
+GQA: a program owns one kv head and stacks the query heads of its group as tile rows (the layout
+of kernels/attention_common.py), so each K/V tile is read once for all heads that share it.
+Head counts are runtime values.
 
 Decode is flash-decoding: work item = (sequence, kv head, split); the splits divide a sequence's
 blocks so that batch 1 with a 32k context still gives every core work. Each split writes its
@@ -32,22 +32,22 @@ import triton
 import triton.language as tl
 
 from kernels import _backend
-from kernels.target import Target, Work, current_target
-from kernels.varlen_attention import (
+from kernels.attention_common import (
     LOG2E,
-    _attend_kv_tile,
-    _kv_tile_offsets,
-    _load_query_tile,
-    _load_work_query,
-    _store_query_tile,
-    _work_item,
+    attend_kv_tile,
     attention_reference,
-    check_head_dim,
     group_pad,
+    head_dim_block,
+    kv_tile_offsets,
+    load_query_tile,
+    load_work_query,
     query_block_table,
     query_tile,
     rows_bound,
+    store_query_tile,
+    work_item,
 )
+from kernels.target import Target, Work, current_target
 
 # A split covers at least this many tokens: below that its fixed costs (query load, partial
 # write, the reduce) outweigh the K/V it reads.
@@ -76,19 +76,19 @@ def _attend_cache_tiles(q, qpos, ctx_len, lo, full_hi, hi, bt_row, k_head, v_hea
     """Online softmax of query tile q (positions qpos) over key tiles lo .. hi - 1 of one
     sequence (tile i = keys i * BLOCK_N .. i * BLOCK_N + BLOCK_N - 1, through table row bt_row),
     keys 0 .. ctx_len - 1 visible. Tiles below full_hi are fully visible to every row and run
-    unmasked; the rest are masked. Returns (m_i, l_i, acc) as _attend_kv_tile keeps them."""
+    unmasked; the rest are masked. Returns (m_i, l_i, acc) as attend_kv_tile keeps them."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for i in range(lo, full_hi):
         k_ptrs, v_ptrs = _cache_tile(bt_row, i, k_head, v_head, stride_kcb, stride_vcb, stride_kcs, stride_vcs,
                                      TILES_PER_BLOCK, BLOCK_N)
-        m_i, l_i, acc = _attend_kv_tile(q, k_ptrs, v_ptrs, d_ok, i * BLOCK_N, ctx_len, qpos, qk_scale, m_i, l_i,
+        m_i, l_i, acc = attend_kv_tile(q, k_ptrs, v_ptrs, d_ok, i * BLOCK_N, ctx_len, qpos, qk_scale, m_i, l_i,
                                         acc, False, CAUSAL, BLOCK_N, DOT_DTYPE)
     for i in range(tl.maximum(full_hi, lo), hi):  # the partly visible tiles, if in range
         k_ptrs, v_ptrs = _cache_tile(bt_row, i, k_head, v_head, stride_kcb, stride_vcb, stride_kcs, stride_vcs,
                                      TILES_PER_BLOCK, BLOCK_N)
-        m_i, l_i, acc = _attend_kv_tile(q, k_ptrs, v_ptrs, d_ok, i * BLOCK_N, ctx_len, qpos, qk_scale, m_i, l_i,
+        m_i, l_i, acc = attend_kv_tile(q, k_ptrs, v_ptrs, d_ok, i * BLOCK_N, ctx_len, qpos, qk_scale, m_i, l_i,
                                         acc, True, CAUSAL, BLOCK_N, DOT_DTYPE)
     return m_i, l_i, acc
 
@@ -120,7 +120,7 @@ def _paged_decode_kernel(
     rows = tl.arange(0, BLOCK_M)
     # Offsets of a key tile's [BLOCK_N, D] rows of one head, computed once: the tile loop only
     # moves a base pointer.
-    d_ok, k_off, v_off = _kv_tile_offsets(stride_kcs, stride_vcs, BLOCK_N, BLOCK_D, HEAD_DIM)
+    d_ok, k_off, v_off = kv_tile_offsets(stride_kcs, stride_vcs, BLOCK_N, BLOCK_D, HEAD_DIM)
     for item in range(pid, n_items, nprog):
         split = item % num_splits
         bh = item // num_splits
@@ -132,8 +132,8 @@ def _paged_decode_kernel(
         lo = split * blocks_per_split * TILES_PER_BLOCK
         hi = tl.minimum(lo + blocks_per_split * TILES_PER_BLOCK, n_tiles)
         full_hi = tl.minimum(hi, n_full)
-        q, qi, row_ok = _load_query_tile(q_ptr, b, 1, kvh, stride_qb, stride_qh, group,
-                                         G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
+        q, qi, row_ok = load_query_tile(q_ptr, b, 1, kvh, stride_qb, stride_qh, group,
+                                        G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
         # qpos = qi goes unused: decode needs no causal mask (its query is the last position)
         m_i, l_i, acc = _attend_cache_tiles(
             q, qi, ctx_len, lo, full_hi, hi, bt_ptr + b * stride_btb,
@@ -141,13 +141,13 @@ def _paged_decode_kernel(
             stride_kcb, stride_vcb, stride_kcs, stride_vcs, d_ok, qk_scale,
             False, TILES_PER_BLOCK, BLOCK_N, BLOCK_M, BLOCK_D, DOT_DTYPE)
         if not SPLIT:
-            _store_query_tile(o_ptr, acc, l_i, b, row_ok, kvh, stride_ob, stride_oh, group,
-                              G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
+            store_query_tile(o_ptr, acc, l_i, b, row_ok, kvh, stride_ob, stride_oh, group,
+                             G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
         else:
             # An empty split (past the end of a short sequence) writes m = -inf, l = 0, o = 0.
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             # Partials of rows (b, kvh * group + r % G_PAD): an int64 base for the group's first
-            # head, int32 offsets for the rows (as _load_query_tile does).
+            # head, int32 offsets for the rows (as load_query_tile does).
             first = (tl.cast(b, tl.int64) * n_q_heads + kvh * group) * num_splits + split
             part_row = (rows % G_PAD) * num_splits  # [BLOCK_M]
             tl.store(mpart_ptr + first + part_row, m_i, mask=row_ok)
@@ -216,13 +216,13 @@ def _paged_prefill_kernel(
     the rest (up to the last query's position) masked.
     """
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_N
-    d_ok, k_off, v_off = _kv_tile_offsets(stride_kcs, stride_vcs, BLOCK_N, BLOCK_D, HEAD_DIM)
+    d_ok, k_off, v_off = kv_tile_offsets(stride_kcs, stride_vcs, BLOCK_N, BLOCK_D, HEAD_DIM)
     for item in range(tl.program_id(0), n_work_rows * n_kv_heads, tl.num_programs(0)):
-        seq, m0, kvh = _work_item(work_ptr, item, n_kv_heads)
+        seq, m0, kvh = work_item(work_ptr, item, n_kv_heads)
         if seq >= 0:
-            q, qi, row_ok, q_start, q_len, n_q = _load_work_query(q_ptr, cu_q_ptr, seq, m0, kvh,
-                                                                  stride_qt, stride_qh, group, G_PAD, HEAD_DIM,
-                                                                  BLOCK_Q, BLOCK_M, BLOCK_D, DOT_DTYPE)
+            q, qi, row_ok, q_start, q_len, n_q = load_work_query(q_ptr, cu_q_ptr, seq, m0, kvh,
+                                                                 stride_qt, stride_qh, group, G_PAD, HEAD_DIM,
+                                                                 BLOCK_Q, BLOCK_M, BLOCK_D, DOT_DTYPE)
             ctx_len = tl.load(ctx_ptr + seq)
             first = ctx_len - q_len + m0  # cache position of the tile's first query
             n_full = (first + 1) // BLOCK_N
@@ -232,8 +232,8 @@ def _paged_prefill_kernel(
                 kc_ptr + kvh * stride_kch + k_off, vc_ptr + kvh * stride_vch + v_off,
                 stride_kcb, stride_vcb, stride_kcs, stride_vcs, d_ok, qk_scale,
                 True, TILES_PER_BLOCK, BLOCK_N, BLOCK_M, BLOCK_D, DOT_DTYPE)
-            _store_query_tile(o_ptr, acc, l_i, q_start + m0, row_ok, kvh, stride_ot, stride_oh, group,
-                              G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
+            store_query_tile(o_ptr, acc, l_i, q_start + m0, row_ok, kvh, stride_ot, stride_oh, group,
+                             G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,12 +310,7 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
     return hk, group, g_pad
 
 
-def _rows_contiguous(table: torch.Tensor) -> torch.Tensor:
-    """block_tables with unit column stride (the kernels step j along a row)."""
-    return table if table.stride(-1) == 1 else table.contiguous()
-
-
-def key_tile(block_size: int, target: Target, decode: bool = False) -> int:
+def cache_key_tile(block_size: int, target: Target, decode: bool = False) -> int:
     """Keys scored at once (BLOCK_N): the whole cache block, or pieces of a larger one as the
     target's key_tile (decode_key_tile) says (a 128-slot block as one tile overflows Ascend's UB
     and spills on CUDA)."""
@@ -341,8 +336,9 @@ def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     out = _backend.empty_output(q.shape, q.dtype, q.device)
     if batch == 0:
         return out
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    block_d = check_head_dim(d)
+    q = _backend.last_dim_contiguous(q)
+    tables = _backend.last_dim_contiguous(block_tables)  # the kernels step along a row
+    block_d = head_dim_block(d)
     block_m = max(16, g_pad)  # one query x G_PAD heads, padded to tl.dot's 16-row minimum
     table_blocks = block_tables.shape[1]
     if num_splits is None:
@@ -359,14 +355,14 @@ def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     n_items = batch * hk * num_splits
     grid = (target.grid(n_items, Work.ATTENTION),)
     _paged_decode_kernel[grid](
-        q, k_cache, v_cache, _rows_contiguous(block_tables), context_lens.contiguous(),
+        q, k_cache, v_cache, tables, context_lens.contiguous(),
         out, mpart, lpart, opart,
         n_items, num_splits, blocks_per_split, hq, hk, group, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), _rows_contiguous(block_tables).stride(0),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
         out.stride(0), out.stride(1),
         G_PAD=g_pad, SPLIT=num_splits > 1, HEAD_DIM=d, BLOCK_SIZE=block_size,
-        BLOCK_N=key_tile(block_size, target, decode=True), BLOCK_M=block_m, BLOCK_D=block_d,
+        BLOCK_N=cache_key_tile(block_size, target, decode=True), BLOCK_M=block_m, BLOCK_D=block_d,
         DOT_DTYPE=target.dot_dtype(q.dtype), **target.attention_options(block_m, block_d),
     )
     if num_splits > 1:
@@ -385,7 +381,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     q: [B, Hq, D] fp32/fp16/bf16 (the new token's queries; its K/V already written to the cache).
     k_cache, v_cache: [NB, BS, Hk, D] (BS a power of two >= 16, head dim contiguous).
-    block_tables: [B, max_blocks] int32 (row stride free, column stride 1).
+    block_tables: [B, max_blocks] int32 (copied when its column stride is not 1).
     context_lens: [B] int32 >= 1, cached tokens per sequence including the new one.
     scale: default 1/sqrt(D). Returns [B, Hq, D] in q's dtype.
     Splits are sized from block_tables.shape[1]: no host sync.
@@ -412,8 +408,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     n_seq = cu_seqlens_q.numel() - 1
     if t == 0 or n_seq <= 0:
         return out
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    block_d = check_head_dim(d)
+    q = _backend.last_dim_contiguous(q)
+    tables = _backend.last_dim_contiguous(block_tables)  # the kernels step along a row
+    block_d = head_dim_block(d)
     # 64 rows per tile (e.g. 8 queries x 8 padded heads of a 7-head group); queries per tile
     # capped by T, the only bound on a sequence's new tokens known without a sync.
     target = current_target(q.device)
@@ -425,13 +422,13 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     grid = (target.grid(n_rows * hk, Work.ATTENTION),)
     _paged_prefill_kernel[grid](
-        q, k_cache, v_cache, _rows_contiguous(block_tables), cu_seqlens_q.contiguous(),
+        q, k_cache, v_cache, tables, cu_seqlens_q.contiguous(),
         context_lens.contiguous(), table, out,
         n_rows, hk, group, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), _rows_contiguous(block_tables).stride(0),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
         out.stride(0), out.stride(1),
-        G_PAD=g_pad, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_N=key_tile(block_size, target), BLOCK_Q=block_q,
+        G_PAD=g_pad, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_N=cache_key_tile(block_size, target), BLOCK_Q=block_q,
         BLOCK_M=block_m, BLOCK_D=block_d, DOT_DTYPE=target.dot_dtype(q.dtype),
         **target.attention_options(block_m, block_d),
     )
