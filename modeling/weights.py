@@ -5,9 +5,10 @@ memory-mapped (safetensors.safe_open) and only the asked-for tensor, or the aske
 it (`index`, a tuple of slices, via get_slice), is read. A tensor-parallel loader can therefore
 read just its shard of every weight.
 
-Names are normalised to one canonical layout, the hub's:
-    model.embed_tokens.*, model.layers.*, model.norm.*, lm_head.*, visual.*
-Checkpoints saved by transformers >= 4.52 use model.language_model.* and model.visual.*; both load.
+Which tensors exist, under which names, with which shapes and tensor-parallel splits, is said
+once, in modeling/weight_table.py; this module reads tensors by its entries. Names are normalised
+to the hub's layout (model.embed_tokens.*, model.layers.*, model.norm.*, lm_head.*, visual.*);
+checkpoints saved by transformers >= 4.52 use model.language_model.* and model.visual.*; both load.
 
 Layout changes made at load time (why: fewer, larger matmuls and the kernels' input layouts):
   - q/k/v projections are concatenated into one qkv weight [(Hq + 2 Hk) * D, hidden] (+ bias);
@@ -18,8 +19,8 @@ Layout changes made at load time (why: fewer, larger matmuls and the kernels' in
 Linear weights stay [out, in] (torch.nn.functional.linear's layout).
 
 Tensor parallelism (a TPGroup with world_size > 1): every tensor is read as its ShardSpec
-(`shard_spec`, by tensor kind, rules in parallel/sharding.py) says, through get_slice, so a rank
-reads only its part: q/k/v by heads and gate/up column-parallel (each sliced before fusing, so
+(the table entry's ShardKind, made a slice by parallel/sharding.py) says, through get_slice, so a
+rank reads only its part: q/k/v by heads and gate/up column-parallel (each sliced before fusing, so
 the fused qkv is [q_r | k_r | v_r] and gate_up [gate_r | up_r]), o_proj / down_proj and the ViT's
 proj / fc2 / merger fc2 row-parallel (their biases on rank 0 only), the embedding and LM head by
 vocabulary rows (padded), everything else replicated.
@@ -28,34 +29,22 @@ vocabulary rows (padded), everything else replicated.
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from modeling import weight_table as table
 from modeling.config import ModelConfig
+from modeling.weight_table import WeightEntry, canonical_name
 from parallel import sharding
 from parallel.group import SINGLE_PROCESS, TPGroup
-from parallel.sharding import ShardSpec
-
-# Tensors some checkpoints carry that the model recomputes (rotary tables): skipped, not errors.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")
 
 
 class WeightsError(ValueError):
     """The checkpoint's tensors do not match what the config describes."""
-
-
-def canonical_name(name: str) -> str:
-    """Map a checkpoint tensor name to the hub layout (model.layers.*, visual.*, lm_head.*)."""
-    for prefix, new in (("model.language_model.", "model."), ("model.visual.", "visual."),
-                        ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")):
-        if name.startswith(prefix):
-            return new + name[len(prefix):]
-    return name
 
 
 class CheckpointReader:
@@ -200,61 +189,8 @@ def vision_dtype_for(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------- loading
 
 
-# Tensor-parallel kind of each tensor, by canonical name (the first match wins; no match:
-# replicated). See parallel/sharding.py for what each kind means.
-_TP_KINDS: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), kind) for p, kind in (
-    (r"^(model\.embed_tokens|lm_head)\.weight$", "vocab"),
-    (r"^model\.layers\.\d+\.self_attn\.q_proj\.(weight|bias)$", "q_heads"),
-    (r"^model\.layers\.\d+\.self_attn\.[kv]_proj\.(weight|bias)$", "kv_heads"),
-    (r"^model\.layers\.\d+\.self_attn\.o_proj\.weight$", "o_heads"),
-    (r"^model\.layers\.\d+\.mlp\.(gate|up)_proj\.weight$", "column"),
-    (r"^model\.layers\.\d+\.mlp\.down_proj\.weight$", "row"),
-    (r"^visual\.blocks\.\d+\.attn\.qkv\.(weight|bias)$", "vision_qkv"),
-    (r"^visual\.blocks\.\d+\.mlp\.(fc1|gate_proj|up_proj)\.(weight|bias)$", "column"),
-    (r"^visual\.blocks\.\d+\.attn\.proj\.weight$", "vision_o_heads"),
-    (r"^visual\.blocks\.\d+\.mlp\.(fc2|down_proj)\.weight$", "row"),
-    (r"^visual\.blocks\.\d+\.(attn\.proj|mlp\.fc2|mlp\.down_proj)\.bias$", "first_rank"),
-    (r"^visual\.merger\.mlp\.0\.(weight|bias)$", "column"),
-    (r"^visual\.merger\.mlp\.2\.weight$", "row"),
-    (r"^visual\.merger\.mlp\.2\.bias$", "first_rank"),
-))
-
-
-def tp_kind(name: str) -> str:
-    """The tensor-parallel kind of canonical tensor `name` ("replicated" when no rule matches)."""
-    return next((kind for pattern, kind in _TP_KINDS if pattern.match(name)), "replicated")
-
-
-def shard_spec(name: str, shape: Sequence[int], config: ModelConfig, tp: TPGroup) -> ShardSpec:
-    """The part of checkpoint tensor `name` (full shape `shape`) that rank tp.rank holds."""
-    if tp.world_size == 1:
-        return sharding.REPLICATED
-    kind = tp_kind(name)
-    t, v = config.text, config.vision
-    if kind == "vocab":
-        return sharding.vocab(shape[0], tp)
-    if kind == "q_heads":
-        return sharding.heads(t.num_heads, t.head_dim, tp)
-    if kind == "o_heads":
-        return sharding.heads(t.num_heads, t.head_dim, tp, dim=1)
-    if kind == "kv_heads":
-        return sharding.kv_heads(t.num_heads, t.num_kv_heads, t.head_dim, tp)
-    if kind == "vision_qkv":
-        return sharding.heads(v.num_heads, v.head_dim, tp, parts=3)
-    if kind == "vision_o_heads":
-        return sharding.heads(v.num_heads, v.head_dim, tp, dim=1)
-    if kind == "column":
-        return sharding.column(shape[0], tp)
-    if kind == "row":
-        return sharding.row(shape[1], tp)
-    if kind == "first_rank":
-        return sharding.first_rank(tp)
-    return sharding.REPLICATED
-
-
 class _Loader:
-    """Reads tensors by canonical name, only this rank's shard of each (shard_spec), casting and
-    moving them."""
+    """Reads tensors by table entry, only this rank's shard of each, casting and moving them."""
 
     def __init__(self, reader: CheckpointReader, device: torch.device | str, config: ModelConfig,
                  tp: TPGroup):
@@ -263,26 +199,28 @@ class _Loader:
         self.config = config
         self.tp = tp
 
-    def __call__(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def __call__(self, entry: WeightEntry, dtype: torch.dtype, i: int | None = None) -> torch.Tensor:
+        """This rank's shard of `entry` (of layer / block `i` when the entry repeats)."""
+        name = entry.name(i)
         shape = self.reader.shape(name)
-        spec = shard_spec(name, shape, self.config, self.tp)
+        spec = entry.shard_spec(shape, self.config, self.tp)
         tensor = sharding.read_shard(lambda index: self.reader.get(name, index), shape, spec, dtype)
         return tensor.to(device=self.device, dtype=dtype)
 
-    def cat(self, names: Iterable[str], dtype: torch.dtype) -> torch.Tensor:
+    def cat(self, entries: Iterable[WeightEntry], dtype: torch.dtype, i: int | None = None) -> torch.Tensor:
         """This rank's slices of several tensors, concatenated along dim 0 (fused qkv, gate_up)."""
-        return torch.cat([self(n, dtype) for n in names], dim=0)
+        return torch.cat([self(e, dtype, i) for e in entries], dim=0)
 
-    def optional(self, name: str, dtype: torch.dtype) -> torch.Tensor | None:
-        """This rank's slice of `name`, or None when the checkpoint lacks it (optional biases)."""
-        return self(name, dtype) if name in self.reader else None
+    def optional(self, entry: WeightEntry, dtype: torch.dtype, i: int | None = None) -> torch.Tensor | None:
+        """This rank's slice of `entry`, or None when the config's checkpoints lack it (optional biases)."""
+        return self(entry, dtype, i) if entry.present(self.config) else None
 
 
 def _check_names(config: ModelConfig, reader: CheckpointReader) -> None:
     """Fail with every missing and unexpected tensor named, before reading any data."""
-    expected = set(expected_names(config))
-    present = {n for n in reader.names() if not n.endswith(_IGNORED_SUFFIXES)}
-    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    expected = set(table.expected_names(config))
+    present = {n for n in reader.names() if not n.endswith(table.IGNORED_SUFFIXES)}
+    optional = table.optional_names(config)
     missing = sorted(expected - present - optional)
     unexpected = sorted(present - expected - optional)
     if missing or unexpected:
@@ -294,77 +232,59 @@ def _check_names(config: ModelConfig, reader: CheckpointReader) -> None:
         raise WeightsError("checkpoint does not match config.json: " + "; ".join(lines))
 
 
-def expected_names(config: ModelConfig) -> list[str]:
-    """Every canonical tensor name the config implies (lm_head.weight included even if tied)."""
-    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
-    for i in range(config.text.num_layers):
-        p = f"model.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
-                  p + "self_attn.o_proj.weight"]
-        names += [p + f"self_attn.{x}_proj.{wb}" for x in "qkv" for wb in ("weight", "bias")]
-        names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-    layer_norm = config.vision.norm == "layernorm"
-    names += ["visual.patch_embed.proj.weight", "visual.merger.ln_q.weight"]
-    names += [f"visual.merger.mlp.{i}.{wb}" for i in (0, 2) for wb in ("weight", "bias")]
-    names += ["visual.merger.ln_q.bias"] if layer_norm else []
-    mlp = ("fc1", "fc2") if layer_norm else ("gate_proj", "up_proj", "down_proj")
-    for i in range(config.vision.depth):
-        p = f"visual.blocks.{i}."
-        names += [p + f"norm{j}.weight" for j in (1, 2)]
-        names += [p + f"norm{j}.bias" for j in (1, 2)] if layer_norm else []
-        names += [p + f"attn.{x}.{wb}" for x in ("qkv", "proj") for wb in ("weight", "bias")]
-        names += [p + f"mlp.{x}.{wb}" for x in mlp for wb in ("weight", "bias")]
-    return names
+def _check_shapes(config: ModelConfig, reader: CheckpointReader) -> None:
+    """Every tensor's full shape (from the file headers) against the one config.json implies, so
+    the fused layouts and every rank's slices are right."""
+    for entry in table.WEIGHTS:
+        shape = entry.shape(config)
+        for name in entry.names(config):
+            if name in reader and reader.shape(name) != shape:
+                raise WeightsError(f"{name}: shape {reader.shape(name)} does not match config.json ({shape})")
 
 
 def _decoder_layer(get: _Loader, i: int, dtype: torch.dtype) -> DecoderLayerWeights:
-    p = f"model.layers.{i}."
-    attn, mlp = p + "self_attn.", p + "mlp."
+    """Decoder layer i, q/k/v and gate/up fused (shapes in DecoderLayerWeights)."""
     return DecoderLayerWeights(
-        input_norm=get(p + "input_layernorm.weight", dtype),
-        qkv_weight=get.cat([attn + f"{x}_proj.weight" for x in "qkv"], dtype),
-        qkv_bias=get.cat([attn + f"{x}_proj.bias" for x in "qkv"], dtype),
-        o_weight=get(attn + "o_proj.weight", dtype),
-        post_norm=get(p + "post_attention_layernorm.weight", dtype),
-        gate_up_weight=get.cat([mlp + "gate_proj.weight", mlp + "up_proj.weight"], dtype),
-        down_weight=get(mlp + "down_proj.weight", dtype),
+        input_norm=get(table.INPUT_NORM, dtype, i),
+        qkv_weight=get.cat([table.Q_PROJ, table.K_PROJ, table.V_PROJ], dtype, i),
+        qkv_bias=get.cat([table.Q_PROJ_BIAS, table.K_PROJ_BIAS, table.V_PROJ_BIAS], dtype, i),
+        o_weight=get(table.O_PROJ, dtype, i),
+        post_norm=get(table.POST_ATTN_NORM, dtype, i),
+        gate_up_weight=get.cat([table.GATE_PROJ, table.UP_PROJ], dtype, i),
+        down_weight=get(table.DOWN_PROJ, dtype, i),
     )
 
 
-def _vision_block(get: _Loader, i: int, dtype: torch.dtype, gated: bool) -> VisionBlockWeights:
-    p = f"visual.blocks.{i}."
-    if gated:  # Qwen2.5-VL: SiLU(gate) * up, biases on all three
-        fc1_w = get.cat([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], dtype)
-        fc1_b = get.cat([p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"], dtype)
-        fc2 = p + "mlp.down_proj."
+def _vision_block(get: _Loader, i: int, dtype: torch.dtype) -> VisionBlockWeights:
+    """ViT block i; Qwen2.5-VL's gate/up fused into fc1 (shapes in VisionBlockWeights)."""
+    if table.VIT_GATE.present(get.config):  # Qwen2.5-VL: SiLU(gate) * up, biases on all three
+        fc1_w = get.cat([table.VIT_GATE, table.VIT_UP], dtype, i)
+        fc1_b = get.cat([table.VIT_GATE_BIAS, table.VIT_UP_BIAS], dtype, i)
+        fc2_w, fc2_b = get(table.VIT_DOWN, dtype, i), get(table.VIT_DOWN_BIAS, dtype, i)
     else:  # Qwen2-VL: fc2(QuickGELU(fc1(x)))
-        fc1_w, fc1_b = get(p + "mlp.fc1.weight", dtype), get(p + "mlp.fc1.bias", dtype)
-        fc2 = p + "mlp.fc2."
+        fc1_w, fc1_b = get(table.VIT_FC1, dtype, i), get(table.VIT_FC1_BIAS, dtype, i)
+        fc2_w, fc2_b = get(table.VIT_FC2, dtype, i), get(table.VIT_FC2_BIAS, dtype, i)
     return VisionBlockWeights(
-        norm1_weight=get(p + "norm1.weight", dtype), norm1_bias=get.optional(p + "norm1.bias", dtype),
-        norm2_weight=get(p + "norm2.weight", dtype), norm2_bias=get.optional(p + "norm2.bias", dtype),
-        qkv_weight=get(p + "attn.qkv.weight", dtype), qkv_bias=get(p + "attn.qkv.bias", dtype),
-        proj_weight=get(p + "attn.proj.weight", dtype), proj_bias=get(p + "attn.proj.bias", dtype),
-        fc1_weight=fc1_w, fc1_bias=fc1_b,
-        fc2_weight=get(fc2 + "weight", dtype), fc2_bias=get(fc2 + "bias", dtype),
+        norm1_weight=get(table.VIT_NORM1, dtype, i), norm1_bias=get.optional(table.VIT_NORM1_BIAS, dtype, i),
+        norm2_weight=get(table.VIT_NORM2, dtype, i), norm2_bias=get.optional(table.VIT_NORM2_BIAS, dtype, i),
+        qkv_weight=get(table.VIT_QKV, dtype, i), qkv_bias=get(table.VIT_QKV_BIAS, dtype, i),
+        proj_weight=get(table.VIT_PROJ, dtype, i), proj_bias=get(table.VIT_PROJ_BIAS, dtype, i),
+        fc1_weight=fc1_w, fc1_bias=fc1_b, fc2_weight=fc2_w, fc2_bias=fc2_b,
     )
 
 
 def _vision(get: _Loader, config: ModelConfig, dtype: torch.dtype) -> VisionWeights:
-    patch = get("visual.patch_embed.proj.weight", dtype)  # [E, C, tp, p, p]
-    if patch.shape[1:].numel() != config.vision.patch_dim:
-        raise WeightsError(f"visual.patch_embed.proj.weight has shape {list(patch.shape)}, expected "
-                           f"{config.vision.patch_dim} inputs per patch")
-    gated = config.vision.norm == "rmsnorm"
+    """The vision tower, its Conv3d patch embedding flattened to a matmul weight (shapes in VisionWeights)."""
+    patch = get(table.PATCH_EMBED, dtype)  # [E, C, tp, p, p]
     return VisionWeights(
         patch_embed=patch.reshape(patch.shape[0], -1),  # [E, C*tp*p*p]: Conv3d(stride=kernel) as matmul
-        blocks=[_vision_block(get, i, dtype, gated) for i in range(config.vision.depth)],
-        merger_norm_weight=get("visual.merger.ln_q.weight", dtype),
-        merger_norm_bias=get.optional("visual.merger.ln_q.bias", dtype),
-        merger_fc1_weight=get("visual.merger.mlp.0.weight", dtype),
-        merger_fc1_bias=get("visual.merger.mlp.0.bias", dtype),
-        merger_fc2_weight=get("visual.merger.mlp.2.weight", dtype),
-        merger_fc2_bias=get("visual.merger.mlp.2.bias", dtype),
+        blocks=[_vision_block(get, i, dtype) for i in range(config.vision.depth)],
+        merger_norm_weight=get(table.MERGER_NORM, dtype),
+        merger_norm_bias=get.optional(table.MERGER_NORM_BIAS, dtype),
+        merger_fc1_weight=get(table.MERGER_FC1, dtype),
+        merger_fc1_bias=get(table.MERGER_FC1_BIAS, dtype),
+        merger_fc2_weight=get(table.MERGER_FC2, dtype),
+        merger_fc2_bias=get(table.MERGER_FC2_BIAS, dtype),
     )
 
 
@@ -383,35 +303,13 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype,
     _check_names(config, reader)
     _check_shapes(config, reader)
     get = _Loader(reader, device, config, tp)
-    embed = get("model.embed_tokens.weight", dtype)
-    tied = config.tie_word_embeddings
+    embed = get(table.EMBED_TOKENS, dtype)
     language = LanguageWeights(
         embed_tokens=embed,
         layers=[_decoder_layer(get, i, dtype) for i in range(config.text.num_layers)],
-        norm=get("model.norm.weight", dtype),
-        lm_head=embed if tied else get("lm_head.weight", dtype),
+        norm=get(table.FINAL_NORM, dtype),
+        lm_head=embed if config.tie_word_embeddings else get(table.LM_HEAD, dtype),
     )
     vdtype = vision_dtype_for(dtype)
     return ModelWeights(language=language, vision=_vision(get, config, vdtype), dtype=dtype,
                         vision_dtype=vdtype)
-
-
-def _check_shapes(config: ModelConfig, reader: CheckpointReader) -> None:
-    """The checkpoint's full shapes of the tensors whose layout the loader (and its shard slices)
-    relies on, against config.json."""
-    t, v = config.text, config.vision
-    p = "model.layers.0."
-    checks = {"model.embed_tokens.weight": [t.vocab_size, t.hidden_size],
-              "lm_head.weight": [t.vocab_size, t.hidden_size],
-              p + "self_attn.q_proj.weight": [t.num_heads * t.head_dim, t.hidden_size],
-              p + "self_attn.k_proj.weight": [t.num_kv_heads * t.head_dim, t.hidden_size],
-              p + "self_attn.v_proj.weight": [t.num_kv_heads * t.head_dim, t.hidden_size],
-              p + "self_attn.o_proj.weight": [t.hidden_size, t.num_heads * t.head_dim],
-              p + "mlp.gate_proj.weight": [t.intermediate_size, t.hidden_size],
-              p + "mlp.up_proj.weight": [t.intermediate_size, t.hidden_size],
-              p + "mlp.down_proj.weight": [t.hidden_size, t.intermediate_size],
-              "visual.blocks.0.attn.qkv.weight": [3 * v.num_heads * v.head_dim, v.hidden_size],
-              "visual.blocks.0.attn.proj.weight": [v.hidden_size, v.num_heads * v.head_dim]}
-    for name, shape in checks.items():
-        if name in reader and reader.shape(name) != shape:
-            raise WeightsError(f"{name}: shape {reader.shape(name)} does not match config.json ({shape})")

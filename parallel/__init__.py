@@ -1,6 +1,6 @@
 """Tensor parallelism on torch.distributed: process groups from torchrun's environment
 (parallel.group), the collectives the model calls (parallel.comm) and the sharding rules applied
-at load time (parallel.sharding). See DESIGN.md and README.md ("Tensor parallelism")."""
+at load time (parallel.sharding). See README.md ("Tensor parallelism")."""
 
 from parallel.comm import all_gather, all_gather_object, all_reduce, barrier, broadcast_object
 from parallel.group import SINGLE_PROCESS, TPGroup, destroy, init_from_env

@@ -2,31 +2,35 @@
 
 A `ShardSpec` says which rows (or columns) of a [out, in] linear weight, bias or embedding one
 rank keeps; `read_shard` reads exactly that part through a slice reader (safetensors' get_slice),
-never the whole tensor. modeling/weights.py maps every tensor name to one of these kinds:
+never the whole tensor. `spec` turns a `ShardKind` into the ShardSpec of one rank; which kind
+each checkpoint tensor has is said once, in modeling/weight_table.py. The kinds:
 
-  column      split an MLP's output features (dim 0): gate/up, fc1, the merger's fc1 (+ their
+  COLUMN      split an MLP's output features (dim 0): gate/up, fc1, the merger's fc1 (+ their
               biases); the layer's output is this rank's slice of the features, no communication.
-  row         split an MLP's input features (dim 1) the same way: down_proj, fc2, the merger's
+  ROW         split an MLP's input features (dim 1) the same way: down_proj, fc2, the merger's
               fc2; each rank computes a partial sum, one all-reduce completes it. MLP splits are
               balanced, not necessarily even (sizes differ by at most one: the first n % world
               ranks hold one more), so an intermediate size need not divide by the world size
               (Qwen2.5-VL-3B/7B's vision MLP has 3420 = 8 * 427.5).
-  first_rank  a row-parallel layer's bias: rank 0 holds it, the others zeros of its shape, so the
+  FIRST_RANK  a row-parallel layer's bias: rank 0 holds it, the others zeros of its shape, so the
               all-reduce adds it exactly once and the layer stays one F.linear + all_reduce.
-  heads       by attention heads, which must divide evenly: rows of q (this rank's Hq / world
-              heads), of k and v (its kv heads, see kv_head_range) and of the ViT's fused qkv (the
-              same heads of q, k and v); columns of o_proj / the ViT's proj (row-parallel).
-  vocab       the embedding / LM head rows, ceil(V / world) per rank, the last rank's tail padded
+  HEADS       rows by attention heads, which must divide evenly: q (this rank's Hq / world heads)
+              and the ViT's fused qkv (the same heads of each of q, k and v).
+  HEADS_IN    columns by attention heads (row-parallel): o_proj and the ViT's proj, whose inputs
+              are the heads' outputs.
+  KV_HEADS    rows of k and v by kv heads (see kv_head_range: replicated when fewer than ranks).
+  VOCAB       the embedding / LM head rows, ceil(V / world) per rank, the last rank's tail padded
               with zero rows: any vocabulary size shards, the padded logits are cut after the
               all-gather.
-  replicated  norms, the patch embedding: every rank holds the whole tensor.
+  REPLICATED  norms, the patch embedding: every rank holds the whole tensor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from enum import Enum
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -40,6 +44,27 @@ Index = tuple[slice, ...]
 
 class TPSizeError(ValueError):
     """The world size does not divide a size that tensor parallelism splits."""
+
+
+class ShardKind(Enum):
+    """How a checkpoint tensor is split over tensor-parallel ranks (see the module docstring)."""
+
+    COLUMN = "column"
+    ROW = "row"
+    FIRST_RANK = "first_rank"
+    HEADS = "heads"
+    HEADS_IN = "heads_in"
+    KV_HEADS = "kv_heads"
+    VOCAB = "vocab"
+    REPLICATED = "replicated"
+
+
+class HeadLayout(NamedTuple):
+    """The attention heads a HEADS / HEADS_IN / KV_HEADS tensor is made of (a ViT has Hk == Hq)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
 
 
 @dataclass(frozen=True)
@@ -141,6 +166,32 @@ def vocab(vocab_size: int, tp: TPGroup) -> ShardSpec:
     per = vocab_rows_per_rank(vocab_size, tp.world_size)
     a = min(tp.rank * per, vocab_size)
     return ShardSpec(dim=0, ranges=((a, min(a + per, vocab_size)),), padded=per)
+
+
+def spec(kind: ShardKind, shape: Sequence[int], tp: TPGroup, attention: HeadLayout) -> ShardSpec:
+    """The part of a tensor of kind `kind` and full shape `shape` that rank tp.rank holds.
+
+    attention: the heads of the tower the tensor belongs to (read by the head kinds only). A HEADS
+    tensor's dim 0 is one or more blocks of num_heads * head_dim (1 for q_proj, 3 for the ViT's
+    q | k | v), so the block count is its length over one block.
+    """
+    if tp.world_size == 1 or kind is ShardKind.REPLICATED:
+        return REPLICATED
+    if kind is ShardKind.COLUMN:
+        return column(shape[0], tp)
+    if kind is ShardKind.ROW:
+        return row(shape[1], tp)
+    if kind is ShardKind.FIRST_RANK:
+        return first_rank(tp)
+    if kind is ShardKind.VOCAB:
+        return vocab(shape[0], tp)
+    if kind is ShardKind.KV_HEADS:
+        return kv_heads(attention.num_heads, attention.num_kv_heads, attention.head_dim, tp)
+    if kind is ShardKind.HEADS:
+        parts = shape[0] // (attention.num_heads * attention.head_dim)
+        return heads(attention.num_heads, attention.head_dim, tp, parts=parts)
+    assert kind is ShardKind.HEADS_IN, kind
+    return heads(attention.num_heads, attention.head_dim, tp, dim=1)
 
 
 def read_shard(get: Callable[[Index | None], torch.Tensor], shape: Sequence[int], spec: ShardSpec,

@@ -3,7 +3,7 @@
     python tools/make_tiny_checkpoint.py OUT --arch qwen2_vl|qwen2_5_vl [--seed N] [--dtype ...]
         [--layout nested|flat] [--weight_names transformers|legacy|language_model] [--sharded]
 
-The logic lives in modeling/tiny_checkpoint.py.
+The logic lives in fixtures/tiny_checkpoint.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from modeling.tiny_checkpoint import ARCHS, DTYPES, LAYOUTS, WEIGHT_NAMES, make_tiny_checkpoint  # noqa: E402
+from fixtures.tiny_checkpoint import ARCHS, DTYPES, LAYOUTS, WEIGHT_NAMES, make_tiny_checkpoint  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""config.json parsing (flat hub layout and nested transformers-5 layout) and safetensors loading
+"""config.json parsing (flat hub layout and nested transformers-5 layout), the weight table and safetensors loading
 (both weight-name layouts, shards, tied embeddings, slices, clear errors)."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from fixtures.tiny_checkpoint import make_tiny_checkpoint, special_token_ids
+from modeling import weight_table
 from modeling.config import ConfigError, load_config, parse_config
-from modeling.tiny_checkpoint import make_tiny_checkpoint, special_token_ids
-from modeling.weights import CheckpointReader, WeightsError, canonical_name, load_weights
+from modeling.weight_table import canonical_name
+from modeling.weights import CheckpointReader, WeightsError, load_weights
 
 # The released checkpoints' shapes, kept in the repo for the compile check and the benchmarks.
 SHAPES = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "model_shapes.json").read_text())
@@ -166,6 +168,26 @@ def test_names_are_canonicalised() -> None:
     assert canonical_name("model.language_model.embed_tokens.weight") == "model.embed_tokens.weight"
     assert canonical_name("lm_head.weight") == "lm_head.weight"
     assert canonical_name("visual.merger.mlp.0.weight") == "visual.merger.mlp.0.weight"
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_the_table_names_and_shapes_every_tensor_in_both_layouts(tmp_path: Path, arch: str) -> None:
+    path = make_tiny_checkpoint(tmp_path / arch, arch, weight_names="language_model")
+    config = load_config(path)
+    stored = {k: list(v.shape) for k, v in load_file(str(path / "model.safetensors")).items()}
+    entries = [(e, i) for e in weight_table.WEIGHTS if e.present(config)
+               for i in (range(e.part.count(config)) if e.repeated else [None])]
+    assert {e.name(i, nested=True): e.shape(config) for e, i in entries} == stored
+    assert sorted(e.name(i) for e, i in entries) == sorted(weight_table.expected_names(config))
+    assert all(weight_table.nested_name(canonical_name(n)) == n for n in stored)
+
+
+def test_a_shape_that_contradicts_config_is_named(tiny_pair: dict[str, Path], tmp_path: Path) -> None:
+    src = tiny_pair["transformers"]
+    name = "model.layers.1.self_attn.o_proj.weight"  # not layer 0: every layer's shapes are checked
+    bad = _copy_with(src, tmp_path / "bad", lambda t: t.update({name: t[name][:, :-1].contiguous()}))
+    with pytest.raises(WeightsError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight: shape \[128, 127\]"):
+        load_weights(bad, load_config(bad), torch.float32)
 
 
 def test_fused_layouts_match_the_checkpoint(tiny_pair: dict[str, Path]) -> None:

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures.tiny_checkpoint import make_tiny_checkpoint
 from modeling.config import load_config
-from modeling.tiny_checkpoint import make_tiny_checkpoint
-from modeling.weights import _IGNORED_SUFFIXES, CheckpointReader, load_weights, shard_spec, tp_kind
+from modeling.weight_table import IGNORED_SUFFIXES, entry_for, shard_spec
+from modeling.weights import CheckpointReader, load_weights
 from parallel import SINGLE_PROCESS, TPGroup, TPSizeError, check_tp_sizes
 from parallel.comm import all_gather, all_gather_object, all_reduce, barrier, broadcast_object
 from parallel.group import init_from_env
-from parallel.sharding import balanced_range, kv_head_range, local_kv_heads, read_shard
+from parallel.sharding import ShardKind, balanced_range, kv_head_range, local_kv_heads, read_shard
 from tests.parallel.test_tp_engine import TP_SIZES
 
 WORLDS = (2, 4)
@@ -43,24 +44,22 @@ class RecordingReader:
 def test_shards_tile_every_tensor_exactly(checkpoint: Path) -> None:
     config = load_config(checkpoint)
     reader = CheckpointReader(checkpoint)
-    names = sorted(n for n in reader.names() if not n.endswith(_IGNORED_SUFFIXES))
-    kinds = {tp_kind(n) for n in names}
-    assert {"vocab", "q_heads", "kv_heads", "o_heads", "row", "column", "vision_qkv", "vision_o_heads", "first_rank",
-            "replicated"} <= kinds
+    names = sorted(n for n in reader.names() if not n.endswith(IGNORED_SUFFIXES))
+    assert {entry_for(n).shard for n in names} == set(ShardKind)  # every kind is exercised
     for world, name in itertools.product(WORLDS, names):
         full = reader.get(name)
         shape = list(full.shape)
-        kind = tp_kind(name)
+        kind = entry_for(name).shard
         covered = torch.zeros(shape, dtype=torch.int32)
         total = torch.zeros_like(full)
         for rank in range(world):
             spec = shard_spec(name, shape, config, TPGroup(rank=rank, world_size=world))
             rec = RecordingReader(reader)
             piece = read_shard(lambda index, rec=rec, name=name: rec.get(name, index), shape, spec, full.dtype)
-            if kind == "replicated":
+            if kind is ShardKind.REPLICATED:
                 assert torch.equal(piece, full), name
                 continue
-            if kind == "first_rank":  # row-parallel bias: once on rank 0, zeros (not read) elsewhere
+            if kind is ShardKind.FIRST_RANK:  # row-parallel bias: once on rank 0, zeros (not read) elsewhere
                 assert rec.reads == ([(name, None)] if rank == 0 else []), name
                 total += piece
                 continue
@@ -76,11 +75,11 @@ def test_shards_tile_every_tensor_exactly(checkpoint: Path) -> None:
             assert not pad.any(), (name, "padding must be zeros")
             read = sum(full[index].numel() for _, index in rec.reads)
             assert read == piece.narrow(spec.dim, 0, offset).numel(), (name, "read more than its shard")
-        if kind == "first_rank":
+        if kind is ShardKind.FIRST_RANK:
             assert torch.equal(total, full), name
-        elif kind == "kv_heads":  # 2 kv heads: each held by world / 2 ranks (or split at world 2)
+        elif kind is ShardKind.KV_HEADS:  # 2 kv heads: each held by world / 2 ranks (or split at world 2)
             assert (covered == max(world // config.text.num_kv_heads, 1)).all(), name
-        elif kind != "replicated":
+        elif kind is not ShardKind.REPLICATED:
             assert (covered == 1).all(), (name, world)  # every element on exactly one rank
 
 
