@@ -1,4 +1,4 @@
-"""HTTP serving and the clients that measure a server.
+"""HTTP serving: the OpenAI-compatible server (the clients that measure it live in clients/).
 
     config.py        ServeConfig, the command line, MindIE-Service config.json mapping
     protocol.py      request parsing / validation (OpenAI chat + completions, vLLM/MindIE /generate), errors
@@ -6,5 +6,4 @@
     async_engine.py  the engine thread, per-request streams, the waiting-queue limit
     api_server.py    the FastAPI app and uvicorn runner (tensor parallel under torchrun)
     metrics.py       Prometheus metrics
-    client.py        a timing chat client; benchmark.py / eval.py / datasets.py build on it
 """

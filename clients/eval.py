@@ -18,8 +18,8 @@ VideoBench: the chosen option is read from the output (a leading letter such as 
 "B." or "Answer: B"; else the one choice whose text appears in the output) and compared with the
 answer letter; accuracy per dataset and overall.
 
-Predictions come from a running server (`--url`) or from the engine in-process (`--model_path`);
-per-item outputs, a results CSV and a summary are written under --save_path.
+Predictions come from a running server (`--url`), or, with tools/eval.py --model_path, from the
+engine in that process; per-item outputs, a results CSV and a summary are written under --save_path.
 """
 
 from __future__ import annotations
@@ -31,10 +31,19 @@ import json
 import re
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from serving.datasets import Sample, load_textvqa, load_videobench
+import httpx
+from tqdm import tqdm
+
+from clients.benchmark import sample_content
+from clients.client import RequestRecord, chat_payload, first_model, send_chat
+from clients.datasets import Sample, load_textvqa, load_videobench
+
+# Greedy outputs of the samples, in order.
+Runner = Callable[[argparse.Namespace, list[Sample]], list[str]]
 
 # ------------------------------------------------------------------------------------- VQA answers
 
@@ -205,14 +214,13 @@ def results_table(kind: str, items: list[dict[str, Any]]) -> list[dict[str, Any]
     return rows
 
 
-async def outputs_from_server(args: argparse.Namespace, samples: list[Sample]) -> list[str]:
-    """Greedy outputs of each sample from a running server (non-streamed requests)."""
-    import httpx
-    from tqdm import tqdm
+def outputs_from_server(args: argparse.Namespace, samples: list[Sample]) -> list[str]:
+    """Greedy outputs of each sample from the server at --url (non-streamed requests)."""
+    return asyncio.run(_ask_server(args, samples))
 
-    from serving.benchmark import sample_content
-    from serving.client import RequestRecord, chat_payload, first_model, send_chat
 
+async def _ask_server(args: argparse.Namespace, samples: list[Sample]) -> list[str]:
+    """`outputs_from_server`'s requests, --concurrency in flight; RuntimeError on the first that fails."""
     limits = httpx.Limits(max_connections=args.concurrency + 2)
     async with httpx.AsyncClient(limits=limits, timeout=args.timeout) as client:
         model = args.model or await first_model(client, args.url)
@@ -235,31 +243,14 @@ async def outputs_from_server(args: argparse.Namespace, samples: list[Sample]) -
     return list(outputs)
 
 
-def outputs_from_engine(args: argparse.Namespace, samples: list[Sample]) -> list[str]:
-    """Greedy outputs of each sample from the engine in this process."""
-    from engine.llm import LLM, Prompt
-    from engine.request import Media
-    from engine.sampling import SamplingParams
-    from serving.benchmark import media_options
-
-    llm = LLM(args.model_path, dtype=args.dtype, device=args.device, kv_cache_gb=args.kv_cache_gb,
-              max_batch_size=args.max_batch_size)
-    prompts = [Prompt(s.text, [Media(src, kind, media_options(args, kind)) for kind, src in s.media])
-               for s in samples]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=args.max_output_len, temperature=0.0), progress=True)
-    return [o.text for o in outs]
-
-
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of tools/eval.py."""
+    """The flags of an eval over HTTP (tools/eval.py adds --model_path and the engine's)."""
     add = p.add_argument
     add("--task", "--dataset_type", dest="task", choices=["textvqa", "videobench"], required=True,
         help="which accuracy to measure")
     add("--dataset_path", required=True,
         help="textvqa: textvqa_val.jsonl or its folder; videobench: the Eval_QA folder or one of its files")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--url", help="a running server's base URL (requests go to /v1/chat/completions)")
-    src.add_argument("--model_path", help="run the engine in this process on this checkpoint instead")
+    add("--url", help="a running server's base URL (requests go to /v1/chat/completions)")
     add("--model", help="model name sent to the server (default: the first /v1/models lists)")
     add("--num_samples", type=int, help="evaluate the first N questions only")
     add("--subsets", nargs="+", help="videobench: only these datasets (e.g. ActivityNet MSVD)")
@@ -273,17 +264,13 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     add("--fps", type=float, help="videos: sampling rate")
     add("--nframes", type=int, help="videos: frame count")
     add("--timeout", type=float, default=600.0, help="server mode: seconds per request (default: %(default)s)")
-    add("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"], help="engine mode: dtype")
-    add("--device", help="engine mode: cuda, npu or cpu (default: the first accelerator found)")
-    add("--kv_cache_gb", type=float, help="engine mode: KV cache size in GiB")
-    add("--max_batch_size", type=int, default=16, help="engine mode: running sequences (default: %(default)s)")
     add("--save_path", type=Path, required=True, help="folder for predictions.jsonl, results.csv, summary.json")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_eval_arguments(p)
-    args = p.parse_args(argv)
+def evaluate(args: argparse.Namespace, source: str, runner: Runner) -> dict[str, Any]:
+    """Score the outputs `runner` gives (`outputs_from_server`, or the engine in-process that
+    tools/eval.py --model_path hands in: this package imports no engine) from `source` (a URL or a
+    checkpoint); print the accuracy table, write the files; returns the summary."""
     try:
         if args.task == "textvqa":
             samples = load_textvqa(args.dataset_path, args.num_samples)
@@ -295,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not samples:
             raise SystemExit("no questions to evaluate")
         started = time.perf_counter()
-        outputs = asyncio.run(outputs_from_server(args, samples)) if args.url else outputs_from_engine(args, samples)
+        outputs = runner(args, samples)
     except (OSError, ValueError, RuntimeError) as e:  # bad dataset path or file, a failed request
         raise SystemExit(f"error: {e}") from None
     items = score_samples(args.task, samples, outputs)
@@ -308,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    summary = {"task": args.task, "source": args.url or args.model_path, "samples": len(items),
+    summary = {"task": args.task, "source": source, "samples": len(items),
                "accuracy": rows[-1]["accuracy"], "results": rows, "wall_s": round(time.perf_counter() - started, 3)}
     (args.save_path / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     width = max(len(r["subset"]) for r in rows)

@@ -8,6 +8,9 @@ between streamed chunks (ITL) and end-to-end latency. Under --save_path it write
     records.jsonl   one line per request (tokens, times, text, error)
     summary.json    the numbers of the printed table (GenerationSpeed = output tokens/s)
     latency.png     histograms of TTFT, TPOT, ITL and end-to-end latency
+
+With --model_path, tools/benchmark.py runs the same requests through LLM.generate in its own
+process instead: the offline baseline for the server's numbers.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import argparse
 import asyncio
 import json
 import math
-import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +28,17 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from engine.report import percentiles
-from serving.client import RequestRecord, chat_payload, first_model, media_part, send_chat
-from serving.datasets import Sample, load_dataset
+from clients.client import RequestRecord, chat_payload, first_model, media_part, send_chat
+from clients.datasets import Sample, load_dataset
+
+PERCENTILES = (50, 90, 99)  # of the summary, the table and the plots
+
+# Runs the requests: (records in request order, wall seconds of the timed part).
+Runner = Callable[[argparse.Namespace, list[Sample]], tuple[list[RequestRecord], float]]
 
 
 def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of tools/benchmark.py."""
+    """The flags of a benchmark over HTTP (tools/benchmark.py adds --model_path and the engine's)."""
     add = p.add_argument
     add("--url", default="http://127.0.0.1:1025", help="the server's base URL (default: %(default)s)")
     add("--model", help="model name to send (default: the first one /v1/models lists)")
@@ -60,11 +67,6 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=0, help="seed of the arrival times (default: %(default)s)")
     add("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
     add("--save_path", type=Path, help="folder for records.jsonl, summary.json and latency.png")
-    add("--model_path", help="no server: drive the engine in this process (LLM.generate) on the same requests, "
-                             "with max_batch_size = --concurrency: the offline baseline for the server's numbers")
-    add("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"], help="--model_path: dtype")
-    add("--device", help="--model_path: cuda, npu or cpu (default: the first accelerator found)")
-    add("--kv_cache_gb", type=float, help="--model_path: KV cache size in GiB")
 
 
 def media_options(args: argparse.Namespace, kind: str) -> dict[str, Any]:
@@ -89,8 +91,9 @@ def summarize(records: list[RequestRecord], duration_s: float) -> dict[str, Any]
     def dist(values: list[float]) -> dict[str, float]:
         if not values:
             return {}
-        d = {k: round(v * 1e3, 3) for k, v in percentiles(values).items()}
-        d["mean"] = round(statistics.fmean(values) * 1e3, 3)
+        ms = np.asarray(values, dtype=float) * 1e3
+        d = {f"p{q}": round(float(np.percentile(ms, q)), 3) for q in PERCENTILES}
+        d["mean"] = round(float(ms.mean()), 3)
         return d
 
     return {
@@ -120,11 +123,12 @@ def format_table(summary: dict[str, Any]) -> str:
         ("input / output tokens", f"{summary['input_tokens']} / {summary['output_tokens']}"),
     ]
     lines = [f"{name:<36}{value}" for name, value in rows]
-    lines.append(f"{'latency (ms)':<36}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}")
+    columns = ["mean", *(f"p{q}" for q in PERCENTILES)]
+    lines.append(f"{'latency (ms)':<36}" + "".join(f"{c:>10}" for c in columns))
     for key, name in (("ttft_ms", "TTFT [FirstTokenTime]"), ("tpot_ms", "TPOT [DecodeTime]"), ("itl_ms", "ITL"),
                       ("e2e_ms", "E2E latency")):
         d = summary[key]
-        cells = "".join(f"{d[k]:>10.2f}" if k in d else f"{'-':>10}" for k in ("mean", "p50", "p90", "p99"))
+        cells = "".join(f"{d[k]:>10.2f}" if k in d else f"{'-':>10}" for k in columns)
         lines.append(f"{name:<36}{cells}")
     for error in summary["errors"]:
         lines.append(f"error: {error}")
@@ -148,7 +152,7 @@ def plot_latencies(records: list[RequestRecord], path: Path) -> None:
         ms = np.asarray(values, dtype=float) * 1e3
         if ms.size:
             ax.hist(ms, bins=min(50, max(5, ms.size // 4)), color="tab:blue", alpha=0.8)
-            for q, style in ((50, "-"), (90, "--"), (99, ":")):
+            for q, style in zip(PERCENTILES, ("-", "--", ":"), strict=True):
                 ax.axvline(np.percentile(ms, q), color="tab:red", linestyle=style, label=f"p{q}")
             ax.legend()
         ax.set_title(f"{name} ({ms.size} values)")
@@ -158,8 +162,13 @@ def plot_latencies(records: list[RequestRecord], path: Path) -> None:
     plt.close(fig)
 
 
-async def run_benchmark(args: argparse.Namespace, samples: list[Sample]) -> tuple[list[RequestRecord], float]:
-    """Send the requests; (records in request order, wall seconds of the timed part)."""
+def run_benchmark(args: argparse.Namespace, samples: list[Sample]) -> tuple[list[RequestRecord], float]:
+    """Send the requests to the server at --url; (records in request order, wall seconds of the timed part)."""
+    return asyncio.run(_send_requests(args, samples))
+
+
+async def _send_requests(args: argparse.Namespace, samples: list[Sample]) -> tuple[list[RequestRecord], float]:
+    """`run_benchmark`'s requests: the warm-up one by one, then Poisson arrivals with --concurrency in flight."""
     limits = httpx.Limits(max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency + 4)
     async with httpx.AsyncClient(limits=limits, timeout=args.timeout) as client:
         model = args.model or await first_model(client, args.url)
@@ -202,33 +211,6 @@ async def run_benchmark(args: argparse.Namespace, samples: list[Sample]) -> tupl
     return list(records), duration
 
 
-def run_offline(args: argparse.Namespace, samples: list[Sample]) -> tuple[list[RequestRecord], float]:
-    """The same requests through LLM.generate in this process (warmup included, untimed)."""
-    from engine.llm import LLM, Prompt
-    from engine.request import Media
-    from engine.sampling import SamplingParams
-
-    llm = LLM(args.model_path, dtype=args.dtype, device=args.device, kv_cache_gb=args.kv_cache_gb,
-              max_batch_size=args.concurrency)
-    prompts = [Prompt(s.text, [Media(src, kind, media_options(args, kind)) for kind, src in s.media])
-               for s in samples]
-    params = SamplingParams(max_tokens=args.max_output_len, temperature=args.temperature, ignore_eos=args.ignore_eos)
-    if args.warmup:
-        llm.generate([prompts[i % len(prompts)] for i in range(args.warmup)], params)
-    chosen = [prompts[i % len(prompts)] for i in range(args.num_prompts)]
-    started = time.perf_counter()
-    outputs = llm.generate(chosen, params, progress=True)
-    duration = time.perf_counter() - started
-    records = []
-    for i, out in enumerate(outputs):
-        times = out.token_times
-        records.append(RequestRecord(i, samples[i % len(samples)].id, success=True, prompt_tokens=out.prompt_tokens,
-                                     output_tokens=len(out.output_ids), ttft_s=out.ttft_s, latency_s=out.latency_s,
-                                     itl_s=[b - a for a, b in zip(times, times[1:], strict=False)], text=out.text,
-                                     finish_reason=out.finish_reason))
-    return records, duration
-
-
 def save_results(records: list[RequestRecord], summary: dict[str, Any], save_path: Path) -> list[Path]:
     """Write records.jsonl, summary.json and latency.png under save_path; returns their paths."""
     save_path.mkdir(parents=True, exist_ok=True)
@@ -243,11 +225,10 @@ def save_results(records: list[RequestRecord], summary: dict[str, Any], save_pat
     return [records_path, summary_path, plot_path]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """tools/benchmark.py: run the benchmark, print the summary table, save the files; returns the summary."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_benchmark_arguments(p)
-    args = p.parse_args(argv)
+def measure(args: argparse.Namespace, runner: Runner) -> dict[str, Any]:
+    """Run the requests with `runner` (`run_benchmark`, or the engine in-process that tools/benchmark.py
+    --model_path hands in: this package imports no engine); print the summary table, save the files;
+    returns the summary."""
     if args.num_prompts < 1 or args.concurrency < 1 or args.max_output_len < 1:
         raise SystemExit("--num_prompts, --concurrency and --max_output_len must be >= 1")
     if args.request_rate <= 0:
@@ -258,10 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not samples:
         raise SystemExit("the dataset has no samples")
     try:
-        if args.model_path:
-            records, duration = run_offline(args, samples)
-        else:
-            records, duration = asyncio.run(run_benchmark(args, samples))
+        records, duration = runner(args, samples)
     except RuntimeError as e:  # server unreachable, warm-up request refused
         raise SystemExit(f"error: {e}") from None
     summary = summarize(records, duration)

@@ -147,14 +147,15 @@ def load_videobench(path: str | Path, limit: int | None = None, subsets: list[st
 
 
 def synthetic_image_png(height: int, width: int, seed: int) -> bytes:
-    """A distinct synthetic picture per seed, PNG-encoded."""
+    """A distinct synthetic picture per seed (smooth colour waves, a frequency and phase per channel
+    drawn from the seed), PNG-encoded."""
     from PIL import Image
 
-    from modeling.processing import synthetic_frame
-
     rng = np.random.default_rng(seed)
-    frame = synthetic_frame(height, width, float(rng.random())).astype(np.int16)
-    frame = np.clip(frame + rng.integers(-20, 21, size=3), 0, 255).astype(np.uint8)  # a per-seed tint
+    y, x = np.mgrid[0:height, 0:width] / max(height, width, 1)
+    freq_y, freq_x, phase = rng.uniform(1.0, 8.0, size=(3, 1, 1, 3))
+    waves = np.sin(2 * np.pi * (freq_y * y[..., None] + freq_x * x[..., None]) + phase)
+    frame = np.round(127.5 + 127.5 * waves).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(frame).save(buf, format="PNG")
     return buf.getvalue()
