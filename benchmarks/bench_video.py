@@ -40,7 +40,7 @@ def measure_point(checkpoint: str, clip: str, frames: int, chunk_patches: int, d
     import torch
 
     from engine.llm import LLM
-    from engine.request import Media, prepare_media
+    from engine.media import Media, prepare_media
 
     llm = LLM(checkpoint, device=device, num_kv_blocks=2, vision_chunk_patches=chunk_patches)
     pixels = tokens_per_frame_pair * 784
@@ -77,8 +77,8 @@ def _point_in_fresh_process(*args) -> dict:
 
 def _assets(device: str) -> tuple[Path, Path, int]:
     """(checkpoint, clip of 800 frames, merged tokens per frame pair) for this device."""
+    from fixtures.tiny_checkpoint import cache_dir, cached_checkpoint
     from modeling.processing import write_synthetic_video
-    from modeling.tiny_checkpoint import cache_dir, cached_checkpoint
 
     root = cache_dir()
     clip = root / "bench-video-800f.mp4"

@@ -47,7 +47,7 @@ def make_requests(n: int):
     from PIL import Image
 
     from engine.llm import Prompt
-    from engine.request import Media
+    from engine.media import Media
 
     rng = np.random.default_rng(0)
     words = "describe the picture in detail and count every object you can see in it please".split()
@@ -79,14 +79,14 @@ def run_ours(args) -> dict:
               max_batch_size=args.requests)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(make_requests(1), SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
-    prefilled = llm.stats["prefill_tokens"]
+    prefilled = llm.stats.prefill.tokens
     started = time.perf_counter()
     outputs = llm.generate(prompts, params)
     wall = time.perf_counter() - started
     tokens = sum(len(o.output_ids) for o in outputs)
     return {"side": "ours", "wall_s": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
             "peak_memory_gb": peak_memory_gb(args.device), "first_tokens": outputs[0].output_ids[:8],
-            "prefill_tokens": llm.stats["prefill_tokens"] - prefilled}
+            "prefill_tokens": llm.stats.prefill.tokens - prefilled}
 
 
 def run_gemm_floor(args) -> dict:
@@ -140,7 +140,7 @@ def run_transformers(args) -> dict:
 
     # Our preprocessing gives both sides the same token ids and pixels; LLM is used only for that.
     prep = LLM(args.checkpoint, dtype="float32", device="cpu", num_kv_blocks=64, max_batch_size=1)
-    prepared = [prep.prepare(p) for p in make_requests(args.requests)]
+    prepared = [(r.ids, r.media) for r in map(prep.preprocessor.prepare, make_requests(args.requests))]
     image_token, pad = prep.config.image_token_id, prep.config.bos_token_id or 0
     del prep
     dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -172,7 +172,7 @@ def run_transformers(args) -> dict:
 
 
 def checkpoint_for(preset: str, dtype: str) -> Path:
-    from modeling.tiny_checkpoint import cached_checkpoint
+    from fixtures.tiny_checkpoint import cached_checkpoint
 
     return cached_checkpoint(f"bench-{preset}-{dtype}", "qwen2_5_vl", seed=0,
                              dtype="bfloat16" if dtype == "bfloat16" else "float32", **PRESETS[preset])

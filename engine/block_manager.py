@@ -29,7 +29,7 @@ BlockKey = tuple[int, tuple[int, ...]]  # (parent chain hash, content keys of th
 
 
 class BlockManager:
-    """Block tables for sequences, with shared prefix blocks and copy-on-write after `fork`.
+    """Block tables for sequences, with shared prefix blocks (full, committed, never written again).
 
     Invariants (checked by tests/engine/test_block_manager.py after every operation):
       * refcount[b] == number of live tables containing b (a table holds a block at most once);
@@ -52,7 +52,6 @@ class BlockManager:
         self._tables: dict[int, list[int]] = {}
         self._num_tokens: dict[int, int] = {}    # tokens each table covers
         self._chain: dict[int, list[int]] = {}   # chain hashes of each seq's committed full blocks
-        self.pending_copies: list[tuple[int, int]] = []  # (src, dst) copies the engine must perform
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -120,16 +119,11 @@ class BlockManager:
         needed = self._blocks_for(num_tokens) - len(hits) + sum(self._ref[b] == 0 for b in hits)
         return needed <= self.num_free_blocks
 
-    def _needs_cow(self, seq_id: int, num_tokens: int) -> bool:
-        """Whether growing to num_tokens writes into a partly filled, shared last block."""
-        table, old = self._table(seq_id), self._num_tokens[seq_id]
-        return num_tokens > old and old % self.block_size != 0 and self._ref[table[-1]] > 1
-
     def _append_cost(self, seq_id: int, num_tokens: int) -> int:
         table, old = self._table(seq_id), self._num_tokens[seq_id]
         if num_tokens < old:
             raise ValueError(f"seq_id {seq_id} already covers {old} tokens; cannot shrink to {num_tokens}")
-        return self._blocks_for(num_tokens) - len(table) + self._needs_cow(seq_id, num_tokens)
+        return self._blocks_for(num_tokens) - len(table)
 
     def can_append(self, seq_id: int, num_tokens: int) -> bool:
         """Whether `append_slots(seq_id, num_tokens)` would succeed now."""
@@ -176,21 +170,13 @@ class BlockManager:
         return num_cached
 
     def append_slots(self, seq_id: int, num_tokens: int) -> None:
-        """Grow seq_id's table to cover num_tokens tokens in total.
-
-        A partly filled last block shared with another table (after `fork`) is copied first:
-        seq_id gets a fresh block and (src, dst) is queued in `pending_copies`.
-        """
+        """Grow seq_id's table to cover num_tokens tokens in total. Its last block is never shared
+        while partly filled (prefix hits are whole blocks), so new slots are written in place."""
         cost = self._append_cost(seq_id, num_tokens)
         if cost > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks: seq_id {seq_id} needs {cost}, "
                                f"{self.num_free_blocks} free")
         table = self._tables[seq_id]
-        if self._needs_cow(seq_id, num_tokens):
-            src, dst = table[-1], self._take_block()
-            self._ref[src] -= 1  # still >= 1: it was shared
-            table[-1] = dst
-            self.pending_copies.append((src, dst))
         table.extend(self._take_block() for _ in range(self._blocks_for(num_tokens) - len(table)))
         self._num_tokens[seq_id] = num_tokens
 
@@ -212,18 +198,6 @@ class BlockManager:
                 self._cached[key] = block
                 self._key_of[block] = key
             chain.append(hash(key))
-
-    def fork(self, parent_id: int, child_id: int) -> None:
-        """child_id shares all of parent_id's blocks. Fork only once the parent's slots are all
-        computed; later writes into a shared partial block go through append_slots' copy."""
-        if child_id in self._tables:
-            raise ValueError(f"seq_id {child_id} already has a block table")
-        table = self._table(parent_id)
-        for block in table:
-            self._ref[block] += 1
-        self._tables[child_id] = list(table)
-        self._num_tokens[child_id] = self._num_tokens[parent_id]
-        self._chain[child_id] = list(self._chain[parent_id])
 
     def free(self, seq_id: int) -> None:
         """Drop seq_id's references. Blocks reaching refcount 0 become evictable if registered,

@@ -3,15 +3,17 @@
     llm = LLM("path/to/Qwen2.5-VL-7B-Instruct", kv_cache_gb=8)
     outputs = llm.generate([Prompt("Describe it.", [Media("cat.jpg")])], SamplingParams(max_tokens=64))
 
-The server drives the same object step by step: `add_request`, `step` (one forward pass for all
-running sequences, returns what changed) and `abort`.
+The server drives the same object step by step: `add_request` (a PreparedRequest, made by the one
+Preprocessor: engine/preprocess.py), `step` (one forward pass for all running sequences, returns
+what changed) and `abort`.
 
 Tensor parallel (`torchrun --nproc-per-node N ...`, `tp = parallel.init_from_env()`): every rank
 builds the same LLM(..., tp=tp), holding its shards of the model and its kv heads' cache, and runs
 the same schedule. Rank 0 is the driver: its add_request / abort calls take effect at once there
 and are recorded; at the start of each step() it broadcasts the recorded commands (one
 broadcast_object per step), and ranks > 0, inside `worker_loop()`, apply them and run the same
-step. Requests carry their prepared inputs (token ids, pixels), so only rank 0 reads media.
+step. Commands are typed values (engine/commands.py); an Add carries the prepared request
+(token ids, media with their pixels), so only rank 0 reads media files.
 Logits are all-gathered, identical on every rank, and sampling is made identical too: a sampled
 request without a seed gets one drawn on rank 0. `shutdown()` on rank 0 ends the workers' loops.
 """
@@ -25,36 +27,27 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from engine.block_manager import BlockManager
+from engine.commands import Abort, Add, Command, Stop
 from engine.encoder_cache import EncoderCache
-from engine.request import DEFAULT_LIMITS, Media, MediaLimits, PreparedMedia, fit_videos, prepare_media
+from engine.media import DEFAULT_LIMITS, MediaLimits, PreparedMedia
+from engine.preprocess import PreparedRequest, Preprocessor, Prompt
 from engine.sampling import SamplingParams, find_stop, make_generator, sample
 from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence
+from engine.stats import EngineStats
 from modeling.attention_metadata import AttentionMetadata
 from modeling.model import load_model
-from modeling.processing import ImageProcessorConfig
-from modeling.prompt import build_prompt
+from modeling.processing import ImageProcessorConfig, MediaKind
 from parallel.comm import all_gather_object, broadcast_object
 from parallel.group import SINGLE_PROCESS, TPGroup, detect_device_type
 from parallel.sharding import local_kv_heads
 
-# A recorded engine command: ("add", request_id, ids, positions, rope_delta, media, keys, params),
-# ("abort", request_id) or ("stop",).
-Command = tuple[Any, ...]
-
-
-@dataclass
-class Prompt:
-    """One request's input: the user's text after its media (images / videos, in order)."""
-
-    text: str
-    media: list[Media] = field(default_factory=list)
+__all__ = ["LLM", "Prompt", "RequestOutput"]  # Prompt: the offline input, from engine.preprocess
 
 
 @dataclass
@@ -89,7 +82,8 @@ class LLM:
     prefilled in chunks); max_input_length bounds a prompt's tokens (media included), max_seq_len
     prompt + output. Prefix caching shares the KV of equal prompt prefixes (media by content).
 
-    media_limits: defaults and hard limits for requests' media controls (engine/request.py);
+    media_limits: defaults and hard limits for requests' media controls (engine/media.py), applied
+    by `self.preprocessor`, which makes the PreparedRequests that add_request takes;
     vision_chunk_patches: patches per vision-encoder call: videos are decoded and encoded that many
     temporal slices at a time, so the encoder's activations do not grow with a clip's length.
 
@@ -143,14 +137,14 @@ class LLM:
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens)
         self.encoder_cache = EncoderCache(int(encoder_cache_gb * (1 << 30)))
-        self.media_limits = media_limits
+        self.preprocessor = Preprocessor(self.tokenizer, self.config, self.image_cfg, self.max_input_length,
+                                         media_limits)
         if vision_chunk_patches < 1:
             raise ValueError(f"vision_chunk_patches must be >= 1, got {vision_chunk_patches}")
         self.vision_chunk_patches = vision_chunk_patches
         self.sequences: dict[str, Sequence] = {}
         self._next_seq_id = 0
-        self.stats = {"vision_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "steps": 0,
-                      "prefill_tokens": 0, "decode_tokens": 0, "max_blocks_used": 0}
+        self.stats = EngineStats()
 
     # ------------------------------------------------------------------ set-up
 
@@ -177,57 +171,37 @@ class LLM:
 
     # ------------------------------------------------------------------ requests
 
-    def prepare(self, prompt: Prompt) -> tuple[list[int], list[PreparedMedia]]:
-        """Preprocess media and build the prompt's token ids (media pads expanded). Videos that
-        would push the prompt over max_input_length are shrunk (see engine.request.fit_videos)."""
-        media = [prepare_media(m, self.image_cfg, self.media_limits) for m in prompt.media]
-        ids = self._build_ids(prompt.text, media)
-        if len(ids) > self.max_input_length:
-            text_tokens = len(ids) - sum(m.num_tokens for m in media)
-            if text_tokens >= self.max_input_length:
-                raise ValueError(f"the prompt's text takes {text_tokens} tokens (chat template included), "
-                                 f"leaving no room under max_input_length {self.max_input_length}")
-            if fit_videos(media, self.max_input_length - text_tokens, f"max_input_length {self.max_input_length}"):
-                ids = self._build_ids(prompt.text, media)
-        return ids, media
-
-    def _build_ids(self, text: str, media: list[PreparedMedia]) -> list[int]:
-        return build_prompt(self.tokenizer, [(m.kind, m.grid) for m in media], text,
-                            self.config.vision.spatial_merge_size, self.config.image_token_id,
-                            self.config.video_token_id)
-
-    def add_request(self, request_id: str, prompt: Prompt | str, params: SamplingParams | None = None) -> None:
-        """Queue a request. Raises ValueError (naming the limit) for bad parameters, unreadable
-        media or a prompt over max_input_length. Under tensor parallelism: rank 0 only."""
+    def add_request(self, request_id: str, request: PreparedRequest) -> None:
+        """Queue a prepared request (see `self.preprocessor`). Raises ValueError for a request id in
+        use or bad sampling parameters. Under tensor parallelism: rank 0 only."""
         self._check_driver("add_request")
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt = Prompt(prompt) if isinstance(prompt, str) else prompt
-        params = params or SamplingParams()
-        params.validate(self.config.text.vocab_size)
-        ids, media = self.prepare(prompt)
-        if len(ids) > self.max_input_length:
-            raise ValueError(f"prompt has {len(ids)} tokens (media included), over max_input_length "
-                             f"{self.max_input_length}")
-        images = [m.grid for m in media if m.kind == "image"]
-        videos = [m for m in media if m.kind == "video"]
+        request.params.validate(self.config.text.vocab_size)
+        if len(request.ids) >= self.max_seq_len:  # the engine's own invariant, not the length policy (preprocess)
+            raise ValueError(f"a prepared prompt of {len(request.ids)} tokens leaves no room for output under "
+                             f"max_seq_len {self.max_seq_len}")
+        if self.tp.world_size > 1:
+            params = request.params
+            if not params.greedy and params.seed is None:
+                # Every rank must draw the same tokens: the request gets a seed (from rank 0's global
+                # RNG, so torch.manual_seed on rank 0 still makes a run reproducible).
+                params = dataclasses.replace(params, seed=int(torch.randint(0, 2**62, ()).item()))
+            # The other ranks get pixels, not files they may not have.
+            request = PreparedRequest(request.ids, [m.materialized() for m in request.media], params)
+        self._record(Add(request_id, request))
+
+    def _enqueue(self, request_id: str, request: PreparedRequest) -> None:
+        """Make the sequence of a validated, prepared request and queue it (every rank)."""
+        ids, media, params = request.ids, request.media, request.params
+        images = [m.grid for m in media if m.kind == MediaKind.IMAGE]
+        videos = [m for m in media if m.kind == MediaKind.VIDEO]
         positions, delta = self.model.rope_index(
             ids, torch.tensor(images) if images else None,
             torch.tensor([m.grid for m in videos]) if videos else None,
             [m.second_per_grid_t for m in videos] if videos else None)
-        if self.tp.world_size > 1 and not params.greedy and params.seed is None:
-            # Every rank must draw the same tokens: the request gets a seed (from rank 0's global
-            # RNG, so torch.manual_seed on rank 0 still makes a run reproducible).
-            params = dataclasses.replace(params, seed=int(torch.randint(0, 2**62, ()).item()))
-        if self.tp.world_size > 1:  # the other ranks get pixels, not files they may not have
-            media = [m.materialized() for m in media]
-        self._record(("add", request_id, ids, positions, delta, media, self._content_keys(ids, media), params))
-
-    def _enqueue(self, request_id: str, ids: list[int], positions: torch.Tensor, delta: int,
-                 media: list[PreparedMedia], keys: list[int], params: SamplingParams) -> None:
-        """Make the sequence of a validated, prepared request and queue it (every rank)."""
-        seq = Sequence(self._next_seq_id, request_id, ids, positions, delta, media, keys, params,
-                       generator=make_generator(params.seed, self.device))
+        seq = Sequence(self._next_seq_id, request_id, list(ids), positions, delta, list(media),
+                       self._content_keys(ids, media), params, generator=make_generator(params.seed, self.device))
         self._next_seq_id += 1
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
@@ -249,7 +223,7 @@ class LLM:
         self._check_driver("abort")
         if request_id not in self.sequences:
             return False
-        self._record(("abort", request_id))
+        self._record(Abort(request_id))
         return True
 
     def _abort(self, request_id: str) -> None:
@@ -273,13 +247,12 @@ class LLM:
             self._pending.append(command)
 
     def _apply(self, command: Command) -> None:
-        kind, *args = command
-        if kind == "add":
-            self._enqueue(*args)
-        elif kind == "abort":
-            self._abort(*args)
+        if isinstance(command, Add):
+            self._enqueue(command.request_id, command.request)
+        elif isinstance(command, Abort):
+            self._abort(command.request_id)
         else:
-            raise ValueError(f"unknown engine command {kind!r}")
+            raise TypeError(f"not an engine command to apply: {command!r}")
 
     def worker_loop(self, on_outputs: Callable[[list[RequestOutput]], None] | None = None) -> None:
         """Ranks > 0: follow rank 0 until it calls shutdown().
@@ -293,7 +266,7 @@ class LLM:
         while True:
             commands: list[Command] = broadcast_object(None, self.tp)
             for command in commands:
-                if command[0] == "stop":
+                if isinstance(command, Stop):
                     self._stopped = True
                     return
                 self._apply(command)
@@ -309,7 +282,7 @@ class LLM:
             if self._stopped:
                 return
             self._stopped = True
-            broadcast_object([*self._pending, ("stop",)], self.tp)
+            broadcast_object([*self._pending, Stop()], self.tp)
             self._pending = []
 
     def has_unfinished(self) -> bool:
@@ -343,11 +316,8 @@ class LLM:
                      [r.seq.prompt_ids for r in sampling_runs], [r.seq.output_ids for r in sampling_runs],
                      [r.seq.generator for r in sampling_runs]) if sampling_runs else None
         now = time.perf_counter()
-        is_prefill = any(r.count > 1 for r in batch.runs)
-        self.stats["prefill_s" if is_prefill else "decode_s"] += now - started
-        self.stats["prefill_tokens" if is_prefill else "decode_tokens"] += batch.num_tokens
-        self.stats["steps"] += 1
-        self.stats["max_blocks_used"] = max(self.stats["max_blocks_used"], self.blocks.num_used_blocks())
+        self.stats.record_step(now - started, batch.num_tokens, any(r.count > 1 for r in batch.runs),
+                               self.blocks.num_used_blocks())
 
         for run in batch.runs:
             run.seq.num_computed = run.start + run.count
@@ -385,7 +355,7 @@ class LLM:
         for seq in todo:
             embeds = [found[m.content_hash] for m in seq.media]
             seq.media_embeds = embeds[0] if len(embeds) == 1 else torch.cat(embeds)  # one medium: no copy
-        self.stats["vision_s"] += time.perf_counter() - started
+        self.stats.vision_s += time.perf_counter() - started
 
     def encode_media(self, media: list[PreparedMedia]) -> list[torch.Tensor]:
         """Embeddings [tokens, H] of each medium. Images go together in one vision call; a video
@@ -414,7 +384,7 @@ class LLM:
         """Run the model over the batch's runs; fp32 logits [n sampling runs, V]."""
         bs = self.blocks.block_size
         ids, positions, slots, q_lens, ctx_lens, tables = [], [], [], [], [], []
-        media_at, media_rows = [], []
+        media_at, media_embeds = [], []  # rows among the step's tokens, and what goes there
         offset = 0
         for run in batch.runs:
             seq, start, end = run.seq, run.start, run.start + run.count
@@ -426,7 +396,7 @@ class LLM:
             if seq.media and start < len(seq.prompt_ids):
                 at, rows = seq.media_rows(start, end, self.pad_ids)
                 media_at.append(at + offset)
-                media_rows.append((seq, rows))
+                media_embeds.append(seq.media_embeds[rows.to(seq.media_embeds.device)])
             offset += run.count
             q_lens.append(run.count)
             ctx_lens.append(end)
@@ -441,9 +411,8 @@ class LLM:
             cu_seqlens_q=torch.tensor([0, *ends.tolist()], dtype=torch.int32, device=self.device),
             max_query_len=max(q_lens),
         )
-        embeds = self.model.embed(torch.tensor(ids))
-        for at, (seq, rows) in zip(media_at, media_rows, strict=True):
-            embeds[at.to(self.device)] = seq.media_embeds[rows.to(seq.media_embeds.device)].to(embeds.dtype)
+        embeds = self.model.embed(torch.tensor(ids), torch.cat(media_at) if media_at else None,
+                                  torch.cat(media_embeds) if media_embeds else None)
         hidden = self.model.forward(torch.cat(positions, dim=1), meta, self.kv_caches, inputs_embeds=embeds)
         sampling = torch.tensor([r.samples for r in batch.runs])
         return self.model.compute_logits(hidden, (ends - 1)[sampling].to(self.device))
@@ -504,7 +473,7 @@ class LLM:
         ids = [f"offline-{self._next_seq_id + i}" for i in range(len(prompts))]
         try:
             for request_id, prompt, p in zip(ids, prompts, params_list, strict=True):
-                self.add_request(request_id, prompt, p)
+                self.add_request(request_id, self.preprocessor.prepare(prompt, p))
         except ValueError:
             for request_id in ids:  # nothing half-queued stays behind
                 self.abort(request_id)

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from modeling import processing
-from modeling.processing import ImageProcessorConfig, MediaError, VideoPlan
+from modeling.processing import ImageProcessorConfig, MediaError, MediaKind, VideoPlan
 
 IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 VIDEO_OPTIONS = ("fps", "nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels",
@@ -46,12 +46,12 @@ class MediaOptionError(MediaError):
 class Media:
     """One image or video of a prompt.
 
-    source: a file path, the file's bytes, or a PIL image. kind: "image" / "video", or None to
-    tell from the file. options: qwen-vl-utils' controls (IMAGE_OPTIONS / VIDEO_OPTIONS).
+    source: a file path, the file's bytes, or a PIL image. kind: a MediaKind (or its value), or
+    None to tell from the file. options: qwen-vl-utils' controls (IMAGE_OPTIONS / VIDEO_OPTIONS).
     """
 
     source: str | Path | bytes | Image.Image
-    kind: str | None = None
+    kind: MediaKind | str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
@@ -79,15 +79,15 @@ class MediaLimits:
     image_defaults: dict[str, Any] = field(default_factory=dict)
     video_defaults: dict[str, Any] = field(default_factory=dict)
 
-    def check(self, kind: str, options: dict[str, Any], name: str) -> dict[str, Any]:
+    def check(self, kind: MediaKind, options: dict[str, Any], name: str) -> dict[str, Any]:
         """The request's options over this policy's defaults, validated; MediaError names the
         first control out of range and its limit."""
-        allowed = IMAGE_OPTIONS if kind == "image" else VIDEO_OPTIONS
+        allowed = IMAGE_OPTIONS if kind == MediaKind.IMAGE else VIDEO_OPTIONS
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             raise MediaOptionError(f"{name}: unknown {kind} option(s) {unknown}; allowed: {list(allowed)}")
         given = {k: v for k, v in options.items() if v is not None}
-        defaults = dict(self.image_defaults if kind == "image" else self.video_defaults)
+        defaults = dict(self.image_defaults if kind == MediaKind.IMAGE else self.video_defaults)
         for a, b in (("fps", "nframes"), ("nframes", "fps")):  # a request's own choice replaces the other
             if a in given:
                 defaults.pop(b, None)
@@ -103,11 +103,11 @@ class MediaLimits:
                 raise bad(key, "must be an integer")
             if value < 0 or (value == 0 and key not in ("video_start",)):
                 raise bad(key, "must be positive")
-        pixel_cap = self.image_max_pixels if kind == "image" else self.video_max_pixels
+        pixel_cap = self.image_max_pixels if kind == MediaKind.IMAGE else self.video_max_pixels
         for key in ("min_pixels", "max_pixels"):
             if key in merged and merged[key] > pixel_cap:
                 raise bad(key, f"is over the configured limit of {pixel_cap} pixels per {kind}"
-                               f"{'' if kind == 'image' else ' frame'}")
+                               f"{'' if kind == MediaKind.IMAGE else ' frame'}")
         if "min_pixels" in merged and "max_pixels" in merged and merged["min_pixels"] > merged["max_pixels"]:
             raise bad("min_pixels", f"is above max_pixels={merged['max_pixels']}")
         if ("resized_height" in merged) != ("resized_width" in merged):
@@ -115,7 +115,7 @@ class MediaLimits:
         if "resized_height" in merged and merged["resized_height"] * merged["resized_width"] > pixel_cap:
             raise bad("resized_height", f"x resized_width={merged['resized_width']} is over the configured limit "
                                         f"of {pixel_cap} pixels")
-        if kind == "video":
+        if kind == MediaKind.VIDEO:
             self._check_video(merged, bad)
         return merged
 
@@ -159,7 +159,7 @@ class PreparedMedia:
     hold their plan and are decoded chunk by chunk in `pixel_chunks`.
     """
 
-    kind: str
+    kind: MediaKind
     grid: tuple[int, int, int]
     second_per_grid_t: float
     content_hash: str
@@ -222,20 +222,21 @@ def _content_digest(media: Media) -> hashlib._Hash:
     return digest
 
 
-def _kind_of(media: Media) -> str:
+def _kind_of(media: Media) -> MediaKind:
     if media.kind is not None:
-        if media.kind not in ("image", "video"):
-            raise MediaError(f"media kind must be 'image' or 'video', got {media.kind!r}")
-        return media.kind
+        try:
+            return MediaKind(media.kind)
+        except ValueError:
+            raise MediaError(f"media kind must be 'image' or 'video', got {media.kind!r}") from None
     if isinstance(media.source, Image.Image):
-        return "image"
+        return MediaKind.IMAGE
     if isinstance(media.source, (str, Path)):
         return processing.media_kind(media.source)
     try:
         with Image.open(io.BytesIO(media.source)):
-            return "image"
+            return MediaKind.IMAGE
     except (OSError, ValueError):
-        return "video"
+        return MediaKind.VIDEO
 
 
 def _open_image(media: Media) -> Image.Image:
@@ -265,7 +266,7 @@ def prepare_media(media: Media, cfg: ImageProcessorConfig, limits: MediaLimits =
     kind = _kind_of(media)
     options = limits.check(kind, media.options, media.describe())
     digest.update(json.dumps([kind, sorted(options.items())], default=str).encode())
-    if kind == "image":
+    if kind == MediaKind.IMAGE:
         pixel_values, grid = processing.process_image(_open_image(media), cfg, **options)
         return PreparedMedia(kind, tuple(grid), 1.0, digest.hexdigest(), cfg, image_pixels=pixel_values)
     spill = None
@@ -289,7 +290,7 @@ def fit_videos(media: list[PreparedMedia], budget: int, limit_name: str) -> list
     min_frames, 4 by default). Returns one line per changed video, for the response's usage info;
     raises MediaError naming `limit_name` when even the smallest allowed sizes do not fit.
     """
-    videos = [m for m in media if m.kind == "video" and m.video_plan is not None]
+    videos = [m for m in media if m.kind == MediaKind.VIDEO and m.video_plan is not None]
     total = sum(m.num_tokens for m in media)
     if total <= budget or not videos:
         if total > budget:

@@ -1,7 +1,7 @@
 """Sampling parameters and the batched sampler: penalties, temperature, top-k, top-p, draws.
 
 Logprobs are always those of the model's raw distribution (log-softmax of the logits before any
-penalty or transform), as DESIGN.md's accuracy tooling expects.
+penalty or transform), as docs/DESIGN.md ("CLI contracts", generate.py's --output_json) promises.
 """
 
 from __future__ import annotations

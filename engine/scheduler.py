@@ -34,12 +34,11 @@ class Run:
 
 @dataclass
 class Batch:
-    """One step's work: the runs (decodes and prefill chunks, in running order), the sequences
-    admitted by this step (their media still to encode) and those preempted by it."""
+    """One step's work: the runs (decodes and prefill chunks, in running order) and the sequences
+    admitted by this step (their media still to encode)."""
 
     runs: list[Run]
     admitted: list[Sequence] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -99,7 +98,6 @@ class Scheduler:
                 while not self.blocks.can_append(seq.seq_id, seq.num_tokens):
                     victim = self.running[-1]
                     self._preempt(victim)
-                    batch.preempted.append(victim)
                     if victim is seq:
                         break
                 if seq.status != Status.RUNNING:

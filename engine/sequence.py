@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.request import PreparedMedia
+from engine.media import PreparedMedia
 from engine.sampling import SamplingParams
 
 

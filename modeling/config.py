@@ -26,7 +26,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
            "float": torch.float32}
 
 # Qwen2.5-VL releases set tokens_per_second=2 in vision_config; transformers' class default is 4.
-# A checkpoint without the field gets Qwen's value (see DESIGN.md, "Model facts").
+# A checkpoint without the field gets Qwen's value (see docs/DESIGN.md, "Model facts").
 _DEFAULT_TOKENS_PER_SECOND = 2
 
 

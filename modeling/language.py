@@ -48,21 +48,6 @@ def embed_tokens(w: LanguageWeights, input_ids: torch.Tensor, tp: TPGroup = SING
     return all_reduce(out.masked_fill_(outside.unsqueeze(-1), 0), tp)
 
 
-def scatter_media(embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int,
-                  media: torch.Tensor) -> torch.Tensor:
-    """Put media embeddings [M, H] at the M positions of `token_id` in input_ids [T], in order.
-
-    Returns a new [T, H] tensor; raises if the counts differ.
-    """
-    mask = input_ids == token_id
-    count = int(mask.sum())
-    if count != media.shape[0]:
-        raise ValueError(f"{count} tokens with id {token_id} but {media.shape[0]} media embeddings")
-    out = embeds.clone()
-    out[mask] = media.to(embeds.dtype)
-    return out
-
-
 def attention(x: torch.Tensor, w: DecoderLayerWeights, cfg: TextConfig, positions: torch.Tensor,
               meta: AttentionMetadata, cache: KVCache, tp: TPGroup = SINGLE_PROCESS) -> torch.Tensor:
     """Self-attention of one layer: x [T, H] (normed) -> [T, H]; writes this step's K/V.

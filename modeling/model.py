@@ -3,7 +3,7 @@
     model = load_model("path/to/Qwen2.5-VL-7B-Instruct", dtype="auto", device="cuda")
     media = model.encode_media(pixel_values, grid_thw)                 # [M, H]
     positions, delta = model.rope_index(prompt_ids, image_grid_thw=grid_thw)
-    embeds = model.embed(prompt_ids, image_embeds=media)                # [T, H]
+    embeds = model.embed(prompt_ids, media_rows, media)                  # [T, H]: media at its pads
     kv = model.allocate_kv_cache(num_blocks, block_size)
     hidden = model.forward(positions, meta, kv, inputs_embeds=embeds)   # [T, H]
     logits = model.compute_logits(hidden, last_rows)                    # [B, V] fp32
@@ -66,15 +66,13 @@ class QwenVLModel:
         return rope_index.get_rope_index(input_ids, self.config, image_grid_thw, video_grid_thw,
                                          second_per_grid_ts)
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
-              video_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings [T, H] with media embeddings put at the image / video pad tokens."""
-        input_ids = input_ids.to(self.device)
-        embeds = language.embed_tokens(self.weights.language, input_ids, self.tp)
-        if image_embeds is not None:
-            embeds = language.scatter_media(embeds, input_ids, self.config.image_token_id, image_embeds)
-        if video_embeds is not None:
-            embeds = language.scatter_media(embeds, input_ids, self.config.video_token_id, video_embeds)
+    def embed(self, input_ids: torch.Tensor, media_rows: torch.Tensor | None = None,
+              media_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [T, H] of input_ids [T], with rows media_rows [M] (int64 indices into
+        input_ids: their image / video pads, any order) replaced by media_embeds [M, H]."""
+        embeds = language.embed_tokens(self.weights.language, input_ids.to(self.device), self.tp)
+        if media_rows is not None and media_embeds is not None:
+            embeds[media_rows.to(self.device)] = media_embeds.to(self.device, embeds.dtype)
         return embeds
 
     def forward(self, positions: torch.Tensor, attn_metadata: AttentionMetadata,

@@ -21,14 +21,15 @@ video of one frame repeated temporal_patch_size times.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,6 +65,17 @@ IMAGE_EXTENSIONS = frozenset({
 
 SAMPLE_IMAGE_PATH = Path(__file__).parent / "assets" / "sample.png"
 SAMPLE_VIDEO_PATH = Path(__file__).parent / "assets" / "sample.mp4"
+
+
+class MediaKind(str, enum.Enum):
+    """What a medium is. A str, so it compares equal to and serializes as "image" / "video"
+    (the chat templates' part types)."""
+
+    IMAGE = "image"
+    VIDEO = "video"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class MediaError(ValueError):
@@ -371,15 +383,6 @@ def video_max_pixels(nframes: int, min_pixels: int = VIDEO_MIN_PIXELS, total_pix
     return int(cap)
 
 
-class SampledVideo(NamedTuple):
-    """Sampled, resized frames: uint8 [T, H, W, 3] (H, W multiples of 28); each frame's time in
-    seconds from the clip's start; the sampling rate actually used (frames per second)."""
-
-    frames: np.ndarray
-    timestamps: list[float]
-    sample_fps: float
-
-
 @dataclass(frozen=True)
 class VideoInfo:
     """What the container header says about the first video stream."""
@@ -439,7 +442,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
 
 @dataclass(frozen=True)
 class VideoPlan:
-    """What `sample_video` will take from a clip, known before any frame is decoded: the frame
+    """What `iter_video_frames` will take from a clip, known before any frame is decoded: the frame
     indices to sample (sorted, may repeat), the resized frame size, and the sampling rate."""
 
     path: Path
@@ -547,51 +550,24 @@ def iter_video_frames(plan: VideoPlan, chunk_frames: int) -> Iterator[np.ndarray
         yield np.stack(pending[i:i + chunk_frames])
 
 
-def sample_video(path: str | os.PathLike, cfg: ImageProcessorConfig | None = None, **plan_kw: Any) -> SampledVideo:
-    """All planned frames of a clip at once (`plan_video` then `iter_video_frames`): uint8
-    [T, H, W, 3], their planned times in seconds from the clip's start, and the sampling rate."""
-    plan = plan_video(path, cfg, **plan_kw)
-    frames = np.concatenate(list(iter_video_frames(plan, len(plan.indices))))
-    return SampledVideo(frames, [i / plan.info.fps for i in plan.indices], plan.sample_fps)
-
-
-def process_frames(frames: np.ndarray | Sequence[np.ndarray], cfg: ImageProcessorConfig, sample_fps: float
-                   ) -> tuple[torch.Tensor, tuple[int, int, int], float]:
-    """Patchify already-sampled uint8 frames [T, H, W, 3] (sides multiples of cfg.factor).
-
-    Returns (pixel_values_videos float32 [t*h*w, 3*temporal_patch_size*patch_size**2],
-    grid (t, h, w), second_per_grid_t = temporal_patch_size / sample_fps)."""
-    arr = np.stack(list(frames)) if not isinstance(frames, np.ndarray) else frames
-    pixel_values, grid = patchify(arr, cfg)
-    return pixel_values, grid, cfg.temporal_patch_size / sample_fps
-
-
-def process_video(path: str | os.PathLike, cfg: ImageProcessorConfig, **sample_kw: Any
-                  ) -> tuple[torch.Tensor, tuple[int, int, int], float]:
-    """`sample_video(path, cfg, **sample_kw)` then `process_frames`: (pixel_values_videos float32
-    [t*h*w, 1176], grid (t, h, w), second_per_grid_t in seconds)."""
-    video = sample_video(path, cfg, **sample_kw)
-    return process_frames(video.frames, cfg, video.sample_fps)
-
-
-def media_kind(path: str | os.PathLike) -> str:
+def media_kind(path: str | os.PathLike) -> MediaKind:
     """"video" for a known video extension, "image" if PIL identifies the file or its extension is
     an image's, else "video" (PyAV then reads it or says why not)."""
     kind = probe_media_kind(path, open_videos=False)
     if kind is None:
-        kind = "image" if Path(path).suffix.lower() in IMAGE_EXTENSIONS else "video"
+        kind = MediaKind.IMAGE if Path(path).suffix.lower() in IMAGE_EXTENSIONS else MediaKind.VIDEO
     return kind
 
 
-def probe_media_kind(path: str | os.PathLike, open_videos: bool = True) -> str | None:
+def probe_media_kind(path: str | os.PathLike, open_videos: bool = True) -> MediaKind | None:
     """"image" if PIL identifies the file, "video" for a known video extension or (open_videos)
     a file PyAV opens with a video stream, else None (not media: a note, a label file...)."""
     p = Path(path)
     if p.suffix.lower() in VIDEO_EXTENSIONS:
-        return "video"
+        return MediaKind.VIDEO
     try:
         with Image.open(p):
-            return "image"
+            return MediaKind.IMAGE
     except (OSError, ValueError):
         pass
     if not open_videos:
@@ -600,7 +576,7 @@ def probe_media_kind(path: str | os.PathLike, open_videos: bool = True) -> str |
 
     try:
         with av.open(str(p)) as container:
-            return "video" if container.streams.video else None
+            return MediaKind.VIDEO if container.streams.video else None
     except (av.FFmpegError, OSError, ValueError):
         return None
 

@@ -1,11 +1,11 @@
-"""Prompts: the chat template over one user message, then one pad token per merged patch.
+"""Prompt facts of the Qwen-VL family: one pad token per merged patch.
 
-`build_prompt` renders the tokenizer's chat template over a single user message whose content is
-the media in order and then the text (with the template's default system message and the
-assistant's generation prompt), tokenizes it, and expands each single `<|image_pad|>` /
-`<|video_pad|>` into t*h*w / merge_size**2 copies for the corresponding medium, exactly as
-transformers' Qwen2-VL processor does. Pad ids come from the tokenizer (or the caller, from
-config.json's image_token_id / video_token_id), never from constants.
+`user_message` is the offline prompt's one user message (the media in order, then the text);
+the engine's Preprocessor (engine/preprocess.py) renders the tokenizer's chat template over it
+and `expand_media_pads` expands each single `<|image_pad|>` / `<|video_pad|>` into
+t*h*w / merge_size**2 copies for the corresponding medium, exactly as transformers' Qwen2-VL
+processor does. Pad ids come from config.json's image_token_id / video_token_id, never from
+constants.
 """
 
 from __future__ import annotations
@@ -13,12 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-MediaItem = tuple[str, Sequence[int]]  # ("image" | "video", grid (t, h, w))
-
-IMAGE_PAD = "<|image_pad|>"
-VIDEO_PAD = "<|video_pad|>"
-
-TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
+MediaItem = tuple[str, Sequence[int]]  # (a MediaKind or its value "image" | "video", grid (t, h, w))
 
 
 def user_message(media: Sequence[MediaItem | str], text: str) -> dict[str, Any]:
@@ -33,17 +28,6 @@ def user_message(media: Sequence[MediaItem | str], text: str) -> dict[str, Any]:
     if text:
         parts.append({"type": "text", "text": text})
     return {"role": "user", "content": parts}
-
-
-def render_prompt(tokenizer: Any, media: Sequence[MediaItem | str], text: str,
-                  add_generation_prompt: bool = True, system: str | None = None) -> str:
-    """The chat-template string (one pad token per medium). `system` replaces the template's
-    default system message when given."""
-    messages = [user_message(media, text)]
-    if system is not None:
-        messages.insert(0, {"role": "system", "content": system})
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
 
 
 def num_media_tokens(grid_thw: Sequence[int], merge_size: int) -> int:
@@ -76,29 +60,3 @@ def expand_media_pads(ids: Sequence[int], media: Sequence[MediaItem], merge_size
     if k != len(media):
         raise ValueError(f"prompt has {k} media pads for {len(media)} media")
     return out
-
-
-def build_prompt(tokenizer: Any, media: Sequence[MediaItem], text: str, merge_size: int,
-                 image_token_id: int | None = None, video_token_id: int | None = None,
-                 add_generation_prompt: bool = True, system: str | None = None) -> list[int]:
-    """Token ids of the chat prompt for `media` [("image"|"video", (t, h, w)), ...] then `text`.
-
-    Each medium becomes <|vision_start|> + t*h*w/merge_size**2 pads + <|vision_end|>, in order.
-    Pad ids default to the tokenizer's ids of <|image_pad|> / <|video_pad|>; pass config.json's
-    image_token_id / video_token_id to use those.
-    """
-    if image_token_id is None:
-        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-    if video_token_id is None:
-        video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_PAD)
-    rendered = render_prompt(tokenizer, media, text, add_generation_prompt, system)
-    ids = tokenizer.encode(rendered, add_special_tokens=False)
-    return expand_media_pads(ids, media, merge_size, image_token_id, video_token_id)
-
-
-def mm_token_type_ids(input_ids: Sequence[int], image_token_id: int, video_token_id: int) -> list[int]:
-    """Per-token modality as transformers' processors return it: 0 text, 1 image pad, 2 video pad
-    (vision_start / vision_end count as text). transformers 5.x builds 3D rope positions only when
-    generate() gets these."""
-    return [IMAGE_TYPE if t == image_token_id else VIDEO_TYPE if t == video_token_id else TEXT_TYPE
-            for t in input_ids]

@@ -33,20 +33,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.llm import RequestOutput
+from engine.llm import LLM, RequestOutput
+from engine.preprocess import PreparedRequest
 from parallel import SINGLE_PROCESS, TPGroup
 from serving.async_engine import (
     AsyncEngine,
     EngineError,
     EngineFull,
     EngineStopped,
-    PreparedPrompt,
     RequestStream,
-    ServingLLM,
 )
 from serving.config import ServeConfig
 from serving.metrics import CONTENT_TYPE, Metrics
@@ -73,9 +71,9 @@ CLIENT_CLOSED = 499  # nginx's "client closed request": the response is never de
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/generate", "/v1/models", "/health", "/metrics")
 
 
-def load_llm(cfg: ServeConfig, tp: TPGroup = SINGLE_PROCESS) -> ServingLLM:
+def load_llm(cfg: ServeConfig, tp: TPGroup = SINGLE_PROCESS) -> LLM:
     """The engine as the config describes it (this rank's shard under tensor parallelism)."""
-    return ServingLLM(cfg.model_path, dtype=cfg.dtype, device=cfg.device, kv_cache_gb=cfg.kv_cache_gb,
+    return LLM(cfg.model_path, dtype=cfg.dtype, device=cfg.device, kv_cache_gb=cfg.kv_cache_gb,
                       block_size=cfg.block_size, max_batch_size=cfg.max_batch_size,
                       max_prefill_tokens=cfg.max_prefill_tokens, max_input_length=cfg.max_input_length,
                       max_seq_len=cfg.max_seq_len, enable_prefix_caching=cfg.enable_prefix_caching,
@@ -188,7 +186,7 @@ class HTTPMetricsMiddleware:
 class Server:
     """The app's state: config, engine, preparer, metrics, and the request handlers."""
 
-    def __init__(self, cfg: ServeConfig, llm: ServingLLM | None):
+    def __init__(self, cfg: ServeConfig, llm: LLM | None):
         self.cfg = cfg
         self.names = cfg.model_names()
         self.metrics = Metrics(self.names[0] if self.names else "model")
@@ -229,20 +227,17 @@ class Server:
                            code="model_not_found")
         return req.model or self.names[0]
 
-    def _prepare(self, req: GenerationRequest) -> tuple[list[int], list[Any]]:
+    def _prepare(self, req: GenerationRequest) -> PreparedRequest:
         assert self.preparer is not None
         if req.messages is not None:
-            return self.preparer.prepare_chat(req.messages)
-        return self.preparer.prepare_raw(req.raw_prompt or "")
+            return self.preparer.prepare_chat(req.messages, req.params)
+        return self.preparer.prepare_raw(req.raw_prompt or "", req.params)
 
-    def _fit_lengths(self, req: GenerationRequest, prompt_len: int) -> None:
-        """Prompt within max_input_length; max_tokens defaulted / checked against max_seq_len."""
+    def _fit_max_tokens(self, req: GenerationRequest, prompt_len: int) -> None:
+        """max_tokens defaulted to the room left under max_seq_len (and max_iter_times), or checked
+        against it when the request gives it (the prompt's own length is checked by the Preprocessor)."""
         llm = self.llm
         assert llm is not None
-        param = "messages" if req.messages is not None else "prompt"
-        if prompt_len > llm.max_input_length:
-            raise APIError(f"prompt has {prompt_len} tokens (media included), over max_input_token_len "
-                           f"{llm.max_input_length}", param=param, code="context_length_exceeded")
         room = llm.max_seq_len - prompt_len
         if req.max_tokens_given:
             if req.params.max_tokens > room:
@@ -260,10 +255,10 @@ class Server:
         validate_params(req.params, self.llm.config.text.vocab_size)
         with engine.reserve():
             loop = asyncio.get_running_loop()
-            ids, media = await loop.run_in_executor(self.pool, self._prepare, req)
-            self._fit_lengths(req, len(ids))
+            prepared = await loop.run_in_executor(self.pool, self._prepare, req)
+            self._fit_max_tokens(req, len(prepared.ids))  # prepared.params is req.params
             request_id = f"{prefix}-{uuid.uuid4().hex}"
-            stream = engine.submit(request_id, PreparedPrompt(ids=ids, prepared=media), req.params)
+            stream = engine.submit(request_id, prepared)
         return request_id, stream
 
     @staticmethod
@@ -415,8 +410,8 @@ def error_body(e: BaseException) -> dict[str, Any]:
     return APIError(str(e), status=500, type="internal_error", code="engine_error").body()
 
 
-def create_app(cfg: ServeConfig, llm: ServingLLM | None = None) -> FastAPI:
-    """The FastAPI app. Loads the model at startup unless `llm` (a ServingLLM) is given."""
+def create_app(cfg: ServeConfig, llm: LLM | None = None) -> FastAPI:
+    """The FastAPI app. Loads the model at startup unless `llm` is given."""
     server = Server(cfg, llm)
 
     @contextlib.asynccontextmanager
@@ -443,10 +438,6 @@ def create_app(cfg: ServeConfig, llm: ServingLLM | None = None) -> FastAPI:
     @app.exception_handler(EngineError)
     async def engine_error(_: Request, e: EngineError) -> JSONResponse:
         return JSONResponse(error_body(e), status_code=500)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        return JSONResponse(APIError(str(e)).body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -492,7 +483,7 @@ def create_app(cfg: ServeConfig, llm: ServingLLM | None = None) -> FastAPI:
     return app
 
 
-def run_server(cfg: ServeConfig, llm: ServingLLM | None = None, access_log: bool = False) -> None:
+def run_server(cfg: ServeConfig, llm: LLM | None = None, access_log: bool = False) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests get `graceful_timeout` seconds to finish."""
     import uvicorn
 

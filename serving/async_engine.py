@@ -1,16 +1,16 @@
 """The engine loop in its own thread, requests handed to it through a thread-safe queue.
 
 `LLM` is not thread-safe, so exactly one thread (the "engine thread") ever calls it: it takes
-commands (add / abort / stop) from a `queue.SimpleQueue`, runs `LLM.step()` while there is work,
+commands (engine/commands.py: Add / Abort / Stop) from a `queue.SimpleQueue`, runs `LLM.step()` while there is work,
 and hands each step's outputs to the asyncio event loop in one `call_soon_threadsafe` call. On
 the event-loop side every request has a `RequestStream` holding its newest cumulative
 `RequestOutput`: a slow reader simply skips to the newest output.
 
-    engine = AsyncEngine(ServingLLM(path, ...), max_waiting=1024)
+    engine = AsyncEngine(LLM(path, ...), max_waiting=1024)
     engine.start()                                   # inside the running event loop
     with engine.reserve():                           # 503 when the waiting queue is full
-        ids, media = preparer.prepare_chat(...)      # in a worker thread
-        stream = engine.submit(request_id, PreparedPrompt(ids=ids, prepared=media), params)
+        request = preparer.prepare_chat(...)         # a PreparedRequest, made in a worker thread
+        stream = engine.submit(request_id, request)
     try:
         while not (out := await stream.next()).finished: ...
     finally:
@@ -20,9 +20,9 @@ Under tensor parallelism this thread is rank 0's driver: each `step()` first bro
 adds / aborts recorded since the last one, and `stop` calls `LLM.shutdown()` to release the
 other ranks.
 
-Prompts are tokenized and media decoded before they reach the engine thread (serving/prompting.py):
-`ServingLLM` is an LLM whose `prepare` passes such a `PreparedPrompt` through unchanged, so the
-engine thread only builds rope positions and queues the sequence.
+Prompts are tokenized and media prepared before they reach the engine thread (serving/prompting.py,
+through the engine's Preprocessor): the engine thread only builds rope positions and queues the
+sequence.
 
 "Waiting" counts requests accepted but not running yet: being prepared, handed over, or in the
 scheduler's waiting queue (preempted ones included). `max_waiting` bounds it.
@@ -37,34 +37,13 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
-from engine.llm import LLM, Prompt, RequestOutput
-from engine.request import PreparedMedia
-from engine.sampling import SamplingParams
+from engine.commands import Abort, Add, Command, Stop
+from engine.llm import LLM, RequestOutput
+from engine.preprocess import PreparedRequest
 from serving.metrics import Metrics
 
 log = logging.getLogger("serving.engine")
-
-
-@dataclass
-class PreparedPrompt(Prompt):
-    """A prompt already tokenized (media pads expanded) with its media preprocessed."""
-
-    text: str = ""
-    ids: list[int] = field(default_factory=list)
-    prepared: list[PreparedMedia] = field(default_factory=list)
-
-
-class ServingLLM(LLM):
-    """An LLM that also takes `PreparedPrompt`s (tokenized off the engine thread)."""
-
-    def prepare(self, prompt: Prompt) -> tuple[list[int], list[PreparedMedia]]:
-        """A PreparedPrompt passes through as it is (prepared in a worker thread); anything else as LLM.prepare."""
-        if isinstance(prompt, PreparedPrompt):
-            return list(prompt.ids), list(prompt.prepared)
-        return super().prepare(prompt)
 
 
 class EngineFull(Exception):
@@ -120,12 +99,10 @@ class AsyncEngine:
     """Runs an LLM in a background thread for an asyncio server."""
 
     def __init__(self, llm: LLM, *, max_waiting: int = 1024, metrics: Metrics | None = None):
-        if not isinstance(llm, ServingLLM):
-            raise TypeError("AsyncEngine needs a serving.async_engine.ServingLLM (it takes prepared prompts)")
         self.llm = llm
         self.max_waiting = max_waiting
         self.metrics = metrics
-        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}   # event-loop thread only
         self._preparing = 0                            # event-loop thread only
         self._lock = threading.Lock()                  # guards the three counters below
@@ -188,7 +165,7 @@ class AsyncEngine:
         finally:
             self._preparing -= 1
 
-    def submit(self, request_id: str, prompt: PreparedPrompt, params: SamplingParams) -> RequestStream:
+    def submit(self, request_id: str, request: PreparedRequest) -> RequestStream:
         """Queue a prepared request (inside `reserve()`); returns its stream."""
         if not self._accepting:
             raise EngineStopped("the server is shutting down")
@@ -196,19 +173,19 @@ class AsyncEngine:
         self._streams[request_id] = stream
         with self._lock:
             self._pending_adds += 1
-        self._inbox.put(("add", request_id, prompt, params))
+        self._inbox.put(Add(request_id, request))
         return stream
 
     def abort(self, request_id: str) -> None:
         """Abort a request (its stream gets nothing more)."""
         self._streams.pop(request_id, None)
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(Abort(request_id))
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Abort whatever is left, stop the engine thread and wait for it."""
         self._accepting = False
         if self._thread.is_alive():
-            self._inbox.put(("stop",))
+            self._inbox.put(Stop())
             await asyncio.to_thread(self._thread.join, timeout)
             if self._thread.is_alive():
                 log.warning("the engine thread is still running %.0f s after the stop request", timeout)
@@ -242,10 +219,10 @@ class AsyncEngine:
         self._running = len(llm.scheduler.running)
         self._kv_used = llm.blocks.num_used_blocks()
 
-    def _add(self, request_id: str, prompt: PreparedPrompt, params: SamplingParams,
-             replies: list[tuple[str, RequestOutput | BaseException]]) -> None:
+    def _add(self, command: Add, replies: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        request_id = command.request_id
         try:
-            self.llm.add_request(request_id, prompt, params)
+            self.llm.add_request(request_id, command.request)
         except ValueError as e:
             replies.append((request_id, e))
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the engine
@@ -254,7 +231,7 @@ class AsyncEngine:
         else:
             self._seen_tokens[request_id] = 0
             if self.metrics is not None:
-                self.metrics.prompt_tokens.inc(len(prompt.ids))
+                self.metrics.prompt_tokens.inc(len(command.request.ids))
 
     def _abort(self, request_id: str, reason: str = "abort") -> None:
         if self.llm.abort(request_id) and self.metrics is not None:
@@ -286,7 +263,7 @@ class AsyncEngine:
         if self.metrics is not None and new_tokens:
             self.metrics.generation_tokens.inc(new_tokens)
 
-    def _take_commands(self, block: bool) -> list[tuple[Any, ...]]:
+    def _take_commands(self, block: bool) -> list[Command]:
         commands = []
         if block:
             try:
@@ -308,19 +285,19 @@ class AsyncEngine:
                 replies: list[tuple[str, RequestOutput | BaseException]] = []
                 adds = 0
                 for command in commands:
-                    if command[0] == "add":
+                    if isinstance(command, Add):
                         adds += 1
-                        self._add(*command[1:], replies)
-                    elif command[0] == "abort":
-                        self._abort(command[1])
-                    elif command[0] == "stop":
+                        self._add(command, replies)
+                    elif isinstance(command, Abort):
+                        self._abort(command.request_id)
+                    elif isinstance(command, Stop):
                         stopping = True
                 self._send(replies)
                 self._publish_snapshot(adds)
                 if stopping:
                     break
                 if llm.has_unfinished():
-                    steps = llm.stats["steps"]
+                    steps = llm.stats.steps
                     try:
                         outputs = llm.step()
                     except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
@@ -330,7 +307,7 @@ class AsyncEngine:
                     self._account(outputs)
                     self._send([(o.request_id, o) for o in outputs])
                     self._publish_snapshot()
-                    if llm.stats["steps"] == steps:  # nothing could be scheduled: do not spin
+                    if llm.stats.steps == steps:  # nothing could be scheduled: do not spin
                         time.sleep(0.001)
             except Exception:  # noqa: BLE001 - a bug here must not kill the thread silently
                 log.exception("engine loop error")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from engine.request import DEFAULT_LIMITS, MediaLimits
+from engine.media import DEFAULT_LIMITS, MediaLimits
 
 
 @dataclass
@@ -59,7 +59,7 @@ class ServeConfig:
     graceful_timeout: float = 30.0
     preprocess_workers: int = 2
     log_level: str = "info"
-    image_max_pixels: int | None = None        # engine.request.MediaLimits fields (None: its defaults)
+    image_max_pixels: int | None = None        # engine.media.MediaLimits fields (None: its defaults)
     video_max_pixels: int | None = None
     video_max_total_pixels: int | None = None
     video_max_frames: int | None = None

@@ -1,8 +1,13 @@
-"""Turning a parsed request into what the engine computes: token ids and preprocessed media.
+"""Turning a parsed HTTP request into the engine's input: a `PreparedRequest`.
+
+What is HTTP's lives here: where media come from (URLs, data URIs, the allowed folder, byte
+limits) and how a failure is reported (an APIError naming the part). Rendering, media
+preparation, fitting and the length check are the engine's one `Preprocessor`
+(engine/preprocess.py), the same that offline generation uses.
 
 Runs in the server's worker threads, off both the event loop and the engine thread, so that
-decoding a large image or video never stalls streaming or the forward passes. It needs only the
-tokenizer, the image processor config and a few model facts; it never touches the LLM's state.
+decoding a large image or video never stalls streaming or the forward passes. It never touches
+the LLM's state.
 
 Media sources (`MediaRef.url`):
   * `data:<mime>;base64,<data>`: the bytes, decoded here (invalid base64 is a 400);
@@ -12,12 +17,10 @@ Media sources (`MediaRef.url`):
   * `http://` / `https://`: refused with a 400; this server does not fetch URLs.
 
 Chat messages are rendered with the tokenizer's chat template, parts in the order given (for one
-user message of media then text this is exactly `modeling.prompt.build_prompt`, i.e. what
-`LLM.generate` builds offline); each media pad is then expanded to its merged-patch count. As in
-`LLM.prepare`, media controls are checked against the engine's `media_limits`, and videos that
-would push a prompt over max_input_length are shrunk to fit (`engine.request.fit_videos`; the
-response reports it in usage.media_adjustments). Videos are only planned here: the engine
-decodes their frames chunk by chunk when it encodes them.
+user message of media then text this is exactly what `LLM.generate` builds offline). Videos that
+would push a prompt over max_input_token_len are shrunk to fit (the response reports it in
+usage.media_adjustments). Videos are only planned here: the engine decodes their frames chunk by
+chunk when it encodes them.
 """
 
 from __future__ import annotations
@@ -26,24 +29,16 @@ import base64
 import binascii
 import io
 import re
-import threading
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from engine.request import (
-    DEFAULT_LIMITS,
-    Media,
-    MediaLimits,
-    MediaOptionError,
-    PreparedMedia,
-    fit_videos,
-    prepare_media,
-)
-from modeling.processing import ImageProcessorConfig
-from modeling.prompt import expand_media_pads
+from engine.media import Media, MediaOptionError, PreparedMedia
+from engine.preprocess import ContextLengthError, PreparedRequest, Preprocessor, PromptMediaMismatch
+from engine.sampling import SamplingParams
+from modeling.processing import MediaError, MediaKind
 from serving.protocol import APIError, ChatMessage, MediaRef
 
 _BASE64 = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")
@@ -138,60 +133,41 @@ def _is_image(source: str | bytes) -> bool:
 
 
 class Preparer:
-    """Builds (token ids, prepared media) for a request. Thread-safe: tokenizer calls hold a lock;
-    media decoding runs outside it."""
+    """Builds the PreparedRequest of an HTTP request. Thread-safe (the Preprocessor's tokenizer
+    calls hold its lock; media decoding runs outside it)."""
 
-    def __init__(self, tokenizer: Any, image_cfg: ImageProcessorConfig, merge_size: int, image_token_id: int,
-                 video_token_id: int, allowed_media_dir: str | Path | None, max_input_length: int | None = None,
-                 limits: MediaLimits = DEFAULT_LIMITS):
-        self.tokenizer = tokenizer
-        self.max_input_length = max_input_length
-        self.limits = limits
-        self.image_cfg = image_cfg
-        self.merge_size = merge_size
-        self.image_token_id = image_token_id
-        self.video_token_id = video_token_id
+    def __init__(self, preprocessor: Preprocessor, allowed_media_dir: str | Path | None):
+        self.preprocessor = preprocessor
         self.allowed_dir = Path(allowed_media_dir).resolve() if allowed_media_dir else None
-        self.lock = threading.Lock()
 
     @classmethod
     def for_llm(cls, llm: Any, allowed_media_dir: str | Path | None) -> Preparer:
-        """A Preparer with its own tokenizer (the engine thread keeps using the LLM's)."""
-        from transformers import AutoTokenizer
-
-        return cls(AutoTokenizer.from_pretrained(llm.path), llm.image_cfg, llm.config.vision.spatial_merge_size,
-                   llm.config.image_token_id, llm.config.video_token_id, allowed_media_dir, llm.max_input_length,
-                   getattr(llm, "media_limits", DEFAULT_LIMITS))
+        """A Preparer whose Preprocessor has its own tokenizer (the engine thread keeps the LLM's)."""
+        return cls(llm.preprocessor.with_own_tokenizer(llm.path, "max_input_token_len"), allowed_media_dir)
 
     # ---------------------------------------------------------------------------- media
 
     def prepare_one(self, ref: MediaRef) -> PreparedMedia:
         """Resolve, size-check and prepare one media part; APIError (400) naming the part otherwise."""
         source = resolve_source(ref, self.allowed_dir)
-        limit = MAX_IMAGE_BYTES if ref.kind == "image" else MAX_VIDEO_BYTES
+        limit = MAX_IMAGE_BYTES if ref.kind == MediaKind.IMAGE else MAX_VIDEO_BYTES
         size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
         if size > limit:
             raise _media_error(ref, f"{ref.kind} of {size} bytes is over the {limit >> 20} MB limit", "media_too_large")
-        if ref.kind == "video" and _is_image(source):
+        if ref.kind == MediaKind.VIDEO and _is_image(source):
             raise _media_error(ref, "this is an image, not a video: send it as an image_url part", "invalid_media")
         try:
-            return prepare_media(Media(source, ref.kind, dict(ref.options)), self.image_cfg, self.limits)
+            return self.preprocessor.prepare_media(Media(source, ref.kind, dict(ref.options)))
         except MediaOptionError as e:
             raise _media_error(ref, str(e), "invalid_value") from None
         except Exception as e:  # noqa: BLE001 - any decoder failure is the file's fault: a 400
-            article = "an" if ref.kind == "image" else "a"
+            article = "an" if ref.kind == MediaKind.IMAGE else "a"
             raise _media_error(ref, f"cannot read it as {article} {ref.kind}: {e}"[:500], "invalid_media") from None
 
     # ---------------------------------------------------------------------------- prompts
 
-    def _expand(self, ids: list[int], media: list[PreparedMedia], param: str) -> list[int]:
-        try:
-            return expand_media_pads(ids, [(m.kind, m.grid) for m in media], self.merge_size,
-                                     self.image_token_id, self.video_token_id)
-        except ValueError as e:  # e.g. the text itself contains <|image_pad|>
-            raise APIError(f"prompt text and media do not match: {e}", param=param, code="invalid_value") from None
-
-    def template_messages(self, messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    @staticmethod
+    def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         """The chat-template input: media parts as {"type": "image"|"video"}, text as text parts
         (system messages as one string)."""
         out: list[dict[str, Any]] = []
@@ -204,44 +180,40 @@ class Preparer:
             out.append({"role": m.role, "content": parts})
         return out
 
-    def prepare_chat(self, messages: list[ChatMessage]) -> tuple[list[int], list[PreparedMedia]]:
-        """Token ids of the rendered conversation (generation prompt appended) and its media."""
+    def prepare_chat(self, messages: list[ChatMessage], params: SamplingParams) -> PreparedRequest:
+        """The rendered conversation (generation prompt appended) with its media."""
         media = [self.prepare_one(p) for m in messages for p in m.parts if isinstance(p, MediaRef)]
-        with self.lock:
-            try:
-                rendered = self.tokenizer.apply_chat_template(self.template_messages(messages), tokenize=False,
-                                                              add_generation_prompt=True)
-            except Exception as e:  # noqa: BLE001 - templates raise their own errors for odd conversations
-                raise APIError(f"the model's chat template cannot render these messages: {e}", param="messages",
-                               code="invalid_value") from None
-            ids = self.tokenizer.encode(rendered, add_special_tokens=False)
-        expanded = self._expand(ids, media, "messages")
-        limit = self.max_input_length
-        if limit is not None and len(expanded) > limit and any(m.kind == "video" for m in media):
-            text_tokens = len(expanded) - sum(m.num_tokens for m in media)
-            try:
-                changed = fit_videos(media, limit - text_tokens, f"max_input_token_len {limit}")
-            except ValueError as e:
-                raise APIError(str(e), param="messages", code="context_length_exceeded") from None
-            if changed:
-                expanded = self._expand(ids, media, "messages")
-        return expanded, media
+        try:
+            ids = self.preprocessor.render(self.template_messages(messages))
+        except Exception as e:  # noqa: BLE001 - templates raise their own errors for odd conversations
+            raise APIError(f"the model's chat template cannot render these messages: {e}", param="messages",
+                           code="invalid_value") from None
+        return self._build(ids, media, params, "messages")
 
-    def prepare_raw(self, text: str) -> tuple[list[int], list[PreparedMedia]]:
-        """Token ids of raw prompt text (no chat template, no media)."""
-        with self.lock:
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+    def prepare_raw(self, text: str, params: SamplingParams) -> PreparedRequest:
+        """Raw prompt text (no chat template, no media)."""
+        ids = self.preprocessor.tokenize(text)
         if not ids:
             raise APIError("prompt is empty after tokenization", param="prompt", code="invalid_value")
-        return self._expand(ids, [], "prompt"), []
+        return self._build(ids, [], params, "prompt")
+
+    def _build(self, ids: list[int], media: list[PreparedMedia], params: SamplingParams, param: str
+               ) -> PreparedRequest:
+        try:
+            return self.preprocessor.build(ids, media, params)
+        except PromptMediaMismatch as e:  # e.g. the text itself contains <|image_pad|>
+            raise APIError(str(e), param=param, code="invalid_value") from None
+        except (ContextLengthError, MediaError) as e:  # a MediaError here: videos too long even shrunk
+            raise APIError(str(e), param=param, code="context_length_exceeded") from None
 
     def decode_tokens(self, ids: list[int]) -> list[tuple[str, bytes]]:
         """Each token's own text and its exact bytes (logprobs' 'token' and 'bytes' fields; the
         text of a token holding part of a UTF-8 character is U+FFFD, its bytes are the real ones)."""
-        with self.lock:
-            texts = [self.tokenizer.decode([t]) for t in ids]
-            pieces = self.tokenizer.convert_ids_to_tokens(ids)
-            special = set(getattr(self.tokenizer, "added_tokens_decoder", {}))
+        tokenizer = self.preprocessor.tokenizer
+        with self.preprocessor.lock:
+            texts = [tokenizer.decode([t]) for t in ids]
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            special = set(getattr(tokenizer, "added_tokens_decoder", {}))
         out = []
         for tid, text, piece in zip(ids, texts, pieces, strict=True):
             if piece is None:

@@ -5,7 +5,7 @@ Three request shapes are parsed into one `GenerationRequest`:
 * `POST /v1/chat/completions`: OpenAI chat. `messages` with string or list content; parts
   `text`, `image_url` / `video_url` (`{"url": ...}` or, as MindIE's curl examples send, a plain
   string), and qwen-vl-utils' `image` / `video` parts. Per-part media controls (min_pixels,
-  max_pixels, fps, nframes, ...; see engine.request.IMAGE_OPTIONS / VIDEO_OPTIONS) may sit on the
+  max_pixels, fps, nframes, ...; see engine.media.IMAGE_OPTIONS / VIDEO_OPTIONS) may sit on the
   part or inside the url object.
 * `POST /v1/completions`: OpenAI completions; `prompt` is raw text (no chat template).
 * `POST /generate`: vLLM's / MindIE's seed API; `prompt` is a string (raw text) or a list of
@@ -21,11 +21,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from engine.request import IMAGE_OPTIONS, VIDEO_OPTIONS
+from engine.media import IMAGE_OPTIONS, VIDEO_OPTIONS
 from engine.sampling import SamplingParams
+from modeling.processing import MediaKind
 
 MAX_LOGPROBS = 20
 
@@ -59,7 +60,7 @@ def server_busy(message: str) -> APIError:
 class MediaRef:
     """An image or video as the request names it (resolved later, in a worker thread)."""
 
-    kind: str                   # "image" | "video"
+    kind: MediaKind
     url: str                    # data: URI, file:// URL, path, or raw base64
     options: dict[str, Any]     # qwen-vl-utils controls
     param: str                  # where it sits in the request, for error messages
@@ -77,7 +78,6 @@ class ChatMessage:
 class GenerationRequest:
     """What any endpoint asks of the engine. Exactly one of messages / raw_prompt is set."""
 
-    endpoint: str                          # "chat" | "completion" | "generate"
     model: str | None
     messages: list[ChatMessage] | None
     raw_prompt: str | None
@@ -85,15 +85,8 @@ class GenerationRequest:
     max_tokens_given: bool
     stream: bool = False
     include_usage: bool = False
-    logprobs: bool = False                 # return per-token logprobs
-    top_logprobs: int = 0
+    logprobs: bool = False                 # return per-token logprobs (how many top ones: params.logprobs)
     return_token_ids: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def media(self) -> list[MediaRef]:
-        """The media parts of all messages, in order."""
-        return [p for m in self.messages or [] for p in m.parts if isinstance(p, MediaRef)]
 
 
 # ------------------------------------------------------------------------------------- field helpers
@@ -158,13 +151,13 @@ def parse_part(part: Any, param: str) -> str | MediaRef:
     if kind == "text":
         return _get(part, "text", str, "", param=f"{param}.text")
     if kind in ("image_url", "video_url", "image", "video"):
-        media_kind = "image" if kind.startswith("image") else "video"
+        media_kind = MediaKind.IMAGE if kind.startswith("image") else MediaKind.VIDEO
         value = part.get(kind)
         if value is None and kind in ("image", "video"):  # {"type": "image", "image_url": ...}
             value = part.get(f"{kind}_url")
-        options = _number_options(part, IMAGE_OPTIONS if media_kind == "image" else VIDEO_OPTIONS, param)
+        options = _number_options(part, IMAGE_OPTIONS if media_kind == MediaKind.IMAGE else VIDEO_OPTIONS, param)
         if isinstance(value, dict):
-            options.update(_number_options(value, IMAGE_OPTIONS if media_kind == "image" else VIDEO_OPTIONS,
+            options.update(_number_options(value, IMAGE_OPTIONS if media_kind == MediaKind.IMAGE else VIDEO_OPTIONS,
                                            f"{param}.{kind}"))
             value = value.get("url")
         if isinstance(value, list):
@@ -326,7 +319,7 @@ def parse_chat_request(body: dict[str, Any]) -> GenerationRequest:
         raise APIError("'top_logprobs' needs logprobs: true", param="top_logprobs", code="invalid_value")
     params.logprobs = top if logprobs else None
     stream, include_usage = _stream_flags(body)
-    return GenerationRequest("chat", model, messages, None, params, given, stream, include_usage, logprobs, top,
+    return GenerationRequest(model, messages, None, params, given, stream, include_usage, logprobs,
                              _get(body, "return_token_ids", bool, False))
 
 
@@ -351,8 +344,8 @@ def parse_completion_request(body: dict[str, Any]) -> GenerationRequest:
                        code="invalid_value")
     params.logprobs = top
     stream, include_usage = _stream_flags(body)
-    return GenerationRequest("completion", model, None, prompt, params, given, stream, include_usage,
-                             top is not None, top or 0, _get(body, "return_token_ids", bool, False))
+    return GenerationRequest(model, None, prompt, params, given, stream, include_usage, top is not None,
+                             _get(body, "return_token_ids", bool, False))
 
 
 def parse_generate_request(body: dict[str, Any]) -> GenerationRequest:
@@ -379,7 +372,7 @@ def parse_generate_request(body: dict[str, Any]) -> GenerationRequest:
     elif do_sample is True and "temperature" not in body:
         params.temperature = 1.0
     stream = _get(body, "stream", bool, False)
-    return GenerationRequest("generate", model, messages, raw, params, given, stream)
+    return GenerationRequest(model, messages, raw, params, given, stream)
 
 
 # ------------------------------------------------------------------------------------- responses

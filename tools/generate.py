@@ -23,11 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from engine.llm import LLM, Prompt  # noqa: E402
+from engine.media import IMAGE_OPTIONS, VIDEO_OPTIONS, Media  # noqa: E402
 from engine.report import format_summary, perf_summary  # noqa: E402
-from engine.request import IMAGE_OPTIONS, VIDEO_OPTIONS, Media  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
+from fixtures.tiny_checkpoint import cached_checkpoint  # noqa: E402
 from modeling.processing import SAMPLE_IMAGE_PATH, media_kind, probe_media_kind  # noqa: E402
-from modeling.tiny_checkpoint import cached_checkpoint  # noqa: E402
 from parallel import TPGroup, TPSizeError, barrier, destroy, init_from_env  # noqa: E402
 
 DEFAULT_TEXT = "Describe this image."

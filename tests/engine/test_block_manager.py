@@ -126,42 +126,6 @@ def test_disabled_caching_never_hits():
     assert bm.prefix_hit_tokens == 0 and bm.prefix_query_tokens == 27
 
 
-def test_copy_on_write_after_fork():
-    bm = BlockManager(8, BS)
-    keys = list(range(6))
-    _prefill(bm, 0, keys)
-    bm.fork(0, 1)
-    assert bm.block_table(1) == bm.block_table(0)
-    assert bm.num_used_blocks() == 2
-    shared_tail = bm.block_table(0)[-1]
-    bm.append_slots(1, 7)  # writes slot 6 into the shared partial block
-    assert bm.pending_copies == [(shared_tail, bm.block_table(1)[-1])]
-    assert bm.block_table(1)[0] == bm.block_table(0)[0]
-    assert bm.block_table(1)[-1] != shared_tail
-    bm.append_slots(0, 7)  # now the sole owner: writes in place
-    assert bm.block_table(0)[-1] == shared_tail and len(bm.pending_copies) == 1
-    bm.append_slots(0, 9)  # grows into a new block
-    assert len(bm.block_table(0)) == 3
-
-
-def test_no_copy_when_shared_tail_is_full():
-    bm = BlockManager(8, BS)
-    _prefill(bm, 0, list(range(8)))
-    bm.fork(0, 1)
-    bm.append_slots(1, 9)
-    assert bm.pending_copies == [] and bm.block_table(1)[:2] == bm.block_table(0)
-
-
-def test_can_append_counts_copy():
-    bm = BlockManager(2, BS)
-    _prefill(bm, 0, list(range(5)))
-    bm.fork(0, 1)
-    assert bm.num_free_blocks == 0
-    assert bm.can_append(1, 5) and not bm.can_append(1, 6)
-    with pytest.raises(RuntimeError, match="out of KV blocks"):
-        bm.append_slots(1, 6)
-
-
 def test_errors():
     bm = BlockManager(2, BS)
     with pytest.raises(ValueError, match="num_tokens"):
@@ -175,8 +139,6 @@ def test_errors():
     bm.allocate(0, [1], 1)
     with pytest.raises(ValueError, match="already has a block table"):
         bm.allocate(0, [1], 1)
-    with pytest.raises(ValueError, match="already has a block table"):
-        bm.fork(0, 0)
     with pytest.raises(KeyError, match="seq_id 7"):
         bm.block_table(7)
     with pytest.raises(KeyError, match="seq_id 7"):
@@ -200,12 +162,12 @@ def _chain_key(prefix: tuple[int, ...], bs: int) -> tuple[int, tuple[int, ...]]:
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
-    """Random allocate / append / compute+commit / fork / free over a tiny vocabulary.
+    """Random allocate / append / compute+commit / free over a tiny vocabulary.
 
     `content[b][s]` is what KV slot s of block b was computed from: the keys of the whole prefix
     up to and including that token, since attention makes a token's KV depend on all of them
     (None: never written since the block was handed out). The engine's writes are simulated in
-    `compute`; copies from `pending_copies` are performed right after each append.
+    `compute`.
     """
 
     @initialize(num_blocks=st.integers(4, 24), block_size=st.sampled_from([1, 2, 3]),
@@ -258,7 +220,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self._append(sid, data.draw(st.integers(s["n"], max(s["n"], len(s["keys"])))))
 
     def _append(self, sid: int, n: int) -> None:
-        """append_slots(sid, n), checking the table and performing any copy-on-write."""
+        """append_slots(sid, n), checking that the table only grows."""
         s = self.seqs[sid]
         old = self.bm.block_table(sid)
         if not self.bm.can_append(sid, n):
@@ -268,12 +230,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
             return
         self.bm.append_slots(sid, n)
         new = self.bm.block_table(sid)
-        assert new[:len(old) - 1] == old[:-1]
+        assert new[:len(old)] == old
         self._fresh(new[len(old):])
-        for src, dst in self.bm.pending_copies:
-            assert (src, dst) == (old[-1], new[len(old) - 1])
-            self.content[dst] = list(self.content[src])
-        self.bm.pending_copies.clear()
         s["n"] = n
 
     @precondition(lambda self: any(s["computed"] < s["n"] for s in self.seqs.values()))
@@ -294,19 +252,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.content[b][i % self.bs] = tuple(s["keys"][:i + 1])
         self.bm.commit(sid, s["keys"], upto)
         s["computed"] = upto
-
-    @precondition(lambda self: any(s["computed"] == s["n"] for s in self.seqs.values()))
-    @rule(data=st.data())
-    def fork(self, data) -> None:
-        parent = data.draw(st.sampled_from(sorted(i for i, s in self.seqs.items() if s["computed"] == s["n"])))
-        sid, self.next_id = self.next_id, self.next_id + 1
-        self.bm.fork(parent, sid)
-        p = self.seqs[parent]
-        self.seqs[sid] = {"keys": list(p["keys"][:p["n"]]), "n": p["n"], "computed": p["computed"]}
-        if data.draw(st.booleans()):  # one decode step of parent or child right away
-            who = data.draw(st.sampled_from([parent, sid]))
-            self.seqs[who]["keys"].append(data.draw(st.integers(0, 1)))
-            self._append(who, self.seqs[who]["n"] + 1)
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())

@@ -40,8 +40,8 @@ def transformers_greedy(checkpoint, llm: LLM, prompt: Prompt, steps: int) -> lis
     import transformers
 
     ref = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    ids, media = llm.prepare(prompt)
-    ids = torch.tensor(ids)
+    request = llm.preprocessor.prepare(prompt)
+    ids, media = torch.tensor(request.ids), request.media
     c = llm.config
     kwargs = {}
     images = [m for m in media if m.kind == "image"]
@@ -99,7 +99,7 @@ def test_same_text_other_image_is_not_a_prefix_hit(tiny_checkpoint, requests):
     a = llm.generate([prompt_a], [greedy(2)])[0]
     b = llm.generate([Prompt(prompt_a.text, prompt_b.media)], [greedy(2)])[0]
     # Blocks before the image's first pad are shared; none after it.
-    first_pad = llm.prepare(prompt_a)[0].index(llm.config.image_token_id)
+    first_pad = llm.preprocessor.prepare(prompt_a).ids.index(llm.config.image_token_id)
     assert b.cached_prompt_tokens <= first_pad
     assert a.cached_prompt_tokens == 0
 
@@ -107,7 +107,7 @@ def test_same_text_other_image_is_not_a_prefix_hit(tiny_checkpoint, requests):
 def test_abort_frees_every_block(tiny_checkpoint, requests):
     llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=64)
     for i, (prompt, _) in enumerate(requests):
-        llm.add_request(f"r{i}", prompt, greedy(50))
+        llm.add_request(f"r{i}", llm.preprocessor.prepare(prompt, greedy(50)))
     for _ in range(3):
         llm.step()
     assert llm.blocks.num_used_blocks() > 0
@@ -122,9 +122,9 @@ def test_abort_frees_every_block(tiny_checkpoint, requests):
 def test_limits_are_enforced_with_clear_errors(tiny_checkpoint):
     llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=8, max_input_length=60)
     with pytest.raises(ValueError, match="max_input_length 60"):
-        llm.add_request("long", "word " * 200, greedy(4))
+        llm.preprocessor.prepare("word " * 200, greedy(4))
     with pytest.raises(ValueError, match="max_tokens"):
-        llm.add_request("bad", "hi", SamplingParams(max_tokens=0))
+        llm.add_request("bad", llm.preprocessor.prepare("hi", SamplingParams(max_tokens=0)))
     assert not llm.has_unfinished()
     # A sequence reaching the cache's capacity (8 blocks x 16) finishes with "length".
     out = llm.generate(["hi"], [greedy(1000)])[0]

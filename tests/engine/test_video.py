@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.llm import LLM, Prompt
-from engine.request import Media, MediaLimits, prepare_media
+from engine.media import Media, MediaLimits, prepare_media
 from engine.sampling import SamplingParams
+from fixtures.tiny_checkpoint import make_tiny_checkpoint
 from modeling.processing import ImageProcessorConfig, MediaError, plan_video, write_synthetic_video
-from modeling.tiny_checkpoint import make_tiny_checkpoint
 
 CFG = ImageProcessorConfig(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
 

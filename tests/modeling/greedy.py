@@ -23,6 +23,20 @@ def one_sequence_metadata(start: int, count: int, max_blocks: int) -> AttentionM
     )
 
 
+def embed_prompt(model: QwenVLModel, input_ids: torch.Tensor, image: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 video: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The prompt's embeddings [L, H] as the engine makes them: each kind's media encoded, in
+    order, at that kind's pad rows (model.embed's media_rows)."""
+    rows, embeds = [], []
+    for media, pad in ((image, model.config.image_token_id), (video, model.config.video_token_id)):
+        if media is not None:
+            rows.append((input_ids == pad).nonzero().flatten())
+            embeds.append(model.encode_media(*media))
+    if not rows:
+        return model.embed(input_ids)
+    return model.embed(input_ids, torch.cat(rows), torch.cat(embeds))
+
+
 def greedy_generate(model: QwenVLModel, input_ids: torch.Tensor, steps: int,
                     image: tuple[torch.Tensor, torch.Tensor] | None = None,
                     video: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -36,11 +50,9 @@ def greedy_generate(model: QwenVLModel, input_ids: torch.Tensor, steps: int,
     n = input_ids.shape[0]
     max_blocks = -(-(n + steps) // BLOCK_SIZE)
     kv = model.allocate_kv_cache(max_blocks, BLOCK_SIZE)
-    image_embeds = model.encode_media(*image) if image is not None else None
-    video_embeds = model.encode_media(*video) if video is not None else None
     positions, delta = model.rope_index(input_ids, image[1] if image else None,
                                         video[1] if video else None, second_per_grid_ts)
-    embeds = model.embed(input_ids, image_embeds, video_embeds)
+    embeds = embed_prompt(model, input_ids, image, video)
     hidden = model.forward(positions, one_sequence_metadata(0, n, max_blocks), kv, inputs_embeds=embeds)
     logits = [model.compute_logits(hidden, torch.tensor([n - 1]))[0]]
     tokens = [int(logits[-1].argmax())]

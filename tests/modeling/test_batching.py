@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fixtures.tiny_checkpoint import make_tiny_checkpoint
 from modeling.attention_metadata import AttentionMetadata
 from modeling.model import QwenVLModel, load_model
 from modeling.rope_index import decode_positions
-from modeling.tiny_checkpoint import make_tiny_checkpoint
-from tests.modeling.greedy import BLOCK_SIZE, greedy_generate
+from tests.modeling.greedy import BLOCK_SIZE, embed_prompt, greedy_generate
 
 TOL = dict(atol=1e-5, rtol=1e-4)
 
@@ -58,7 +58,7 @@ def test_packed_chunked_prefill_and_batched_decode(model: QwenVLModel) -> None:
     kv = model.allocate_kv_cache(4, BLOCK_SIZE)
     pos_a, delta_a = model.rope_index(image_ids, image[1])
     pos_b, delta_b = model.rope_index(text_ids)
-    embeds_a = model.embed(image_ids, image_embeds=model.encode_media(*image))
+    embeds_a = embed_prompt(model, image_ids, image)
     embeds_b = model.embed(text_ids)
     model.forward(pos_a[:, :5], _meta([5], [0], tables[:1]), kv, inputs_embeds=embeds_a[:5])
     na, nb = len(image_ids), len(text_ids)

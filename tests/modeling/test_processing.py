@@ -4,6 +4,9 @@ frame-count and pixel-budget rules; PyAV decoding of only the sampled frames."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from engine.media import Media, prepare_media
 from modeling.processing import (
     FPS_MAX_FRAMES,
     SAMPLE_IMAGE_PATH,
@@ -23,13 +27,13 @@ from modeling.processing import (
     MediaError,
     image_grid_thw,
     image_target_size,
+    iter_video_frames,
     media_kind,
+    patchify,
+    plan_video,
     probe_media_kind,
     probe_video,
-    process_frames,
     process_image,
-    process_video,
-    sample_video,
     smart_nframes,
     smart_resize,
     synthetic_frame,
@@ -159,34 +163,44 @@ def test_two_frame_video_of_a_still_image_equals_the_image():
     pv_img, grid_img = process_image(img, cfg)
     th, tw = image_target_size(img.height, img.width, cfg)
     frame = np.asarray(img.resize((tw, th), Image.Resampling.BICUBIC))
-    pv_vid, grid_vid, second_per_grid_t = process_frames(np.stack([frame, frame]), cfg, sample_fps=2.0)
-    assert grid_vid == grid_img and torch.equal(pv_vid, pv_img) and second_per_grid_t == 1.0
+    pv_vid, grid_vid = patchify(np.stack([frame, frame]), cfg)
+    assert grid_vid == grid_img and torch.equal(pv_vid, pv_img)
 
 
 def test_video_patches_stack_frames_in_time():
     """Frame 2k+j is temporal slot j of time step k; an odd count repeats the last frame."""
     cfg = ImageProcessorConfig()
     frames = np.stack([synthetic_frame(56, 84, t) for t in (0.0, 0.3, 0.6, 0.9, 1.0)])
-    pv, grid, _ = process_frames(frames, cfg, sample_fps=2.0)
+    pv, grid = patchify(frames, cfg)
     assert grid == (3, 4, 6)
     per_t = 4 * 6
     pv = pv.view(3, per_t, 3, 2, 14, 14)
     for k in range(3):
         for j in range(2):
             src = frames[min(2 * k + j, len(frames) - 1)]
-            img_pv, _, _ = process_frames(np.stack([src, src]), cfg, sample_fps=2.0)
+            img_pv, _ = patchify(np.stack([src, src]), cfg)
             assert torch.equal(pv[k, :, :, j], img_pv.view(per_t, 3, 2, 14, 14)[:, :, 0])
 
 
 def test_patchify_rejects_bad_frames():
     cfg = ImageProcessorConfig()
     with pytest.raises(ValueError):
-        process_frames(np.zeros((2, 30, 28, 3), np.uint8), cfg, 2.0)
+        patchify(np.zeros((2, 30, 28, 3), np.uint8), cfg)
     with pytest.raises(ValueError):
-        process_frames(np.zeros((2, 28, 28, 3), np.float32), cfg, 2.0)
+        patchify(np.zeros((2, 28, 28, 3), np.float32), cfg)
 
 
 # ------------------------------------------------------------------------------- frame counts
+
+
+def sample_video(path: Path | str, cfg: ImageProcessorConfig | None = None, **plan_kw: Any) -> SimpleNamespace:
+    """All planned frames of a clip at once, through the engine's path (plan_video, then
+    iter_video_frames): uint8 frames [T, H, W, 3], their times in seconds, the sampling rate."""
+    plan = plan_video(path, cfg, **plan_kw)
+    frames = np.concatenate(list(iter_video_frames(plan, len(plan.indices))))
+    return SimpleNamespace(frames=frames, timestamps=[i / plan.info.fps for i in plan.indices],
+                           sample_fps=plan.sample_fps)
+
 
 
 @pytest.mark.parametrize("total, video_fps, kw, expected", [
@@ -280,14 +294,18 @@ def test_sample_video_options(clip):
     assert v.frames.shape[0] == 4
 
 
-def test_process_video(clip):
+def test_prepared_video_is_its_sampled_frames_patchified(clip):
+    """The engine's chunked decode (PreparedMedia.pixel_chunks) gives the patches of all planned
+    frames at once; seconds per temporal patch follow the sampling rate."""
     cfg = ImageProcessorConfig()
-    pv, grid, second_per_grid_t = process_video(clip, cfg)
-    assert grid == (3, 20, 28) and pv.shape == (3 * 20 * 28, 1176) and pv.dtype == torch.float32
-    assert second_per_grid_t == pytest.approx(1.0)
+    prepared = prepare_media(Media(clip), cfg)
+    pv = prepared.pixel_values
+    assert prepared.grid == (3, 20, 28) and pv.shape == (3 * 20 * 28, 1176) and pv.dtype == torch.float32
+    assert prepared.second_per_grid_t == pytest.approx(1.0)
     v = sample_video(clip, cfg)
-    pv2, grid2, s2 = process_frames(v.frames, cfg, v.sample_fps)
-    assert torch.equal(pv, pv2) and grid == grid2 and s2 == second_per_grid_t
+    pv2, grid2 = patchify(v.frames, cfg)
+    assert torch.equal(pv, pv2) and prepared.grid == grid2
+    assert prepared.second_per_grid_t == pytest.approx(cfg.temporal_patch_size / v.sample_fps)
 
 
 def test_bundled_assets():

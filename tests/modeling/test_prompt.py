@@ -1,4 +1,4 @@
-"""Prompt building against the tiny checkpoint's transformers tokenizer."""
+"""Prompt building (the engine's Preprocessor) against the tiny checkpoint's transformers tokenizer."""
 
 from __future__ import annotations
 
@@ -8,14 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modeling.prompt import (
-    build_prompt,
-    expand_media_pads,
-    mm_token_type_ids,
-    num_media_tokens,
-    render_prompt,
-)
-from modeling.tiny_checkpoint import make_tiny_checkpoint
+from fixtures.tiny_checkpoint import make_tiny_checkpoint
+from modeling.prompt import expand_media_pads, num_media_tokens
+from tests.modeling.prompts import mm_token_type_ids, prompt_ids
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()
@@ -23,9 +18,9 @@ transformers.utils.logging.set_verbosity_error()
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """(tokenizer loaded by transformers, config.json dict) of the tiny Qwen2.5-VL checkpoint."""
+    """(checkpoint dir, its tokenizer loaded by transformers, config.json dict) of the tiny Qwen2.5-VL."""
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("prompt"), "qwen2_5_vl")
-    return transformers.AutoTokenizer.from_pretrained(path), json.loads((path / "config.json").read_text())
+    return path, transformers.AutoTokenizer.from_pretrained(path), json.loads((path / "config.json").read_text())
 
 
 def _oracle(tok, media, text, merge_size=2):
@@ -58,22 +53,20 @@ _grid = st.tuples(st.integers(1, 3), _even, _even)
 @given(media=st.lists(st.tuples(st.sampled_from(["image", "video"]), _grid), max_size=4),
        text=st.sampled_from(["", "Describe this.", "What happens in the video? Answer briefly.",
                              "  leading and trailing spaces  ", "ünïcödé and 数字 42"]))
-def test_build_prompt_matches_transformers_tokenizer(ckpt, media, text):
-    tok, config = ckpt
+def test_prompt_ids_match_transformers_tokenizer(ckpt, media, text):
+    path, tok, config = ckpt
     media = [(kind, (1, h, w) if kind == "image" else (t, h, w)) for kind, (t, h, w) in media]
-    ids = build_prompt(tok, media, text, merge_size=2, image_token_id=config["image_token_id"],
-                       video_token_id=config["video_token_id"])
+    ids = prompt_ids(path, media, text)
     assert ids == _oracle(tok, media, text)
-    assert ids == build_prompt(tok, media, text, merge_size=2)  # ids read from the tokenizer agree
     types = mm_token_type_ids(ids, config["image_token_id"], config["video_token_id"])
     assert types.count(1) == sum(num_media_tokens(g, 2) for k, g in media if k == "image")
     assert types.count(2) == sum(num_media_tokens(g, 2) for k, g in media if k == "video")
 
 
 def test_prompt_structure(ckpt):
-    tok, config = ckpt
+    path, tok, config = ckpt
     media = [("image", (1, 4, 6)), ("video", (2, 2, 4))]
-    ids = build_prompt(tok, media, "Compare them.", merge_size=2)
+    ids = prompt_ids(path, media, "Compare them.")
     img, vid = config["image_token_id"], config["video_token_id"]
     start, end = config["vision_start_token_id"], config["vision_end_token_id"]
     i = ids.index(start)
@@ -86,18 +79,11 @@ def test_prompt_structure(ckpt):
     assert types[i] == 0 and types[i + 1] == 1 and types[i + 9] == 2 and len(types) == len(ids)
 
 
-def test_options(ckpt):
-    tok, _ = ckpt
-    rendered = render_prompt(tok, [], "Hi", add_generation_prompt=False, system="Be brief.")
-    assert rendered == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-    assert tok.decode(build_prompt(tok, [], "Hi", 2)) == render_prompt(tok, [], "Hi")
-
-
 def test_pad_mismatches_raise(ckpt):
-    tok, config = ckpt
+    path, _, config = ckpt
     img, vid = config["image_token_id"], config["video_token_id"]
     with pytest.raises(ValueError, match="more media pads"):  # user text smuggling a pad token
-        build_prompt(tok, [("image", (1, 2, 2))], "look <|image_pad|>", 2)
+        prompt_ids(path, [("image", (1, 2, 2))], "look <|image_pad|>")
     with pytest.raises(ValueError, match="is a video"):
         expand_media_pads([1, img, 2], [("video", (2, 2, 2))], 2, img, vid)
     with pytest.raises(ValueError, match="1 media pads for 2 media"):
@@ -105,4 +91,4 @@ def test_pad_mismatches_raise(ckpt):
     with pytest.raises(ValueError, match="merge_size"):
         num_media_tokens((1, 3, 4), 2)
     with pytest.raises(ValueError, match="kind"):
-        build_prompt(tok, [("audio", (1, 2, 2))], "x", 2)
+        prompt_ids(path, [("audio", (1, 2, 2))], "x")

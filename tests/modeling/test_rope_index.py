@@ -1,6 +1,6 @@
 """MRoPE position ids against transformers' get_rope_index (given mm_token_type_ids, as the 5.x
 API needs), on text, images and short videos; and Qwen's rule for text after long videos, where
-transformers 5.x differs on purpose (DESIGN.md, "Model facts")."""
+transformers 5.x differs on purpose (docs/DESIGN.md, "Model facts")."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from functools import partial
 import pytest
 import torch
 
+from fixtures.tiny_checkpoint import make_tiny_checkpoint
 from modeling.config import load_config
 from modeling.rope_index import decode_positions, get_rope_index
-from modeling.tiny_checkpoint import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])

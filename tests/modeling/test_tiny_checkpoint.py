@@ -10,15 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from modeling.processing import (
-    SAMPLE_IMAGE_PATH,
-    SAMPLE_VIDEO_PATH,
-    ImageProcessorConfig,
-    process_image,
-    process_video,
-)
-from modeling.prompt import build_prompt, mm_token_type_ids
-from modeling.tiny_checkpoint import (
+from engine.media import Media, prepare_media
+from fixtures.tiny_checkpoint import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     make_tiny_checkpoint,
@@ -26,6 +19,13 @@ from modeling.tiny_checkpoint import (
     rename_weights,
     special_token_ids,
 )
+from modeling.processing import (
+    SAMPLE_IMAGE_PATH,
+    SAMPLE_VIDEO_PATH,
+    ImageProcessorConfig,
+    process_image,
+)
+from tests.modeling.prompts import mm_token_type_ids, prompt_ids
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()
@@ -63,12 +63,10 @@ def base(request, tmp_path_factory):
     path = make_tiny_checkpoint(tmp_path_factory.mktemp(arch), arch)
     model, info = _load(path, arch)
     assert not any(info.values()), info
-    tok = transformers.AutoTokenizer.from_pretrained(path)
     cfg = ImageProcessorConfig.from_pretrained(path)
     pixel_values, grid = process_image(SAMPLE_IMAGE_PATH, cfg)
     config = json.loads((path / "config.json").read_text())
-    ids = build_prompt(tok, [("image", grid)], "Describe the picture.", cfg.merge_size,
-                       config["image_token_id"], config["video_token_id"])
+    ids = prompt_ids(path, [("image", grid)], "Describe the picture.")
     inputs = dict(
         input_ids=torch.tensor([ids]),
         attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -154,12 +152,12 @@ def test_transformers_runs_our_video_and_image_inputs(base):
     arch, path, model, _, _ = base
     cfg = ImageProcessorConfig.from_pretrained(path)
     config = json.loads((path / "config.json").read_text())
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    vid_pixels, vid_grid, second_per_grid_t = process_video(SAMPLE_VIDEO_PATH, cfg, nframes=4,
-                                                            min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+    video = prepare_media(Media(SAMPLE_VIDEO_PATH, options=dict(nframes=4, min_pixels=28 * 28 * 4,
+                                                                max_pixels=28 * 28 * 16)), cfg)
+    vid_pixels, vid_grid, second_per_grid_t = video.pixel_values, video.grid, video.second_per_grid_t
     img_pixels, img_grid = process_image(SAMPLE_IMAGE_PATH, cfg)
     media = [("video", vid_grid), ("image", img_grid)]
-    ids = build_prompt(tok, media, "What moves?", cfg.merge_size)
+    ids = prompt_ids(path, media, "What moves?")
     kw = dict(
         input_ids=torch.tensor([ids]),
         pixel_values=img_pixels, image_grid_thw=torch.tensor([img_grid]),

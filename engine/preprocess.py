@@ -1,0 +1,141 @@
+"""The engine's one input contract: a `PreparedRequest`, and the `Preprocessor` that makes it.
+
+Every request reaches `LLM.add_request` as a PreparedRequest: token ids with each media pad
+expanded to its merged-patch count, the media preprocessed (images as patches, videos as plans
+that are decoded chunk by chunk when encoded: engine/media.py), and the sampling parameters.
+
+One Preprocessor makes them, for offline generation (`LLM.generate`, tools/generate.py) and for
+the server (serving/prompting.py turns HTTP bodies into chat messages and `Media`, then calls it):
+
+    request = llm.preprocessor.prepare(Prompt("Describe it.", [Media("cat.jpg")]), params)
+    # or, for a conversation:
+    media = [pre.prepare_media(m) for m in media_in_order]
+    request = pre.build(pre.render(messages), media, params)
+
+`build` is where the prompt is fitted and checked, once: videos that would push it over
+max_input_length are shrunk (`media.fit_videos`), then a prompt still over the limit is refused
+with a `ContextLengthError` naming the limit. Nothing else checks a prompt's length.
+
+Thread safety: tokenizer calls hold the Preprocessor's lock; media work runs outside it, so the
+server's worker threads decode media in parallel. The server makes its own Preprocessor (with its
+own tokenizer) so the engine thread's detokenizing never waits on it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.media import DEFAULT_LIMITS, Media, MediaLimits, PreparedMedia, fit_videos, prepare_media
+from engine.sampling import SamplingParams
+from modeling.config import ModelConfig
+from modeling.processing import ImageProcessorConfig
+from modeling.prompt import expand_media_pads, user_message
+
+
+class ContextLengthError(ValueError):
+    """A prompt that does not fit max_input_length, even with its videos shrunk."""
+
+
+class PromptMediaMismatch(ValueError):
+    """The prompt's media pads and its media disagree (for example, the text itself holds a pad)."""
+
+
+@dataclass
+class Prompt:
+    """One offline request's input: the user's text after its media (images / videos, in order)."""
+
+    text: str
+    media: list[Media] = field(default_factory=list)
+
+
+@dataclass
+class PreparedRequest:
+    """What the engine takes: ids [L] (media pads expanded, so L counts the media's tokens), the
+    prepared media in prompt order, and the sampling parameters."""
+
+    ids: list[int]
+    media: list[PreparedMedia] = field(default_factory=list)
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+class Preprocessor:
+    """Renders prompts, prepares media, fits videos and checks lengths (see the module docstring).
+
+    max_input_length: the most prompt tokens (media included); limit_name: how error messages
+    name it (the server says MindIE's max_input_token_len).
+    """
+
+    def __init__(self, tokenizer: Any, config: ModelConfig, image_cfg: ImageProcessorConfig, max_input_length: int,
+                 limits: MediaLimits = DEFAULT_LIMITS, limit_name: str = "max_input_length"):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.image_cfg = image_cfg
+        self.max_input_length = max_input_length
+        self.limits = limits
+        self.limit_name = f"{limit_name} {max_input_length}"
+        self.lock = threading.Lock()
+
+    def with_own_tokenizer(self, path: str | Path, limit_name: str) -> Preprocessor:
+        """A copy with a tokenizer of its own, for use from other threads."""
+        from transformers import AutoTokenizer
+
+        return Preprocessor(AutoTokenizer.from_pretrained(path), self.config, self.image_cfg, self.max_input_length,
+                            self.limits, limit_name)
+
+    # ---------------------------------------------------------------------------- parts
+
+    def prepare_media(self, media: Media) -> PreparedMedia:
+        """Check one medium's controls against the limits and preprocess it (MediaError if not)."""
+        return prepare_media(media, self.image_cfg, self.limits)
+
+    def render(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of the chat template over `messages` (transformers' message dicts, media parts
+        as {"type": "image"|"video"}), generation prompt appended; one pad per medium."""
+        with self.lock:
+            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.encode(rendered, add_special_tokens=False)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of raw text (no template, no special tokens added)."""
+        with self.lock:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def build(self, ids: list[int], media: list[PreparedMedia], params: SamplingParams) -> PreparedRequest:
+        """The request: pads expanded, videos fitted to max_input_length, the length checked.
+
+        Raises PromptMediaMismatch when pads and media disagree; ContextLengthError when the
+        prompt does not fit (its text alone, or its images); MediaError (from fit_videos) when its
+        videos do not fit even at their smallest sizes.
+        """
+        expanded = self._expand(ids, media)
+        limit = self.max_input_length
+        if len(expanded) > limit and any(m.video_plan is not None for m in media):
+            text_tokens = len(expanded) - sum(m.num_tokens for m in media)
+            if text_tokens >= limit:
+                raise ContextLengthError(f"the prompt's text takes {text_tokens} tokens (chat template included), "
+                                         f"leaving no room under {self.limit_name}")
+            fit_videos(media, limit - text_tokens, self.limit_name)
+            expanded = self._expand(ids, media)
+        if len(expanded) > limit:
+            raise ContextLengthError(f"prompt has {len(expanded)} tokens (media included), over {self.limit_name}")
+        return PreparedRequest(expanded, media, params)
+
+    def _expand(self, ids: list[int], media: list[PreparedMedia]) -> list[int]:
+        try:
+            return expand_media_pads(ids, [(m.kind, m.grid) for m in media], self.config.vision.spatial_merge_size,
+                                     self.config.image_token_id, self.config.video_token_id)
+        except ValueError as e:
+            raise PromptMediaMismatch(f"prompt text and media do not match: {e}") from None
+
+    # ---------------------------------------------------------------------------- offline prompts
+
+    def prepare(self, prompt: Prompt | str, params: SamplingParams | None = None) -> PreparedRequest:
+        """An offline prompt as one user message (media then text, the template's default system
+        message), exactly what transformers' Qwen2-VL processor builds for it."""
+        prompt = Prompt(prompt) if isinstance(prompt, str) else prompt
+        media = [self.prepare_media(m) for m in prompt.media]
+        ids = self.render([user_message([m.kind for m in media], prompt.text)])
+        return self.build(ids, media, params or SamplingParams())
