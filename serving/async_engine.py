@@ -105,7 +105,7 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}   # event-loop thread only
         self._preparing = 0                            # event-loop thread only
-        self._lock = threading.Lock()                  # guards the three counters below
+        self._lock = threading.Lock()                  # guards the four counters below
         self._pending_adds = 0
         self._waiting = 0
         self._running = 0
@@ -116,7 +116,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = threading.Event()
         if metrics is not None:
-            metrics.bind_gauges(lambda: self.num_running, lambda: self.num_waiting, lambda: self._kv_used,
+            metrics.bind_gauges(lambda: self.num_running, lambda: self.num_waiting, lambda: self.kv_blocks_used,
                                 lambda: self.llm.blocks.num_blocks)
 
     # ------------------------------------------------------------------ event-loop side
@@ -136,12 +136,14 @@ class AsyncEngine:
     @property
     def num_running(self) -> int:
         """Requests the engine is running (as of its last step)."""
-        return self._running
+        with self._lock:
+            return self._running
 
     @property
     def kv_blocks_used(self) -> int:
         """KV blocks held by sequences (as of the engine's last step)."""
-        return self._kv_used
+        with self._lock:
+            return self._kv_used
 
     def is_healthy(self) -> bool:
         """Accepting requests and the engine thread alive."""
@@ -213,11 +215,11 @@ class AsyncEngine:
 
     def _publish_snapshot(self, adds_done: int = 0) -> None:
         llm = self.llm
-        with self._lock:
+        with self._lock:  # one consistent snapshot for /metrics: a scrape never mixes two steps
             self._pending_adds -= adds_done
             self._waiting = len(llm.scheduler.waiting)
-        self._running = len(llm.scheduler.running)
-        self._kv_used = llm.blocks.num_used_blocks()
+            self._running = len(llm.scheduler.running)
+            self._kv_used = llm.blocks.num_used_blocks()
 
     def _add(self, command: Add, replies: list[tuple[str, RequestOutput | BaseException]]) -> None:
         request_id = command.request_id

@@ -23,7 +23,7 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
 @cache
 def help_flags(*command: str) -> frozenset[str]:
     done = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, check=False)
+                          timeout=600, check=False)  # a hang guard only: --help takes about a second
     assert done.returncode == 0, f"{' '.join(command)} --help failed:\n{done.stderr[-2000:]}"
     return frozenset(FLAG.findall(done.stdout))
 

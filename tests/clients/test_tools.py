@@ -26,8 +26,8 @@ def test_clients_import_nothing_of_the_server_engine_or_model():
     code = ("import sys, clients.benchmark, clients.eval; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'serving', 'engine', 'modeling', 'kernels', 'parallel', 'tools', 'torch', 'triton'}))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          check=True)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          check=True)  # a hang guard only
     assert done.stdout.strip() == "[]"
 
 

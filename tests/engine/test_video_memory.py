@@ -19,14 +19,17 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.tiny_checkpoint import make_tiny_checkpoint
 from modeling.processing import write_synthetic_video
-from modeling.tiny_checkpoint import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 # Few merged tokens a frame pair keep the prompt short; 256 patches per vision call; the prefill runs
 # in 16-token chunks, so the CPU reference attention's scores ([heads, 16, context]) stay small.
 FLAGS = ["--min_pixels", str(4 * 784), "--max_pixels", str(4 * 784), "--vision_chunk_patches", "256",
          "--max_prefill_tokens", "16", "--kv_cache_gb", "0.01"]
+# A hang guard, not a speed limit: a child that fails ends at once with its stderr; this only ends one
+# that hangs, and is generous for the 600-frame run on a loaded 2-core machine.
+CHILD_TIMEOUT_S = 900
 
 
 def measure(checkpoint: Path, clip: Path) -> dict:
@@ -34,9 +37,15 @@ def measure(checkpoint: Path, clip: Path) -> dict:
     # buffers in the heap, so the peak resident set would measure the allocator's retention, not
     # the memory the run needs.
     env = {**os.environ, "QVL_KERNELS": "torch", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run([sys.executable, "-m", "tests.engine.video_memory_child", str(checkpoint), str(clip),
-                           *FLAGS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
+    try:
+        done = subprocess.run([sys.executable, "-m", "tests.engine.video_memory_child", str(checkpoint), str(clip),
+                               *FLAGS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+                              check=False)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        raise AssertionError(f"hang: the memory child on {clip.name} still running after {CHILD_TIMEOUT_S} s "
+                             f"(killed); its stderr:\n{err[-3000:]}") from None
+    assert done.returncode == 0, f"the memory child on {clip.name} exited {done.returncode}:\n{done.stderr[-3000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

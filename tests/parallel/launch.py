@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,10 +25,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_exit(procs: list[subprocess.Popen], timeout_s: float, what: str,
+                  output: Callable[[list[int]], str]) -> None:
+    """Wait until every process has exited 0. A process that exits non-zero fails
+    the wait at once (its peers may otherwise block on it in a collective until the timeout), with
+    `output(ranks)` for the failed ranks; `timeout_s` only catches a hang, and the failure names the
+    ranks still running and how long it waited. Processes left running are killed either way."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [r for r, c in enumerate(codes) if c is not None and c != 0]
+            if failed:
+                raise AssertionError(f"{what}: rank(s) {failed} exited with code(s) {[codes[r] for r in failed]} "
+                                     f"(the others were then stopped):\n{output(failed)}")
+            if all(c == 0 for c in codes):
+                return
+            if time.monotonic() > deadline:
+                running = [r for r, c in enumerate(codes) if c is None]
+                raise AssertionError(f"hang: {what}: rank(s) {running} still running after {timeout_s:.0f} s "
+                                     f"(killed):\n{output(list(range(len(procs))))}")
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def run_ranks(script: Path, args: list[str], world: int, log_dir: Path, timeout_s: float,
               env: dict[str, str] | None = None) -> None:
-    """Start `world` processes of `script args`, wait for all; raise with their logs if any fails
-    or the whole job passes timeout_s (every process is killed then)."""
+    """Start `world` processes of `script args` and wait for all to exit 0; raise with their logs as
+    soon as one fails, or if the job is still running after timeout_s, a hang guard (see wait_for_exit)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
@@ -41,18 +70,9 @@ def run_ranks(script: Path, args: list[str], world: int, log_dir: Path, timeout_
             procs.append(subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, stdout=f,
                                           stderr=subprocess.STDOUT,
                                           env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
-    deadline = time.monotonic() + timeout_s
-    try:
-        for p in procs:
-            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    failed = [(rank, p.returncode) for rank, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        tails = "\n".join(f"--- rank {r} (exit {rc}):\n" + logs[r].read_text()[-3000:] for r, rc in failed)
-        raise AssertionError(f"{world}-rank job of {script.name} failed or passed {timeout_s} s:\n{tails}")
+
+    def tails(ranks: list[int]) -> str:
+        return "\n".join(f"--- rank {r} (exit {procs[r].poll()}):\n" + logs[r].read_text(errors="replace")[-3000:]
+                         for r in ranks)
+
+    wait_for_exit(procs, timeout_s, f"{world}-rank job of {script.name}", tails)

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engine.llm import LLM, Prompt, RequestOutput  # noqa: E402
-from engine.request import Media  # noqa: E402
+from engine.media import Media  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from modeling.processing import SAMPLE_IMAGE_PATH  # noqa: E402
 from parallel import destroy, init_from_env  # noqa: E402
@@ -52,13 +52,13 @@ def main(checkpoint: str, out_dir: str, tight: bool) -> None:
 
     if tp.rank == 0:
         for request_id, prompt, params in REQUESTS:
-            llm.add_request(request_id, prompt, params)
+            llm.add_request(request_id, llm.preprocessor.prepare(prompt, params))
         steps = 0
         while llm.has_unfinished():
             collect(llm.step())
             steps += 1
             if steps == 1:
-                llm.add_request(*LATE)
+                llm.add_request(LATE[0], llm.preprocessor.prepare(*LATE[1:]))
             if steps == 2:
                 assert llm.abort("aborted")
         llm.shutdown()

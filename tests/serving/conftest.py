@@ -16,14 +16,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from modeling.tiny_checkpoint import make_tiny_checkpoint
+from fixtures.tiny_checkpoint import make_tiny_checkpoint
 from tests.data.make_media import make_media
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +32,14 @@ MAX_INPUT = 600       # the test server's --max_input_length
 MAX_SEQ = 1024        # its --max_seq_len
 IMAGE_LIMIT = 1024 * 28 * 28  # its --image_max_pixels
 SMALL_IMAGE = {"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28}
+
+# Hang guards, not speed limits: no test asserts how fast anything runs. Each bound only ends a wait
+# that would otherwise never end, is generous for a loaded 2-core machine, and is named in the failure
+# with the process's output; a process that exits while waited on fails the wait at once.
+STARTUP_TIMEOUT_S = 600.0   # a server until /health answers
+REQUEST_TIMEOUT_S = 300.0   # one HTTP request, or the gap between two chunks of a stream
+SHUTDOWN_TIMEOUT_S = 600.0  # a server's exit after SIGTERM
+IDLE_TIMEOUT_S = 600.0      # the engine's queues and KV blocks emptying once the clients are done
 
 
 def free_port() -> int:
@@ -59,8 +67,28 @@ class LiveServer:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
 
-def start_server(ckpt: Path, media_dir: Path, log: Path, *extra: str, timeout: float = 90.0) -> LiveServer:
-    """Start tools/serve.py and wait (bounded) until /health answers 200."""
+def wait_healthy(url: str, processes: list[subprocess.Popen], what: str, output: Callable[[], str],
+                 timeout: float = STARTUP_TIMEOUT_S) -> None:
+    """Poll url/health until it answers 200. A process of `processes` that exits first fails the wait
+    at once with `output()`; `timeout` only catches a hang, and the failure says what hung and how long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for p in processes:
+            if p.poll() is not None:
+                raise AssertionError(f"{what} (pid {p.pid}) exited with code {p.returncode} before {url}/health "
+                                     f"answered; its output:\n{output()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/health", timeout=10).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"hang: {what} still running but {url}/health not answering 200 after "
+                                 f"{timeout:.0f} s; its output:\n{output()}")
+        time.sleep(0.25)
+
+
+def start_server(ckpt: Path, media_dir: Path, log: Path, *extra: str,
+                 timeout: float = STARTUP_TIMEOUT_S) -> LiveServer:
+    """Start tools/serve.py and wait until /health answers 200 (see wait_healthy)."""
     port = free_port()
     cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), "--model_path", str(ckpt), "--host", "127.0.0.1",
            "--port", str(port), "--allowed_media_dir", str(media_dir), "--kv_cache_gb", "0.05",
@@ -69,20 +97,16 @@ def start_server(ckpt: Path, media_dir: Path, log: Path, *extra: str, timeout: f
     with log.open("w") as f:
         process = subprocess.Popen(cmd, cwd=ROOT, env=server_env(), stdout=f, stderr=subprocess.STDOUT)
     server = LiveServer(f"http://127.0.0.1:{port}", process, log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                return server
-        time.sleep(0.25)
-    stop_server(server)
-    raise RuntimeError(f"server not healthy within {timeout} s:\n{server.log_tail()}")
+    try:
+        wait_healthy(server.url, [process], "the server (tools/serve.py)", server.log_tail, timeout)
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
 
 
-def stop_server(server: LiveServer, timeout: float = 30.0) -> int | None:
-    """SIGTERM, then SIGKILL if it does not exit in time; its exit status."""
+def stop_server(server: LiveServer, timeout: float = SHUTDOWN_TIMEOUT_S) -> int | None:
+    """SIGTERM, then SIGKILL if it has not exited after `timeout` (a hang guard); its exit status."""
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGTERM)
         try:
@@ -116,16 +140,23 @@ def server(serving_ckpt, media_dir, tmp_path_factory) -> Iterator[LiveServer]:
 def metrics(url: str) -> dict[str, float]:
     from serving.metrics import parse_metrics
 
-    return parse_metrics(httpx.get(url + "/metrics", timeout=10).text)
+    return parse_metrics(httpx.get(url + "/metrics", timeout=REQUEST_TIMEOUT_S).text)
 
 
-def wait_idle(url: str, timeout: float = 30.0) -> dict[str, float]:
-    """Poll /metrics until nothing runs, waits or holds KV blocks (bounded)."""
+def wait_idle(server: LiveServer, timeout: float = IDLE_TIMEOUT_S) -> dict[str, float]:
+    """Poll /metrics until nothing runs, waits or holds KV blocks; those metrics. Fails at once if the
+    server exits; `timeout` only catches a hang (the failure shows the last metrics and the log)."""
     deadline = time.monotonic() + timeout
     while True:
-        m = metrics(url)
-        idle = (m["qvl_kv_cache_blocks_used"] == 0 and m["qvl_num_requests_running"] == 0
-                and m["qvl_num_requests_waiting"] == 0)
-        if idle or time.monotonic() > deadline:
+        if server.process.poll() is not None:
+            raise AssertionError(f"the server exited with code {server.process.returncode} while the test waited "
+                                 f"for it to go idle; its log:\n{server.log_tail()}")
+        m = metrics(server.url)
+        if (m["qvl_kv_cache_blocks_used"] == 0 and m["qvl_num_requests_running"] == 0
+                and m["qvl_num_requests_waiting"] == 0):
             return m
+        if time.monotonic() > deadline:
+            gauges = {k: v for k, v in m.items() if k.startswith(("qvl_num_requests", "qvl_kv_cache"))}
+            raise AssertionError(f"hang: the server still busy {timeout:.0f} s after its clients were done: "
+                                 f"{gauges}; its log:\n{server.log_tail()}")
         time.sleep(0.1)

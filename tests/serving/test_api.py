@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from engine.llm import LLM, Prompt
-from engine.request import Media
+from engine.media import Media
 from engine.sampling import SamplingParams
 from modeling.processing import synthetic_frame
-from tests.serving.conftest import MAX_INPUT, SMALL_IMAGE
+from tests.serving.conftest import MAX_INPUT, REQUEST_TIMEOUT_S, SMALL_IMAGE
 
 
 def png_bytes(height: int, width: int, t: float) -> bytes:
@@ -46,11 +46,11 @@ def offline_run(llm: LLM, prompt: Prompt, params: SamplingParams, monkeypatch):
 
 
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=60, max_retries=0)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0)
 
 
 def test_health_and_models(server):
-    assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok"}
+    assert httpx.get(server.url + "/health", timeout=REQUEST_TIMEOUT_S).json() == {"status": "ok"}
     names = [m.id for m in client(server).models.list()]
     assert names[0].startswith("serving-tiny")
     assert "qwen2_vl" in names
@@ -105,21 +105,21 @@ def test_file_path_and_mindie_curl_shapes(server, media_dir, offline, monkeypatc
     chat_body = {"model": "qwen2_vl", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": str(image)}, {"type": "text", "text": text}]}],
         "max_tokens": 8, "temperature": 0, "stream": False}
-    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(chat_body), timeout=60)
+    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(chat_body), timeout=REQUEST_TIMEOUT_S)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == ref.text
     # vLLM interface: prompt parts in MindIE's order (text first) also work; greedy via do_sample false
     gen_body = {"prompt": [{"type": "image_url", "image_url": "file://" + str(image)}, {"type": "text", "text": text}],
                 "max_tokens": 8, "do_sample": False, "stream": False, "model": "qwen2_vl"}
-    r = httpx.post(server.url + "/generate", content=json.dumps(gen_body), timeout=60)
+    r = httpx.post(server.url + "/generate", content=json.dumps(gen_body), timeout=REQUEST_TIMEOUT_S)
     assert r.status_code == 200, r.text
     assert r.json() == {"text": [ref.text]}
     # relative paths are taken from --allowed_media_dir
     gen_body["prompt"][0]["image_url"] = "textvqa/train_images/sign_1.png"
-    assert httpx.post(server.url + "/generate", json=gen_body, timeout=60).json() == {"text": [ref.text]}
+    assert httpx.post(server.url + "/generate", json=gen_body, timeout=REQUEST_TIMEOUT_S).json() == {"text": [ref.text]}
     mindie_text_first = dict(gen_body, prompt=[{"type": "text", "text": text},
                                                {"type": "image_url", "image_url": str(image)}])
-    assert httpx.post(server.url + "/generate", json=mindie_text_first, timeout=60).status_code == 200
+    assert httpx.post(server.url + "/generate", json=mindie_text_first, timeout=REQUEST_TIMEOUT_S).status_code == 200
 
 
 def test_system_and_multi_turn_use_the_chat_template(server, serving_ckpt):
@@ -131,7 +131,8 @@ def test_system_and_multi_turn_use_the_chat_template(server, serving_ckpt):
     rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert "Be brief." in rendered and "You are a helpful assistant." not in rendered
     expected = len(tok.encode(rendered, add_special_tokens=False))
-    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2}, timeout=60)
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2},
+                   timeout=REQUEST_TIMEOUT_S)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens"] == expected
     assert r.json()["usage"]["completion_tokens"] >= 1
@@ -141,7 +142,7 @@ def test_completions_and_streaming_generate(server, offline, monkeypatch):
     prompt = "The quick brown fox"
     r = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0,
                                                          "ignore_eos": True, "logprobs": 1,
-                                                         "return_token_ids": True}, timeout=60)
+                                                         "return_token_ids": True}, timeout=REQUEST_TIMEOUT_S)
     assert r.status_code == 200, r.text
     body = r.json()
     choice = body["choices"][0]
@@ -154,7 +155,7 @@ def test_completions_and_streaming_generate(server, offline, monkeypatch):
     chunks = []
     with httpx.stream("POST", server.url + "/generate", json={"prompt": prompt, "max_tokens": 6, "stream": True,
                                                                "do_sample": False, "ignore_eos": True},
-                      timeout=60) as resp:
+                      timeout=REQUEST_TIMEOUT_S) as resp:
         assert resp.status_code == 200
         buf = b""
         for data in resp.iter_bytes():
@@ -169,19 +170,19 @@ def test_completions_and_streaming_generate(server, offline, monkeypatch):
 def test_stop_strings_cut_the_text_and_the_stream(server):
     body = {"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 30, "temperature": 0,
             "ignore_eos": True}
-    full = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    full = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S).json()
     text = full["choices"][0]["message"]["content"]
     stop = next((text[i:i + 2] for i in range(3, len(text) - 2) if text[i:i + 2].strip() and
                  "\ufffd" not in text[:i + 2]), None)
     if stop is None:
         pytest.skip("the random model's text has no usable stop string")
     expected = text[:text.find(stop)]
-    cut = httpx.post(server.url + "/v1/chat/completions", json={**body, "stop": stop}, timeout=60).json()
+    cut = httpx.post(server.url + "/v1/chat/completions", json={**body, "stop": stop}, timeout=REQUEST_TIMEOUT_S).json()
     assert cut["choices"][0]["message"]["content"] == expected
     assert cut["choices"][0]["finish_reason"] == "stop"
     streamed = ""
     with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stop": [stop], "stream": True},
-                      timeout=60) as resp:
+                      timeout=REQUEST_TIMEOUT_S) as resp:
         for line in resp.iter_lines():
             if line.startswith("data: {"):
                 for ch in json.loads(line[6:])["choices"]:
@@ -197,7 +198,7 @@ def test_video_over_max_input_length_is_shrunk_and_reported(server):
                                                "min_pixels": frame, "max_pixels": frame}}
     body = {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "What moves?"}]}],
             "max_tokens": 3, "temperature": 0}
-    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S)
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
     assert usage["prompt_tokens"] <= MAX_INPUT

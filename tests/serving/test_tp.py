@@ -4,15 +4,40 @@ rank 1 and both exit 0."""
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.serving.conftest import ROOT, free_port, server_env
+from tests.parallel.launch import wait_for_exit
+from tests.serving.conftest import (
+    REQUEST_TIMEOUT_S,
+    ROOT,
+    SHUTDOWN_TIMEOUT_S,
+    free_port,
+    server_env,
+    wait_healthy,
+)
+
+
+def post_while_running(url: str, body: dict, procs: list[subprocess.Popen], output: Callable[[], str]) -> dict:
+    """POST and return the JSON answer, failing at once (with the ranks' output) if a rank exits
+    meanwhile: rank 0 would otherwise wait in a collective on a dead rank 1 until the request timed out."""
+    pool = ThreadPoolExecutor(1)
+    try:
+        answer = pool.submit(httpx.post, url, json=body, timeout=REQUEST_TIMEOUT_S)
+        while True:
+            try:
+                return answer.result(timeout=0.1).json()
+            except TimeoutError:  # still waiting: are both ranks alive?
+                dead = [(r, p.returncode) for r, p in enumerate(procs) if p.poll() is not None]
+                if dead:
+                    raise AssertionError(f"rank(s) exited (rank, code) {dead} during a request:\n{output()}") from None
+    finally:
+        pool.shutdown(wait=False)  # on failure the caller kills the ranks, which ends the request
 
 
 def test_two_rank_server_matches_one_process(server, serving_ckpt, tmp_path):
@@ -28,28 +53,22 @@ def test_two_rank_server_matches_one_process(server, serving_ckpt, tmp_path):
             procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                           env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
 
-    def tails() -> str:
-        return "\n".join(f"--- rank {r}:\n{log.read_text()[-2000:]}" for r, log in enumerate(logs))
+    def tails(ranks: Sequence[int] = (0, 1)) -> str:
+        return "\n".join(f"--- rank {r} (exit {procs[r].poll()}):\n{logs[r].read_text(errors='replace')[-2000:]}"
+                         for r in ranks)
 
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert all(p.poll() is None for p in procs), tails()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.25)
-        else:
-            raise AssertionError(f"tensor-parallel server not healthy in 90 s\n{tails()}")
+        wait_healthy(url, procs, "the 2-rank server (rank 0 serving, rank 1 following)", tails)
         body = {"messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 10,
                 "temperature": 0, "ignore_eos": True, "return_token_ids": True}
-        tp = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
-        one = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+        tp = post_while_running(url + "/v1/chat/completions", body, procs, tails)
+        one = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S).json()
         assert tp["choices"][0]["token_ids"] == one["choices"][0]["token_ids"]
         assert tp["choices"][0]["message"]["content"] == one["choices"][0]["message"]["content"]
         procs[0].send_signal(signal.SIGTERM)
-        assert [p.wait(60) for p in procs] == [0, 0], tails()
+        # Both ranks exit 0; a rank that fails ends the wait at once, one that hangs after SHUTDOWN_TIMEOUT_S.
+        wait_for_exit(procs, SHUTDOWN_TIMEOUT_S, "the 2-rank server after SIGTERM to rank 0", tails)
     finally:
         for p in procs:
             if p.poll() is None:

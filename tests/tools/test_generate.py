@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from fixtures.tiny_checkpoint import make_tiny_checkpoint
 from modeling.processing import SAMPLE_IMAGE_PATH, SAMPLE_VIDEO_PATH
-from modeling.tiny_checkpoint import make_tiny_checkpoint
 from tools import generate
 
 STEPS = 10
