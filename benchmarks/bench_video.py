@@ -40,13 +40,13 @@ def measure_point(checkpoint: str, clip: str, frames: int, chunk_patches: int, d
     import torch
 
     from engine.llm import LLM
-    from engine.media import Media, prepare_media
+    from engine.media import Media
 
     llm = LLM(checkpoint, device=device, num_kv_blocks=2, vision_chunk_patches=chunk_patches)
     pixels = tokens_per_frame_pair * 784
     media = Media(clip, options={"nframes": frames, "min_pixels": pixels, "max_pixels": pixels})
-    prepared = prepare_media(media, llm.image_cfg, llm.media_limits)
-    llm.encode_media([prepare_media(Media(clip, options={**media.options, "nframes": 4}), llm.image_cfg)])
+    prepared = llm.preprocessor.prepare_media(media)
+    llm.encode_media([llm.preprocessor.prepare_media(Media(clip, options={**media.options, "nframes": 4}))])
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -74,10 +74,10 @@ ROUTES = ("/v1/chat/completions", "/v1/completions", "/generate", "/v1/models", 
 def load_llm(cfg: ServeConfig, tp: TPGroup = SINGLE_PROCESS) -> LLM:
     """The engine as the config describes it (this rank's shard under tensor parallelism)."""
     return LLM(cfg.model_path, dtype=cfg.dtype, device=cfg.device, kv_cache_gb=cfg.kv_cache_gb,
-                      block_size=cfg.block_size, max_batch_size=cfg.max_batch_size,
-                      max_prefill_tokens=cfg.max_prefill_tokens, max_input_length=cfg.max_input_length,
-                      max_seq_len=cfg.max_seq_len, enable_prefix_caching=cfg.enable_prefix_caching,
-                      media_limits=cfg.media_limits(), tp=tp)
+               block_size=cfg.block_size, max_batch_size=cfg.max_batch_size,
+               max_prefill_tokens=cfg.max_prefill_tokens, max_input_length=cfg.max_input_length,
+               max_seq_len=cfg.max_seq_len, enable_prefix_caching=cfg.enable_prefix_caching,
+               media_limits=cfg.media_limits(), tp=tp)
 
 
 def usage_of(out: RequestOutput) -> dict[str, Any]:
