@@ -29,21 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _backend
-from kernels.attention_common import (
-    LOG2E,
-    attend_kv_tile,
-    attention_reference,
-    group_pad,
-    head_dim_block,
-    kv_tile_offsets,
-    load_work_query,
-    query_block_table,
-    query_tile,
-    rows_bound,
-    store_query_tile,
-    work_item,
-)
+from kernels import _backend, attention_common
+from kernels.attention_common import attend_kv_tile, kv_tile_offsets, load_work_query, store_query_tile, work_item
 from kernels.target import Work, current_target
 
 
@@ -102,7 +89,7 @@ def _varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     bounds = cu_seqlens.tolist()
     for s, e in zip(bounds[:-1], bounds[1:], strict=True):
         if e > s:
-            out[s:e] = attention_reference(q[s:e], k[s:e], v[s:e], scale, 0 if causal else None)
+            out[s:e] = attention_common.attention_reference(q[s:e], k[s:e], v[s:e], scale, 0 if causal else None)
     return out
 
 
@@ -126,19 +113,19 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     n_seq = cu_seqlens.numel() - 1
     if t == 0 or n_seq <= 0:
         return out
-    group, g_pad = group_pad(hq, hk)
-    block_d = head_dim_block(d)
+    group, g_pad = attention_common.group_pad(hq, hk)
+    block_d = attention_common.head_dim_block(d)
     q, k, v = (_backend.last_dim_contiguous(x) for x in (q, k, v))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     # 64-row tiles (target.query_rows): a window of Qwen2.5-VL's ViT (<= 64 patches) is one tile.
     target = current_target(q.device)
-    block_q, block_m = query_tile(g_pad, max_seqlen, target.query_rows)
+    block_q, block_m = attention_common.query_tile(g_pad, max_seqlen, target.query_rows)
     block_n = min(target.key_tile, max(16, triton.next_power_of_2(max(max_seqlen, 1))))
-    n_rows = rows_bound(t, n_seq, max_seqlen, block_q)
-    table = query_block_table(cu_seqlens.to(q.device), block_q, n_rows)
+    n_rows = attention_common.rows_bound(t, n_seq, max_seqlen, block_q)
+    table = attention_common.query_block_table(cu_seqlens.to(q.device), block_q, n_rows)
     grid = (target.grid(n_rows * hk, Work.ATTENTION),)
     _varlen_attention_kernel[grid](
-        q, k, v, out, cu_seqlens.to(q.device, torch.int32), table, n_rows, hk, group, scale * LOG2E,
+        q, k, v, out, cu_seqlens.to(q.device, torch.int32), table, n_rows, hk, group, scale * attention_common.LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         G_PAD=g_pad, HEAD_DIM=d, CAUSAL=bool(causal), BLOCK_Q=block_q,
