@@ -3,29 +3,54 @@
 The manager hands out block ids; it never touches tensors. Token i of a sequence lives in slot
 i % block_size of block table[i // block_size].
 
-Prefix cache. A full block whose KV has been written (`commit`) is registered under the key
-(parent hash, tuple of its tokens' content keys), whose hash is the block's chain hash:
+Prefix cache. A full block whose KV has been written (`commit`) is registered under its chain
+digest, a 32-byte BLAKE2b digest of its parent's digest and its tokens' content keys:
 
-    hash(block j) = hash((hash(block j - 1), tuple(keys of block j))),   hash(block -1) = -1
+    digest(block j) = blake2b(digest(block j - 1) || keys of block j, each as signed 8-byte LE)
+    digest(block -1) = blake2b(cache salt)                        (the root; no salt = b"")
 
-(-1 is never a Python hash value). The dict lookup compares the whole key, so a hit needs the
-block's own keys to match exactly and its parent's chain hash to match. Registered blocks are
-immutable: nothing writes a full, committed block again.
+with the personalisations "qvl-prefix-block" and "qvl-prefix-root" keeping the two kinds apart.
+Every part has a fixed width, so the input determines the parent and the keys; a hit therefore
+needs the block's own keys, every earlier block's keys and the salt to match, short of a BLAKE2b
+collision, which no prompt can be crafted to cause (Python's hash() could: hash(-1) == hash(-2)).
+Requests with different salts never share a block; no salt and the empty salt are the same.
+Registered blocks are immutable: nothing writes a full, committed block again.
 
 Block states (every block is in exactly one):
-  * free       refcount 0, no registered key, in `_free`;
-  * evictable  refcount 0, registered key, in `_evictable` (LRU order, most recently freed last);
+  * free       refcount 0, no registered digest, in `_free`;
+  * evictable  refcount 0, registered digest, in `_evictable` (LRU order, most recently freed last);
   * used       refcount >= 1, referenced by that many live block tables (registered or not).
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
-_ROOT_HASH = -1  # parent hash of block 0; hash() never returns -1
+DIGEST_SIZE = 32
+_ROOT_PERSON = b"qvl-prefix-root"
+_BLOCK_PERSON = b"qvl-prefix-block"
 
-BlockKey = tuple[int, tuple[int, ...]]  # (parent chain hash, content keys of the block)
+Salt = str | bytes | None  # a request's cache salt: str is taken as its UTF-8 bytes
+
+
+def root_digest(salt: Salt = None) -> bytes:
+    """The chain digest before block 0 of a request with this cache salt."""
+    data = salt.encode() if isinstance(salt, str) else salt or b""
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE, person=_ROOT_PERSON).digest()
+
+
+def block_digest(parent: bytes, keys: Sequence[int]) -> bytes:
+    """The chain digest of a block with these content keys whose parent's digest is `parent`."""
+    try:
+        packed = struct.pack(f"<{len(keys)}q", *keys)
+    except struct.error as e:  # a wider key would need a wider encoding to stay unambiguous
+        raise ValueError(f"prefix-cache content keys must fit in a signed 64-bit integer: {e}") from None
+    h = hashlib.blake2b(parent, digest_size=DIGEST_SIZE, person=_BLOCK_PERSON)
+    h.update(packed)
+    return h.digest()
 
 
 class BlockManager:
@@ -35,7 +60,8 @@ class BlockManager:
       * refcount[b] == number of live tables containing b (a table holds a block at most once);
       * free, evictable and used partition range(num_blocks);
       * a table for a sequence of n tokens has exactly ceil(n / block_size) blocks;
-      * registered keys and blocks map one to one; only used or evictable blocks are registered.
+      * registered digests and blocks map one to one; only used or evictable blocks are registered;
+      * a registered block holds the KV of the prefix (and salt) whose chain digest it is under.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
@@ -47,11 +73,12 @@ class BlockManager:
         self._ref = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()
-        self._cached: dict[BlockKey, int] = {}   # registered key -> block
-        self._key_of: dict[int, BlockKey] = {}   # block -> its registered key
+        self._cached: dict[bytes, int] = {}      # registered digest -> block
+        self._key_of: dict[int, bytes] = {}      # block -> its registered digest
         self._tables: dict[int, list[int]] = {}
         self._num_tokens: dict[int, int] = {}    # tokens each table covers
-        self._chain: dict[int, list[int]] = {}   # chain hashes of each seq's committed full blocks
+        # each seq's root digest, then the chain digests of its committed full blocks
+        self._chain: dict[int, list[bytes]] = {}
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -87,23 +114,22 @@ class BlockManager:
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _match_prefix(self, keys: Sequence[int], num_tokens: int) -> tuple[list[int], list[int]]:
-        """(blocks, chain hashes) of the longest registered prefix of keys, covering at most
-        num_tokens - 1 tokens."""
+    def _match_prefix(self, keys: Sequence[int], num_tokens: int, salt: Salt) -> tuple[list[int], list[bytes]]:
+        """(blocks, chain) of the longest registered prefix of keys under this salt, covering at
+        most num_tokens - 1 tokens; chain is the root digest then the digests of those blocks."""
         blocks: list[int] = []
-        hashes: list[int] = []
+        chain = [root_digest(salt)]
         if not self.enable_prefix_caching:
-            return blocks, hashes
-        parent, bs = _ROOT_HASH, self.block_size
+            return blocks, chain
+        bs = self.block_size
         for j in range((num_tokens - 1) // bs):
-            key = (parent, tuple(keys[j * bs:(j + 1) * bs]))
-            block = self._cached.get(key)
+            digest = block_digest(chain[-1], keys[j * bs:(j + 1) * bs])
+            block = self._cached.get(digest)
             if block is None:
                 break
-            parent = hash(key)
             blocks.append(block)
-            hashes.append(parent)
-        return blocks, hashes
+            chain.append(digest)
+        return blocks, chain
 
     def _check_tokens(self, keys: Sequence[int], num_tokens: int) -> None:
         if num_tokens < 1:
@@ -111,11 +137,11 @@ class BlockManager:
         if len(keys) < num_tokens:
             raise ValueError(f"len(keys) ({len(keys)}) < num_tokens ({num_tokens})")
 
-    def can_allocate(self, keys: Sequence[int], num_tokens: int) -> bool:
-        """Whether `allocate` of num_tokens tokens would succeed now. A hit on an evictable block
-        still takes it from the free count; a hit on a used block costs nothing."""
+    def can_allocate(self, keys: Sequence[int], num_tokens: int, salt: Salt = None) -> bool:
+        """Whether `allocate` of num_tokens tokens with this salt would succeed now. A hit on an
+        evictable block still takes it from the free count; a hit on a used block costs nothing."""
         self._check_tokens(keys, num_tokens)
-        hits, _ = self._match_prefix(keys, num_tokens)
+        hits, _ = self._match_prefix(keys, num_tokens, salt)
         needed = self._blocks_for(num_tokens) - len(hits) + sum(self._ref[b] == 0 for b in hits)
         return needed <= self.num_free_blocks
 
@@ -142,16 +168,18 @@ class BlockManager:
         self._ref[block] = 1
         return block
 
-    def allocate(self, seq_id: int, keys: Sequence[int], num_tokens: int) -> int:
+    def allocate(self, seq_id: int, keys: Sequence[int], num_tokens: int, salt: Salt = None) -> int:
         """Give seq_id a table covering num_tokens tokens, reusing the longest committed prefix.
 
-        keys[i] is token i's content key (len(keys) >= num_tokens). Returns num_cached_tokens: a
+        keys[i] is token i's content key (len(keys) >= num_tokens), an int in the signed 64-bit
+        range. salt: the request's cache salt; only blocks committed under an equal salt are hit,
+        and the blocks this sequence commits are registered under it. Returns num_cached_tokens: a
         multiple of block_size, at most num_tokens - 1, whose KV is already in the cache.
         """
         if seq_id in self._tables:
             raise ValueError(f"seq_id {seq_id} already has a block table")
         self._check_tokens(keys, num_tokens)
-        hits, hashes = self._match_prefix(keys, num_tokens)
+        hits, chain = self._match_prefix(keys, num_tokens, salt)
         needed = self._blocks_for(num_tokens) - len(hits) + sum(self._ref[b] == 0 for b in hits)
         if needed > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks: seq_id {seq_id} needs {needed}, "
@@ -163,7 +191,7 @@ class BlockManager:
         fresh = [self._take_block() for _ in range(self._blocks_for(num_tokens) - len(hits))]
         self._tables[seq_id] = hits + fresh
         self._num_tokens[seq_id] = num_tokens
-        self._chain[seq_id] = hashes
+        self._chain[seq_id] = chain
         num_cached = len(hits) * self.block_size
         self.prefix_query_tokens += num_tokens
         self.prefix_hit_tokens += num_cached
@@ -182,8 +210,9 @@ class BlockManager:
 
     def commit(self, seq_id: int, keys: Sequence[int], num_computed_tokens: int) -> None:
         """Record that KV of seq_id's first num_computed_tokens tokens is written: register every
-        full block up to there so later sequences can hit it. A key already registered to
-        another block keeps that block (this one then stays unregistered and frees plainly)."""
+        full block up to there, under the salt given to `allocate`, so later sequences can hit it.
+        A digest already registered to another block keeps that block (this one then stays
+        unregistered and frees plainly)."""
         table, chain = self._table(seq_id), self._chain[seq_id]
         if num_computed_tokens > self._num_tokens[seq_id] or num_computed_tokens > len(keys):
             raise ValueError(f"num_computed_tokens ({num_computed_tokens}) exceeds the table "
@@ -191,13 +220,13 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        for j in range(len(chain), num_computed_tokens // bs):
-            key = (chain[-1] if chain else _ROOT_HASH, tuple(keys[j * bs:(j + 1) * bs]))
+        for j in range(len(chain) - 1, num_computed_tokens // bs):
+            digest = block_digest(chain[-1], keys[j * bs:(j + 1) * bs])
             block = table[j]
-            if block not in self._key_of and key not in self._cached:
-                self._cached[key] = block
-                self._key_of[block] = key
-            chain.append(hash(key))
+            if block not in self._key_of and digest not in self._cached:
+                self._cached[digest] = block
+                self._key_of[block] = digest
+            chain.append(digest)
 
     def free(self, seq_id: int) -> None:
         """Drop seq_id's references. Blocks reaching refcount 0 become evictable if registered,

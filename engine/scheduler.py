@@ -4,9 +4,10 @@ Every step, each running sequence contributes its next run of uncomputed tokens:
 decoding, a chunk of at most the remaining prefill budget when prefilling (chunked prefill), so
 decodes and prefills share one forward pass. Waiting sequences are admitted in arrival order while
 the batch has room (`max_batch_size`), the step has prefill budget (`max_prefill_tokens`) and the
-block manager has blocks for the whole sequence (prefix-cache hits count as computed). When a
-decoding sequence needs a block and none is free, the most recently admitted sequence is
-preempted: its blocks are freed and it waits, first in line, to be recomputed later.
+block manager has blocks for the whole sequence (prefix-cache hits, under the sequence's cache
+salt, count as computed). When a decoding sequence needs a block and none is free, the most
+recently admitted sequence is preempted: its blocks are freed and it waits, first in line, to be
+recomputed later.
 """
 
 from __future__ import annotations
@@ -112,10 +113,10 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq.all_keys, seq.num_tokens):
+            if not self.blocks.can_allocate(seq.all_keys, seq.num_tokens, seq.cache_salt):
                 break
             self.waiting.popleft()
-            cached = self.blocks.allocate(seq.seq_id, seq.all_keys, seq.num_tokens)
+            cached = self.blocks.allocate(seq.seq_id, seq.all_keys, seq.num_tokens, seq.cache_salt)
             if not seq.output_ids:  # the first admission, not a recompute after preemption
                 seq.num_cached_prompt_tokens = cached
             seq.num_computed = cached

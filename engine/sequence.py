@@ -61,6 +61,8 @@ class Sequence:
     finish_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     num_cached_prompt_tokens: int = 0  # prefix-cache hits of the first admission
+    # Prefix-cache salt: only sequences with an equal salt share KV blocks (None: the unsalted pool)
+    cache_salt: str | None = None
 
     @property
     def num_tokens(self) -> int:

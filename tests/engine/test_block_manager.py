@@ -1,23 +1,30 @@
-"""BlockManager: prefix-cache hits, LRU eviction, copy-on-write, errors; and a stateful
-hypothesis model that simulates the KV contents to prove shared blocks are never written and
-every prefix-cache hit returns exactly the tokens it claims."""
+"""BlockManager: prefix-cache hits, cache salts, chain digests, LRU eviction, copy-on-write,
+errors; and a stateful hypothesis model that simulates the KV contents to prove shared blocks are
+never written and every prefix-cache hit returns exactly the tokens (and salt) it claims."""
 
 from __future__ import annotations
 
+import hashlib
+import struct
+
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, Salt, block_digest, root_digest
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
 
 BS = 4
 
 
-def _prefill(bm: BlockManager, seq_id: int, keys: list[int], n: int | None = None) -> int:
+def _prefill(bm: BlockManager, seq_id: int, keys: list[int], n: int | None = None, salt: Salt = None) -> int:
     """Allocate and commit all n tokens, as the engine does after a prefill step."""
     n = len(keys) if n is None else n
-    cached = bm.allocate(seq_id, keys, n)
+    cached = bm.allocate(seq_id, keys, n, salt)
     bm.commit(seq_id, keys, n)
     return cached
 
@@ -126,6 +133,90 @@ def test_disabled_caching_never_hits():
     assert bm.prefix_hit_tokens == 0 and bm.prefix_query_tokens == 27
 
 
+def test_salt_separates_identical_prompts():
+    bm = BlockManager(16, BS)
+    keys = list(range(9))
+    _prefill(bm, 0, keys, salt="alice")
+    assert bm.allocate(1, keys, 9, salt="bob") == 0
+    assert bm.allocate(2, keys, 9) == 0  # the unsalted pool does not see salted blocks either
+    bm.commit(2, keys, 9)
+    assert bm.allocate(3, keys, 9, salt="bob") == 0  # ... nor the salted ones the unsalted blocks
+    assert set(bm.block_table(0)).isdisjoint(bm.block_table(1))
+    assert bm.num_used_blocks() == 4 * 3
+
+
+def test_same_salt_shares():
+    bm = BlockManager(16, BS)
+    keys = list(range(9))
+    _prefill(bm, 0, keys, salt="alice")
+    assert bm.can_allocate(keys, 9, "alice")
+    assert bm.allocate(1, keys, 9, salt="alice") == 8
+    assert bm.allocate(2, keys, 9, salt=b"alice") == 8  # a str salt is its UTF-8 bytes
+    assert bm.block_table(1)[:2] == bm.block_table(2)[:2] == bm.block_table(0)[:2]
+    bm.free(0)
+    bm.free(1)
+    bm.free(2)
+    assert bm.allocate(3, keys, 9, salt="alice") == 8  # still cached once evictable
+
+
+def test_no_salt_is_the_unsalted_pool():
+    bm = BlockManager(16, BS)
+    keys = list(range(9))
+    _prefill(bm, 0, keys)
+    assert bm.allocate(1, keys, 9, salt="") == 8
+    assert bm.allocate(2, keys, 9, salt=b"") == 8
+    assert bm.allocate(3, keys, 9) == 8
+    assert root_digest(None) == root_digest("") == root_digest(b"") != root_digest("a") == root_digest(b"a")
+
+
+def test_scheduler_admits_under_the_sequence_salt():
+    """The scheduler matches and registers each sequence's blocks under its cache_salt."""
+    sched = Scheduler(BlockManager(16, BS), max_batch_size=8, max_prefill_tokens=64)
+    keys = list(range(9))
+
+    def seq(seq_id: int, salt: str | None) -> Sequence:
+        return Sequence(seq_id, f"r{seq_id}", list(keys), torch.arange(9).expand(3, -1), 0, [], list(keys),
+                        SamplingParams(), cache_salt=salt)
+
+    first = seq(0, "alice")
+    sched.add(first)
+    sched.schedule()
+    sched.blocks.commit(0, keys, 9)
+    for s in (seq(1, "bob"), seq(2, None), seq(3, "alice")):
+        sched.add(s)
+    sched.schedule()
+    assert [s.num_cached_prompt_tokens for s in sched.running] == [0, 0, 0, 8]
+
+
+def test_digests_separate_what_python_hash_merges():
+    assert hash(-1) == hash(-2)  # CPython: -1 is reserved as an error value, so hash(-1) is -2
+    root = root_digest()
+    assert block_digest(root, [-1]) != block_digest(root, [-2])
+    assert block_digest(root, [1, 2]) != block_digest(root, [2, 1])
+    assert block_digest(block_digest(root, [1]), [2]) != block_digest(block_digest(root, [2]), [1])
+    assert block_digest(root_digest("a"), [1]) != block_digest(root, [1])
+    assert len(block_digest(root, [0])) == len(root) == 32
+    bm = BlockManager(16, BS)
+    _prefill(bm, 0, [-1] * 8 + [0])
+    assert bm.allocate(1, [-2] * 8 + [0], 9) == 0
+    assert bm.allocate(2, [-1] * 4 + [-2] * 4 + [0], 9) == 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.lists(st.integers(-2**63, 2**63 - 1), min_size=1, max_size=6),
+       b=st.lists(st.integers(-2**63, 2**63 - 1), min_size=1, max_size=6),
+       salts=st.tuples(st.sampled_from([None, "x", "y"]), st.sampled_from([None, "x", "y"])))
+def test_digests_of_different_keys_differ(a: list[int], b: list[int], salts: tuple[Salt, Salt]):
+    """Chains over the same block size are equal exactly when the keys and salts are."""
+    def chain(salt: Salt, keys: list[int]) -> bytes:
+        d = root_digest(salt)
+        for k in keys:
+            d = block_digest(d, [k])
+        return d
+
+    assert (chain(salts[0], a) == chain(salts[1], b)) == (a == b and salts[0] == salts[1])
+
+
 def test_errors():
     bm = BlockManager(2, BS)
     with pytest.raises(ValueError, match="num_tokens"):
@@ -149,25 +240,39 @@ def test_errors():
         bm.commit(0, [1, 2], 2)
     with pytest.raises(ValueError, match="block_size"):
         BlockManager(4, 0)
+    with pytest.raises(ValueError, match="signed 64-bit"):
+        bm.allocate(1, [2**63] * 8 + [0], 9)
+    assert not bm.has_seq(1)
 
 
 # ------------------------------------------------------------------------------- stateful model
-def _chain_key(prefix: tuple[int, ...], bs: int) -> tuple[int, tuple[int, ...]]:
-    """The registered key of the last block of `prefix` (whole blocks), by the documented chain:
-    hash(block j) = hash((hash(block j - 1), keys of block j)), hash(block -1) = -1."""
-    parent = -1
-    for j in range(len(prefix) // bs - 1):
-        parent = hash((parent, prefix[j * bs:(j + 1) * bs]))
-    return parent, prefix[-bs:]
+KEYS = st.sampled_from([0, -1, -2])  # hash(-1) == hash(-2): the digests must still tell them apart
+SALTS = st.sampled_from([None, "", b"", "a", b"a", "b"])
+
+
+def _salt_bytes(salt: Salt) -> bytes:
+    """The salt as the chain hashes it (None, "" and b"" are all no salt)."""
+    return salt.encode() if isinstance(salt, str) else salt or b""
+
+
+def _chain_digest(salt: bytes, prefix: tuple[int, ...], bs: int) -> bytes:
+    """The registered digest of the last block of `prefix` (whole blocks), by the documented chain,
+    computed here from hashlib rather than through the module's helpers."""
+    digest = hashlib.blake2b(salt, digest_size=32, person=b"qvl-prefix-root").digest()
+    for j in range(len(prefix) // bs):
+        packed = struct.pack(f"<{bs}q", *prefix[j * bs:(j + 1) * bs])
+        digest = hashlib.blake2b(digest + packed, digest_size=32, person=b"qvl-prefix-block").digest()
+    return digest
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
     """Random allocate / append / compute+commit / free over a tiny vocabulary.
 
-    `content[b][s]` is what KV slot s of block b was computed from: the keys of the whole prefix
-    up to and including that token, since attention makes a token's KV depend on all of them
-    (None: never written since the block was handed out). The engine's writes are simulated in
-    `compute`.
+    `content[b][s]` is what KV slot s of block b was computed from: the sequence's salt and the
+    keys of the whole prefix up to and including that token, since attention makes a token's KV
+    depend on all of them (None: never written since the block was handed out). The salt is not
+    in the KV, but a hit across salts would leak one request's prompt to another, so the model
+    counts it as content. The engine's writes are simulated in `compute`.
     """
 
     @initialize(num_blocks=st.integers(4, 24), block_size=st.sampled_from([1, 2, 3]),
@@ -175,8 +280,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def setup(self, num_blocks: int, block_size: int, caching: bool) -> None:
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=caching)
         self.bs = block_size
-        self.content: list[list[tuple[int, ...] | None]] = [[None] * block_size for _ in range(num_blocks)]
-        self.seqs: dict[int, dict] = {}  # seq_id -> {"keys", "n" (covered), "computed"}
+        self.content: list[list[tuple[bytes, tuple[int, ...]] | None]] = [
+            [None] * block_size for _ in range(num_blocks)]
+        self.seqs: dict[int, dict] = {}  # seq_id -> {"keys", "salt" (bytes), "n" (covered), "computed"}
         self.next_id = 0
         self.history: list[list[int]] = []
 
@@ -184,35 +290,35 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for b in blocks:
             self.content[b] = [None] * self.bs
 
-    @rule(keys=st.lists(st.integers(0, 1), min_size=1, max_size=10), data=st.data())
-    def allocate(self, keys: list[int], data) -> None:
+    @rule(keys=st.lists(KEYS, min_size=1, max_size=10), salt=SALTS, data=st.data())
+    def allocate(self, keys: list[int], salt: Salt, data) -> None:
         if self.history and data.draw(st.booleans()):  # often extend an earlier sequence's prefix
             old = data.draw(st.sampled_from(self.history))
             keys = old[:data.draw(st.integers(0, len(old)))] + keys
         self.history.append(list(keys))
         n = data.draw(st.integers(1, len(keys)))
-        ok = self.bm.can_allocate(keys, n)
+        ok = self.bm.can_allocate(keys, n, salt)
         free_before = self.bm.num_free_blocks
         if not ok:
             with pytest.raises(RuntimeError):
-                self.bm.allocate(self.next_id, keys, n)
+                self.bm.allocate(self.next_id, keys, n, salt)
             assert self.bm.num_free_blocks == free_before
             return
         sid, self.next_id = self.next_id, self.next_id + 1
-        cached = self.bm.allocate(sid, keys, n)
+        cached = self.bm.allocate(sid, keys, n, salt)
         assert cached % self.bs == 0 and 0 <= cached <= n - 1
         if not self.bm.enable_prefix_caching:
             assert cached == 0
         table = self.bm.block_table(sid)
-        for i in range(cached):  # every hit slot holds exactly this sequence's key
-            assert self.content[table[i // self.bs]][i % self.bs] == tuple(keys[:i + 1])
+        for i in range(cached):  # every hit slot holds exactly this sequence's salt and keys
+            assert self.content[table[i // self.bs]][i % self.bs] == (_salt_bytes(salt), tuple(keys[:i + 1]))
         self._fresh(table[cached // self.bs:])
-        self.seqs[sid] = {"keys": list(keys), "n": n, "computed": cached}
+        self.seqs[sid] = {"keys": list(keys), "salt": _salt_bytes(salt), "n": n, "computed": cached}
         if data.draw(st.booleans()):  # a whole prefill in one step, as most prompts go
             self._compute(sid, n)
 
     @precondition(lambda self: self.seqs)
-    @rule(data=st.data(), extra=st.lists(st.integers(0, 1), max_size=5))
+    @rule(data=st.data(), extra=st.lists(KEYS, max_size=5))
     def append(self, data, extra: list[int]) -> None:
         sid = data.draw(st.sampled_from(sorted(self.seqs)))
         s = self.seqs[sid]
@@ -249,7 +355,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for i in range(s["computed"], upto):
             b = table[i // self.bs]
             assert refs[b] == 1, f"writing slot {i} of seq {sid} into shared block {b}"
-            self.content[b][i % self.bs] = tuple(s["keys"][:i + 1])
+            self.content[b][i % self.bs] = (s["salt"], tuple(s["keys"][:i + 1]))
         self.bm.commit(sid, s["keys"], upto)
         s["computed"] = upto
 
@@ -285,15 +391,17 @@ class BlockManagerMachine(RuleBasedStateMachine):
             table = bm.block_table(sid)
             assert len(table) == -(-s["n"] // self.bs) and len(set(table)) == len(table)
             assert bm.has_seq(sid)
-        # registered blocks: one to one with keys, never free, hold exactly their keys
+        # registered blocks: one to one with digests, never free, hold exactly their salt and keys
         assert len(bm._cached) == len(bm._key_of)
         assert all(bm._key_of[b] == k for k, b in bm._cached.items())
         assert set(evictable) <= set(bm._key_of) and not set(free) & set(bm._key_of)
-        for b, key in bm._key_of.items():  # holds the KV of a prefix whose chain hash is the key's
-            prefix = self.content[b][-1]
-            assert prefix is not None and len(prefix) % self.bs == 0
-            assert self.content[b] == [prefix[:i] for i in range(len(prefix) - self.bs + 1, len(prefix) + 1)]
-            assert key == _chain_key(prefix, self.bs)
+        for b, digest in bm._key_of.items():  # holds the KV of the prefix and salt it is registered under
+            last = self.content[b][-1]
+            assert last is not None
+            salt, prefix = last
+            assert len(prefix) % self.bs == 0
+            assert self.content[b] == [(salt, prefix[:i]) for i in range(len(prefix) - self.bs + 1, len(prefix) + 1)]
+            assert digest == _chain_digest(salt, prefix, self.bs)
         if not bm.enable_prefix_caching:
             assert not bm._cached
         if not self.seqs:

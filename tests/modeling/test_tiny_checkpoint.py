@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,12 @@ import torch
 from safetensors import safe_open
 
 from engine.media import Media, prepare_media
+from fixtures import tiny_checkpoint
 from fixtures.tiny_checkpoint import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,
+    cached_checkpoint,
+    checkpoint_complete,
     make_tiny_checkpoint,
     mrope_section_for,
     rename_weights,
@@ -261,3 +265,48 @@ def test_bad_arguments(tmp_path):
         make_tiny_checkpoint(tmp_path, "qwen3_vl")
     with pytest.raises(TypeError, match="hidden"):
         make_tiny_checkpoint(tmp_path, "qwen2_vl", hiddn_size=64)
+
+
+def test_cached_checkpoint_is_installed_whole(tmp_path, monkeypatch):
+    """A half-written folder counts as absent; an interrupted write leaves nothing behind; a copy a
+    concurrent writer installed first is kept."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("QVL_CACHE", str(cache))
+    real_make = tiny_checkpoint.make_tiny_checkpoint
+
+    half = cache / "ck"  # what an interrupted run of the old in-place writer left
+    half.mkdir(parents=True)
+    (half / "config.json").write_text("{}")
+    assert not checkpoint_complete(half)
+    path = cached_checkpoint("ck", "qwen2_vl", sharded=True, num_shards=2)
+    assert path == half and checkpoint_complete(path)
+    assert json.loads((path / "tiny_checkpoint.json").read_text())["arch"] == "qwen2_vl"
+    assert sorted(p.name for p in cache.iterdir()) == ["ck"]  # no partial or stale folder left
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a complete cached checkpoint was made again")
+
+    monkeypatch.setattr(tiny_checkpoint, "make_tiny_checkpoint", must_not_run)
+    assert cached_checkpoint("ck", "qwen2_vl") == path
+    next(path.glob("model-00002-*.safetensors")).unlink()  # a lost shard: made again
+    monkeypatch.setattr(tiny_checkpoint, "make_tiny_checkpoint", real_make)
+    assert checkpoint_complete(cached_checkpoint("ck", "qwen2_vl", sharded=True, num_shards=2))
+
+    def interrupted(out, *args, **kwargs):
+        (Path(out) / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny_checkpoint, "make_tiny_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cached_checkpoint("gone", "qwen2_vl")
+    assert sorted(p.name for p in cache.iterdir()) == ["ck"]
+
+    def beaten(out, *args, **kwargs):  # another process installs its copy while this one writes
+        real_make(out, *args, **kwargs)
+        shutil.copytree(out, cache / "race")
+        (cache / "race" / "theirs").touch()
+
+    monkeypatch.setattr(tiny_checkpoint, "make_tiny_checkpoint", beaten)
+    race = cached_checkpoint("race", "qwen2_vl")
+    assert checkpoint_complete(race) and (race / "theirs").exists()
+    assert sorted(p.name for p in cache.iterdir()) == ["ck", "race"]
