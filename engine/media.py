@@ -15,7 +15,6 @@ qwen-vl-utils' total-pixel budget does: fewer pixels per frame first, then fewer
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import tempfile
@@ -69,6 +68,9 @@ class MediaLimits:
     image_max_pixels: an image's max_pixels / resized area; video_max_pixels: per frame;
     video_max_total_pixels: all frames of one video; video_max_frames: sampled frames;
     video_max_fps: sampling rate. Defaults are qwen-vl-utils' own maxima.
+    decode_max_pixels: an image's or a video frame's size as its file declares it, checked from the
+    header before decoding (default: PIL's decompression-bomb threshold); max_media_per_prompt:
+    images and videos in one prompt, counted before any is read.
     """
 
     image_max_pixels: int = processing.MAX_PIXELS
@@ -76,8 +78,16 @@ class MediaLimits:
     video_max_total_pixels: int = processing.VIDEO_TOTAL_PIXELS
     video_max_frames: int = processing.FPS_MAX_FRAMES
     video_max_fps: float = 30.0
+    decode_max_pixels: int = processing.DECODE_MAX_PIXELS
+    max_media_per_prompt: int = 32
     image_defaults: dict[str, Any] = field(default_factory=dict)
     video_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def check_count(self, count: int) -> None:
+        """MediaOptionError naming the limit when one prompt holds more than max_media_per_prompt media."""
+        if count > self.max_media_per_prompt:
+            raise MediaOptionError(f"{count} images and videos in one prompt, over the configured limit of "
+                                   f"{self.max_media_per_prompt} (max_media_per_prompt)")
 
     def check(self, kind: MediaKind, options: dict[str, Any], name: str) -> dict[str, Any]:
         """The request's options over this policy's defaults, validated; MediaError names the
@@ -137,8 +147,9 @@ class MediaLimits:
 
     def video_plan_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Controls for processing.plan_video: the request's, with the server's frame and total
-        limits applied where the request leaves them to qwen-vl-utils' defaults."""
-        plan = dict(options)
+        limits applied where the request leaves them to qwen-vl-utils' defaults, and its decode
+        limit on the frame size the file declares."""
+        plan = dict(options, max_frame_pixels=self.decode_max_pixels)
         plan.setdefault("max_frames", self.video_max_frames)
         plan.setdefault("total_pixels", self.video_max_total_pixels)
         if "resized_height" not in plan:
@@ -168,6 +179,7 @@ class PreparedMedia:
     video_plan: VideoPlan | None = None
     video_options: dict[str, Any] = field(default_factory=dict)
     adjustment: str | None = None  # how fit_videos shrank it, for the response's usage info
+    label: str | None = None  # how the request names it (the server's part path), for error messages
     spill: Any = None  # a temporary file holding in-memory video bytes, kept while this lives
 
     def pixel_chunks(self, max_slices: int) -> Iterator[tuple[torch.Tensor, tuple[int, int, int]]]:
@@ -232,24 +244,13 @@ def _kind_of(media: Media) -> MediaKind:
         return MediaKind.IMAGE
     if isinstance(media.source, (str, Path)):
         return processing.media_kind(media.source)
-    try:
-        with Image.open(io.BytesIO(media.source)):
-            return MediaKind.IMAGE
-    except (OSError, ValueError):
-        return MediaKind.VIDEO
+    return MediaKind.IMAGE if processing.is_image(media.source) else MediaKind.VIDEO
 
 
-def _open_image(media: Media) -> Image.Image:
+def _open_image(media: Media, limits: MediaLimits) -> Image.Image:
     if isinstance(media.source, Image.Image):
         return media.source
-    try:
-        image = Image.open(media.source if not isinstance(media.source, bytes) else io.BytesIO(media.source))
-        image.load()
-    except Image.UnidentifiedImageError as e:  # its message would show a BytesIO repr
-        raise MediaError(f"{media.describe()}: not a readable image (not a format PIL knows)") from e
-    except (OSError, ValueError) as e:
-        raise MediaError(f"{media.describe()}: not a readable image ({e})") from e
-    return image
+    return processing.open_image(media.source, limits.decode_max_pixels, media.describe())
 
 
 def _plan(path: str | Path, cfg: ImageProcessorConfig, options: dict[str, Any]) -> tuple[VideoPlan, float]:
@@ -267,7 +268,7 @@ def prepare_media(media: Media, cfg: ImageProcessorConfig, limits: MediaLimits =
     options = limits.check(kind, media.options, media.describe())
     digest.update(json.dumps([kind, sorted(options.items())], default=str).encode())
     if kind == MediaKind.IMAGE:
-        pixel_values, grid = processing.process_image(_open_image(media), cfg, **options)
+        pixel_values, grid = processing.process_image(_open_image(media, limits), cfg, **options)
         return PreparedMedia(kind, tuple(grid), 1.0, digest.hexdigest(), cfg, image_pixels=pixel_values)
     spill = None
     path = media.source

@@ -14,7 +14,9 @@ the server (serving/prompting.py turns HTTP bodies into chat messages and `Media
 
 `build` is where the prompt is fitted and checked, once: videos that would push it over
 max_input_length are shrunk (`media.fit_videos`), then a prompt still over the limit is refused
-with a `ContextLengthError` naming the limit. Nothing else checks a prompt's length.
+with a `ContextLengthError` naming the limit. Before that, and before any tokenizing, `render`
+and `tokenize` refuse text that cannot fit whatever it tokenizes to: more characters than
+max_input_length tokens can hold (`check_text`), so an absurd prompt costs no tokenizer work.
 
 Thread safety: tokenizer calls hold the Preprocessor's lock; media work runs outside it, so the
 server's worker threads decode media in parallel. The server makes its own Preprocessor (with its
@@ -34,9 +36,38 @@ from modeling.config import ModelConfig
 from modeling.processing import ImageProcessorConfig
 from modeling.prompt import expand_media_pads, user_message
 
+# One token stands for at most its decoded text's characters, plus one where a decoder drops a
+# leading space, times 4: Unicode normalization (Qwen's tokenizer applies NFC) composes at most 4
+# code points into one character.
+_NORMALIZATION_FACTOR = 4
+
 
 class ContextLengthError(ValueError):
     """A prompt that does not fit max_input_length, even with its videos shrunk."""
+
+
+def max_chars_per_token(tokenizer: Any) -> int | None:
+    """The most characters of input text one token can stand for, from the tokenizer's longest
+    token (its decoded text, special tokens included); None when there is no such bound (an added
+    token that strips the whitespace beside it absorbs any run of spaces)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    if any(getattr(t, "lstrip", False) or getattr(t, "rstrip", False) for t in added):
+        return None
+    ids = sorted(set(tokenizer.get_vocab().values()))
+    texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+    return _NORMALIZATION_FACTOR * (max(map(len, texts)) + 1)
+
+
+def _text_chars(messages: list[dict[str, Any]]) -> int:
+    """Characters of text in chat messages (string contents and text parts)."""
+    total = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    return total
 
 
 class PromptMediaMismatch(ValueError):
@@ -59,13 +90,16 @@ class PreparedRequest:
     ids: list[int]
     media: list[PreparedMedia] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
+    cache_salt: str | None = None  # prefix-cache blocks are shared only among requests with the same salt
 
 
 class Preprocessor:
     """Renders prompts, prepares media, fits videos and checks lengths (see the module docstring).
 
     max_input_length: the most prompt tokens (media included); limit_name: how error messages
-    name it (the server says MindIE's max_input_token_len).
+    name it (the server says MindIE's max_input_token_len). max_chars: the most characters of text
+    that can fit max_input_length tokens (None: no bound), from the tokenizer's longest token,
+    computed once here.
     """
 
     def __init__(self, tokenizer: Any, config: ModelConfig, image_cfg: ImageProcessorConfig, max_input_length: int,
@@ -76,6 +110,8 @@ class Preprocessor:
         self.max_input_length = max_input_length
         self.limits = limits
         self.limit_name = f"{limit_name} {max_input_length}"
+        self.chars_per_token = max_chars_per_token(tokenizer)
+        self.max_chars = None if self.chars_per_token is None else self.chars_per_token * max_input_length
         self.lock = threading.Lock()
 
     def with_own_tokenizer(self, path: str | Path, limit_name: str) -> Preprocessor:
@@ -91,15 +127,27 @@ class Preprocessor:
         """Check one medium's controls against the limits and preprocess it (MediaError if not)."""
         return prepare_media(media, self.image_cfg, self.limits)
 
+    def check_text(self, chars: int) -> None:
+        """ContextLengthError, before any tokenizing, when `chars` characters of prompt text are more
+        than max_input_length tokens can hold (a chat template only adds to them)."""
+        if self.max_chars is not None and chars > self.max_chars:
+            raise ContextLengthError(f"the prompt's text has {chars} characters, more than the {self.max_chars} that "
+                                     f"can fit {self.limit_name} (a token of this tokenizer stands for at most "
+                                     f"{self.chars_per_token}); refused before tokenizing")
+
     def render(self, messages: list[dict[str, Any]]) -> list[int]:
         """Token ids of the chat template over `messages` (transformers' message dicts, media parts
-        as {"type": "image"|"video"}), generation prompt appended; one pad per medium."""
+        as {"type": "image"|"video"}), generation prompt appended; one pad per medium. Text that
+        cannot fit is refused first (`check_text`)."""
+        self.check_text(_text_chars(messages))
         with self.lock:
             rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return self.tokenizer.encode(rendered, add_special_tokens=False)
 
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of raw text (no template, no special tokens added)."""
+        """Token ids of raw text (no template, no special tokens added); text that cannot fit is
+        refused first (`check_text`)."""
+        self.check_text(len(text))
         with self.lock:
             return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -134,8 +182,11 @@ class Preprocessor:
 
     def prepare(self, prompt: Prompt | str, params: SamplingParams | None = None) -> PreparedRequest:
         """An offline prompt as one user message (media then text, the template's default system
-        message), exactly what transformers' Qwen2-VL processor builds for it."""
+        message), exactly what transformers' Qwen2-VL processor builds for it. The media count and
+        the text's length are checked before any medium is read."""
         prompt = Prompt(prompt) if isinstance(prompt, str) else prompt
+        self.limits.check_count(len(prompt.media))
+        self.check_text(len(prompt.text))
         media = [self.prepare_media(m) for m in prompt.media]
         ids = self.render([user_message([m.kind for m in media], prompt.text)])
         return self.build(ids, media, params or SamplingParams())

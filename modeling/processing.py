@@ -22,6 +22,7 @@ video of one frame repeated temporal_patch_size times.
 from __future__ import annotations
 
 import enum
+import io
 import json
 import math
 import os
@@ -50,6 +51,10 @@ FRAME_FACTOR = 2                     # frame counts are even (temporal_patch_siz
 FPS = 2.0                            # default sampling rate
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
+
+# Pixels of one image or video frame as its file declares them, checked from the header before any
+# decoding: PIL's decompression-bomb warning threshold (Image.MAX_IMAGE_PIXELS, about 0.25 GiB of RGB).
+DECODE_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -80,6 +85,20 @@ class MediaKind(str, enum.Enum):
 
 class MediaError(ValueError):
     """An image or video that cannot be read or processed; the message names the file."""
+
+
+class MediaTooLarge(MediaError):
+    """An image or video frame whose header declares more pixels than the limit: refused before
+    anything is decoded (a decompression bomb never allocates its pixels)."""
+
+
+def check_source_pixels(width: int, height: int, max_pixels: int | None, name: str) -> None:
+    """MediaTooLarge naming the limit when `width` x `height` (as a file declares an image's or a
+    video frame's size) is over `max_pixels` (None: no limit)."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise MediaTooLarge(f"{name}: {width}x{height} = {width * height} pixels, over the configured limit of "
+                            f"{max_pixels} pixels per image or video frame (decode_max_pixels); refused before "
+                            "decoding")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,8 +275,47 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def is_image(source: str | os.PathLike | bytes) -> bool:
+    """Whether PIL identifies the file (or bytes) as an image, from its header alone (one too large
+    to decode is still an image)."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source):
+            return True
+    except Image.DecompressionBombError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = DECODE_MAX_PIXELS,
+               name: str | None = None) -> Image.Image:
+    """The decoded PIL image in a file (or its bytes). Its size is read from the header and checked
+    against `max_pixels` first (MediaTooLarge), so a decompression bomb is never decoded; any other
+    failure is a MediaError naming `name` (default: the path)."""
+    name = name or ("<image bytes>" if isinstance(source, bytes) else str(source))
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except Image.DecompressionBombError as e:  # PIL's own check, at twice its threshold, comes first
+        raise MediaTooLarge(f"{name}: {e} (decode_max_pixels is {max_pixels}); refused before decoding") from None
+    except Image.UnidentifiedImageError as e:  # its message would show a BytesIO repr
+        raise MediaError(f"{name}: cannot read image (not a format PIL knows)") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise MediaError(f"{name}: cannot read image ({type(e).__name__}: {e})") from e
+    try:
+        check_source_pixels(image.width, image.height, max_pixels, name)
+        image.load()
+    except MediaTooLarge:
+        image.close()
+        raise
+    except (OSError, SyntaxError, ValueError) as e:  # a valid header over corrupt data
+        image.close()
+        raise MediaError(f"{name}: cannot read image ({type(e).__name__}: {e})") from e
+    return image
+
+
 def load_image(image: Image.Image | str | os.PathLike) -> Image.Image:
-    """An RGB PIL image from a PIL image or a file path; MediaError names the file if unreadable."""
+    """An RGB PIL image from a PIL image or a file path; MediaError names the file if unreadable
+    (MediaTooLarge if its header declares more than DECODE_MAX_PIXELS)."""
     if isinstance(image, Image.Image):
         return to_rgb(image)
     path = Path(image)
@@ -265,12 +323,8 @@ def load_image(image: Image.Image | str | os.PathLike) -> Image.Image:
         raise MediaError(f"{path}: image file not found")
     if path.stat().st_size == 0:
         raise MediaError(f"{path}: image file is empty")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise MediaError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+    with open_image(path) as im:
+        return to_rgb(im)
 
 
 def image_target_size(height: int, width: int, cfg: ImageProcessorConfig, min_pixels: int | None = None,
@@ -410,15 +464,18 @@ def _open_video(path: Path):
     return container
 
 
-def probe_video(path: str | os.PathLike) -> VideoInfo:
+def probe_video(path: str | os.PathLike, max_frame_pixels: int | None = None) -> VideoInfo:
     """Frame count, frame rate and size of the first video stream. The count comes from the header,
-    or from counting packets when the header lacks it."""
+    or from counting packets when the header lacks it. A frame size over `max_frame_pixels` is
+    refused (MediaTooLarge) before anything else is read."""
     import av
 
     path = Path(path)
     container = _open_video(path)
     try:
         stream = container.streams.video[0]
+        height, width = stream.codec_context.height, stream.codec_context.width
+        check_source_pixels(width, height, max_frame_pixels, f"{path} (video frames)")
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         total = int(stream.frames or 0)
@@ -426,7 +483,6 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             total = sum(1 for pkt in container.demux(stream) if pkt.size)
         if fps <= 0 and stream.duration and stream.time_base:
             fps = total / float(stream.duration * stream.time_base)
-        height, width = stream.codec_context.height, stream.codec_context.width
     except av.FFmpegError as e:
         raise MediaError(f"{path}: cannot read video ({type(e).__name__}: {e})") from e
     finally:
@@ -463,7 +519,7 @@ def plan_video(path: str | os.PathLike, cfg: ImageProcessorConfig | None = None,
                min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: int | None = None,
                total_pixels: int = VIDEO_TOTAL_PIXELS, video_start: float | None = None,
                video_end: float | None = None, resized_height: int | None = None,
-               resized_width: int | None = None) -> VideoPlan:
+               resized_width: int | None = None, max_frame_pixels: int | None = None) -> VideoPlan:
     """Sample a clip as qwen-vl-utils does, from its header alone (nothing is decoded).
 
     Frame count: `smart_nframes` over the [video_start, video_end] range (fps 2 by default, or
@@ -471,11 +527,12 @@ def plan_video(path: str | os.PathLike, cfg: ImageProcessorConfig | None = None,
     `smart_resize` of the stream's size within [min_pixels, video_max_pixels(...)] (or the explicit
     resized_height x resized_width). `cfg` only supplies the size factor (patch_size * merge_size,
     28 when None). sample_fps = nframes / frames in range * video fps, so second_per_grid_t =
-    temporal_patch_size / sample_fps.
+    temporal_patch_size / sample_fps. A stream whose header declares frames over `max_frame_pixels`
+    is refused before any frame is decoded (MediaTooLarge).
     """
     path = Path(path)
     factor = cfg.factor if cfg is not None else IMAGE_FACTOR
-    info = probe_video(path)
+    info = probe_video(path, max_frame_pixels)
     try:
         start, end, count = video_frame_range(info.total_frames, info.fps, video_start, video_end)
         n = smart_nframes(count, info.fps, fps=fps if nframes is None else None, nframes=nframes,
@@ -565,11 +622,8 @@ def probe_media_kind(path: str | os.PathLike, open_videos: bool = True) -> Media
     p = Path(path)
     if p.suffix.lower() in VIDEO_EXTENSIONS:
         return MediaKind.VIDEO
-    try:
-        with Image.open(p):
-            return MediaKind.IMAGE
-    except (OSError, ValueError):
-        pass
+    if is_image(p):
+        return MediaKind.IMAGE
     if not open_videos:
         return None
     import av

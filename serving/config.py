@@ -58,19 +58,25 @@ class ServeConfig:
     enable_prefix_caching: bool = True
     graceful_timeout: float = 30.0
     preprocess_workers: int = 2
+    # 413 past it (serving/limits.py): two 20 MB images fit as base64, or a 48 MB video; larger media
+    # go by path under --allowed_media_dir. Each request in flight buffers at most this much.
+    max_request_bytes: int = 64 << 20
     log_level: str = "info"
     image_max_pixels: int | None = None        # engine.media.MediaLimits fields (None: its defaults)
     video_max_pixels: int | None = None
     video_max_total_pixels: int | None = None
     video_max_frames: int | None = None
     video_max_fps: float | None = None
+    decode_max_pixels: int | None = None
+    max_media_per_prompt: int | None = None
     world_size: int | None = None  # MindIE's worldSize: must equal the torchrun world size when given
 
     def media_limits(self) -> MediaLimits:
         """The server-wide media policy: hard limits on what requests' media controls may ask."""
         given = {name: getattr(self, name) for name in ("image_max_pixels", "video_max_pixels",
                                                          "video_max_total_pixels", "video_max_frames",
-                                                         "video_max_fps") if getattr(self, name) is not None}
+                                                         "video_max_fps", "decode_max_pixels",
+                                                         "max_media_per_prompt") if getattr(self, name) is not None}
         return MediaLimits(**given)
 
     def model_names(self) -> list[str]:
@@ -236,6 +242,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help=f"seconds SIGTERM waits for in-flight requests before aborting them (default: {d.graceful_timeout})")
     add("--preprocess_workers", type=int,
         help=f"threads decoding media and tokenizing prompts (default: {d.preprocess_workers})")
+    add("--max_request_bytes", type=int,
+        help=f"request body size in bytes; larger bodies get a 413 before they are read whole (default: "
+             f"{d.max_request_bytes}, 64 MiB: send larger media as paths under --allowed_media_dir)")
     add("--log_level", choices=["debug", "info", "warning", "error"], help=f"(default: {d.log_level})")
     limits = p.add_argument_group("media limits (a request asking for more gets a 400 naming the limit)")
     lim = DEFAULT_LIMITS
@@ -245,6 +254,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         help=f"all frames of one video (default: {lim.video_max_total_pixels})")
     limits.add_argument("--video_max_frames", type=int, help=f"frames sampled (default: {lim.video_max_frames})")
     limits.add_argument("--video_max_fps", type=float, help=f"sampling rate (default: {lim.video_max_fps})")
+    limits.add_argument("--decode_max_pixels", type=int,
+                        help=f"an image's or a video frame's size as the file declares it, checked before decoding "
+                             f"(default: {lim.decode_max_pixels}, PIL's decompression-bomb threshold)")
+    limits.add_argument("--max_media_per_prompt", type=int,
+                        help=f"images and videos in one request (default: {lim.max_media_per_prompt})")
 
 
 def build_config(args: argparse.Namespace) -> tuple[ServeConfig, list[str]]:
@@ -263,7 +277,7 @@ def build_config(args: argparse.Namespace) -> tuple[ServeConfig, list[str]]:
     if not cfg.model_path:
         raise ValueError("no model: pass --model_path, or --config with ModelConfig.modelWeightPath")
     for name in ("max_batch_size", "max_prefill_tokens", "max_iter_times", "block_size", "max_waiting",
-                 "preprocess_workers"):
+                 "preprocess_workers", "max_request_bytes"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.allowed_media_dir is not None and not Path(cfg.allowed_media_dir).is_dir():

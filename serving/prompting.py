@@ -16,6 +16,11 @@ Media sources (`MediaRef.url`):
   * a bare base64 string of 512+ characters (MindIE accepts base64 images this way);
   * `http://` / `https://`: refused with a 400; this server does not fetch URLs.
 
+Work is bounded before it is done: the media count (max_media_per_prompt) is checked before any
+medium is read, the text's length before it is tokenized (the Preprocessor's `check_text`), a
+data URI's size before it is decoded and an image's or video frame's pixels from the file's header
+before it is decoded (decode_max_pixels); each is a 400 naming the limit.
+
 Chat messages are rendered with the tokenizer's chat template, parts in the order given (for one
 user message of media then text this is exactly what `LLM.generate` builds offline). Videos that
 would push a prompt over max_input_token_len are shrunk to fit (the response reports it in
@@ -27,18 +32,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import re
 import urllib.parse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-from PIL import Image
 
 from engine.media import Media, MediaOptionError, PreparedMedia
 from engine.preprocess import ContextLengthError, PreparedRequest, Preprocessor, PromptMediaMismatch
 from engine.sampling import SamplingParams
-from modeling.processing import MediaError, MediaKind
+from modeling.processing import MediaError, MediaKind, MediaTooLarge, is_image
 from serving.protocol import APIError, ChatMessage, MediaRef
 
 _BASE64 = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")
@@ -50,7 +53,15 @@ def _media_error(ref: MediaRef, message: str, code: str = "invalid_media") -> AP
     return APIError(f"'{ref.param}': {message}", param=ref.param, code=code)
 
 
+def _check_bytes(ref: MediaRef, size: int) -> None:
+    """400 (media_too_large) when a part's file or decoded data is over its kind's byte limit."""
+    limit = MAX_IMAGE_BYTES if ref.kind == MediaKind.IMAGE else MAX_VIDEO_BYTES
+    if size > limit:
+        raise _media_error(ref, f"{ref.kind} of {size} bytes is over the {limit >> 20} MB limit", "media_too_large")
+
+
 def _b64decode(ref: MediaRef, data: str) -> bytes:
+    _check_bytes(ref, len(data.rstrip("=")) * 3 // 4)  # the decoded size, known before decoding
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
@@ -61,7 +72,8 @@ def _b64decode(ref: MediaRef, data: str) -> bytes:
 
 
 def resolve_source(ref: MediaRef, allowed_dir: Path | None) -> str | bytes:
-    """A file path (checked to lie inside allowed_dir) or the decoded bytes of a data URI."""
+    """A file path (checked to lie inside allowed_dir) or the decoded bytes of a data URI, within
+    the byte limit of the part's kind (data URIs checked before they are decoded)."""
     url = ref.url.strip()
     lower = url[:16].lower()
     if lower.startswith("data:"):
@@ -102,6 +114,7 @@ def resolve_source(ref: MediaRef, allowed_dir: Path | None) -> str | bytes:
         raise _media_error(ref, f"a directory, not a file: {path_text}", "file_not_found")
     if not real.is_file():
         raise _media_error(ref, f"no such file: {path_text}", "file_not_found")
+    _check_bytes(ref, real.stat().st_size)
     return str(real)
 
 
@@ -123,15 +136,6 @@ def _byte_level_decoder() -> dict[str, int]:
 _BYTE_DECODER = _byte_level_decoder()
 
 
-def _is_image(source: str | bytes) -> bool:
-    """Whether PIL recognises the file / bytes as an image."""
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
 class Preparer:
     """Builds the PreparedRequest of an HTTP request. Thread-safe (the Preprocessor's tokenizer
     calls hold its lock; media decoding runs outside it)."""
@@ -150,16 +154,15 @@ class Preparer:
     def prepare_one(self, ref: MediaRef) -> PreparedMedia:
         """Resolve, size-check and prepare one media part; APIError (400) naming the part otherwise."""
         source = resolve_source(ref, self.allowed_dir)
-        limit = MAX_IMAGE_BYTES if ref.kind == MediaKind.IMAGE else MAX_VIDEO_BYTES
-        size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
-        if size > limit:
-            raise _media_error(ref, f"{ref.kind} of {size} bytes is over the {limit >> 20} MB limit", "media_too_large")
-        if ref.kind == MediaKind.VIDEO and _is_image(source):
+        if ref.kind == MediaKind.VIDEO and is_image(source):
             raise _media_error(ref, "this is an image, not a video: send it as an image_url part", "invalid_media")
         try:
-            return self.preprocessor.prepare_media(Media(source, ref.kind, dict(ref.options)))
+            # label: the engine names the part if the medium fails later, while it decodes it
+            return replace(self.preprocessor.prepare_media(Media(source, ref.kind, dict(ref.options))), label=ref.param)
         except MediaOptionError as e:
             raise _media_error(ref, str(e), "invalid_value") from None
+        except MediaTooLarge as e:  # its header declares more pixels than decode_max_pixels
+            raise _media_error(ref, str(e), "media_too_large") from None
         except Exception as e:  # noqa: BLE001 - any decoder failure is the file's fault: a 400
             article = "an" if ref.kind == MediaKind.IMAGE else "a"
             raise _media_error(ref, f"cannot read it as {article} {ref.kind}: {e}"[:500], "invalid_media") from None
@@ -181,18 +184,31 @@ class Preparer:
         return out
 
     def prepare_chat(self, messages: list[ChatMessage], params: SamplingParams) -> PreparedRequest:
-        """The rendered conversation (generation prompt appended) with its media."""
-        media = [self.prepare_one(p) for m in messages for p in m.parts if isinstance(p, MediaRef)]
+        """The rendered conversation (generation prompt appended) with its media. What bounds the
+        work is checked before any is done: the media count first, then (as the template is
+        rendered, before tokenizing) the text's length; media are read last."""
+        refs = [p for m in messages for p in m.parts if isinstance(p, MediaRef)]
+        try:
+            self.preprocessor.limits.check_count(len(refs))
+        except MediaOptionError as e:
+            raise APIError(str(e), param="messages", code="too_many_media") from None
         try:
             ids = self.preprocessor.render(self.template_messages(messages))
+        except ContextLengthError as e:
+            raise APIError(str(e), param="messages", code="context_length_exceeded") from None
         except Exception as e:  # noqa: BLE001 - templates raise their own errors for odd conversations
             raise APIError(f"the model's chat template cannot render these messages: {e}", param="messages",
                            code="invalid_value") from None
+        media = [self.prepare_one(p) for p in refs]
         return self._build(ids, media, params, "messages")
 
     def prepare_raw(self, text: str, params: SamplingParams) -> PreparedRequest:
-        """Raw prompt text (no chat template, no media)."""
-        ids = self.preprocessor.tokenize(text)
+        """Raw prompt text (no chat template, no media); text that cannot fit is refused before it
+        is tokenized."""
+        try:
+            ids = self.preprocessor.tokenize(text)
+        except ContextLengthError as e:
+            raise APIError(str(e), param="prompt", code="context_length_exceeded") from None
         if not ids:
             raise APIError("prompt is empty after tokenization", param="prompt", code="invalid_value")
         return self._build(ids, [], params, "prompt")

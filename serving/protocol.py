@@ -87,6 +87,7 @@ class GenerationRequest:
     include_usage: bool = False
     logprobs: bool = False                 # return per-token logprobs (how many top ones: params.logprobs)
     return_token_ids: bool = False
+    cache_salt: str | None = None          # prefix-cache blocks are shared only within one salt (vLLM's field)
 
 
 # ------------------------------------------------------------------------------------- field helpers
@@ -232,6 +233,15 @@ def _stop(body: dict[str, Any]) -> list[str]:
     return stop
 
 
+def _cache_salt(body: dict[str, Any]) -> str | None:
+    """The optional `cache_salt`: a non-empty string; requests with different salts never share,
+    or time each other's, cached prefixes."""
+    salt = _get(body, "cache_salt", str)
+    if salt is not None and not salt:
+        raise APIError("'cache_salt' must be a non-empty string", param="cache_salt", code="invalid_value")
+    return salt
+
+
 def _refuse_unsupported(body: dict[str, Any]) -> None:
     """Options we do not implement get a 400 rather than being silently ignored."""
     n = body.get("n")
@@ -320,7 +330,7 @@ def parse_chat_request(body: dict[str, Any]) -> GenerationRequest:
     params.logprobs = top if logprobs else None
     stream, include_usage = _stream_flags(body)
     return GenerationRequest(model, messages, None, params, given, stream, include_usage, logprobs,
-                             _get(body, "return_token_ids", bool, False))
+                             _get(body, "return_token_ids", bool, False), cache_salt=_cache_salt(body))
 
 
 def parse_completion_request(body: dict[str, Any]) -> GenerationRequest:
@@ -345,7 +355,7 @@ def parse_completion_request(body: dict[str, Any]) -> GenerationRequest:
     params.logprobs = top
     stream, include_usage = _stream_flags(body)
     return GenerationRequest(model, None, prompt, params, given, stream, include_usage, top is not None,
-                             _get(body, "return_token_ids", bool, False))
+                             _get(body, "return_token_ids", bool, False), cache_salt=_cache_salt(body))
 
 
 def parse_generate_request(body: dict[str, Any]) -> GenerationRequest:
@@ -372,7 +382,7 @@ def parse_generate_request(body: dict[str, Any]) -> GenerationRequest:
     elif do_sample is True and "temperature" not in body:
         params.temperature = 1.0
     stream = _get(body, "stream", bool, False)
-    return GenerationRequest(model, messages, raw, params, given, stream)
+    return GenerationRequest(model, messages, raw, params, given, stream, cache_salt=_cache_salt(body))
 
 
 # ------------------------------------------------------------------------------------- responses

@@ -6,7 +6,9 @@
 
 Endpoints: POST /v1/chat/completions, /v1/completions, /generate; GET /v1/models, /health
 (200 once the model is loaded), /metrics (Prometheus). SIGTERM stops accepting requests, lets
-in-flight ones finish (--graceful_timeout), aborts the rest and exits 0. See serving/.
+in-flight ones finish (--graceful_timeout), aborts the rest and exits 0. A body over
+--max_request_bytes is a 413, a request past a media or length limit a 400 naming it, each checked
+before the work it bounds. See serving/.
 """
 
 from __future__ import annotations
