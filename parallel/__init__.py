@@ -2,9 +2,9 @@
 (parallel.group), the collectives the model calls (parallel.comm) and the sharding rules applied
 at load time (parallel.sharding). See README.md ("Tensor parallelism")."""
 
-from parallel.comm import all_gather, all_gather_object, all_reduce, barrier, broadcast_object
+from parallel.comm import all_gather, all_gather_object, all_reduce, barrier, broadcast_object, exit_rank
 from parallel.group import SINGLE_PROCESS, TPGroup, destroy, init_from_env
 from parallel.sharding import TPSizeError, check_tp_sizes, local_kv_heads
 
 __all__ = ["SINGLE_PROCESS", "TPGroup", "TPSizeError", "all_gather", "all_gather_object", "all_reduce", "barrier",
-           "broadcast_object", "check_tp_sizes", "destroy", "init_from_env", "local_kv_heads"]
+           "broadcast_object", "check_tp_sizes", "destroy", "exit_rank", "init_from_env", "local_kv_heads"]

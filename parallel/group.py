@@ -12,10 +12,17 @@ group is the single-process one, on which every collective is a no-op.
 
 Tensor parallelism spans the whole world (every process holds 1 / world_size of each layer):
 2/4/8-way on one machine, or across machines with torchrun's --nnodes / rendezvous flags.
+
+Every collective has a timeout, `TPGroup.timeout_s` (QVL_TP_TIMEOUT_S, default 600 s): a rank that
+hangs or becomes unreachable ends its peers within it (one that exits closes its connections, and
+its peers' next collective fails at once; parallel.comm turns either into an exit). Ranks > 0
+wait for rank 0's next command inside a collective, so a driver with nothing to do still steps
+every `TPGroup.heartbeat_s` (serving/async_engine.py) to tell them it is alive.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -25,10 +32,14 @@ import torch.distributed as dist
 
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 
-# Ranks > 0 wait for rank 0's next command in a broadcast on the object group; a server on rank 0
-# may sit idle for hours, so that group's timeout is long (the default, 30 min, would kill idle
-# workers).
-OBJECT_GROUP_TIMEOUT = timedelta(days=7)
+TIMEOUT_ENV = "QVL_TP_TIMEOUT_S"
+# Long enough for what rank 0 does alone between two steps (LLM.generate prepares its whole batch
+# before the first one) and for ranks that load or compile at different speeds; a dead rank is
+# noticed at once anyway, so this bounds only a rank that hangs or drops off the network.
+DEFAULT_TIMEOUT_S = 600.0
+# An idle driver's steps: frequent, so that a rank that dies while the server idles is noticed
+# within seconds (an empty step is one small broadcast).
+MAX_HEARTBEAT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -40,7 +51,9 @@ class TPGroup:
     device: the device its weights, activations and KV cache live on;
     group: the process group of the tensor collectives (nccl / hccl / gloo); None at world size 1;
     object_group: a gloo group for python-object broadcasts (engine commands) kept off the
-    accelerator's stream; None at world size 1.
+    accelerator's stream; None at world size 1;
+    timeout_s: how long any collective (on either group) may wait for the other ranks before this
+    rank gives up on them and exits (parallel.comm).
     The default instance is the single process: every collective on it is a no-op.
     """
 
@@ -50,10 +63,19 @@ class TPGroup:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     group: dist.ProcessGroup | None = None
     object_group: dist.ProcessGroup | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in a world of size {self.world_size}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"the tensor-parallel timeout must be > 0 seconds, got {self.timeout_s}")
+
+    @property
+    def heartbeat_s(self) -> float:
+        """The longest rank 0's driver may go without a step: well inside the timeout the other
+        ranks wait for its next command with (infinite on one process: nobody waits)."""
+        return math.inf if self.world_size == 1 else min(MAX_HEARTBEAT_S, self.timeout_s / 4)
 
 
 SINGLE_PROCESS = TPGroup()
@@ -109,31 +131,47 @@ def _bind_device(device_type: str, local_rank: int) -> torch.device:
     return torch.device(device_type, local_rank)
 
 
-def init_from_env(device: str | torch.device | None = None) -> TPGroup:
+def _timeout_s(timeout_s: float | None) -> float:
+    """The collectives' timeout: the argument, else QVL_TP_TIMEOUT_S, else the default."""
+    if timeout_s is not None:
+        return timeout_s
+    value = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        return float(value) if value else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={value!r} is not a number of seconds") from None
+
+
+def init_from_env(device: str | torch.device | None = None, timeout_s: float | None = None) -> TPGroup:
     """Join the tensor-parallel world torchrun describes in the environment.
 
     device: "cuda" / "npu" / "cpu" (an index, if given, is replaced by LOCAL_RANK); default: the
-    first accelerator found, else the CPU. At world size 1 (WORLD_SIZE unset or 1) no process
-    group is made and the single-process TPGroup (on `device`, or the CPU) is returned. Calling it
-    again after the world is up returns the same description.
+    first accelerator found, else the CPU. timeout_s: how long a collective waits for the other
+    ranks (default: QVL_TP_TIMEOUT_S, else 600 s; see TPGroup). At world size 1 (WORLD_SIZE unset
+    or 1) no process group is made and the single-process TPGroup (on `device`, or the CPU) is
+    returned. Calling it again after the world is up returns the same description.
     """
+    timeout = _timeout_s(timeout_s)
     world = _env_int("WORLD_SIZE", 1)
     device_type = torch.device(device).type if device is not None else detect_device_type()
     if world == 1:
-        return TPGroup(device=torch.device(device) if device is not None else torch.device(device_type))
+        return TPGroup(device=torch.device(device) if device is not None else torch.device(device_type),
+                       timeout_s=timeout)
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
     bound = _bind_device(device_type, local_rank)
     backend = BACKENDS[device_type]
     if not dist.is_initialized():
         kwargs = {"device_id": bound} if device_type == "cuda" else {}
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, **kwargs)
+        # The tensor collectives' group (also the time allowed for every rank to join).
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout), **kwargs)
     if dist.get_world_size() != world or dist.get_rank() != rank:
         raise RuntimeError(f"the process group (rank {dist.get_rank()} of {dist.get_world_size()}) does not "
                            f"match RANK={rank} WORLD_SIZE={world}")
-    # A separate gloo group for pickled objects: CPU-side, and with a long timeout (see above).
-    object_group = dist.new_group(backend="gloo", timeout=OBJECT_GROUP_TIMEOUT)
+    # A separate gloo group for pickled objects, CPU-side (off the accelerator's stream).
+    object_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
     return TPGroup(rank=rank, world_size=world, local_rank=local_rank, device=bound,
-                   group=dist.group.WORLD, object_group=object_group)
+                   group=dist.group.WORLD, object_group=object_group, timeout_s=timeout)
 
 
 def destroy(tp: TPGroup) -> None:
