@@ -16,6 +16,10 @@ step. Commands are typed values (engine/commands.py); an Add carries the prepare
 (token ids, media with their pixels), so only rank 0 reads media files.
 Logits are all-gathered, identical on every rank, and sampling is made identical too: a sampled
 request without a seed gets one drawn on rank 0. `shutdown()` on rank 0 ends the workers' loops.
+Faults end the world, never hang it: a step that fails on any rank, or a collective that fails
+(a peer exited) or times out (tp.timeout_s), ends that rank with status 1 and a line naming it,
+and its peers' next collectives fail in turn. An idle driver must still step every
+tp.heartbeat_s (an empty step) so that the waiting ranks do not time out; the server does.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,16 +39,17 @@ from tqdm import tqdm
 from engine.block_manager import BlockManager
 from engine.commands import Abort, Add, Command, Stop
 from engine.encoder_cache import EncoderCache
+from engine.errors import RequestFault, RequestMediaError, StepFailed
 from engine.media import DEFAULT_LIMITS, MediaLimits, PreparedMedia
 from engine.preprocess import PreparedRequest, Preprocessor, Prompt
-from engine.sampling import SamplingParams, find_stop, make_generator, sample
-from engine.scheduler import Batch, Scheduler
+from engine.sampling import SampleOutput, SamplingParams, find_stop, make_generator, sample
+from engine.scheduler import Batch, Run, Scheduler
 from engine.sequence import Sequence
 from engine.stats import EngineStats
 from modeling.attention_metadata import AttentionMetadata
 from modeling.model import load_model
 from modeling.processing import ImageProcessorConfig, MediaKind
-from parallel.comm import all_gather_object, broadcast_object
+from parallel.comm import all_gather_object, broadcast_object, exit_rank
 from parallel.group import SINGLE_PROCESS, TPGroup, detect_device_type
 from parallel.sharding import local_kv_heads
 
@@ -67,6 +73,7 @@ class RequestOutput:
     latency_s: float
     token_times: list[float]
     media_adjustments: list[str] = field(default_factory=list)  # videos shrunk to fit the context
+    error: BaseException | None = None  # why the request ended early (finish_reason "error"): engine/errors.py
 
 
 def default_device() -> torch.device:
@@ -188,7 +195,7 @@ class LLM:
                 # RNG, so torch.manual_seed on rank 0 still makes a run reproducible).
                 params = dataclasses.replace(params, seed=int(torch.randint(0, 2**62, ()).item()))
             # The other ranks get pixels, not files they may not have.
-            request = PreparedRequest(request.ids, [m.materialized() for m in request.media], params)
+            request = dataclasses.replace(request, media=[m.materialized() for m in request.media], params=params)
         self._record(Add(request_id, request))
 
     def _enqueue(self, request_id: str, request: PreparedRequest) -> None:
@@ -201,7 +208,8 @@ class LLM:
             torch.tensor([m.grid for m in videos]) if videos else None,
             [m.second_per_grid_t for m in videos] if videos else None)
         seq = Sequence(self._next_seq_id, request_id, list(ids), positions, delta, list(media),
-                       self._content_keys(ids, media), params, generator=make_generator(params.seed, self.device))
+                       self._content_keys(ids, media), params, generator=make_generator(params.seed, self.device),
+                       cache_salt=request.cache_salt)
         self._next_seq_id += 1
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
@@ -259,23 +267,31 @@ class LLM:
 
         Each iteration receives the commands rank 0 recorded since its last step, applies them and
         runs the same step (its collectives pair with rank 0's). on_outputs, if given, gets each
-        step's outputs (the same as rank 0's step() returns).
+        step's outputs (the same as rank 0's step() returns). If a step fails here, or rank 0
+        exits or stops stepping for longer than the timeout (tp.timeout_s; an idle driver steps
+        every tp.heartbeat_s), this process exits with status 1 (parallel.comm.exit_rank).
         """
         if self.tp.rank == 0:
             raise RuntimeError("worker_loop() runs on ranks > 0; rank 0 drives the LLM (add_request / step)")
         while True:
             commands: list[Command] = broadcast_object(None, self.tp)
-            for command in commands:
-                if isinstance(command, Stop):
-                    self._stopped = True
-                    return
-                self._apply(command)
-            outputs = self._step()
+            try:
+                for command in commands:
+                    if isinstance(command, Stop):
+                        self._stopped = True
+                        return
+                    self._apply(command)
+                outputs = self._step()
+            except Exception as e:  # noqa: BLE001 - rank 0 has gone on: this rank is out of lockstep for good
+                exit_rank(self.tp, f"following rank 0's step failed here: {type(e).__name__}: {e}", e)
             if on_outputs is not None:
                 on_outputs(outputs)
 
     def shutdown(self) -> None:
-        """Rank 0: end the other ranks' worker_loop() (no-op on one process, on workers, or twice)."""
+        """Rank 0: end the other ranks' worker_loop() (no-op on one process, on workers, or twice).
+
+        Safe from any thread: it holds the lock step() holds, so its broadcast falls between two
+        steps, never inside one (their collectives would interleave); no step runs after it."""
         if self.tp.world_size == 1 or self.tp.rank != 0:
             return
         with self._shutdown_lock:
@@ -295,34 +311,50 @@ class LLM:
         """One forward pass over every scheduled sequence; outputs of those that changed.
 
         Under tensor parallelism (rank 0 only) the other ranks first get the commands recorded
-        since the last step, then all run the same step.
+        since the last step, then all run the same step; a step with nothing to run tells them
+        rank 0 is alive (an idle driver steps every tp.heartbeat_s). One thread steps at a time,
+        under the lock shutdown() holds. A step that fails ends this process (exit status 1): the
+        other ranks may be inside collectives it left, and could never pair up with it again.
         """
-        if self.tp.world_size > 1:
+        if self.tp.world_size == 1:
+            return self._step()
+        with self._shutdown_lock:  # the driver's lock: a shutdown() from another thread waits for this step
             self._check_driver("step")
             broadcast_object(self._pending, self.tp)
             self._pending = []
-        return self._step()
+            try:
+                return self._step()
+            except Exception as e:  # noqa: BLE001 - StepFailed included: the others may be waiting inside it
+                exit_rank(self.tp, f"an engine step failed here: {type(e).__name__}: {e}", e)
 
     def _step(self) -> list[RequestOutput]:
-        """The step itself, the same on every rank."""
+        """The step itself, the same on every rank.
+
+        A request that cannot go on ends alone, with an error on its output: one whose medium
+        fails to decode or encode (RequestMediaError), or whose logits row is not finite
+        (RequestFault). A forward pass that fails ends the requests in it and raises StepFailed
+        with their outputs; the requests outside the step are untouched (on one process: under
+        tensor parallelism step() ends the rank, since its peers' collectives no longer pair).
+        """
         batch = self.scheduler.schedule()
         if not batch.runs:
             return []
-        self._encode_media(batch.admitted)
+        results = [self._fail(seq, error) for seq, error in self._encode_media(batch.admitted)]
+        batch.runs = [r for r in batch.runs if not r.seq.is_finished]
         started = time.perf_counter()
-        logits = self._forward(batch)
-        sampling_runs = [r for r in batch.runs if r.samples]
-        out = sample(logits, [r.seq.params for r in sampling_runs],
-                     [r.seq.prompt_ids for r in sampling_runs], [r.seq.output_ids for r in sampling_runs],
-                     [r.seq.generator for r in sampling_runs]) if sampling_runs else None
+        try:
+            sampling_runs, out = self._forward_and_sample(batch, results) if batch.runs else ([], None)
+        except Exception as e:  # noqa: BLE001 - whatever failed, it ends only the requests in this step
+            fault = RequestFault(f"the engine step this request was part of failed: {type(e).__name__}: {e}")
+            raise StepFailed(results + [self._fail(r.seq, fault) for r in batch.runs], e) from e
         now = time.perf_counter()
         self.stats.record_step(now - started, batch.num_tokens, any(r.count > 1 for r in batch.runs),
                                self.blocks.num_used_blocks())
 
         for run in batch.runs:
-            run.seq.num_computed = run.start + run.count
-            self.blocks.commit(run.seq.seq_id, run.seq.all_keys, run.seq.num_computed)
-        results = []
+            if not run.seq.is_finished:  # a request whose logits were not finite has ended
+                run.seq.num_computed = run.start + run.count
+                self.blocks.commit(run.seq.seq_id, run.seq.all_keys, run.seq.num_computed)
         for i, run in enumerate(sampling_runs):
             seq = run.seq
             seq.output_ids.append(out.token_ids[i])
@@ -334,11 +366,41 @@ class LLM:
             results.append(self.output_of(seq))
         return results
 
-    def _encode_media(self, admitted: list[Sequence]) -> None:
-        """Vision-encode the media of newly admitted sequences that the encoder cache lacks."""
+    def _forward_and_sample(self, batch: Batch, results: list[RequestOutput]) -> tuple[list[Run], SampleOutput | None]:
+        """The forward pass, then one token for each run that reaches its sequence's end. A row of
+        logits that is not finite ends its request (its output goes to `results`) and is not sampled.
+        Returns the sampled runs and their tokens."""
+        logits = self._forward(batch)
+        sampling_runs = [r for r in batch.runs if r.samples]
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # logits are all-gathered: every rank agrees
+        if not all(finite):
+            for run, ok in zip(sampling_runs, finite, strict=True):
+                if not ok:
+                    results.append(self._fail(run.seq, RequestFault(
+                        "the model's logits for this request are not finite (NaN or inf)")))
+            logits = logits[torch.tensor(finite, device=logits.device)]
+            sampling_runs = [r for r, ok in zip(sampling_runs, finite, strict=True) if ok]
+        if not sampling_runs:
+            return [], None
+        return sampling_runs, sample(logits, [r.seq.params for r in sampling_runs],
+                                     [r.seq.prompt_ids for r in sampling_runs],
+                                     [r.seq.output_ids for r in sampling_runs],
+                                     [r.seq.generator for r in sampling_runs])
+
+    def _fail(self, seq: Sequence, error: BaseException) -> RequestOutput:
+        """End a request that cannot go on (its blocks freed); its output carries the error."""
+        seq.finish_reason = "error"
+        seq.finish_time = time.perf_counter()
+        self.scheduler.finish(seq)
+        self.sequences.pop(seq.request_id, None)
+        return dataclasses.replace(self.output_of(seq), error=error)
+
+    def _encode_media(self, admitted: list[Sequence]) -> list[tuple[Sequence, BaseException]]:
+        """Vision-encode the media of newly admitted sequences that the encoder cache lacks; the
+        sequences whose media failed, with why (their embeddings are not set)."""
         todo = [s for s in admitted if s.media and s.media_embeds is None]
         if not todo:
-            return
+            return []
         started = time.perf_counter()
         found: dict[str, torch.Tensor] = {}
         missing: dict[str, PreparedMedia] = {}
@@ -349,13 +411,42 @@ class LLM:
                     missing[m.content_hash] = m
                 else:
                     found[m.content_hash] = cached
-        for m, embeds in zip(missing.values(), self.encode_media(list(missing.values())), strict=True):
-            found[m.content_hash] = embeds
-            self.encoder_cache.put(m.content_hash, embeds)  # too large for the cache: used, not kept
+        encoded, errors = self._encode_isolated(list(missing.values()))
+        for key, embeds in encoded.items():
+            found[key] = embeds
+            self.encoder_cache.put(key, embeds)  # too large for the cache: used, not kept
+        failed = []
         for seq in todo:
+            error = next((errors[m.content_hash] for m in seq.media if m.content_hash in errors), None)
+            if error is not None:
+                failed.append((seq, error))
+                continue
             embeds = [found[m.content_hash] for m in seq.media]
             seq.media_embeds = embeds[0] if len(embeds) == 1 else torch.cat(embeds)  # one medium: no copy
         self.stats.vision_s += time.perf_counter() - started
+        return failed
+
+    def _encode_isolated(self, media: list[PreparedMedia]) -> tuple[dict[str, torch.Tensor], dict[str, BaseException]]:
+        """encode_media over all of them (one vision call for the images); if that fails, each medium
+        alone, so that one bad medium fails only the requests holding it. Embeddings and errors by
+        content hash: a RequestMediaError for a medium that does not decode, a RequestFault else."""
+        try:
+            return {m.content_hash: e for m, e in zip(media, self.encode_media(media), strict=True)}, {}
+        except Exception as e:  # noqa: BLE001 - which medium failed is found below
+            if self.tp.world_size > 1:
+                # Media arrive decoded (materialized), so a failure here is a rank's own (out of
+                # memory, ...): retrying alone could pair collectives wrongly. The step fails (fatal).
+                raise
+            if len(media) == 1:
+                return {}, {media[0].content_hash: _request_error(media[0], e)}
+        encoded: dict[str, torch.Tensor] = {}
+        errors: dict[str, BaseException] = {}
+        for m in media:
+            try:
+                encoded[m.content_hash] = self.encode_media([m])[0]
+            except Exception as e:  # noqa: BLE001 - reported on this medium's requests only
+                errors[m.content_hash] = _request_error(m, e)
+        return encoded, errors
 
     def encode_media(self, media: list[PreparedMedia]) -> list[torch.Tensor]:
         """Embeddings [tokens, H] of each medium. Images go together in one vision call; a video
@@ -374,7 +465,7 @@ class LLM:
                 out[i] = torch.empty(m.num_tokens, self.config.text.hidden_size, dtype=self.model.dtype,
                                      device=self.device)
                 row = 0
-                for pv, grid in m.pixel_chunks(max(1, self.vision_chunk_patches // (h * w))):
+                for pv, grid in _decoded_chunks(m, max(1, self.vision_chunk_patches // (h * w))):
                     chunk = self.model.encode_media(pv.to(self.device), torch.tensor([grid]))
                     out[i][row:row + len(chunk)] = chunk
                     row += len(chunk)
@@ -465,24 +556,67 @@ class LLM:
     # ------------------------------------------------------------------ offline batches
 
     def generate(self, prompts: Seq[Prompt | str], params: SamplingParams | Seq[SamplingParams] | None = None,
-                 progress: bool = False) -> list[RequestOutput]:
-        """Run a batch of prompts to completion; outputs in input order."""
+                 progress: bool = False, errors: str = "raise") -> list[RequestOutput]:
+        """Run a batch of prompts to completion; outputs in input order.
+
+        errors: what a prompt that cannot be queued (unreadable media, over max_input_length, bad
+        sampling values) does. "raise": its error is raised and nothing of the batch stays queued;
+        "return": its output carries the error (finish_reason "error", no tokens) and the others run.
+        A request that fails while running (a video whose frames do not decode, ...) always ends
+        alone, its output carrying the error.
+        """
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         params_list = list(params) if isinstance(params, Seq) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
-        ids = [f"offline-{self._next_seq_id + i}" for i in range(len(prompts))]
-        try:
-            for request_id, prompt, p in zip(ids, prompts, params_list, strict=True):
-                self.add_request(request_id, self.preprocessor.prepare(prompt, p))
-        except ValueError:
-            for request_id in ids:  # nothing half-queued stays behind
-                self.abort(request_id)
-            raise
+        batch = uuid.uuid4().hex[:12]  # ids no other request of this LLM holds
+        ids = [f"offline-{batch}-{i}" for i in range(len(prompts))]
         finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(prompts), disable=not progress, desc="requests", unit="req") as bar:
+        queued: list[str] = []
+        for request_id, prompt, p in zip(ids, prompts, params_list, strict=True):
+            try:
+                self.add_request(request_id, self.preprocessor.prepare(prompt, p))
+                queued.append(request_id)
+            except Exception as e:
+                if errors == "raise":
+                    for done in queued:  # nothing half-queued stays behind
+                        self.abort(done)
+                    raise
+                finished[request_id] = RequestOutput(request_id, 0, [], [], [], "", True, "error", 0, None, 0.0, [],
+                                                     error=e)
+        with tqdm(total=len(prompts), initial=len(finished), disable=not progress, desc="requests",
+                  unit="req") as bar:
             while self.has_unfinished():
-                for out in self.step():
+                try:
+                    outputs = self.step()
+                except StepFailed as e:  # its requests have ended with the error; the rest go on
+                    outputs = e.outputs
+                for out in outputs:
                     if out.finished:
                         finished[out.request_id] = out
                         bar.update(1)
         return [finished[i] for i in ids]
+
+
+def _decoded_chunks(media: PreparedMedia, max_slices: int) -> Iterator[tuple[torch.Tensor, tuple[int, int, int]]]:
+    """media.pixel_chunks(max_slices), with a failure to decode or resize named as the request's:
+    a RequestMediaError (a content error, 400), not the engine's."""
+    chunks = media.pixel_chunks(max_slices)
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - PyAV and PIL raise many kinds for a corrupt file
+            name = media.label or (str(media.video_plan.path) if media.video_plan is not None else media.kind)
+            raise RequestMediaError(f"{name}: cannot decode the {media.kind}: {e}"[:500], media.label) from e
+        yield chunk
+
+
+def _request_error(media: PreparedMedia, error: Exception) -> BaseException:
+    """What a medium's failure is to its requests: its own RequestMediaError (it does not decode),
+    else a RequestFault (the engine failed on it)."""
+    if isinstance(error, RequestMediaError):
+        return error
+    return RequestFault(f"encoding {media.label or media.kind} failed: {type(error).__name__}: {error}")

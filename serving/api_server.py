@@ -36,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine.errors import RequestMediaError
 from engine.llm import LLM, RequestOutput
 from engine.preprocess import PreparedRequest
 from parallel import SINGLE_PROCESS, TPGroup
@@ -47,6 +48,7 @@ from serving.async_engine import (
     RequestStream,
 )
 from serving.config import ServeConfig
+from serving.limits import BodyLimitMiddleware
 from serving.metrics import CONTENT_TYPE, Metrics
 from serving.prompting import Preparer
 from serving.protocol import (
@@ -68,7 +70,7 @@ log = logging.getLogger("serving.api")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of streams
 CLIENT_CLOSED = 499  # nginx's "client closed request": the response is never delivered
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/generate", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/generate", "/v1/models", "/health", "/ready", "/metrics")
 
 
 def load_llm(cfg: ServeConfig, tp: TPGroup = SINGLE_PROCESS) -> LLM:
@@ -186,8 +188,9 @@ class HTTPMetricsMiddleware:
 class Server:
     """The app's state: config, engine, preparer, metrics, and the request handlers."""
 
-    def __init__(self, cfg: ServeConfig, llm: LLM | None):
+    def __init__(self, cfg: ServeConfig, llm: LLM | None, on_fatal: Callable[[str], None] | None = None):
         self.cfg = cfg
+        self.on_fatal = on_fatal  # told, from the engine thread, why the engine stopped itself
         self.names = cfg.model_names()
         self.metrics = Metrics(self.names[0] if self.names else "model")
         self.llm = llm
@@ -203,7 +206,8 @@ class Server:
             log.info("loading %s", self.cfg.model_path)
             self.llm = await asyncio.to_thread(load_llm, self.cfg)
         self.preparer = await asyncio.to_thread(Preparer.for_llm, self.llm, self.cfg.allowed_media_dir)
-        self.engine = AsyncEngine(self.llm, max_waiting=self.cfg.max_waiting, metrics=self.metrics)
+        self.engine = AsyncEngine(self.llm, max_waiting=self.cfg.max_waiting, metrics=self.metrics,
+                                  on_fatal=self.on_fatal)
         self.engine.start()
         log.info("serving %s as %s: %d KV blocks of %d tokens, max_seq_len %d, max_input_length %d",
                  self.llm.path, self.names, self.llm.blocks.num_blocks, self.llm.blocks.block_size,
@@ -230,8 +234,11 @@ class Server:
     def _prepare(self, req: GenerationRequest) -> PreparedRequest:
         assert self.preparer is not None
         if req.messages is not None:
-            return self.preparer.prepare_chat(req.messages, req.params)
-        return self.preparer.prepare_raw(req.raw_prompt or "", req.params)
+            prepared = self.preparer.prepare_chat(req.messages, req.params)
+        else:
+            prepared = self.preparer.prepare_raw(req.raw_prompt or "", req.params)
+        prepared.cache_salt = req.cache_salt
+        return prepared
 
     def _fit_max_tokens(self, req: GenerationRequest, prompt_len: int) -> None:
         """max_tokens defaulted to the room left under max_seq_len (and max_iter_times), or checked
@@ -268,22 +275,29 @@ class Server:
             if message["type"] == "http.disconnect":
                 return
 
-    async def wait_final(self, request: Request, stream: RequestStream) -> RequestOutput | None:
-        """The finished output, or None (the request aborted) if the client goes away first."""
-        async def final() -> RequestOutput:
-            while not (out := await stream.next()).finished:
-                pass
+    async def wait_output(self, request: Request, stream: RequestStream, final: bool) -> RequestOutput | None:
+        """The request's first output (final=False: a stream then goes on from it) or its finished
+        one; None (the request aborted) if the client goes away first. Raises the request's error,
+        so that one failing before its first token (a medium that does not decode) is answered with
+        its own status code, not inside a 200 stream."""
+        async def wanted() -> RequestOutput:
+            out = await stream.next()
+            while final and not out.finished:
+                out = await stream.next()
             return out
 
-        result = asyncio.ensure_future(final())
+        result = asyncio.ensure_future(wanted())
         gone = asyncio.ensure_future(self._disconnected(request))
+        got = False
         try:
             await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-            return result.result() if result.done() else None
+            got = result.done()
+            return result.result() if got else None
         finally:
             gone.cancel()
             result.cancel()
-            stream.close()
+            if final or not got:  # a first output hands the stream on to the response
+                stream.close()
 
     def logprob_entries(self, out: RequestOutput, start: int, end: int) -> list[dict[str, Any]]:
         """OpenAI-style logprob entries for output tokens start..end-1."""
@@ -315,10 +329,13 @@ class Server:
         request_id, stream = await self.start_request(req, api.id_prefix)
         created = now()
         if req.stream:
-            return DisconnectingStreamingResponse(self._openai_events(req, stream, request_id, created, model, api),
-                                                  stream.close, media_type="text/event-stream",
-                                                  headers=SSE_HEADERS)
-        out = await self.wait_final(request, stream)
+            first = await self.wait_output(request, stream, final=False)
+            if first is None:
+                return Response(status_code=CLIENT_CLOSED)
+            return DisconnectingStreamingResponse(
+                self._openai_events(req, stream, first, request_id, created, model, api), stream.close,
+                media_type="text/event-stream", headers=SSE_HEADERS)
+        out = await self.wait_output(request, stream, final=True)
         if out is None:
             return Response(status_code=CLIENT_CLOSED)
         choice: dict[str, Any] = {"index": 0, **api.body(out.text), "logprobs": None,
@@ -331,8 +348,8 @@ class Server:
                              "choices": [choice],
                              "usage": usage_of(out)})
 
-    async def _openai_events(self, req: GenerationRequest, stream: RequestStream, request_id: str, created: int,
-                             model: str, api: OpenAIEndpoint) -> AsyncIterator[str]:
+    async def _openai_events(self, req: GenerationRequest, stream: RequestStream, first: RequestOutput,
+                             request_id: str, created: int, model: str, api: OpenAIEndpoint) -> AsyncIterator[str]:
         def chunk(body: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
             c = {"id": request_id, "object": api.chunk_object, "created": created, "model": model,
                  "choices": [{"index": 0, **body, "logprobs": None, "finish_reason": finish, **extra}]}
@@ -344,9 +361,9 @@ class Server:
         sent_tokens = 0
         if api.first_chunk is not None:
             yield sse(chunk(api.first_chunk))
+        out = first
         try:
             while True:
-                out = await stream.next()
                 offset = len(text.sent)
                 delta = text.update(out.text, out.finished)
                 extra: dict[str, Any] = {}
@@ -365,6 +382,7 @@ class Server:
                                    "model": model, "choices": [],
                                    "usage": usage_of(out)})
                     break
+                out = await stream.next()
         except (EngineError, EngineStopped, ValueError) as e:
             yield sse(error_body(e))
         yield "data: [DONE]\n\n"
@@ -375,26 +393,27 @@ class Server:
         self.check_model(req)
         _, stream = await self.start_request(req, "gen")
         prefix = req.raw_prompt or ""  # vLLM's api_server returns prompt + output for text prompts
-        if req.stream:
-            return DisconnectingStreamingResponse(self._generate_events(req, stream, prefix), stream.close,
-                                                  media_type="application/x-ndjson")
-        out = await self.wait_final(request, stream)
+        out = await self.wait_output(request, stream, final=not req.stream)
         if out is None:
             return Response(status_code=CLIENT_CLOSED)
+        if req.stream:
+            return DisconnectingStreamingResponse(self._generate_events(req, stream, out, prefix), stream.close,
+                                                  media_type="application/x-ndjson")
         return JSONResponse({"text": [prefix + out.text]})
 
-    async def _generate_events(self, req: GenerationRequest, stream: RequestStream, prefix: str
-                               ) -> AsyncIterator[str]:
+    async def _generate_events(self, req: GenerationRequest, stream: RequestStream, first: RequestOutput,
+                               prefix: str) -> AsyncIterator[str]:
         text = TextDelta(req.params.stop)
+        out = first
         try:
             while True:
-                out = await stream.next()
                 # Each chunk carries the whole text so far (vLLM's /generate); one whose text did not
                 # grow (a token ending inside a UTF-8 character, held-back stop text) is not sent.
                 if text.update(out.text, out.finished) or out.finished:
                     yield json.dumps({"text": [prefix + text.sent]}, ensure_ascii=False) + "\0"
                 if out.finished:
                     break
+                out = await stream.next()
         except (EngineError, EngineStopped, ValueError) as e:
             yield json.dumps(error_body(e), ensure_ascii=False) + "\0"
 
@@ -403,6 +422,8 @@ def error_body(e: BaseException) -> dict[str, Any]:
     """The OpenAI error body for an exception raised while a request runs."""
     if isinstance(e, APIError):
         return e.body()
+    if isinstance(e, RequestMediaError):
+        return media_error(e).body()
     if isinstance(e, EngineStopped):
         return server_busy(str(e)).body()
     if isinstance(e, ValueError):
@@ -410,9 +431,16 @@ def error_body(e: BaseException) -> dict[str, Any]:
     return APIError(str(e), status=500, type="internal_error", code="engine_error").body()
 
 
-def create_app(cfg: ServeConfig, llm: LLM | None = None) -> FastAPI:
-    """The FastAPI app. Loads the model at startup unless `llm` is given."""
-    server = Server(cfg, llm)
+def media_error(e: RequestMediaError) -> APIError:
+    """A 400 naming the part whose medium the engine could not decode."""
+    where = f"'{e.label}': " if e.label else ""
+    return APIError(f"{where}{e}", param=e.label, code="invalid_media")
+
+
+def create_app(cfg: ServeConfig, llm: LLM | None = None, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """The FastAPI app. Loads the model at startup unless `llm` is given. on_fatal is called (from
+    the engine thread) if the engine stops itself after steps that keep failing."""
+    server = Server(cfg, llm, on_fatal)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -424,6 +452,7 @@ def create_app(cfg: ServeConfig, llm: LLM | None = None) -> FastAPI:
 
     app = FastAPI(title="qwen-vl-triton", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
+    app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_request_bytes)  # inside the metrics: 413s counted
     app.add_middleware(HTTPMetricsMiddleware, metrics=server.metrics)
 
     @app.exception_handler(APIError)
@@ -438,6 +467,10 @@ def create_app(cfg: ServeConfig, llm: LLM | None = None) -> FastAPI:
     @app.exception_handler(EngineError)
     async def engine_error(_: Request, e: EngineError) -> JSONResponse:
         return JSONResponse(error_body(e), status_code=500)
+
+    @app.exception_handler(RequestMediaError)
+    async def undecodable_media(_: Request, e: RequestMediaError) -> JSONResponse:
+        return JSONResponse(media_error(e).body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -472,8 +505,19 @@ def create_app(cfg: ServeConfig, llm: LLM | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        """Liveness: the model is loaded and the engine thread runs."""
         if server.engine is None or not server.engine.is_healthy():
             return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: healthy, and the engine's last step did not fail (503 with why otherwise)."""
+        engine = server.engine
+        if engine is None or not engine.is_ready():
+            why = "not loaded" if engine is None else engine.fatal or (
+                f"the last {engine.failed_steps} engine step(s) failed" if engine.failed_steps else "not running")
+            return JSONResponse({"status": "unavailable", "reason": why}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -484,10 +528,18 @@ def create_app(cfg: ServeConfig, llm: LLM | None = None) -> FastAPI:
 
 
 def run_server(cfg: ServeConfig, llm: LLM | None = None, access_log: bool = False) -> None:
-    """Serve until SIGINT/SIGTERM; in-flight requests get `graceful_timeout` seconds to finish."""
+    """Serve until SIGINT/SIGTERM; in-flight requests get `graceful_timeout` seconds to finish.
+    If the engine stops itself (its steps keep failing), the server stops too and this raises
+    SystemExit(1) with why."""
     import uvicorn
 
-    app = create_app(cfg, llm)
+    fatal: list[str] = []
+
+    def engine_stopped(why: str) -> None:  # engine thread: uvicorn polls should_exit
+        fatal.append(why)
+        uv.should_exit = True
+
+    app = create_app(cfg, llm, engine_stopped)
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -499,8 +551,11 @@ def run_server(cfg: ServeConfig, llm: LLM | None = None, access_log: bool = Fals
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=access_log,
                             timeout_graceful_shutdown=int(cfg.graceful_timeout), lifespan="on")
     started = time.perf_counter()
-    _Server(config).run()
+    uv = _Server(config)
+    uv.run()
     log.info("server stopped after %.1f s", time.perf_counter() - started)
+    if fatal:
+        raise SystemExit(f"error: the server stopped because its engine did: {fatal[0]}")
 
 
 def serve(cfg: ServeConfig, access_log: bool = False) -> None:
@@ -521,6 +576,11 @@ def serve(cfg: ServeConfig, access_log: bool = False) -> None:
         try:
             run_server(cfg, llm, access_log)
         finally:
-            llm.shutdown()  # ends the other ranks' loops (a no-op if the engine thread already did)
+            # The engine thread releases the other ranks as it stops (the server's shutdown asks it
+            # to and joins it); then this is a no-op. It acts if no engine thread ever ran (the
+            # server failed to start), and if one outlived the join it waits for that thread's step
+            # to end (LLM.shutdown and LLM.step share a lock): collectives never interleave. A rank
+            # 0 that dies instead ends the others through their collectives' timeout.
+            llm.shutdown()
     finally:
         destroy(tp)

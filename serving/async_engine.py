@@ -36,9 +36,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from engine.commands import Abort, Add, Command, Stop
+from engine.errors import StepFailed
 from engine.llm import LLM, RequestOutput
 from engine.preprocess import PreparedRequest
 from serving.metrics import Metrics
@@ -98,8 +99,15 @@ class RequestStream:
 class AsyncEngine:
     """Runs an LLM in a background thread for an asyncio server."""
 
-    def __init__(self, llm: LLM, *, max_waiting: int = 1024, metrics: Metrics | None = None):
+    def __init__(self, llm: LLM, *, max_waiting: int = 1024, metrics: Metrics | None = None,
+                 max_failed_steps: int = 3, on_fatal: Callable[[str], None] | None = None):
         self.llm = llm
+        # A step that fails ends the requests in it; this many failing in a row means the engine
+        # itself is broken: it stops (on_fatal is told why: the server then exits non-zero).
+        self.max_failed_steps = max_failed_steps
+        self.failed_steps = 0                          # in a row; engine thread writes, anyone reads
+        self.fatal: str | None = None
+        self._on_fatal = on_fatal
         self.max_waiting = max_waiting
         self.metrics = metrics
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
@@ -148,6 +156,10 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         """Accepting requests and the engine thread alive."""
         return self._accepting and self._thread.is_alive()
+
+    def is_ready(self) -> bool:
+        """Healthy, and its last step did not fail (a failing engine is not ready for more work)."""
+        return self.is_healthy() and self.failed_steps == 0 and self.fatal is None
 
     def stop_accepting(self) -> None:
         """New requests get EngineStopped from now on (in-flight ones continue)."""
@@ -281,6 +293,9 @@ class AsyncEngine:
     def _run(self) -> None:
         llm = self.llm
         stopping = False
+        # Tensor parallel: ranks > 0 wait for rank 0's next step in a collective that times out, so an
+        # idle rank 0 still steps (an empty step) every tp.heartbeat_s; infinite on one process.
+        last_step = time.monotonic()
         while not stopping:
             try:
                 commands = self._take_commands(block=not llm.has_unfinished())
@@ -298,22 +313,25 @@ class AsyncEngine:
                 self._publish_snapshot(adds)
                 if stopping:
                     break
-                if llm.has_unfinished():
+                if llm.has_unfinished() or time.monotonic() - last_step > llm.tp.heartbeat_s:
+                    last_step = time.monotonic()
                     steps = llm.stats.steps
                     try:
                         outputs = llm.step()
-                    except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
-                        log.exception("engine step failed; aborting the running requests")
-                        self._abort_all(EngineError(f"the engine failed: {type(e).__name__}: {e}"), "error")
-                        outputs = []
+                        self.failed_steps = 0
+                    except StepFailed as e:  # its requests have ended (500 each); the others go on
+                        outputs = e.outputs
+                        stopping = self._step_failed(e.cause)
                     self._account(outputs)
-                    self._send([(o.request_id, o) for o in outputs])
+                    self._send([(o.request_id, _reply(o)) for o in outputs])
                     self._publish_snapshot()
                     if llm.stats.steps == steps:  # nothing could be scheduled: do not spin
                         time.sleep(0.001)
-            except Exception:  # noqa: BLE001 - a bug here must not kill the thread silently
-                log.exception("engine loop error")
+            except Exception as e:  # noqa: BLE001 - a bug here must not kill the thread silently
+                stopping = self._step_failed(e)
                 time.sleep(0.01)
+        if self.fatal is not None:
+            self._abort_all(EngineError(f"the engine stopped: {self.fatal}"), "error")
         self._abort_all(EngineStopped("the server shut down before the request finished"), "abort")
         self._publish_snapshot()
         try:
@@ -321,3 +339,29 @@ class AsyncEngine:
         except Exception:  # noqa: BLE001 - shutting down regardless
             log.exception("engine shutdown failed")
         self._stopped.set()
+        if self.fatal is not None and self._on_fatal is not None:
+            self._on_fatal(self.fatal)
+
+    def _step_failed(self, error: BaseException) -> bool:
+        """Count a failed step (or loop error); True when that makes max_failed_steps in a row, so
+        that the engine stops rather than repeat a failure that is not the requests' fault."""
+        self.failed_steps += 1
+        log.error("engine step failed (%d in a row; the engine stops at %d): %s: %s", self.failed_steps,
+                  self.max_failed_steps, type(error).__name__, error, exc_info=error)
+        if self.failed_steps < self.max_failed_steps:
+            return False
+        self.fatal = f"{self.failed_steps} engine steps in a row failed; the last: {type(error).__name__}: {error}"
+        self._accepting = False
+        log.critical("stopping the engine: %s", self.fatal)
+        return True
+
+
+def _reply(out: RequestOutput) -> RequestOutput | BaseException:
+    """What a request's stream gets: its output, or why it ended early. A ValueError (a medium that
+    does not decode: engine.errors.RequestMediaError) is the request's content, a 400; anything else
+    is the engine's fault on this request, a 500 for it alone."""
+    if out.error is None:
+        return out
+    if isinstance(out.error, ValueError):
+        return out.error
+    return EngineError(f"the engine failed on this request: {out.error}")

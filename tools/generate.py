@@ -174,19 +174,22 @@ def _generate(args: argparse.Namespace, llm: LLM, using_demo: bool) -> dict:
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             ignore_eos=args.ignore_eos)
     started = time.perf_counter()
+    # Over a dataset, one bad file fails only its own result (which says why); one prompt fails the run.
+    errors = "return" if args.dataset_path is not None else "raise"
     try:
-        outputs = llm.generate([prompt for _, prompt in requests], params, progress=len(requests) > 1)
+        outputs = llm.generate([prompt for _, prompt in requests], params, progress=len(requests) > 1, errors=errors)
     except ValueError as e:  # bad media, prompt over the limit, bad sampling values
         raise SystemExit(f"error: {e}") from None
     perf = perf_summary(outputs, time.perf_counter() - started, llm)
     results = [{"media": media, "prompt_tokens": o.prompt_tokens, "output_token_ids": o.output_ids,
                 "output_logprobs": o.output_logprobs, "text": o.text, "ttft_s": o.ttft_s,
                 "latency_s": o.latency_s, "finish_reason": o.finish_reason,
-                "media_adjustments": o.media_adjustments}
+                "media_adjustments": o.media_adjustments, **({"error": str(o.error)} if o.error else {})}
                for (media, _), o in zip(requests, outputs, strict=True)]
     if not args.quiet:
         for (media, _), r in zip(requests, results, strict=True):
             notes = "".join(f"\n  note: {note}" for note in r["media_adjustments"])
+            notes += f"\n  error: {r['error']}" if "error" in r else ""
             print(f"[{', '.join(media) or 'text'}] ({r['prompt_tokens']} prompt tokens, "
                   f"{len(r['output_token_ids'])} generated, {r['finish_reason']}){notes}\n{r['text']}\n")
     print(format_summary(perf))

@@ -129,3 +129,25 @@ def test_limits_are_enforced_with_clear_errors(tiny_checkpoint):
     # A sequence reaching the cache's capacity (8 blocks x 16) finishes with "length".
     out = llm.generate(["hi"], [greedy(1000)])[0]
     assert out.finish_reason == "length" and out.prompt_tokens + len(out.output_ids) == 8 * 16
+
+
+def test_cache_salt_keeps_prefixes_apart(tiny_checkpoint, requests):
+    """Requests with different cache salts never share cached blocks; the same salt does."""
+    llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=64, block_size=16)
+    prompt = requests[0][0]
+
+    def cached_tokens(request_id: str, salt: str | None) -> int:
+        request = llm.preprocessor.prepare(prompt, greedy(2))
+        request.cache_salt = salt
+        llm.add_request(request_id, request)
+        done = []
+        while llm.has_unfinished():
+            done += [o for o in llm.step() if o.finished]
+        (out,) = done
+        return out.cached_prompt_tokens
+
+    assert cached_tokens("a1", "tenant-a") == 0
+    assert cached_tokens("b1", "tenant-b") == 0
+    assert cached_tokens("a2", "tenant-a") >= 16
+    assert cached_tokens("n1", None) == 0
+    assert cached_tokens("n2", None) >= 16

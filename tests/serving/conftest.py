@@ -86,11 +86,11 @@ def wait_healthy(url: str, processes: list[subprocess.Popen], what: str, output:
         time.sleep(0.25)
 
 
-def start_server(ckpt: Path, media_dir: Path, log: Path, *extra: str,
-                 timeout: float = STARTUP_TIMEOUT_S) -> LiveServer:
-    """Start tools/serve.py and wait until /health answers 200 (see wait_healthy)."""
+def start_server(ckpt: Path, media_dir: Path, log: Path, *extra: str, timeout: float = STARTUP_TIMEOUT_S,
+                 script: Path = ROOT / "tools" / "serve.py") -> LiveServer:
+    """Start tools/serve.py (or a script wrapping it) and wait until /health answers 200 (see wait_healthy)."""
     port = free_port()
-    cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), "--model_path", str(ckpt), "--host", "127.0.0.1",
+    cmd = [sys.executable, str(script), "--model_path", str(ckpt), "--host", "127.0.0.1",
            "--port", str(port), "--allowed_media_dir", str(media_dir), "--kv_cache_gb", "0.05",
            "--max_input_length", str(MAX_INPUT), "--max_seq_len", str(MAX_SEQ), "--image_max_pixels", str(IMAGE_LIMIT),
            "--log_level", "warning", *extra]
