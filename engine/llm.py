@@ -48,7 +48,7 @@ from engine.sequence import Sequence
 from engine.stats import EngineStats
 from modeling.attention_metadata import AttentionMetadata
 from modeling.model import load_model
-from modeling.processing import ImageProcessorConfig, MediaKind
+from modeling.processing import ImageProcessorConfig, MediaError, MediaKind
 from parallel.comm import all_gather_object, broadcast_object, exit_rank
 from parallel.group import SINGLE_PROCESS, TPGroup, detect_device_type
 from parallel.sharding import local_kv_heads
@@ -609,7 +609,9 @@ def _decoded_chunks(media: PreparedMedia, max_slices: int) -> Iterator[tuple[tor
         except StopIteration:
             return
         except Exception as e:  # noqa: BLE001 - PyAV and PIL raise many kinds for a corrupt file
-            name = media.label or (str(media.video_plan.path) if media.video_plan is not None else media.kind)
+            if isinstance(e, MediaError):  # it names the file already
+                raise RequestMediaError(str(e)[:500], media.label) from e
+            name = str(media.video_plan.path) if media.video_plan is not None else media.kind
             raise RequestMediaError(f"{name}: cannot decode the {media.kind}: {e}"[:500], media.label) from e
         yield chunk
 

@@ -26,6 +26,7 @@ def undecodable_video(path: Path, codec: str, seed: int) -> Path:
     fails only when the engine decodes its frames."""
     clip = write_synthetic_video(path.with_suffix(".ok.mp4"), 3.0, 10, 64, 48, codec)
     data = bytearray(clip.read_bytes())
+    clip.unlink()
     mdat, moov = data.find(b"mdat"), data.find(b"moov")
     start, end = mdat + 24, moov - 8 if moov > mdat else len(data)
     data[start:end] = np.random.default_rng(seed).integers(0, 256, end - start, dtype=np.uint8).tobytes()

@@ -4,6 +4,8 @@ same prompt token count, same greedy tokens, logprobs within 2e-3 (the issue's a
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +129,29 @@ def test_bad_engine_flags_are_named(checkpoint, flags, message):
 def test_missing_checkpoint_is_a_clean_error(tmp_path):
     with pytest.raises(SystemExit, match="no config.json"):
         generate.main(["--model_path", str(tmp_path / "nowhere"), "--device", "cpu"])
+
+
+def test_dataset_path_with_bad_files_reports_them_and_produces_the_rest(checkpoint, tmp_path):
+    """A corrupt PNG (fails while prepared) and a video whose frames do not decode (fails while the
+    engine encodes it): each one's result says why; the good files are produced in full."""
+    from tests.engine.test_isolation import undecodable_video
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(SAMPLE_IMAGE_PATH, data / "a_good.png")
+    shutil.copy(SAMPLE_VIDEO_PATH, data / "b_good.mp4")
+    png = bytearray(SAMPLE_IMAGE_PATH.read_bytes())
+    png[60:] = bytes(len(png) - 60)  # the header reads, the pixel data (IDAT) is zeros
+    (data / "c_corrupt.png").write_bytes(bytes(png))
+    undecodable_video(data / "d_garbled.mp4", "mpeg4", seed=1)
+    out_json = tmp_path / "out.json"
+    generate.main(["--model_path", str(checkpoint), "--dataset_path", str(data), "--max_output_length", "3",
+                   "--ignore_eos", "--output_json", str(out_json), "--device", "cpu", "--nframes", "4",
+                   "--max_pixels", str(16 * 28 * 28)])
+    results = {Path(r["media"][0]).name: r for r in json.loads(out_json.read_text())["results"]}
+    assert set(results) == {"a_good.png", "b_good.mp4", "c_corrupt.png", "d_garbled.mp4"}
+    for good in ("a_good.png", "b_good.mp4"):
+        assert "error" not in results[good] and len(results[good]["output_token_ids"]) == 3, results[good]
+    for bad in ("c_corrupt.png", "d_garbled.mp4"):
+        assert results[bad]["finish_reason"] == "error" and bad in results[bad]["error"], results[bad]
+        assert results[bad]["output_token_ids"] == []
