@@ -50,6 +50,7 @@ from serving.async_engine import (
 from serving.config import ServeConfig
 from serving.limits import BodyLimitMiddleware
 from serving.metrics import CONTENT_TYPE, Metrics
+from serving.middleware import HTTPMiddleware
 from serving.prompting import Preparer
 from serving.protocol import (
     APIError,
@@ -159,17 +160,14 @@ class DisconnectingStreamingResponse(StreamingResponse):
             self.on_close()
 
 
-class HTTPMetricsMiddleware:
-    """Counts requests by route and status code (pure ASGI, so streaming is untouched)."""
+class HTTPMetricsMiddleware(HTTPMiddleware):
+    """Counts requests by route and status code."""
 
     def __init__(self, app: Any, metrics: Metrics):
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Any, receive: Any, send: Any) -> None:
         status = {"code": 500}
 
         async def send_status(message: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from serving.middleware import HTTPMiddleware
 from serving.protocol import APIError
 
 
@@ -41,18 +42,15 @@ def _content_length(scope: dict[str, Any]) -> int | None:
     return None
 
 
-class BodyLimitMiddleware:
+class BodyLimitMiddleware(HTTPMiddleware):
     """413 for request bodies over `max_bytes`: by Content-Length before the app runs, else by
     the running count of the body's chunks as the app reads them."""
 
     def __init__(self, app: Any, max_bytes: int):
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Any, receive: Any, send: Any) -> None:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
             await self._refuse(scope, receive, send, f"{declared} bytes")
