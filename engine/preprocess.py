@@ -25,6 +25,7 @@ own tokenizer) so the engine thread's detokenizing never waits on it.
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,11 +116,15 @@ class Preprocessor:
         self.lock = threading.Lock()
 
     def with_own_tokenizer(self, path: str | Path, limit_name: str) -> Preprocessor:
-        """A copy with a tokenizer of its own, for use from other threads."""
+        """A copy with a tokenizer of its own, for use from other threads. The same checkpoint's
+        tokenizer: the characters-per-token bound is reused, not computed again over the vocabulary."""
         from transformers import AutoTokenizer
 
-        return Preprocessor(AutoTokenizer.from_pretrained(path), self.config, self.image_cfg, self.max_input_length,
-                            self.limits, limit_name)
+        twin = copy.copy(self)
+        twin.tokenizer = AutoTokenizer.from_pretrained(path)
+        twin.limit_name = f"{limit_name} {self.max_input_length}"
+        twin.lock = threading.Lock()
+        return twin
 
     # ---------------------------------------------------------------------------- parts
 
