@@ -28,7 +28,7 @@ import dataclasses
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +48,7 @@ from engine.sequence import Sequence
 from engine.stats import EngineStats
 from modeling.attention_metadata import AttentionMetadata
 from modeling.model import load_model
-from modeling.processing import ImageProcessorConfig, MediaError, MediaKind
+from modeling.processing import ImageProcessorConfig, MediaKind
 from parallel.comm import all_gather_object, broadcast_object, exit_rank
 from parallel.group import SINGLE_PROCESS, TPGroup, detect_device_type
 from parallel.sharding import local_kv_heads
@@ -465,7 +465,7 @@ class LLM:
                 out[i] = torch.empty(m.num_tokens, self.config.text.hidden_size, dtype=self.model.dtype,
                                      device=self.device)
                 row = 0
-                for pv, grid in _decoded_chunks(m, max(1, self.vision_chunk_patches // (h * w))):
+                for pv, grid in m.pixel_chunks(max(1, self.vision_chunk_patches // (h * w))):
                     chunk = self.model.encode_media(pv.to(self.device), torch.tensor([grid]))
                     out[i][row:row + len(chunk)] = chunk
                     row += len(chunk)
@@ -583,8 +583,10 @@ class LLM:
                     for done in queued:  # nothing half-queued stays behind
                         self.abort(done)
                     raise
-                finished[request_id] = RequestOutput(request_id, 0, [], [], [], "", True, "error", 0, None, 0.0, [],
-                                                     error=e)
+                finished[request_id] = RequestOutput(
+                    request_id=request_id, prompt_tokens=0, output_ids=[], output_logprobs=[], top_logprobs=[],
+                    text="", finished=True, finish_reason="error", cached_prompt_tokens=0, ttft_s=None,
+                    latency_s=0.0, token_times=[], error=e)
         with tqdm(total=len(prompts), initial=len(finished), disable=not progress, desc="requests",
                   unit="req") as bar:
             while self.has_unfinished():
@@ -597,23 +599,6 @@ class LLM:
                         finished[out.request_id] = out
                         bar.update(1)
         return [finished[i] for i in ids]
-
-
-def _decoded_chunks(media: PreparedMedia, max_slices: int) -> Iterator[tuple[torch.Tensor, tuple[int, int, int]]]:
-    """media.pixel_chunks(max_slices), with a failure to decode or resize named as the request's:
-    a RequestMediaError (a content error, 400), not the engine's."""
-    chunks = media.pixel_chunks(max_slices)
-    while True:
-        try:
-            chunk = next(chunks)
-        except StopIteration:
-            return
-        except Exception as e:  # noqa: BLE001 - PyAV and PIL raise many kinds for a corrupt file
-            if isinstance(e, MediaError):  # it names the file already
-                raise RequestMediaError(str(e)[:500], media.label) from e
-            name = str(media.video_plan.path) if media.video_plan is not None else media.kind
-            raise RequestMediaError(f"{name}: cannot decode the {media.kind}: {e}"[:500], media.label) from e
-        yield chunk
 
 
 def _request_error(media: PreparedMedia, error: Exception) -> BaseException:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from engine.errors import RequestMediaError
 from modeling import processing
 from modeling.processing import ImageProcessorConfig, MediaError, MediaKind, VideoPlan
 
@@ -184,15 +185,20 @@ class PreparedMedia:
 
     def pixel_chunks(self, max_slices: int) -> Iterator[tuple[torch.Tensor, tuple[int, int, int]]]:
         """(pixel_values [t_chunk*h*w, patch_dim] float32, grid (t_chunk, h, w)) in temporal order,
-        at most max_slices temporal patches at a time; an image is one chunk."""
+        at most max_slices temporal patches at a time; an image is one chunk. A video whose frames
+        fail to decode or resize raises RequestMediaError: the request's content, not the engine's."""
         if self.image_pixels is not None:
             yield self.image_pixels, self.grid
             return
         assert self.video_plan is not None
         tp = self.cfg.temporal_patch_size
-        for frames in processing.iter_video_frames(self.video_plan, max(1, max_slices) * tp):
-            pixel_values, grid = processing.patchify(frames, self.cfg)
-            yield pixel_values, tuple(grid)
+        try:
+            for frames in processing.iter_video_frames(self.video_plan, max(1, max_slices) * tp):
+                pixel_values, grid = processing.patchify(frames, self.cfg)
+                yield pixel_values, tuple(grid)
+        except Exception as e:  # noqa: BLE001 - PyAV and PIL raise many kinds for a corrupt file
+            message = str(e) if isinstance(e, MediaError) else f"{self.video_plan.path}: cannot decode the video: {e}"
+            raise RequestMediaError(message[:500], self.label) from e
 
     @property
     def pixel_values(self) -> torch.Tensor:
