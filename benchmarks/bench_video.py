@@ -46,7 +46,7 @@ def measure_point(checkpoint: str, clip: str, frames: int, chunk_patches: int, d
     pixels = tokens_per_frame_pair * 784
     media = Media(clip, options={"nframes": frames, "min_pixels": pixels, "max_pixels": pixels})
     prepared = llm.preprocessor.prepare_media(media)
-    llm.encode_media([llm.preprocessor.prepare_media(Media(clip, options={**media.options, "nframes": 4}))])
+    llm.encoder.encode([llm.preprocessor.prepare_media(Media(clip, options={**media.options, "nframes": 4}))])
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -57,7 +57,7 @@ def measure_point(checkpoint: str, clip: str, frames: int, chunk_patches: int, d
     times = []
     for _ in range(3):
         started = time.perf_counter()
-        llm.encode_media([prepared])
+        llm.encoder.encode([prepared])
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)

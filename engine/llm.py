@@ -13,7 +13,8 @@ the same schedule. Rank 0 is the driver: its add_request / abort calls take effe
 and are recorded; at the start of each step() it broadcasts the recorded commands (one
 broadcast_object per step), and ranks > 0, inside `worker_loop()`, apply them and run the same
 step. Commands are typed values (engine/commands.py); an Add carries the prepared request
-(token ids, media with their pixels), so only rank 0 reads media files.
+(token ids, images' pixels, videos' plans), and the step's Encode carries the vision work rank 0
+chose, a video's frames as uint8 slices, so only rank 0 reads media files.
 Logits are all-gathered, identical on every rank, and sampling is made identical too: a sampled
 request without a seed gets one drawn on rank 0. `shutdown()` on rank 0 ends the workers' loops.
 Faults end the world, never hang it: a step that fails on any rank, or a collective that fails
@@ -37,10 +38,11 @@ import torch
 from tqdm import tqdm
 
 from engine.block_manager import BlockManager
-from engine.commands import Abort, Add, Command, Stop
+from engine.commands import Abort, Add, Command, Encode, Stop
 from engine.encoder_cache import EncoderCache
-from engine.errors import RequestFault, RequestMediaError, StepFailed
+from engine.errors import RequestFault, StepFailed
 from engine.media import DEFAULT_LIMITS, MediaLimits, PreparedMedia
+from engine.media_encoder import EncodeWork, MediaEncoder
 from engine.preprocess import PreparedRequest, Preprocessor, Prompt
 from engine.sampling import SampleOutput, SamplingParams, find_stop, make_generator, sample
 from engine.scheduler import Batch, Run, Scheduler
@@ -93,6 +95,10 @@ class LLM:
     by `self.preprocessor`, which makes the PreparedRequests that add_request takes;
     vision_chunk_patches: patches per vision-encoder call: videos are decoded and encoded that many
     temporal slices at a time, so the encoder's activations do not grow with a clip's length.
+    vision_step_share: while other requests are running, each step's vision encoding is held to
+    this share of a forward pass's time (at least one image or temporal slice), so a long clip is
+    encoded over many steps and the running streams keep their inter-token latency; videos are
+    decoded ahead on background threads (engine/media_encoder.py).
 
     tp: the tensor-parallel group (see the module docstring); its device is used when world_size
     > 1, and kv_cache_gb is then each rank's budget for its own kv heads.
@@ -103,7 +109,8 @@ class LLM:
                  max_batch_size: int = 64, max_prefill_tokens: int = 8192, max_input_length: int | None = None,
                  max_seq_len: int | None = None, enable_prefix_caching: bool = True,
                  encoder_cache_gb: float = 1.0, media_limits: MediaLimits = DEFAULT_LIMITS,
-                 vision_chunk_patches: int = 16384, tp: TPGroup = SINGLE_PROCESS):
+                 vision_chunk_patches: int = 16384, vision_step_share: float = 0.25,
+                 tp: TPGroup = SINGLE_PROCESS):
         from transformers import AutoTokenizer
 
         for name, value in (("block_size", block_size), ("max_batch_size", max_batch_size),
@@ -146,12 +153,15 @@ class LLM:
         self.encoder_cache = EncoderCache(int(encoder_cache_gb * (1 << 30)))
         self.preprocessor = Preprocessor(self.tokenizer, self.config, self.image_cfg, self.max_input_length,
                                          media_limits)
-        if vision_chunk_patches < 1:
-            raise ValueError(f"vision_chunk_patches must be >= 1, got {vision_chunk_patches}")
-        self.vision_chunk_patches = vision_chunk_patches
+        if not vision_step_share > 0:
+            raise ValueError(f"vision_step_share must be > 0, got {vision_step_share}")
+        self.vision_step_share = vision_step_share
         self.sequences: dict[str, Sequence] = {}
         self._next_seq_id = 0
         self.stats = EngineStats()
+        self.encoder = MediaEncoder(self.model, self.encoder_cache, self.stats, chunk_patches=vision_chunk_patches,
+                                    driver=tp.rank == 0, isolate_failures=tp.world_size == 1)
+        self._forward_s: float | None = None  # running estimate of a forward pass's time (the vision budget)
 
     # ------------------------------------------------------------------ set-up
 
@@ -194,8 +204,7 @@ class LLM:
                 # Every rank must draw the same tokens: the request gets a seed (from rank 0's global
                 # RNG, so torch.manual_seed on rank 0 still makes a run reproducible).
                 params = dataclasses.replace(params, seed=int(torch.randint(0, 2**62, ()).item()))
-            # The other ranks get pixels, not files they may not have.
-            request = dataclasses.replace(request, media=[m.materialized() for m in request.media], params=params)
+            request = dataclasses.replace(request, params=params)
         self._record(Add(request_id, request))
 
     def _enqueue(self, request_id: str, request: PreparedRequest) -> None:
@@ -213,6 +222,8 @@ class LLM:
         self._next_seq_id += 1
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
+        if seq.media:
+            self.encoder.add(seq)
 
     def _content_keys(self, ids: list[int], media: list[PreparedMedia]) -> list[int]:
         """Prefix-cache keys: token ids, with media pad j of medium m keyed by m's content hash
@@ -238,6 +249,7 @@ class LLM:
         seq = self.sequences.pop(request_id)
         seq.finish_reason = seq.finish_reason or "abort"
         self.scheduler.finish(seq)
+        self.encoder.discard(seq)
 
     # ------------------------------------------------------------------ tensor-parallel commands
 
@@ -252,6 +264,11 @@ class LLM:
         """Apply a command here and, with other ranks, keep it for the next step's broadcast."""
         self._apply(command)
         if self.tp.world_size > 1:
+            if isinstance(command, Add):
+                # The other ranks never read files: images travel as pixels, videos as their plans
+                # (rank 0 ships their frames in the steps that encode them; its own copy keeps the file).
+                peers = [m.for_peers() for m in command.request.media]
+                command = Add(command.request_id, dataclasses.replace(command.request, media=peers))
             self._pending.append(command)
 
     def _apply(self, command: Command) -> None:
@@ -275,13 +292,18 @@ class LLM:
             raise RuntimeError("worker_loop() runs on ranks > 0; rank 0 drives the LLM (add_request / step)")
         while True:
             commands: list[Command] = broadcast_object(None, self.tp)
+            work = EncodeWork()
             try:
                 for command in commands:
                     if isinstance(command, Stop):
                         self._stopped = True
+                        self.encoder.close()
                         return
-                    self._apply(command)
-                outputs = self._step()
+                    if isinstance(command, Encode):
+                        work = command.work
+                    else:
+                        self._apply(command)
+                outputs = self._step(work)
             except Exception as e:  # noqa: BLE001 - rank 0 has gone on: this rank is out of lockstep for good
                 exit_rank(self.tp, f"following rank 0's step failed here: {type(e).__name__}: {e}", e)
             if on_outputs is not None:
@@ -292,6 +314,7 @@ class LLM:
 
         Safe from any thread: it holds the lock step() holds, so its broadcast falls between two
         steps, never inside one (their collectives would interleave); no step runs after it."""
+        self.encoder.close()
         if self.tp.world_size == 1 or self.tp.rank != 0:
             return
         with self._shutdown_lock:
@@ -317,18 +340,29 @@ class LLM:
         other ranks may be inside collectives it left, and could never pair up with it again.
         """
         if self.tp.world_size == 1:
-            return self._step()
+            return self._step(self._plan_encoding())
         with self._shutdown_lock:  # the driver's lock: a shutdown() from another thread waits for this step
             self._check_driver("step")
-            broadcast_object(self._pending, self.tp)
+            work = self._plan_encoding()
+            broadcast_object([*self._pending, Encode(work)], self.tp)
             self._pending = []
             try:
-                return self._step()
+                return self._step(work)
             except Exception as e:  # noqa: BLE001 - StepFailed included: the others may be waiting inside it
                 exit_rank(self.tp, f"an engine step failed here: {type(e).__name__}: {e}", e)
 
-    def _step(self) -> list[RequestOutput]:
-        """The step itself, the same on every rank.
+    def _plan_encoding(self) -> EncodeWork:
+        """The driver's choice of this step's vision work: while requests with their media ready
+        are running or waiting, vision_step_share of a forward pass's time (at least one image or
+        slice); else a whole chunk, waiting briefly for decoded frames rather than spinning."""
+        busy = any(s.media_ready for s in self.scheduler.running) or \
+            any(s.media_ready for s in self.scheduler.waiting)
+        if busy:
+            return self.encoder.plan(self.vision_step_share * (self._forward_s or 0.0))
+        return self.encoder.plan(None, wait_s=0.05)
+
+    def _step(self, work: EncodeWork) -> list[RequestOutput]:
+        """The step itself, the same on every rank: the vision work (`work`), then one forward pass.
 
         A request that cannot go on ends alone, with an error on its output: one whose medium
         fails to decode or encode (RequestMediaError), or whose logits row is not finite
@@ -336,11 +370,10 @@ class LLM:
         with their outputs; the requests outside the step are untouched (on one process: under
         tensor parallelism step() ends the rank, since its peers' collectives no longer pair).
         """
+        results = [self._fail(seq, error) for seq, error in self.encoder.run(work)]
         batch = self.scheduler.schedule()
         if not batch.runs:
-            return []
-        results = [self._fail(seq, error) for seq, error in self._encode_media(batch.admitted)]
-        batch.runs = [r for r in batch.runs if not r.seq.is_finished]
+            return results
         started = time.perf_counter()
         try:
             sampling_runs, out = self._forward_and_sample(batch, results) if batch.runs else ([], None)
@@ -348,6 +381,8 @@ class LLM:
             fault = RequestFault(f"the engine step this request was part of failed: {type(e).__name__}: {e}")
             raise StepFailed(results + [self._fail(r.seq, fault) for r in batch.runs], e) from e
         now = time.perf_counter()
+        # A forward pass's time, smoothed: what the vision budget is a share of.
+        self._forward_s = now - started if self._forward_s is None else 0.8 * self._forward_s + 0.2 * (now - started)
         self.stats.record_step(now - started, batch.num_tokens, any(r.count > 1 for r in batch.runs),
                                self.blocks.num_used_blocks())
 
@@ -392,84 +427,9 @@ class LLM:
         seq.finish_reason = "error"
         seq.finish_time = time.perf_counter()
         self.scheduler.finish(seq)
+        self.encoder.discard(seq)
         self.sequences.pop(seq.request_id, None)
         return dataclasses.replace(self.output_of(seq), error=error)
-
-    def _encode_media(self, admitted: list[Sequence]) -> list[tuple[Sequence, BaseException]]:
-        """Vision-encode the media of newly admitted sequences that the encoder cache lacks; the
-        sequences whose media failed, with why (their embeddings are not set)."""
-        todo = [s for s in admitted if s.media and s.media_embeds is None]
-        if not todo:
-            return []
-        started = time.perf_counter()
-        found: dict[str, torch.Tensor] = {}
-        missing: dict[str, PreparedMedia] = {}
-        for m in (m for seq in todo for m in seq.media):
-            if m.content_hash not in found and m.content_hash not in missing:
-                cached = self.encoder_cache.get(m.content_hash)
-                if cached is None:
-                    missing[m.content_hash] = m
-                else:
-                    found[m.content_hash] = cached
-        encoded, errors = self._encode_isolated(list(missing.values()))
-        for key, embeds in encoded.items():
-            found[key] = embeds
-            self.encoder_cache.put(key, embeds)  # too large for the cache: used, not kept
-        failed = []
-        for seq in todo:
-            error = next((errors[m.content_hash] for m in seq.media if m.content_hash in errors), None)
-            if error is not None:
-                failed.append((seq, error))
-                continue
-            embeds = [found[m.content_hash] for m in seq.media]
-            seq.media_embeds = embeds[0] if len(embeds) == 1 else torch.cat(embeds)  # one medium: no copy
-        self.stats.vision_s += time.perf_counter() - started
-        return failed
-
-    def _encode_isolated(self, media: list[PreparedMedia]) -> tuple[dict[str, torch.Tensor], dict[str, BaseException]]:
-        """encode_media over all of them (one vision call for the images); if that fails, each medium
-        alone, so that one bad medium fails only the requests holding it. Embeddings and errors by
-        content hash: a RequestMediaError for a medium that does not decode, a RequestFault else."""
-        try:
-            return {m.content_hash: e for m, e in zip(media, self.encode_media(media), strict=True)}, {}
-        except Exception as e:  # noqa: BLE001 - which medium failed is found below
-            if self.tp.world_size > 1:
-                # Media arrive decoded (materialized), so a failure here is a rank's own (out of
-                # memory, ...): retrying alone could pair collectives wrongly. The step fails (fatal).
-                raise
-            if len(media) == 1:
-                return {}, {media[0].content_hash: _request_error(media[0], e)}
-        encoded: dict[str, torch.Tensor] = {}
-        errors: dict[str, BaseException] = {}
-        for m in media:
-            try:
-                encoded[m.content_hash] = self.encode_media([m])[0]
-            except Exception as e:  # noqa: BLE001 - reported on this medium's requests only
-                errors[m.content_hash] = _request_error(m, e)
-        return encoded, errors
-
-    def encode_media(self, media: list[PreparedMedia]) -> list[torch.Tensor]:
-        """Embeddings [tokens, H] of each medium. Images go together in one vision call; a video
-        goes in chunks of temporal slices of at most vision_chunk_patches patches, decoded as they
-        are needed. Vision attention never crosses temporal slices (nor Qwen2.5-VL's windows), so
-        chunks give the embeddings of one call over the whole clip."""
-        out: dict[int, torch.Tensor] = {}
-        images = [i for i, m in enumerate(media) if m.image_pixels is not None]
-        if images:
-            pixel_values = torch.cat([media[i].image_pixels for i in images]).to(self.device)
-            embeds = self.model.encode_media(pixel_values, torch.tensor([media[i].grid for i in images]))
-            out.update(zip(images, embeds.split([media[i].num_tokens for i in images]), strict=True))
-        for i, m in enumerate(media):
-            if i not in out:  # a video: each chunk's embeddings go straight into their rows
-                _, h, w = m.grid
-                out[i] = torch.empty(m.num_tokens, self.config.text.hidden_size, dtype=self.model.dtype,
-                                     device=self.device)
-                row = 0
-                for pv, grid in m.pixel_chunks(max(1, self.vision_chunk_patches // (h * w))):
-                    chunk = self.model.encode_media(pv.to(self.device), torch.tensor([grid]))
-                    out[i][row:row + len(chunk)] = chunk
-                    row += len(chunk)
-        return [out[i] for i in range(len(media))]
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         """Run the model over the batch's runs; fp32 logits [n sampling runs, V]."""
@@ -600,10 +560,3 @@ class LLM:
                         bar.update(1)
         return [finished[i] for i in ids]
 
-
-def _request_error(media: PreparedMedia, error: Exception) -> BaseException:
-    """What a medium's failure is to its requests: its own RequestMediaError (it does not decode),
-    else a RequestFault (the engine failed on it)."""
-    if isinstance(error, RequestMediaError):
-        return error
-    return RequestFault(f"encoding {media.label or media.kind} failed: {type(error).__name__}: {error}")

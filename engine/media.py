@@ -7,9 +7,10 @@ the encoder cache and the prefix cache (two requests with the same pixels share 
 file with other controls does not).
 
 A video is never held decoded: its `PreparedMedia` keeps the plan (which frames, what size), and
-`pixel_chunks` decodes and patchifies a few temporal patches at a time while the vision tower
-encodes them. `fit_videos` shrinks the videos of a prompt that would not fit the context, as
-qwen-vl-utils' total-pixel budget does: fewer pixels per frame first, then fewer frames.
+`frame_slices` decodes a few temporal patches at a time (the engine does it ahead of the vision
+tower, on a background thread: engine/frame_stream.py). `fit_videos` shrinks the videos of a
+prompt that would not fit the context, as qwen-vl-utils' total-pixel budget does: fewer pixels
+per frame first, then fewer frames.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -168,7 +170,7 @@ class PreparedMedia:
     grid: (t, h, w) in patches; second_per_grid_t: seconds per temporal patch (videos; 1.0 for
     images, unused there); content_hash: sha256 hex of the bytes + kind + controls.
     Images hold their patches (`image_pixels`, float32 [h*w, 3*temporal_patch*patch^2]); videos
-    hold their plan and are decoded chunk by chunk in `pixel_chunks`.
+    hold their plan and are decoded a few temporal patches at a time by `frame_slices`.
     """
 
     kind: MediaKind
@@ -183,22 +185,27 @@ class PreparedMedia:
     label: str | None = None  # how the request names it (the server's part path), for error messages
     spill: Any = None  # a temporary file holding in-memory video bytes, kept while this lives
 
-    def pixel_chunks(self, max_slices: int) -> Iterator[tuple[torch.Tensor, tuple[int, int, int]]]:
-        """(pixel_values [t_chunk*h*w, patch_dim] float32, grid (t_chunk, h, w)) in temporal order,
-        at most max_slices temporal patches at a time; an image is one chunk. A video whose frames
-        fail to decode or resize raises RequestMediaError: the request's content, not the engine's."""
-        if self.image_pixels is not None:
-            yield self.image_pixels, self.grid
-            return
-        assert self.video_plan is not None
-        tp = self.cfg.temporal_patch_size
+    def frame_slices(self, max_slices: int) -> Iterator[np.ndarray]:
+        """A video's planned frames, decoded and resized in temporal order: uint8 [n * tp, H, W, 3]
+        with n <= max_slices temporal patches (tp = temporal_patch_size frames each). A clip whose
+        frames fail to decode or resize raises RequestMediaError: the request's content, not the
+        engine's."""
+        assert self.video_plan is not None, "frame_slices is for videos"
         try:
-            for frames in processing.iter_video_frames(self.video_plan, max(1, max_slices) * tp):
-                pixel_values, grid = processing.patchify(frames, self.cfg)
-                yield pixel_values, tuple(grid)
+            yield from processing.iter_video_frames(self.video_plan, max(1, max_slices) * self.cfg.temporal_patch_size)
         except Exception as e:  # noqa: BLE001 - PyAV and PIL raise many kinds for a corrupt file
             message = str(e) if isinstance(e, MediaError) else f"{self.video_plan.path}: cannot decode the video: {e}"
             raise RequestMediaError(message[:500], self.label) from e
+
+    def pixel_chunks(self, max_slices: int) -> Iterator[tuple[torch.Tensor, tuple[int, int, int]]]:
+        """(pixel_values [t_chunk*h*w, patch_dim] float32, grid (t_chunk, h, w)) in temporal order,
+        at most max_slices temporal patches at a time (decoded by `frame_slices`); an image is one chunk."""
+        if self.image_pixels is not None:
+            yield self.image_pixels, self.grid
+            return
+        for frames in self.frame_slices(max_slices):
+            pixel_values, grid = processing.patchify(frames, self.cfg)
+            yield pixel_values, tuple(grid)
 
     @property
     def pixel_values(self) -> torch.Tensor:
@@ -213,11 +220,10 @@ class PreparedMedia:
         t, h, w = self.grid
         return t * h * w // self.cfg.merge_size**2
 
-    def materialized(self) -> PreparedMedia:
-        """A copy holding all its patches (what travels to other ranks under tensor parallelism)."""
-        if self.image_pixels is not None:
-            return self
-        return replace(self, image_pixels=self.pixel_values, video_plan=None, spill=None)
+    def for_peers(self) -> PreparedMedia:
+        """What travels to the other ranks under tensor parallelism: everything but the spilled
+        file (they never read files; rank 0 ships a video's frames as they are encoded)."""
+        return self if self.spill is None else replace(self, spill=None)
 
 
 def _content_digest(media: Media) -> hashlib._Hash:
@@ -265,7 +271,7 @@ def _plan(path: str | Path, cfg: ImageProcessorConfig, options: dict[str, Any]) 
 
 
 def prepare_media(media: Media, cfg: ImageProcessorConfig, limits: MediaLimits = DEFAULT_LIMITS) -> PreparedMedia:
-    """Check, hash and preprocess one medium (a video is only planned: see `pixel_chunks`).
+    """Check, hash and preprocess one medium (a video is only planned: see `frame_slices`).
     Raises MediaError (a ValueError) naming the problem and, for controls, the limit."""
     if isinstance(media.source, bytes) and not media.source:
         raise MediaError(f"{media.describe()}: empty data")

@@ -5,15 +5,16 @@ decoding, a chunk of at most the remaining prefill budget when prefilling (chunk
 decodes and prefills share one forward pass. Waiting sequences are admitted in arrival order while
 the batch has room (`max_batch_size`), the step has prefill budget (`max_prefill_tokens`) and the
 block manager has blocks for the whole sequence (prefix-cache hits, under the sequence's cache
-salt, count as computed). When a decoding sequence needs a block and none is free, the most
-recently admitted sequence is preempted: its blocks are freed and it waits, first in line, to be
-recomputed later.
+salt, count as computed). A sequence whose media are still being encoded (over several steps:
+engine/media_encoder.py) is admitted and holds its blocks, but gets no run until they are
+ready. When a decoding sequence needs a block and none is free, the most recently admitted
+sequence is preempted: its blocks are freed and it waits, first in line, to be recomputed later.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, Status
@@ -35,11 +36,9 @@ class Run:
 
 @dataclass
 class Batch:
-    """One step's work: the runs (decodes and prefill chunks, in running order) and the sequences
-    admitted by this step (their media still to encode)."""
+    """One step's work: the runs (decodes and prefill chunks, in running order)."""
 
     runs: list[Run]
-    admitted: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -92,7 +91,7 @@ class Scheduler:
         batch = Batch(runs=[])
         budget = self.max_prefill_tokens
         for seq in list(self.running):
-            if seq.status != Status.RUNNING:  # preempted earlier in this loop
+            if seq.status != Status.RUNNING or not seq.media_ready:  # preempted in this loop; media encoding
                 continue
             remaining = seq.num_tokens - seq.num_computed
             if remaining == 1:
@@ -122,8 +121,8 @@ class Scheduler:
             seq.num_computed = cached
             seq.status = Status.RUNNING
             self.running.append(seq)
-            count = min(seq.num_tokens - cached, budget)
-            budget -= count
-            batch.runs.append(Run(seq, cached, count))
-            batch.admitted.append(seq)
+            if seq.media_ready:
+                count = min(seq.num_tokens - cached, budget)
+                budget -= count
+                batch.runs.append(Run(seq, cached, count))
         return batch

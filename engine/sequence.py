@@ -80,6 +80,11 @@ class Sequence:
         return self.keys + self.output_ids
 
     @property
+    def media_ready(self) -> bool:
+        """Whether its media (if any) are encoded, so that its prompt can be computed."""
+        return not self.media or self.media_embeds is not None
+
+    @property
     def is_finished(self) -> bool:
         """Whether the request has stopped (finished, aborted or out of room)."""
         return self.status == Status.FINISHED

@@ -22,8 +22,11 @@ every `TPGroup.heartbeat_s` (serving/async_engine.py) to tell them it is alive.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -178,3 +181,22 @@ def destroy(tp: TPGroup) -> None:
     """Leave the world (at the end of a run; no-op at world size 1)."""
     if tp.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_process(tp: TPGroup) -> None:
+    """End a tensor-parallel rank's process with status 0, after a run that went well and
+    `destroy`; no-op at world size 1 (the caller returns as usual).
+
+    It skips the interpreter's finalization, on purpose: gloo's worker threads release a finished
+    collective's tensors a moment after it returns, and that release takes the GIL; a thread that
+    asks for it while the interpreter finalizes is ended inside C++, and the process aborts
+    ("terminate called without an active exception") after a run that went well. Logs and output
+    streams are flushed first.
+    """
+    if tp.world_size == 1:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream must not stop the exit
+            stream.flush()
+    os._exit(0)

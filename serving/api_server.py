@@ -80,7 +80,8 @@ def load_llm(cfg: ServeConfig, tp: TPGroup = SINGLE_PROCESS) -> LLM:
                block_size=cfg.block_size, max_batch_size=cfg.max_batch_size,
                max_prefill_tokens=cfg.max_prefill_tokens, max_input_length=cfg.max_input_length,
                max_seq_len=cfg.max_seq_len, enable_prefix_caching=cfg.enable_prefix_caching,
-               media_limits=cfg.media_limits(), tp=tp)
+               media_limits=cfg.media_limits(), vision_chunk_patches=cfg.vision_chunk_patches,
+               vision_step_share=cfg.vision_step_share, tp=tp)
 
 
 def usage_of(out: RequestOutput) -> dict[str, Any]:
@@ -558,7 +559,7 @@ def run_server(cfg: ServeConfig, llm: LLM | None = None, access_log: bool = Fals
 
 def serve(cfg: ServeConfig, access_log: bool = False) -> None:
     """Serve on one process, or tensor-parallel under torchrun (rank 0 serves, the others follow)."""
-    from parallel import destroy, init_from_env
+    from parallel import destroy, end_process, init_from_env
 
     tp = init_from_env(cfg.device)  # world size 1 unless launched by torchrun
     try:
@@ -570,15 +571,16 @@ def serve(cfg: ServeConfig, access_log: bool = False) -> None:
         llm = load_llm(cfg, tp)
         if tp.rank != 0:
             llm.worker_loop()  # follow rank 0's requests and steps until its engine stops
-            return
-        try:
-            run_server(cfg, llm, access_log)
-        finally:
-            # The engine thread releases the other ranks as it stops (the server's shutdown asks it
-            # to and joins it); then this is a no-op. It acts if no engine thread ever ran (the
-            # server failed to start), and if one outlived the join it waits for that thread's step
-            # to end (LLM.shutdown and LLM.step share a lock): collectives never interleave. A rank
-            # 0 that dies instead ends the others through their collectives' timeout.
-            llm.shutdown()
+        else:
+            try:
+                run_server(cfg, llm, access_log)
+            finally:
+                # The engine thread releases the other ranks as it stops (the server's shutdown asks it
+                # to and joins it); then this is a no-op. It acts if no engine thread ever ran (the
+                # server failed to start), and if one outlived the join it waits for that thread's step
+                # to end (LLM.shutdown and LLM.step share a lock): collectives never interleave. A rank
+                # 0 that dies instead ends the others through their collectives' timeout.
+                llm.shutdown()
     finally:
         destroy(tp)
+    end_process(tp)  # tensor parallel: exit 0 here (parallel.group.end_process says why)

@@ -51,6 +51,8 @@ class ServeConfig:
     max_input_length: int | None = None
     max_seq_len: int | None = None
     max_prefill_tokens: int = 8192
+    vision_chunk_patches: int = 16384
+    vision_step_share: float = 0.25
     max_iter_times: int = 1024
     kv_cache_gb: float | None = None
     block_size: int = 16
@@ -229,6 +231,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add("--max_seq_len", type=int, help="prompt + output tokens per sequence (default: the model's)")
     add("--max_prefill_tokens", type=int,
         help=f"prompt tokens computed per step; longer prompts are chunked (default: {d.max_prefill_tokens})")
+    add("--vision_chunk_patches", type=int,
+        help=f"patches per vision-encoder call: a video is decoded and encoded this many patches' worth of "
+             f"frames at a time, bounding memory (default: {d.vision_chunk_patches})")
+    add("--vision_step_share", type=float,
+        help=f"while requests are running, each step spends at most this share of a forward pass's time on "
+             f"vision encoding (at least one image or frame pair), so a long video does not stall the running "
+             f"streams (default: {d.vision_step_share})")
     add("--max_iter_times", type=int,
         help=f"output tokens per request at most; also the max_tokens default (default: {d.max_iter_times})")
     add("--kv_cache_gb", type=float, help="KV cache size in GiB, MindIE's npuMemSize (default: 85%% of free "
@@ -276,10 +285,12 @@ def build_config(args: argparse.Namespace) -> tuple[ServeConfig, list[str]]:
     cfg = ServeConfig(**values)
     if not cfg.model_path:
         raise ValueError("no model: pass --model_path, or --config with ModelConfig.modelWeightPath")
-    for name in ("max_batch_size", "max_prefill_tokens", "max_iter_times", "block_size", "max_waiting",
-                 "preprocess_workers", "max_request_bytes"):
+    for name in ("max_batch_size", "max_prefill_tokens", "vision_chunk_patches", "max_iter_times", "block_size",
+                 "max_waiting", "preprocess_workers", "max_request_bytes"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.vision_step_share > 0:
+        raise ValueError(f"vision_step_share must be > 0, got {cfg.vision_step_share}")
     if cfg.allowed_media_dir is not None and not Path(cfg.allowed_media_dir).is_dir():
         raise ValueError(f"--allowed_media_dir {cfg.allowed_media_dir}: not a directory")
     return cfg, ignored

@@ -28,7 +28,7 @@ from engine.report import format_summary, perf_summary  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from fixtures.tiny_checkpoint import cached_checkpoint  # noqa: E402
 from modeling.processing import SAMPLE_IMAGE_PATH, media_kind, probe_media_kind  # noqa: E402
-from parallel import TPGroup, TPSizeError, barrier, destroy, init_from_env  # noqa: E402
+from parallel import TPGroup, TPSizeError, barrier, destroy, end_process, init_from_env  # noqa: E402
 
 DEFAULT_TEXT = "Describe this image."
 DEFAULT_MAX_BATCH_SIZE = 16
@@ -88,6 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     media.add_argument("--vision_chunk_patches", type=int, default=16384,
                        help="patches per vision-encoder call: a video is decoded and encoded this many patches' "
                             "worth of frames at a time, bounding memory (default: %(default)s)")
+    media.add_argument("--vision_step_share", type=float, default=0.25,
+                       help="while requests are running, each step spends at most this share of a forward pass's "
+                            "time on vision encoding (at least one image or frame pair), so a long video does not "
+                            "stall the others (default: %(default)s)")
     add("--output_json", "--results_save_path", type=Path, dest="output_json",
         help="write results and the perf summary here (--results_save_path: MindIE's name)")
     add("--shm_name_save_path", type=Path,
@@ -138,11 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
         args.max_batch_size = DEFAULT_MAX_BATCH_SIZE
     tp = init_from_env(args.device)  # world size 1 unless launched by torchrun
     try:
-        return _run(args, tp)
+        report = _run(args, tp)
     except TPSizeError as e:  # the same on every rank: rank 0 says it
         raise SystemExit(f"error: {e}" if tp.rank == 0 else 1) from None
     finally:
         destroy(tp)
+    end_process(tp)  # tensor parallel: exit 0 here (parallel.group.end_process says why)
+    return report
 
 
 def _run(args: argparse.Namespace, tp: TPGroup) -> dict:
@@ -156,7 +162,7 @@ def _run(args: argparse.Namespace, tp: TPGroup) -> dict:
                   block_size=args.block_size, max_batch_size=args.max_batch_size,
                   max_prefill_tokens=args.max_prefill_tokens, max_input_length=args.max_input_length,
                   enable_prefix_caching=not args.disable_prefix_caching,
-                  vision_chunk_patches=args.vision_chunk_patches, tp=tp)
+                  vision_chunk_patches=args.vision_chunk_patches, vision_step_share=args.vision_step_share, tp=tp)
     except (ValueError, OSError) as e:  # no or bad checkpoint, bad engine sizes
         raise SystemExit(f"error: {e}" if tp.rank == 0 else 1) from None
     if tp.rank != 0:

@@ -41,7 +41,7 @@ def test_chunked_encoding_equals_one_call(arch, clip, tmp_path):
                           llm.image_cfg)
     t, h, w = video.grid
     assert t == 5 and 100 // (h * w) in (1, 2, 3)  # odd slice count, several chunks of >= 1 slice
-    chunked = llm.encode_media([video])[0]
+    chunked = llm.encoder.encode([video])[0]
     one_call = llm.model.encode_media(video.pixel_values, torch.tensor([video.grid]))
     assert chunked.shape == one_call.shape == (video.num_tokens, llm.config.text.hidden_size)
     torch.testing.assert_close(chunked, one_call, rtol=1e-6, atol=1e-6)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engine.llm import LLM, Prompt  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
-from parallel import destroy, init_from_env  # noqa: E402
+from parallel import destroy, end_process, init_from_env  # noqa: E402
 
 READY_AFTER_STEPS = 3
 
@@ -35,17 +35,17 @@ def main(checkpoint: str, out_dir: str, mode: str) -> None:
         if mode == "fail1":
             step, calls = llm._step, [0]
 
-            def failing_step() -> list:
+            def failing_step(work) -> list:
                 calls[0] += 1
                 if calls[0] == READY_AFTER_STEPS:
                     raise RuntimeError("injected fault in rank 1's step")
-                return step()
+                return step(work)
 
             llm._step = failing_step  # type: ignore[method-assign]
         llm.worker_loop()
         assert mode == "race", "worker_loop returned, but rank 0 shuts down only in the race mode"
         destroy(tp)
-        return
+        end_process(tp)
     prompt = Prompt("Tell me about the sea.")
     if mode == "idle":
         llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0))
@@ -56,7 +56,7 @@ def main(checkpoint: str, out_dir: str, mode: str) -> None:
     if mode == "race":
         race(llm, prompt, params)
         destroy(tp)
-        return
+        end_process(tp)
     steps = 0
     while True:
         if not llm.has_unfinished():

@@ -1,5 +1,6 @@
 """Tensor parallelism end to end: the engine over 2 and 4 gloo ranks on the CPU gives the tokens of
-one process, for both architectures, with an image.
+one process, for both architectures, with images and a video; a clip that does not decode ends
+alone on every rank.
 
 Each case runs tests/parallel/tp_script.py as separate processes on 127.0.0.1. The kernels mostly
 run their PyTorch references there (QVL_KERNELS=torch, fast): the Triton kernels are proven against
@@ -24,7 +25,7 @@ from tests.parallel.launch import run_ranks
 SCRIPT = Path(__file__).with_name("tp_script.py")
 TP_SIZES = {"vision_num_heads": 4, "intermediate_size": 250, "vision_intermediate_size": 130,
             "extra": {"vocab_size": 578}}
-GREEDY = ("image", "text", "late")
+GREEDY = ("image", "text", "late", "video")
 # A hang guard, not a speed limit: a rank that fails ends the job at once (launch.wait_for_exit); this
 # bound only ends a job that hangs, and is generous for 4 ranks on 2 loaded cores (the Triton case interpreted).
 TIMEOUT_S = 900
@@ -47,12 +48,14 @@ def assert_same_tokens(reports: list[dict], ref: dict, world: int) -> None:
         assert report["outputs"] == reports[0]["outputs"], (world, rank)
         assert report["all_blocks_free"], (world, rank)
         assert report["preemptions"] == reports[0]["preemptions"], (world, rank)
-    outs = reports[0]["outputs"]
+    outs = dict(reports[0]["outputs"])
     assert set(outs) == set(ref)
     for request_id in (*GREEDY, "seeded"):
         assert outs[request_id]["ids"] == ref[request_id]["ids"], (world, request_id)
         diffs = [abs(a - b) for a, b in zip(outs[request_id]["logprobs"], ref[request_id]["logprobs"], strict=True)]
         assert max(diffs) < 1e-4, (world, request_id, diffs)
+    corrupt = outs.pop("corrupt")
+    assert corrupt["finish_reason"] == "error" and "RequestMediaError" in corrupt["error"] and not corrupt["ids"]
     assert all(o["finish_reason"] == "length" for o in outs.values())
 
 
@@ -61,7 +64,7 @@ def test_tp_2_and_4_ranks_match_one_process(arch: str, tmp_path: Path) -> None:
     checkpoint = tp_checkpoint(tmp_path / "ckpt", arch)
     (single,) = run_world(checkpoint, 1, tmp_path / "w1")
     ref = single["outputs"]
-    assert set(ref) == {"image", "text", "seeded", "unseeded", "late"}  # "aborted" never finished
+    assert set(ref) == {"image", "text", "seeded", "unseeded", "late", "video", "corrupt"}  # not "aborted"
     assert single["kv_cache_shape"][2] == 2 and single["embed_rows"] == 578
     for world in (2, 4):
         reports = run_world(checkpoint, world, tmp_path / f"w{world}")

@@ -5,6 +5,9 @@
 Rank 0 drives the LLM by hand (add_request / step / abort, a request added between steps, one
 aborted mid-run), the others follow in worker_loop; every rank writes what it saw to
 OUT_DIR/rank{r}.json (finished outputs, free KV blocks, preemptions, cache and embedding shapes).
+A video (sent as bytes, so rank 0 holds it in a temporary file) is encoded a few temporal slices
+per step, its frames shipped by rank 0; the other ranks' video decoder raises, so a rank > 0
+that read a file would fail the run. A clip whose frames do not decode ends alone, on every rank.
 `tight`: a KV cache of 8 blocks and a prefill budget of 23 tokens per step, which force
 preemption (and recompute) and chunked prefill (steps in which no sequence samples).
 """
@@ -20,10 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from engine.llm import LLM, Prompt, RequestOutput  # noqa: E402
 from engine.media import Media  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
-from modeling.processing import SAMPLE_IMAGE_PATH  # noqa: E402
-from parallel import destroy, init_from_env  # noqa: E402
+from modeling import processing  # noqa: E402
+from modeling.processing import SAMPLE_IMAGE_PATH, SAMPLE_VIDEO_PATH  # noqa: E402
+from parallel import destroy, end_process, init_from_env  # noqa: E402
 
 IMAGE = {"min_pixels": 16 * 28 * 28, "max_pixels": 36 * 28 * 28}  # 4x4 .. 6x6 merged tokens: 1-4 windows
+VIDEO = {"nframes": 8, "min_pixels": 16 * 28 * 28, "max_pixels": 24 * 28 * 28}  # 4 temporal slices
 
 
 def greedy(n: int) -> SamplingParams:
@@ -37,21 +42,28 @@ REQUESTS = [
     ("unseeded", Prompt("Name three colours."), SamplingParams(max_tokens=4, temperature=0.8, ignore_eos=True)),
     ("aborted", Prompt("Count to ten."), greedy(50)),
 ]
+VIDEO_REQUEST = ("video", Prompt("What happens in the clip?", [
+    Media(SAMPLE_VIDEO_PATH.read_bytes(), kind="video", options=VIDEO)]), greedy(5))
 LATE = ("late", Prompt("Describe it.", [Media(SAMPLE_IMAGE_PATH, options=IMAGE)]), greedy(4))  # after step 1
 
 
 def main(checkpoint: str, out_dir: str, tight: bool) -> None:
     tp = init_from_env("cpu")
     num_blocks = 8 if tight else 64
+    # 2 temporal slices per vision call at most: the clip takes several steps' work
     llm = LLM(checkpoint, device="cpu", num_kv_blocks=num_blocks, block_size=16, tp=tp,
-              max_prefill_tokens=23 if tight else 8192)
+              max_prefill_tokens=23 if tight else 8192, vision_chunk_patches=2 * 8 * 12)
     finished: dict[str, RequestOutput] = {}
 
     def collect(outputs: list[RequestOutput]) -> None:
         finished.update({o.request_id: o for o in outputs if o.finished})
 
     if tp.rank == 0:
-        for request_id, prompt, params in REQUESTS:
+        from tests.engine.test_isolation import undecodable_video
+
+        corrupt = Prompt("And this one?", [Media(undecodable_video(Path(out_dir, "corrupt.mp4"), "mpeg4", 3),
+                                                 options=VIDEO)])
+        for request_id, prompt, params in [*REQUESTS, VIDEO_REQUEST, ("corrupt", corrupt, greedy(5))]:
             llm.add_request(request_id, llm.preprocessor.prepare(prompt, params))
         steps = 0
         while llm.has_unfinished():
@@ -63,10 +75,15 @@ def main(checkpoint: str, out_dir: str, tight: bool) -> None:
                 assert llm.abort("aborted")
         llm.shutdown()
     else:
+        def no_decoding(*args, **kwargs):
+            raise AssertionError(f"rank {tp.rank} decoded a video: only rank 0 reads media")
+
+        processing.iter_video_frames = no_decoding
         llm.worker_loop(collect)
     report = {
         "rank": tp.rank, "world_size": tp.world_size,
-        "outputs": {k: {"ids": o.output_ids, "logprobs": o.output_logprobs, "finish_reason": o.finish_reason}
+        "outputs": {k: {"ids": o.output_ids, "logprobs": o.output_logprobs, "finish_reason": o.finish_reason,
+                        "error": repr(o.error) if o.error is not None else None}
                     for k, o in sorted(finished.items())},
         "all_blocks_free": llm.blocks.num_free_blocks == llm.blocks.num_blocks == num_blocks,
         "preemptions": llm.scheduler.num_preemptions,
@@ -75,6 +92,7 @@ def main(checkpoint: str, out_dir: str, tight: bool) -> None:
     }
     Path(out_dir, f"rank{tp.rank}.json").write_text(json.dumps(report))
     destroy(tp)
+    end_process(tp)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""Inter-token latency of running streams while a five-minute clip is admitted.
+
+Eight greedy text streams decode; once each has a few tokens, a request with a 5-minute clip (2 fps:
+600 frames, 300 temporal slices) arrives. Its preparation (hashing the file, reading its header)
+runs on a worker thread as the server's does; its frames are decoded on the engine's background
+thread and encoded over many steps, then its prompt is prefilled in `max_prefill_tokens` chunks.
+The window ends at the clip's first token. ITL = the gaps between consecutive tokens of the eight
+streams inside the window; the baseline is the same streams over a window of the same length with
+no clip. A third run lifts the per-step vision budget (`vision_step_share` 1e9: whole
+`vision_chunk_patches` chunks in one step) to show what the budget buys.
+
+Medians over 3 repetitions of each run's p50 / p99. Prefix and encoder caches are off, so every
+repetition does all the work. On the CPU the engine runs its PyTorch paths (a CPU user's setting)
+on the e2e family's cpu-small checkpoint; the clip is 320x240 at 10 fps, sampled at 2 fps into
+16 merged tokens a frame pair (4,800 prompt tokens).
+
+    python benchmarks/bench_itl.py                 # prints the table
+"""
+
+from __future__ import annotations
+
+import queue
+import statistics
+import sys
+import threading
+import time
+from itertools import pairwise
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+STREAMS = 8
+WARM_TOKENS = 8
+REPEATS = 3
+CLIP_SECONDS = 300
+CLIP_OPTIONS = {"min_pixels": 16 * 784, "max_pixels": 16 * 784}  # 2 fps (the default): 600 frames
+MAX_PREFILL_TOKENS = 256
+
+
+def _clip() -> Path:
+    from fixtures.tiny_checkpoint import cache_dir
+    from modeling.processing import write_synthetic_video
+
+    path = cache_dir() / "bench-itl-5min.mp4"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial.mp4")
+        write_synthetic_video(tmp, seconds=CLIP_SECONDS, fps=10, width=320, height=240)
+        tmp.rename(path)
+    return path
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run_window(llm, clip: Path | None, window_s: float | None) -> dict:
+    """Eight streams, then (with `clip`) the clip's request until its first token, or (without)
+    `window_s` seconds of decoding. ITL statistics of the streams inside the window."""
+    from engine.llm import Prompt
+    from engine.media import Media
+    from engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
+    ids = [f"stream{i}" for i in range(STREAMS)]
+    for i, request_id in enumerate(ids):
+        llm.add_request(request_id, llm.preprocessor.prepare(Prompt(f"Tell me story number {i} about the sea."),
+                                                             params))
+    while min(len(llm.sequences[r].output_ids) for r in ids) < WARM_TOKENS:
+        llm.step()
+    seqs = [llm.sequences[r] for r in ids]
+    prepared: queue.SimpleQueue = queue.SimpleQueue()
+    started = time.perf_counter()
+    if clip is not None:
+        preprocessor = llm.preprocessor.with_own_tokenizer()  # as the server's request threads do
+        request = Prompt("Describe the clip.", [Media(clip, options=CLIP_OPTIONS)])
+        threading.Thread(target=lambda: prepared.put(preprocessor.prepare(request, SamplingParams(max_tokens=2))),
+                         daemon=True).start()
+    clip_seq = None
+    while True:
+        if clip is not None and clip_seq is None and not prepared.empty():
+            llm.add_request("clip", prepared.get())
+            clip_seq = llm.sequences["clip"]
+        llm.step()
+        if clip_seq is not None and clip_seq.output_ids:
+            break
+        if clip is None and time.perf_counter() - started >= window_s:
+            break
+    ended = time.perf_counter()
+    gaps = [b - a for s in seqs for a, b in pairwise(s.token_times) if a >= started and b <= ended]
+    for request_id in [*ids, "clip"]:
+        llm.abort(request_id)
+    while llm.has_unfinished():
+        llm.step()
+    return {"window_s": ended - started, "gaps": len(gaps), "p50_ms": _percentile(gaps, 0.5) * 1e3,
+            "p99_ms": _percentile(gaps, 0.99) * 1e3, "max_ms": max(gaps) * 1e3,
+            "clip_tokens": len(clip_seq.prompt_ids) if clip_seq is not None else 0}
+
+
+def measure(device: str) -> dict:
+    """The three runs, REPEATS times each, interleaved; medians of their statistics."""
+    from benchmarks.e2e_vs_hf import checkpoint_for
+    from engine.llm import LLM
+
+    clip = _clip()
+    llm = LLM(checkpoint_for("cpu-small", "float32"), device=device, kv_cache_gb=1.0, enable_prefix_caching=False,
+              encoder_cache_gb=0.0, max_prefill_tokens=MAX_PREFILL_TOKENS)
+    run_window(llm, None, 1.0)  # warm-up
+    runs: dict[str, list[dict]] = {"no clip": [], "clip admitted": [], "clip, unbudgeted": []}
+    for _ in range(REPEATS):
+        llm.vision_step_share = 0.25
+        with_clip = run_window(llm, clip, None)
+        runs["clip admitted"].append(with_clip)
+        runs["no clip"].append(run_window(llm, None, with_clip["window_s"]))
+        llm.vision_step_share = 1e9
+        runs["clip, unbudgeted"].append(run_window(llm, clip, None))
+    return {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
+
+
+def run(ctx) -> None:
+    """`make bench` entry."""
+    device = ctx.device.type
+    result = measure(device)
+    base = result["no clip"]["p99_ms"]
+    for name, r in result.items():
+        row = ctx.record("itl", "8 streams ITL p99", f"cpu-small, 5-min clip ({r['clip_tokens']:.0f} tok)", "float32",
+                         name, r["p99_ms"], note=f"p50 {r['p50_ms']:.1f} ms, max {r['max_ms']:.1f} ms, "
+                                                 f"window {r['window_s']:.1f} s, {r['gaps']:.0f} gaps")
+        row["speedup_vs_baseline"] = round(base / r["p99_ms"], 3)
+        print(f"  {name:18s} p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  max {r['max_ms']:7.1f} ms  "
+              f"window {r['window_s']:5.1f} s  p99 / no clip {r['p99_ms'] / base:.2f}x", flush=True)
+
+
+def main() -> None:
+    import torch
+
+    from parallel.group import detect_device_type
+
+    device = detect_device_type()
+    print(f"device {device}, {torch.get_num_threads()} torch threads")
+    result = measure(device)
+    base = result["no clip"]["p99_ms"]
+    print("| run | ITL p50 (ms) | ITL p99 (ms) | max (ms) | window (s) | p99 / no clip |")
+    print("|---|---|---|---|---|---|")
+    for name, r in result.items():
+        print(f"| {name} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r['window_s']:.1f} | "
+              f"{r['p99_ms'] / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Media work does not stall the running streams: a video is decoded on a background thread, ahead
+of need and in bounded memory, and encoded over several steps (each step's share bounded) while the
+other requests keep getting a token every step; the embeddings, and so the tokens, are those of
+encoding the clip at once; an aborted request stops its decoding and frees what it held."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from engine import media as media_module
+from engine.frame_stream import FrameStream
+from engine.llm import LLM, Prompt
+from engine.media import Media
+from engine.sampling import SamplingParams
+from modeling.processing import write_synthetic_video
+
+# 24 frames -> 12 temporal slices of 4 x 4 patches (16 patches, 4 merged tokens) each.
+CLIP_OPTIONS = {"nframes": 24, "min_pixels": 4 * 784, "max_pixels": 4 * 784}
+SLICES, SLICE_PATCHES = 12, 16
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return write_synthetic_video(tmp_path_factory.mktemp("clip") / "clip.mp4", seconds=6.0, fps=10, width=70,
+                                 height=50)
+
+
+def video_prompt(clip) -> Prompt:
+    return Prompt("What happens in the clip?", [Media(clip, options=CLIP_OPTIONS)])
+
+
+def record_work(llm: LLM) -> list:
+    """Every step's EncodeWork, in order (the encoder's run is wrapped, not changed)."""
+    seen = []
+    run = llm.encoder.run
+
+    def recording(work):
+        seen.append(work)
+        return run(work)
+
+    llm.encoder.run = recording
+    return seen
+
+
+def slices_of(work, llm: LLM) -> int:
+    return sum(len(v.frames) // llm.image_cfg.temporal_patch_size for v in work.videos)
+
+
+def test_a_clip_is_encoded_over_steps_while_the_streams_decode(tiny_checkpoint, clip):
+    alone = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128).generate([video_prompt(clip)], greedy(6))[0]
+
+    # A tiny share: every step with streams running encodes the least it can, one temporal slice.
+    llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128, vision_step_share=1e-6)
+    for i in range(2):
+        llm.add_request(f"text{i}", llm.preprocessor.prepare(Prompt(f"Tell me story {i}."), greedy(60)))
+    while not all(llm.sequences[f"text{i}"].output_ids for i in range(2)):
+        llm.step()
+    work = record_work(llm)
+    llm.add_request("video", llm.preprocessor.prepare(video_prompt(clip), greedy(6)))
+    video = llm.sequences["video"]
+    steps = 0
+    while not video.output_ids:
+        before = [len(llm.sequences[f"text{i}"].output_ids) for i in range(2)]
+        llm.step()
+        steps += 1
+        # Every step gives every running stream its token: none waits for the clip's media work.
+        assert [len(llm.sequences[f"text{i}"].output_ids) for i in range(2)] == [b + 1 for b in before]
+    encoding = [w for w in work if w.videos]
+    assert [slices_of(w, llm) for w in encoding] == [1] * SLICES  # spread over 12 steps, one slice each
+    assert steps > SLICES
+    while llm.has_unfinished():
+        llm.step()
+    assert video.output_ids == alone.output_ids  # the same embeddings as one pass over the clip
+    assert llm.blocks.num_used_blocks() == 0 and not llm.encoder.jobs
+
+
+def test_an_idle_engine_encodes_whole_chunks(tiny_checkpoint, clip):
+    llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128, vision_chunk_patches=4 * SLICE_PATCHES)
+    work = record_work(llm)
+    out = llm.generate([video_prompt(clip)], greedy(3))[0]
+    slices = [slices_of(w, llm) for w in work if w.videos]
+    assert sum(slices) == SLICES and max(slices) <= 4 and len(slices) >= 3
+    assert len(out.output_ids) == 3
+
+
+def test_frames_are_decoded_off_the_calling_thread_in_bounded_memory(tiny_checkpoint, clip, monkeypatch):
+    llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=8)
+    prepared = llm.preprocessor.prepare_media(Media(clip, options=CLIP_OPTIONS))
+    expected = np.concatenate(list(prepared.frame_slices(SLICES)))  # the synchronous decode, all at once
+    decoded: list[str] = []  # the thread that decoded each slice
+    original = media_module.processing.iter_video_frames
+
+    def watched(plan, chunk_frames):
+        for frames in original(plan, chunk_frames):
+            decoded.append(threading.current_thread().name)
+            yield frames
+
+    monkeypatch.setattr(media_module.processing, "iter_video_frames", watched)
+    stream = FrameStream(prepared, max_slices=3)
+    deadline = time.monotonic() + 30
+    while len(decoded) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    # 3 slices queued and one decoded, waiting for room: nothing more while nobody takes.
+    assert len(decoded) == 4 and stream.ready_slices == 3
+    assert set(decoded) == {decoded[0]} and decoded[0] != threading.current_thread().name
+    taken: list[np.ndarray] = []  # frames, 2 (temporal_patch_size) per slice
+    while len(taken) < 2 * SLICES:
+        frames = stream.take(5, timeout=10)
+        assert frames is not None and len(frames) <= 5 * 2
+        taken.extend(frames)
+    assert stream.take(1, timeout=0.1) is None  # the clip is done
+    np.testing.assert_array_equal(np.stack(taken), expected)
+    assert stream.join(5)
+
+
+def test_the_budget_sets_the_slices_of_a_step(tiny_checkpoint, clip):
+    llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128)
+    llm.add_request("video", llm.preprocessor.prepare(video_prompt(clip), greedy(2)))
+    llm.scheduler.schedule()  # admitted (its blocks held), no run until its media are encoded
+    (job,) = llm.encoder.jobs.values()
+    deadline = time.monotonic() + 30
+    while job.stream.ready_slices < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    llm.encoder.seconds_per_patch = 0.001
+    work = llm.encoder.plan(budget_s=0.001 * (3 * SLICE_PATCHES + 5))  # room for 3 slices, not 4
+    assert slices_of(work, llm) == 3
+    work = llm.encoder.plan(budget_s=0.0)  # no room at all: still one slice, so encoding goes on
+    assert slices_of(work, llm) == 1
+    work = llm.encoder.plan(budget_s=None, wait_s=10)  # nothing else running: a whole chunk's worth if ready
+    assert 1 <= slices_of(work, llm) <= SLICES - 4
+    llm.abort("video")
+
+
+def test_an_aborted_request_stops_its_decoding(tiny_checkpoint, clip):
+    llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128, vision_step_share=1e-6)
+    llm.add_request("text", llm.preprocessor.prepare(Prompt("Count to ten."), greedy(30)))
+    llm.add_request("video", llm.preprocessor.prepare(video_prompt(clip), greedy(4)))
+    (job,) = llm.encoder.jobs.values()
+    stream = job.stream
+    for _ in range(4):  # the clip partly encoded, one slice a step
+        llm.step()
+    assert 0 < job.rows < job.media.num_tokens
+    assert llm.abort("video")
+    assert stream.join(5)  # its decoding thread has ended
+    assert not llm.encoder.jobs and "video" not in llm.sequences
+    while llm.has_unfinished():
+        llm.step()
+    assert llm.blocks.num_used_blocks() == 0
