@@ -22,6 +22,7 @@ FAMILIES = {
     "elementwise": "benchmarks.bench_elementwise",
     "attention": "benchmarks.bench_attention",
     "video": "benchmarks.bench_video",
+    "itl": "benchmarks.bench_itl",
     "e2e": "benchmarks.e2e_vs_hf",
 }
 

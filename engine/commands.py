@@ -3,7 +3,7 @@
 The server's handlers put them in the engine thread's inbox (serving/async_engine.py), and under
 tensor parallelism rank 0 records the ones it applied and broadcasts them to the other ranks
 before each step (engine/llm.py), which apply them in the same order; the broadcast ends with
-the step's Encode, the vision work rank 0 chose for it.
+the step's StepPlan, what rank 0 chose for it from its own timings.
 """
 
 from __future__ import annotations
@@ -35,10 +35,13 @@ class Stop:
 
 
 @dataclass(frozen=True)
-class Encode:
-    """Tensor parallelism: the step's vision work (images by content hash, videos' uint8 frames)."""
+class StepPlan:
+    """What the driver chose for one step from its own timings, which every rank follows: the
+    vision work (images by content hash, videos' uint8 frames) and the most prompt tokens the
+    scheduler may take (None: max_prefill_tokens alone)."""
 
-    work: EncodeWork
+    encode: EncodeWork
+    prompt_budget: int | None
 
 
-Command = Add | Abort | Encode | Stop
+Command = Add | Abort | StepPlan | Stop

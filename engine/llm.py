@@ -13,8 +13,9 @@ the same schedule. Rank 0 is the driver: its add_request / abort calls take effe
 and are recorded; at the start of each step() it broadcasts the recorded commands (one
 broadcast_object per step), and ranks > 0, inside `worker_loop()`, apply them and run the same
 step. Commands are typed values (engine/commands.py); an Add carries the prepared request
-(token ids, images' pixels, videos' plans), and the step's Encode carries the vision work rank 0
-chose, a video's frames as uint8 slices, so only rank 0 reads media files.
+(token ids, images' pixels, videos' plans), and the step's StepPlan carries what rank 0 chose from
+its timings: the vision work (a video's frames as uint8 slices: only rank 0 reads media files)
+and the prompt-token budget, so every rank schedules the same batch.
 Logits are all-gathered, identical on every rank, and sampling is made identical too: a sampled
 request without a seed gets one drawn on rank 0. `shutdown()` on rank 0 ends the workers' loops.
 Faults end the world, never hang it: a step that fails on any rank, or a collective that fails
@@ -38,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from engine.block_manager import BlockManager
-from engine.commands import Abort, Add, Command, Encode, Stop
+from engine.commands import Abort, Add, Command, StepPlan, Stop
 from engine.encoder_cache import EncoderCache
 from engine.errors import RequestFault, StepFailed
 from engine.media import DEFAULT_LIMITS, MediaLimits, PreparedMedia
@@ -47,7 +48,7 @@ from engine.preprocess import PreparedRequest, Preprocessor, Prompt
 from engine.sampling import SampleOutput, SamplingParams, find_stop, make_generator, sample
 from engine.scheduler import Batch, Run, Scheduler
 from engine.sequence import Sequence
-from engine.stats import EngineStats
+from engine.stats import EngineStats, StepCost
 from modeling.attention_metadata import AttentionMetadata
 from modeling.model import load_model
 from modeling.processing import ImageProcessorConfig, MediaKind
@@ -56,6 +57,8 @@ from parallel.group import SINGLE_PROCESS, TPGroup, detect_device_type
 from parallel.sharding import local_kv_heads
 
 __all__ = ["LLM", "Prompt", "RequestOutput"]  # Prompt: the offline input, from engine.preprocess
+
+DECODE_REFRESH_STEPS = 8  # under prefill_step_share: at least one decode-only step in this many
 
 
 @dataclass
@@ -96,9 +99,13 @@ class LLM:
     vision_chunk_patches: patches per vision-encoder call: videos are decoded and encoded that many
     temporal slices at a time, so the encoder's activations do not grow with a clip's length.
     vision_step_share: while other requests are running, each step's vision encoding is held to
-    this share of a forward pass's time (at least one image or temporal slice), so a long clip is
+    this share of a decode step's time (at least one image or temporal slice), so a long clip is
     encoded over many steps and the running streams keep their inter-token latency; videos are
     decoded ahead on background threads (engine/media_encoder.py).
+    prefill_step_share: while requests are decoding, the prompt tokens of a step are held to what
+    adds this share of a decode step's time (estimated from the steps seen; at least one token),
+    so a long prompt is prefilled in chunks small enough for the decoding streams' inter-token
+    latency. None (the default): only max_prefill_tokens bounds them (throughput first).
 
     tp: the tensor-parallel group (see the module docstring); its device is used when world_size
     > 1, and kv_cache_gb is then each rank's budget for its own kv heads.
@@ -110,7 +117,7 @@ class LLM:
                  max_seq_len: int | None = None, enable_prefix_caching: bool = True,
                  encoder_cache_gb: float = 1.0, media_limits: MediaLimits = DEFAULT_LIMITS,
                  vision_chunk_patches: int = 16384, vision_step_share: float = 0.25,
-                 tp: TPGroup = SINGLE_PROCESS):
+                 prefill_step_share: float | None = None, tp: TPGroup = SINGLE_PROCESS):
         from transformers import AutoTokenizer
 
         for name, value in (("block_size", block_size), ("max_batch_size", max_batch_size),
@@ -153,15 +160,17 @@ class LLM:
         self.encoder_cache = EncoderCache(int(encoder_cache_gb * (1 << 30)))
         self.preprocessor = Preprocessor(self.tokenizer, self.config, self.image_cfg, self.max_input_length,
                                          media_limits)
-        if not vision_step_share > 0:
-            raise ValueError(f"vision_step_share must be > 0, got {vision_step_share}")
+        for name, share in (("vision_step_share", vision_step_share), ("prefill_step_share", prefill_step_share)):
+            if share is not None and not share > 0:
+                raise ValueError(f"{name} must be > 0, got {share}")
         self.vision_step_share = vision_step_share
+        self.prefill_step_share = prefill_step_share
         self.sequences: dict[str, Sequence] = {}
         self._next_seq_id = 0
         self.stats = EngineStats()
         self.encoder = MediaEncoder(self.model, self.encoder_cache, self.stats, chunk_patches=vision_chunk_patches,
                                     driver=tp.rank == 0, isolate_failures=tp.world_size == 1)
-        self._forward_s: float | None = None  # running estimate of a forward pass's time (the vision budget)
+        self.step_cost = StepCost()  # what the vision and prefill shares are shares of
 
     # ------------------------------------------------------------------ set-up
 
@@ -292,18 +301,18 @@ class LLM:
             raise RuntimeError("worker_loop() runs on ranks > 0; rank 0 drives the LLM (add_request / step)")
         while True:
             commands: list[Command] = broadcast_object(None, self.tp)
-            work = EncodeWork()
+            plan = StepPlan(EncodeWork(), None)
             try:
                 for command in commands:
                     if isinstance(command, Stop):
                         self._stopped = True
                         self.encoder.close()
                         return
-                    if isinstance(command, Encode):
-                        work = command.work
+                    if isinstance(command, StepPlan):
+                        plan = command
                     else:
                         self._apply(command)
-                outputs = self._step(work)
+                outputs = self._step(plan)
             except Exception as e:  # noqa: BLE001 - rank 0 has gone on: this rank is out of lockstep for good
                 exit_rank(self.tp, f"following rank 0's step failed here: {type(e).__name__}: {e}", e)
             if on_outputs is not None:
@@ -340,29 +349,39 @@ class LLM:
         other ranks may be inside collectives it left, and could never pair up with it again.
         """
         if self.tp.world_size == 1:
-            return self._step(self._plan_encoding())
+            return self._step(self._plan_step())
         with self._shutdown_lock:  # the driver's lock: a shutdown() from another thread waits for this step
             self._check_driver("step")
-            work = self._plan_encoding()
-            broadcast_object([*self._pending, Encode(work)], self.tp)
+            plan = self._plan_step()
+            broadcast_object([*self._pending, plan], self.tp)
             self._pending = []
             try:
-                return self._step(work)
+                return self._step(plan)
             except Exception as e:  # noqa: BLE001 - StepFailed included: the others may be waiting inside it
                 exit_rank(self.tp, f"an engine step failed here: {type(e).__name__}: {e}", e)
 
-    def _plan_encoding(self) -> EncodeWork:
-        """The driver's choice of this step's vision work: while requests with their media ready
-        are running or waiting, vision_step_share of a forward pass's time (at least one image or
-        slice); else a whole chunk, waiting briefly for decoded frames rather than spinning."""
-        busy = any(s.media_ready for s in self.scheduler.running) or \
-            any(s.media_ready for s in self.scheduler.waiting)
-        if busy:
-            return self.encoder.plan(self.vision_step_share * (self._forward_s or 0.0))
-        return self.encoder.plan(None, wait_s=0.05)
+    def _plan_step(self) -> StepPlan:
+        """The driver's choices for this step, from its own timings (self.step_cost).
 
-    def _step(self, work: EncodeWork) -> list[RequestOutput]:
-        """The step itself, the same on every rank: the vision work (`work`), then one forward pass.
+        While requests are decoding (their inter-token latency is what a step's other work
+        delays): vision work of at most vision_step_share of a decode step's time (at least one
+        image or slice), and prompt tokens within prefill_step_share of it (None: max_prefill_tokens
+        alone). Otherwise a whole vision chunk, waiting briefly for decoded frames rather than
+        spinning, and max_prefill_tokens."""
+        decoding = any(s.media_ready and s.num_tokens - s.num_computed == 1 for s in self.scheduler.running)
+        if not decoding:
+            return StepPlan(self.encoder.plan(None, wait_s=0.05), None)
+        decode_s = self.step_cost.decode_s or 0.0
+        budget = None
+        if self.prefill_step_share is not None:
+            # One decode-only step in DECODE_REFRESH_STEPS keeps the decode time it is a share of current.
+            refresh = self.step_cost.mixed_steps >= DECODE_REFRESH_STEPS
+            budget = 0 if refresh else self.step_cost.prompt_tokens_within(self.prefill_step_share * decode_s)
+        return StepPlan(self.encoder.plan(self.vision_step_share * decode_s), budget)
+
+    def _step(self, plan: StepPlan) -> list[RequestOutput]:
+        """The step itself, the same on every rank: the plan's vision work, then one forward pass
+        over what the scheduler picks within the plan's prompt-token budget.
 
         A request that cannot go on ends alone, with an error on its output: one whose medium
         fails to decode or encode (RequestMediaError), or whose logits row is not finite
@@ -370,8 +389,8 @@ class LLM:
         with their outputs; the requests outside the step are untouched (on one process: under
         tensor parallelism step() ends the rank, since its peers' collectives no longer pair).
         """
-        results = [self._fail(seq, error) for seq, error in self.encoder.run(work)]
-        batch = self.scheduler.schedule()
+        results = [self._fail(seq, error) for seq, error in self.encoder.run(plan.encode)]
+        batch = self.scheduler.schedule(plan.prompt_budget)
         if not batch.runs:
             return results
         started = time.perf_counter()
@@ -381,8 +400,7 @@ class LLM:
             fault = RequestFault(f"the engine step this request was part of failed: {type(e).__name__}: {e}")
             raise StepFailed(results + [self._fail(r.seq, fault) for r in batch.runs], e) from e
         now = time.perf_counter()
-        # A forward pass's time, smoothed: what the vision budget is a share of.
-        self._forward_s = now - started if self._forward_s is None else 0.8 * self._forward_s + 0.2 * (now - started)
+        self.step_cost.record(now - started, batch.prompt_tokens)
         self.stats.record_step(now - started, batch.num_tokens, any(r.count > 1 for r in batch.runs),
                                self.blocks.num_used_blocks())
 

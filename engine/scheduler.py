@@ -45,6 +45,11 @@ class Batch:
         """Tokens computed in this step (the forward pass's T)."""
         return sum(r.count for r in self.runs)
 
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens of prefill chunks and recomputes (every run but the one-token decodes)."""
+        return sum(r.count for r in self.runs if r.count > 1 or r.start < len(r.seq.prompt_ids))
+
 
 class Scheduler:
     """Waiting and running queues over one BlockManager."""
@@ -86,10 +91,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def schedule(self) -> Batch:
-        """Pick this step's runs; an empty batch when nothing can run."""
+    def schedule(self, prompt_budget: int | None = None) -> Batch:
+        """Pick this step's runs; an empty batch when nothing can run. prompt_budget: fewer prompt
+        tokens than max_prefill_tokens for this step (the engine's latency bound), if given."""
         batch = Batch(runs=[])
-        budget = self.max_prefill_tokens
+        budget = self.max_prefill_tokens if prompt_budget is None else min(self.max_prefill_tokens, prompt_budget)
         for seq in list(self.running):
             if seq.status != Status.RUNNING or not seq.media_ready:  # preempted in this loop; media encoding
                 continue

@@ -35,3 +35,40 @@ class EngineStats:
         phase.tokens += tokens
         self.steps += 1
         self.max_blocks_used = max(self.max_blocks_used, blocks_used)
+
+
+@dataclass
+class StepCost:
+    """Running estimates of a forward pass's time, t = decode_s + per_prompt_token_s * prompt tokens,
+    from the steps seen (exponential averages, so they follow the batch as it changes).
+
+    decode_s: a step of decodes only; per_prompt_token_s: what each prompt token (a prefill chunk's
+    or a recompute's) adds to it. None until a step of that kind has been seen. mixed_steps: steps
+    with prompt tokens since the last decode-only one (decode_s grows with the running contexts:
+    a long prefill must leave a decode-only step now and then, or its tokens are blamed for it).
+    """
+
+    decode_s: float | None = None
+    per_prompt_token_s: float | None = None
+    mixed_steps: int = 0
+    weight: float = 0.2  # of the newest step
+
+    def record(self, seconds: float, prompt_tokens: int) -> None:
+        """Account one forward pass that computed `prompt_tokens` prompt tokens (besides its decodes)."""
+        if prompt_tokens == 0:
+            self.decode_s = self._mix(self.decode_s, seconds)
+            self.mixed_steps = 0
+        else:
+            self.mixed_steps += 1
+            per_token = max(0.0, seconds - (self.decode_s or 0.0)) / prompt_tokens
+            self.per_prompt_token_s = self._mix(self.per_prompt_token_s, per_token)
+
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.weight) * old + self.weight * new
+
+    def prompt_tokens_within(self, seconds: float) -> int | None:
+        """The most prompt tokens whose estimated time fits `seconds` (at least 1); None while
+        unknown (no prefill seen yet)."""
+        if not self.per_prompt_token_s:  # unknown, or too small to measure
+            return None
+        return max(1, int(seconds / self.per_prompt_token_s))

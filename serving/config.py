@@ -53,6 +53,7 @@ class ServeConfig:
     max_prefill_tokens: int = 8192
     vision_chunk_patches: int = 16384
     vision_step_share: float = 0.25
+    prefill_step_share: float | None = None
     max_iter_times: int = 1024
     kv_cache_gb: float | None = None
     block_size: int = 16
@@ -238,6 +239,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help=f"while requests are running, each step spends at most this share of a forward pass's time on "
              f"vision encoding (at least one image or frame pair), so a long video does not stall the running "
              f"streams (default: {d.vision_step_share})")
+    add("--prefill_step_share", type=float,
+        help="while requests are decoding, each step takes only the prompt tokens that add at most this share of "
+             "a decode step's time (estimated as it runs; at least one), so a long prompt does not stall them: "
+             "inter-token latency first (default: off, --max_prefill_tokens alone: throughput first)")
     add("--max_iter_times", type=int,
         help=f"output tokens per request at most; also the max_tokens default (default: {d.max_iter_times})")
     add("--kv_cache_gb", type=float, help="KV cache size in GiB, MindIE's npuMemSize (default: 85%% of free "
@@ -289,8 +294,10 @@ def build_config(args: argparse.Namespace) -> tuple[ServeConfig, list[str]]:
                  "max_waiting", "preprocess_workers", "max_request_bytes"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if not cfg.vision_step_share > 0:
-        raise ValueError(f"vision_step_share must be > 0, got {cfg.vision_step_share}")
+    for name in ("vision_step_share", "prefill_step_share"):
+        share = getattr(cfg, name)
+        if share is not None and not share > 0:
+            raise ValueError(f"{name} must be > 0, got {share}")
     if cfg.allowed_media_dir is not None and not Path(cfg.allowed_media_dir).is_dir():
         raise ValueError(f"--allowed_media_dir {cfg.allowed_media_dir}: not a directory")
     return cfg, ignored

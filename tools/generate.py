@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max_input_length", type=int, help="prompt tokens allowed, media included (default: the model's)")
     add("--max_output_length", type=int, default=256, help="new tokens per request (default: %(default)s)")
     add("--max_prefill_tokens", type=int, default=8192, help="prompt tokens computed per step (default: %(default)s)")
+    add("--prefill_step_share", type=float,
+        help="while requests are decoding, each step takes only the prompt tokens that add at most this share of "
+             "a decode step's time (inter-token latency first; default: off, --max_prefill_tokens alone)")
     add("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
         help="weights and activations (auto: the config's torch_dtype)")
     add("--device", help="cuda, npu or cpu (default: the first accelerator found, else cpu)")
@@ -162,7 +165,8 @@ def _run(args: argparse.Namespace, tp: TPGroup) -> dict:
                   block_size=args.block_size, max_batch_size=args.max_batch_size,
                   max_prefill_tokens=args.max_prefill_tokens, max_input_length=args.max_input_length,
                   enable_prefix_caching=not args.disable_prefix_caching,
-                  vision_chunk_patches=args.vision_chunk_patches, vision_step_share=args.vision_step_share, tp=tp)
+                  vision_chunk_patches=args.vision_chunk_patches, vision_step_share=args.vision_step_share,
+                  prefill_step_share=args.prefill_step_share, tp=tp)
     except (ValueError, OSError) as e:  # no or bad checkpoint, bad engine sizes
         raise SystemExit(f"error: {e}" if tp.rank == 0 else 1) from None
     if tp.rank != 0:

@@ -155,3 +155,44 @@ def test_an_aborted_request_stops_its_decoding(tiny_checkpoint, clip):
     while llm.has_unfinished():
         llm.step()
     assert llm.blocks.num_used_blocks() == 0
+
+
+# ------------------------------------------------------------------ the prompt-token budget
+
+
+def test_step_cost_estimates_from_the_steps_seen():
+    from engine.stats import StepCost
+
+    cost = StepCost()
+    assert cost.prompt_tokens_within(1.0) is None  # nothing known yet
+    for _ in range(30):
+        cost.record(0.040, 0)             # decode-only steps: 40 ms
+        cost.record(0.040 + 0.002 * 50, 50)  # 50 prompt tokens add 2 ms each
+    assert abs(cost.decode_s - 0.040) < 1e-9 and abs(cost.per_prompt_token_s - 0.002) < 1e-9
+    assert cost.prompt_tokens_within(0.25 * cost.decode_s) == 5 and cost.prompt_tokens_within(0.0) == 1
+    assert cost.mixed_steps == 1
+
+
+def test_the_prefill_share_chunks_a_long_prompt_while_streams_decode(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128, prefill_step_share=0.25, enable_prefix_caching=False)
+    alone = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128)
+    long_prompt = Prompt("Tell me everything about the sea and the ships on it. " * 6)
+    expected = alone.generate([long_prompt], greedy(3))[0].output_ids
+    llm.add_request("stream", llm.preprocessor.prepare(Prompt("Count to ten."), greedy(200)))
+    while len(llm.sequences["stream"].output_ids) < 3:
+        llm.step()
+    # Known costs: a decode step 40 ms, a prompt token 2 ms -> 5 prompt tokens a step (0.25 x 40 / 2).
+    llm.step_cost.decode_s, llm.step_cost.per_prompt_token_s = 0.040, 0.002
+    llm.step_cost.record = lambda seconds, prompt_tokens: None  # hold the estimates still
+    llm.add_request("long", llm.preprocessor.prepare(long_prompt, greedy(3)))
+    long = llm.sequences["long"]
+    chunks = []
+    while not long.output_ids:
+        before, stream_before = long.num_computed, len(llm.sequences["stream"].output_ids)
+        llm.step()
+        chunks.append(long.num_computed - before)
+        assert len(llm.sequences["stream"].output_ids) == stream_before + 1  # the stream never waits
+    assert len(long.prompt_ids) > 40 and set(chunks) == {5} | ({len(long.prompt_ids) % 5} - {0})
+    while llm.has_unfinished():
+        llm.step()
+    assert long.output_ids == expected  # chunking changes when, not what

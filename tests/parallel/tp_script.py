@@ -6,7 +6,7 @@ Rank 0 drives the LLM by hand (add_request / step / abort, a request added betwe
 aborted mid-run), the others follow in worker_loop; every rank writes what it saw to
 OUT_DIR/rank{r}.json (finished outputs, free KV blocks, preemptions, cache and embedding shapes).
 A video (sent as bytes, so rank 0 holds it in a temporary file) is encoded a few temporal slices
-per step, its frames shipped by rank 0; the other ranks' video decoder raises, so a rank > 0
+per step, its frames shipped by rank 0, and prompts are chunked by rank 0's timings (its StepPlan); the other ranks' video decoder raises, so a rank > 0
 that read a file would fail the run. A clip whose frames do not decode ends alone, on every rank.
 `tight`: a KV cache of 8 blocks and a prefill budget of 23 tokens per step, which force
 preemption (and recompute) and chunked prefill (steps in which no sequence samples).
@@ -50,9 +50,11 @@ LATE = ("late", Prompt("Describe it.", [Media(SAMPLE_IMAGE_PATH, options=IMAGE)]
 def main(checkpoint: str, out_dir: str, tight: bool) -> None:
     tp = init_from_env("cpu")
     num_blocks = 8 if tight else 64
-    # 2 temporal slices per vision call at most: the clip takes several steps' work
+    # 2 temporal slices per vision call at most: the clip takes several steps' work. Not tight: prompt
+    # tokens bounded by rank 0's timings while others decode, and every rank must follow its budget.
     llm = LLM(checkpoint, device="cpu", num_kv_blocks=num_blocks, block_size=16, tp=tp,
-              max_prefill_tokens=23 if tight else 8192, vision_chunk_patches=2 * 8 * 12)
+              max_prefill_tokens=23 if tight else 8192, vision_chunk_patches=2 * 8 * 12,
+              prefill_step_share=None if tight else 0.5)
     finished: dict[str, RequestOutput] = {}
 
     def collect(outputs: list[RequestOutput]) -> None:
