@@ -2,8 +2,8 @@
 
 Decoding a clip (PyAV) and resizing its sampled frames (PIL) is the slow, request-sized part of
 video work; done on the engine thread it would stall every running stream for as long as it
-takes. A `FrameStream` runs it on its own thread, one temporal slice (temporal_patch_size frames,
-uint8 [tp, H, W, 3]) at a time, into a queue of at most `max_slices` slices: the engine takes
+takes. A `FrameStream` runs it on its own thread, below the engine thread's priority (on Linux),
+one temporal slice (temporal_patch_size frames, uint8 [tp, H, W, 3]) at a time, into a queue of at most `max_slices` slices: the engine takes
 slices as the vision tower is ready for them, and the thread waits while the queue is full, so a
 stream holds at most max_slices slices of frames, however long the clip.
 
@@ -13,6 +13,8 @@ A failure to decode (a corrupt file) is the request's: `take` raises it as Reque
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import threading
 
@@ -22,6 +24,7 @@ from engine.errors import RequestMediaError
 from engine.media import PreparedMedia
 
 _END = object()  # the queue's last item after the final slice
+DECODE_NICENESS = 10  # the decoding thread's nice value
 
 
 class FrameStream:
@@ -45,6 +48,10 @@ class FrameStream:
         self._thread.start()
 
     def _decode(self) -> None:
+        # Background work: below the engine thread's priority (on Linux a thread's nice value is its
+        # own, and the decoder's own threads, started from here, inherit it).
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
         try:
             for frames in self.media.frame_slices(1):
                 if not self._put(frames):

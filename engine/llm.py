@@ -42,6 +42,7 @@ from engine.block_manager import BlockManager
 from engine.commands import Abort, Add, Command, StepPlan, Stop
 from engine.encoder_cache import EncoderCache
 from engine.errors import RequestFault, StepFailed
+from engine.kv_budget import kv_cache_budget
 from engine.media import DEFAULT_LIMITS, MediaLimits, PreparedMedia
 from engine.media_encoder import EncodeWork, MediaEncoder
 from engine.preprocess import PreparedRequest, Preprocessor, Prompt
@@ -148,7 +149,19 @@ class LLM:
         self.max_seq_len = min(max_seq_len or self.config.text.max_position_embeddings,
                                self.config.text.max_position_embeddings)
         self.max_input_length = min(max_input_length or self.max_seq_len - 1, self.max_seq_len - 1)
-        num_blocks = num_kv_blocks or self._blocks_for_budget(kv_cache_gb, block_size, max_batch_size)
+        if vision_chunk_patches < 1:
+            raise ValueError(f"vision_chunk_patches must be >= 1, got {vision_chunk_patches}")
+        encoder_cache_bytes = int(encoder_cache_gb * (1 << 30))
+        self.kv_budget_note = f"num_kv_blocks {num_kv_blocks}"  # how the cache was sized (for logs and errors)
+        if num_kv_blocks is None:
+            if kv_cache_gb is None:  # what the device has left beside the vision tower's peak and the encoder cache
+                budget, self.kv_budget_note = kv_cache_budget(self.model, chunk_patches=vision_chunk_patches,
+                                                              image_max_pixels=media_limits.image_max_pixels,
+                                                              encoder_cache_bytes=encoder_cache_bytes)
+            else:
+                budget, self.kv_budget_note = kv_cache_gb * (1 << 30), f"kv_cache_gb {kv_cache_gb}"
+            num_kv_blocks = self._blocks_for_budget(budget, block_size, max_batch_size)
+        num_blocks = num_kv_blocks
         # Every rank schedules the same blocks: take the smallest cache any rank can hold.
         num_blocks = min(all_gather_object(num_blocks, tp))
         # A lone sequence must always fit, so that preemption can never deadlock.
@@ -157,7 +170,7 @@ class LLM:
         self.kv_caches = self.model.allocate_kv_cache(num_blocks, block_size)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens)
-        self.encoder_cache = EncoderCache(int(encoder_cache_gb * (1 << 30)))
+        self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self.preprocessor = Preprocessor(self.tokenizer, self.config, self.image_cfg, self.max_input_length,
                                          media_limits)
         for name, share in (("vision_step_share", vision_step_share), ("prefill_step_share", prefill_step_share)):
@@ -174,25 +187,18 @@ class LLM:
 
     # ------------------------------------------------------------------ set-up
 
-    def _blocks_for_budget(self, kv_cache_gb: float | None, block_size: int, max_batch_size: int) -> int:
+    def _blocks_for_budget(self, budget: float, block_size: int, max_batch_size: int) -> int:
+        """KV blocks that `budget` bytes hold on this rank (its share of the kv heads), at most what
+        every running sequence at full length could use."""
         t = self.config.text
         kv_heads = local_kv_heads(t.num_kv_heads, self.tp.world_size)  # this rank's share of the cache
         bytes_per_block = 2 * t.num_layers * block_size * kv_heads * t.head_dim * self.model.dtype.itemsize
-        if kv_cache_gb is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = 0.85 * free
-            else:
-                budget = 4 * (1 << 30)
-        else:
-            budget = kv_cache_gb * (1 << 30)
         blocks = int(budget // bytes_per_block)
-        # More than every running sequence at full length could use is never needed.
         useful = max_batch_size * -(-self.max_seq_len // block_size)
         blocks = min(blocks, useful)
         if blocks < 2:
-            raise ValueError(f"KV cache budget {budget / (1 << 30):.3f} GiB holds {blocks} blocks of "
-                             f"{bytes_per_block} bytes; raise kv_cache_gb")
+            raise ValueError(f"KV cache budget {budget / (1 << 30):.3f} GiB ({self.kv_budget_note}) holds {blocks} "
+                             f"blocks of {bytes_per_block} bytes; raise kv_cache_gb")
         return blocks
 
     # ------------------------------------------------------------------ requests
@@ -395,7 +401,7 @@ class LLM:
             return results
         started = time.perf_counter()
         try:
-            sampling_runs, out = self._forward_and_sample(batch, results) if batch.runs else ([], None)
+            sampling_runs, out = self._forward_and_sample(batch, results)
         except Exception as e:  # noqa: BLE001 - whatever failed, it ends only the requests in this step
             fault = RequestFault(f"the engine step this request was part of failed: {type(e).__name__}: {e}")
             raise StepFailed(results + [self._fail(r.seq, fault) for r in batch.runs], e) from e

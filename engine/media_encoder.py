@@ -92,8 +92,6 @@ class MediaEncoder:
 
     def __init__(self, model: QwenVLModel, cache: EncoderCache, stats: EngineStats, *, chunk_patches: int,
                  driver: bool, isolate_failures: bool, prefetch_streams: int = 2, prefetch_slices: int = 8):
-        if chunk_patches < 1:
-            raise ValueError(f"vision_chunk_patches must be >= 1, got {chunk_patches}")
         self.model = model
         self.cache = cache
         self.stats = stats

@@ -208,9 +208,9 @@ class Server:
         self.engine = AsyncEngine(self.llm, max_waiting=self.cfg.max_waiting, metrics=self.metrics,
                                   on_fatal=self.on_fatal)
         self.engine.start()
-        log.info("serving %s as %s: %d KV blocks of %d tokens, max_seq_len %d, max_input_length %d",
+        log.info("serving %s as %s: %d KV blocks of %d tokens (sized by %s), max_seq_len %d, max_input_length %d",
                  self.llm.path, self.names, self.llm.blocks.num_blocks, self.llm.blocks.block_size,
-                 self.llm.max_seq_len, self.llm.max_input_length)
+                 self.llm.kv_budget_note, self.llm.max_seq_len, self.llm.max_input_length)
 
     async def shutdown(self) -> None:
         if self.engine is not None:

@@ -245,8 +245,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
              "inter-token latency first (default: off, --max_prefill_tokens alone: throughput first)")
     add("--max_iter_times", type=int,
         help=f"output tokens per request at most; also the max_tokens default (default: {d.max_iter_times})")
-    add("--kv_cache_gb", type=float, help="KV cache size in GiB, MindIE's npuMemSize (default: 85%% of free "
-                                          "GPU memory, 4 GiB on CPU)")
+    add("--kv_cache_gb", type=float, help="KV cache size in GiB, MindIE's npuMemSize (default: on a GPU/NPU 85%% of "
+                                          "the memory free after the weights, less the vision tower's measured "
+                                          "peak and the encoder cache; 4 GiB on CPU)")
     add("--block_size", type=int, help=f"tokens per KV block (default: {d.block_size})")
     add("--max_waiting", type=int, help=f"requests accepted but not yet running before new ones get 503 "
                                         f"(default: {d.max_waiting})")

@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="weights and activations (auto: the config's torch_dtype)")
     add("--device", help="cuda, npu or cpu (default: the first accelerator found, else cpu)")
     add("--kv_cache_gb", type=float,
-        help="KV cache size in GiB, per rank under torchrun (default: 85%% of free GPU memory, 4 on CPU)")
+        help="KV cache size in GiB, per rank under torchrun (default: on a GPU/NPU 85%% of the memory free after "
+             "the weights, less the vision tower's measured peak and the encoder cache; 4 on CPU)")
     add("--block_size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
     add("--disable_prefix_caching", action="store_true", help="never share KV blocks between requests")
     add("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")

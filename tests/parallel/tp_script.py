@@ -6,8 +6,9 @@ Rank 0 drives the LLM by hand (add_request / step / abort, a request added betwe
 aborted mid-run), the others follow in worker_loop; every rank writes what it saw to
 OUT_DIR/rank{r}.json (finished outputs, free KV blocks, preemptions, cache and embedding shapes).
 A video (sent as bytes, so rank 0 holds it in a temporary file) is encoded a few temporal slices
-per step, its frames shipped by rank 0, and prompts are chunked by rank 0's timings (its StepPlan); the other ranks' video decoder raises, so a rank > 0
-that read a file would fail the run. A clip whose frames do not decode ends alone, on every rank.
+per step, its frames shipped by rank 0, and prompts are chunked by rank 0's timings (its
+StepPlan); the other ranks' video decoder raises, so a rank > 0 that read a file would fail the
+run. A clip whose frames do not decode ends alone, on every rank.
 `tight`: a KV cache of 8 blocks and a prefill budget of 23 tokens per step, which force
 preemption (and recompute) and chunked prefill (steps in which no sequence samples).
 """
