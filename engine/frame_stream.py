@@ -3,9 +3,10 @@
 Decoding a clip (PyAV) and resizing its sampled frames (PIL) is the slow, request-sized part of
 video work; done on the engine thread it would stall every running stream for as long as it
 takes. A `FrameStream` runs it on its own thread, below the engine thread's priority (on Linux),
-one temporal slice (temporal_patch_size frames, uint8 [tp, H, W, 3]) at a time, into a queue of at most `max_slices` slices: the engine takes
-slices as the vision tower is ready for them, and the thread waits while the queue is full, so a
-stream holds at most max_slices slices of frames, however long the clip.
+one temporal slice (temporal_patch_size frames, uint8 [tp, H, W, 3]) at a time, into a queue of
+at most `max_slices` slices: the engine takes slices as the vision tower is ready for them, and
+the thread waits while the queue is full, so a stream holds at most max_slices slices of frames,
+however long the clip.
 
 A failure to decode (a corrupt file) is the request's: `take` raises it as RequestMediaError.
 `close` stops the thread (an aborted request, a finished one) and drops what it held.
