@@ -59,16 +59,12 @@ def _clip() -> Path:
     return path
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def run_window(llm, clip: Path | None, window_s: float | None) -> dict:
     """Eight streams, then (with `clip`) the clip's request until its first token, or (without)
     `window_s` seconds of decoding. ITL statistics of the streams inside the window."""
     from engine.llm import Prompt
     from engine.media import Media
+    from engine.report import percentiles
     from engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
@@ -102,8 +98,9 @@ def run_window(llm, clip: Path | None, window_s: float | None) -> dict:
         llm.abort(request_id)
     while llm.has_unfinished():
         llm.step()
-    return {"window_s": ended - started, "gaps": len(gaps), "p50_ms": _percentile(gaps, 0.5) * 1e3,
-            "p99_ms": _percentile(gaps, 0.99) * 1e3, "max_ms": max(gaps) * 1e3,
+    cuts = percentiles(gaps, (50, 99))
+    return {"window_s": ended - started, "gaps": len(gaps), "p50_ms": cuts["p50"] * 1e3,
+            "p99_ms": cuts["p99"] * 1e3, "max_ms": max(gaps) * 1e3,
             "clip_tokens": len(clip_seq.prompt_ids) if clip_seq is not None else 0}
 
 

@@ -21,6 +21,7 @@ few slices per step gives the embeddings of one call over the whole clip.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -130,27 +131,22 @@ class MediaEncoder:
                     self._drop(key)
         self._start_streams()
 
-    def has_work(self) -> bool:
-        """Whether any medium waits to be encoded."""
-        return bool(self.jobs)
-
     def _drop(self, key: str) -> None:
         job = self.jobs.pop(key)
         if job.stream is not None:
             job.stream.close()
 
-    def _assemble(self, seq: Sequence) -> bool:
+    def _assemble(self, seq: Sequence) -> None:
         """Give a sequence its media_embeds [sum of media tokens, H] once all its jobs are done."""
         jobs = [self.jobs[m.content_hash] for m in seq.media]
         if not all(j.done for j in jobs):
-            return False
+            return
         seq.media_embeds = jobs[0].embeds if len(jobs) == 1 else torch.cat([j.embeds for j in jobs])
         for key in {m.content_hash for m in seq.media}:
             job = self.jobs[key]
             job.seqs.remove(seq)
             if not job.seqs:
                 self._drop(key)
-        return True
 
     def _start_streams(self) -> None:
         """Driver: keep frames decoding ahead for the first prefetch_streams videos still to encode."""
@@ -213,8 +209,7 @@ class MediaEncoder:
         patches = 0
         images = [k for k in work.images if k in self.jobs]
         if images:
-            patches += sum(self.jobs[k].media.grid[0] * self.jobs[k].media.grid[1] * self.jobs[k].media.grid[2]
-                           for k in images)
+            patches += sum(math.prod(self.jobs[k].media.grid) for k in images)
             encoded, image_errors = self._encode_images([self.jobs[k].media for k in images])
             errors.update(image_errors)
             for key, embeds in encoded.items():
