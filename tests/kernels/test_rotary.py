@@ -14,7 +14,7 @@ HEADS = st.sampled_from([(28, 4), (12, 2), (16, 2), (40, 8), (64, 8), (16, 16), 
 
 def rotate64(x, cos, sin):
     first, second = x.double().chunk(2, dim=-1)
-    cos, sin = cos.double()[:, None, :], sin.double()[:, None, :]
+    cos, sin = cos.double().to(x.device)[:, None, :], sin.double().to(x.device)[:, None, :]
     return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
 
 
