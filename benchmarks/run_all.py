@@ -23,6 +23,7 @@ FAMILIES = {
     "attention": "benchmarks.bench_attention",
     "video": "benchmarks.bench_video",
     "itl": "benchmarks.bench_itl",
+    "structured": "benchmarks.bench_structured",
     "e2e": "benchmarks.e2e_vs_hf",
 }
 

@@ -1,7 +1,9 @@
 """Sampling parameters and the batched sampler: penalties, temperature, top-k, top-p, draws.
 
 Logprobs are always those of the model's raw distribution (log-softmax of the logits before any
-penalty or transform), as docs/DESIGN.md ("CLI contracts", generate.py's --output_json) promises.
+penalty or transform, and before a structured output's token mask: a constrained row's top logprobs
+may name tokens it could not sample), as docs/DESIGN.md ("CLI contracts", generate.py's
+--output_json) promises.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.structured import StructuredOutput
+
 _GREEDY_BELOW = 1e-5
+MAX_N = 16  # samples per request
 
 
 @dataclass
@@ -30,6 +35,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None       # top-n raw logprobs per token; None: the chosen token's only
+    n: int = 1                        # samples per request
+    structured: StructuredOutput | None = None  # a constraint on the output text (JSON schema, regex...)
 
     @property
     def greedy(self) -> bool:
@@ -60,6 +67,12 @@ class SamplingParams:
             raise bad("stop", "a list of non-empty strings")
         if vocab_size is not None and any(not 0 <= t < vocab_size for t in self.stop_token_ids):
             raise bad("stop_token_ids", f"token ids in [0, {vocab_size})")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise bad("n", f"an integer in [1, {MAX_N}]")
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                raise bad("structured", "None or a StructuredOutput")
+            self.structured.validate()
 
 
 @dataclass
@@ -148,14 +161,38 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     return (probs / race).argmax(dim=-1)
 
 
+def mask_disallowed(logits: torch.Tensor, token_bitmask: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] float32 with -inf where token_bitmask [B, ceil(V / 32)] int32 (bit j of word w:
+    token 32 w + j; any device) has a 0 bit; a new tensor where any row changes, the input otherwise.
+
+    Only the rows with a 0 bit (the constrained ones) are copied to the logits' device and unpacked,
+    once for the call; that test runs where the mask lives (the CPU: no device sync).
+    """
+    batch, vocab = logits.shape
+    if tuple(token_bitmask.shape) != (batch, (vocab + 31) // 32) or token_bitmask.dtype != torch.int32:
+        raise ValueError(f"token_bitmask must be int32 [{batch}, {(vocab + 31) // 32}] for logits [{batch}, {vocab}], "
+                         f"got {token_bitmask.dtype} {list(token_bitmask.shape)}")
+    rows = (token_bitmask != -1).any(dim=1).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return logits
+    words = token_bitmask[rows].to(logits.device)
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((words[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab].bool()  # [R, V]
+    rows = rows.to(logits.device)
+    return logits.index_put((rows,), logits[rows].masked_fill(~allowed, float("-inf")))
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]],
-           output_ids: Sequence[Sequence[int]], generators: Sequence[torch.Generator | None]
-           ) -> SampleOutput:
+           output_ids: Sequence[Sequence[int]], generators: Sequence[torch.Generator | None],
+           token_bitmask: torch.Tensor | None = None) -> SampleOutput:
     """Draw one token per row of logits [B, V] (float32, any device).
 
+    token_bitmask: int32 [B, ceil(V / 32)] (engine.structured's fill_masks; on the CPU or the
+    logits' device), bit j of word w allowing token 32 w + j; rows' disallowed tokens get -inf
+    before anything else, so greedy and sampled rows alike only pick allowed tokens.
     Greedy rows (temperature 0) take the argmax after penalties. Other rows: penalties,
     / temperature, top-k, top-p, then a draw with the row's generator (the global RNG where it is
-    None; those rows are drawn together). Logprobs come from the raw logits.
+    None; those rows are drawn together). Logprobs come from the raw logits (before the mask).
     """
     batch = logits.shape[0]
     if not len(params) == len(prompt_ids) == len(output_ids) == len(generators) == batch:
@@ -163,6 +200,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: S
                          f"{len(prompt_ids)}, output_ids {len(output_ids)}, generators {len(generators)}")
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1)
+    if token_bitmask is not None:
+        logits = mask_disallowed(logits, token_bitmask)
     penalised = apply_penalties(logits, params, prompt_ids, output_ids)
     chosen = penalised.argmax(dim=-1)
 

@@ -1,14 +1,19 @@
 """The sampler: greedy, raw logprobs, top-k / top-p, seeded draws, the sampled distribution,
-penalties (repetition against transformers' processor), validate() and find_stop."""
+penalties (repetition against transformers' processor), token bitmasks (structured outputs),
+validate() and find_stop."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from engine.sampling import SamplingParams, apply_penalties, find_stop, make_generator, sample
+from engine.sampling import SamplingParams, apply_penalties, find_stop, make_generator, mask_disallowed, sample
+from engine.structured import StructuredOutput
 from tests.helpers import DEVICE
 
 V = 50
@@ -199,7 +204,8 @@ def test_mixed_batch_greedy_and_sampled():
     ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"stop": [""]}, "stop"),
-    ({"stop_token_ids": [V]}, "stop_token_ids"),
+    ({"stop_token_ids": [V]}, "stop_token_ids"), ({"n": 0}, "n"), ({"n": 17}, "n"), ({"n": 2.0}, "n"),
+    ({"n": True}, "n"), ({"structured": "json_object"}, "structured"),
 ])
 def test_validate_names_field(kwargs: dict, field: str):
     with pytest.raises(ValueError, match=f"^{field} must be"):
@@ -209,8 +215,14 @@ def test_validate_names_field(kwargs: dict, field: str):
 def test_validate_accepts_edges():
     for kwargs in ({}, {"temperature": 0}, {"top_k": 0}, {"top_k": 1}, {"top_p": 1.0}, {"logprobs": 0},
                    {"logprobs": 20}, {"presence_penalty": -2, "frequency_penalty": 2}, {"stop": ["\n"]},
-                   {"stop_token_ids": [V - 1]}):
+                   {"stop_token_ids": [V - 1]}, {"n": 1}, {"n": 16},
+                   {"structured": StructuredOutput("regex", "[a-z]+")}):
         SamplingParams(**kwargs).validate(vocab_size=V)
+
+
+def test_validate_checks_the_structured_output():
+    with pytest.raises(ValueError, match="json_schema is not valid JSON"):
+        SamplingParams(structured=StructuredOutput("json_schema", "{'type': 'object'}")).validate()
 
 
 def test_find_stop():
@@ -224,3 +236,106 @@ def test_find_stop():
 def test_batch_mismatch_raises():
     with pytest.raises(ValueError, match="batch mismatch"):
         sample(_logits(2), [SamplingParams()], [[]], [[]], [None])
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """bool [B, vocab] from an int32 bitmask [B, W] (bit j of word w: token 32 w + j), unpacked by
+    numpy's bit order rather than by shifts as the sampler does."""
+    as_bytes = bitmask.cpu().numpy().astype("<i4").view(np.uint8)
+    return torch.from_numpy(np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :vocab].astype(bool))
+
+
+def pack_tokens(allowed: torch.Tensor) -> torch.Tensor:
+    """int32 [B, ceil(V / 32)] bitmask of bool allowed [B, V]."""
+    padded = np.zeros((allowed.shape[0], -(-allowed.shape[1] // 32) * 32), dtype=bool)
+    padded[:, :allowed.shape[1]] = allowed.numpy()
+    return torch.from_numpy(np.packbits(padded, axis=1, bitorder="little").view("<i4").astype(np.int32))
+
+
+_row_params = st.builds(
+    SamplingParams, temperature=st.sampled_from([0.0, 0.5, 1.0, 3.0]), top_k=st.sampled_from([-1, 1, 3, 40]),
+    top_p=st.sampled_from([1.0, 0.9, 0.3]), repetition_penalty=st.sampled_from([1.0, 1.5]),
+    frequency_penalty=st.sampled_from([0.0, 1.0]))
+
+
+@settings(max_examples=60)
+@given(data=st.data(), vocab=st.integers(1, 100), seed=st.integers(0, 2**31 - 1))
+def test_bitmask_rows_only_pick_allowed_tokens(data, vocab: int, seed: int):
+    """Random masks (some rows unconstrained, some with one allowed token) over random logits: every
+    row picks an allowed token, greedy rows the best allowed one, logprobs stay raw, logits untouched."""
+    batch = data.draw(st.integers(1, 6))
+    params = data.draw(st.lists(_row_params, min_size=batch, max_size=batch))
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, vocab, generator=gen) * 3).to(DEVICE)
+    allowed = torch.rand(batch, vocab, generator=gen) < torch.rand(batch, 1, generator=gen)
+    allowed[torch.arange(batch), torch.randint(vocab, (batch,), generator=gen)] = True  # never empty
+    allowed[data.draw(st.lists(st.integers(0, batch - 1), max_size=batch))] = True  # unconstrained rows
+    before = logits.clone()
+    outputs = [torch.randint(vocab, (3,), generator=gen).tolist() for _ in range(batch)]
+    gens = [make_generator(seed + i, DEVICE) for i in range(batch)]
+    out = sample(logits, params, [[]] * batch, outputs, gens, token_bitmask=pack_tokens(allowed))
+    assert torch.equal(logits, before)
+    ref = torch.log_softmax(before.double().cpu(), -1)
+    penalised = apply_penalties(logits, params, [[]] * batch, outputs).cpu().masked_fill(~allowed, float("-inf"))
+    for i, tok in enumerate(out.token_ids):
+        assert allowed[i, tok]
+        assert out.logprobs[i] == pytest.approx(ref[i, tok].item(), abs=1e-5)
+        if params[i].greedy:
+            assert tok == penalised[i].argmax().item()
+
+
+@settings(max_examples=30)
+@given(vocab=st.integers(1, 200), batch=st.integers(1, 5), seed=st.integers(0, 2**31 - 1))
+def test_pack_and_unpack_agree_with_the_sampler(vocab: int, batch: int, seed: int):
+    """The test helpers' bit order is the sampler's: mask_disallowed keeps exactly the allowed logits."""
+    gen = torch.Generator().manual_seed(seed)
+    allowed = torch.rand(batch, vocab, generator=gen) < 0.5
+    bitmask = pack_tokens(allowed)
+    assert bitmask.shape == (batch, -(-vocab // 32)) and bitmask.dtype == torch.int32
+    assert torch.equal(allowed_tokens(bitmask, vocab), allowed)
+    logits = torch.randn(batch, vocab, generator=gen)
+    masked = mask_disallowed(logits, bitmask)
+    assert torch.equal(torch.isfinite(masked), allowed)
+    assert torch.equal(masked[allowed], logits[allowed])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitmask_with_non_contiguous_logits(dtype: torch.dtype):
+    """Logits that are a transposed view (and of another dtype) give what their contiguous float32 copy gives."""
+    vocab, batch = 70, 4
+    base = torch.randn(vocab, batch, generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype)
+    logits = base.t()
+    assert not logits.is_contiguous()
+    allowed = torch.zeros(batch, vocab, dtype=torch.bool)
+    allowed[:, 33:40] = True
+    allowed[2] = True
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0), SamplingParams(temperature=0),
+              SamplingParams(temperature=2.0, top_k=3)]
+
+    def run(x: torch.Tensor) -> tuple[list[int], list[float]]:
+        gens = [make_generator(i, DEVICE) for i in range(batch)]
+        out = sample(x, params, [[]] * batch, [[]] * batch, gens, token_bitmask=pack_tokens(allowed))
+        return out.token_ids, out.logprobs
+
+    tokens, logprobs = run(logits)
+    assert (tokens, logprobs) == run(logits.float().contiguous())
+    assert all(allowed[i, t] for i, t in enumerate(tokens))
+    assert tokens[0] == 33 + logits[0, 33:40].argmax().item()
+
+
+def test_all_ones_bitmask_changes_nothing():
+    logits = _logits(3, vocab=40)
+    bitmask = torch.full((3, 2), -1, dtype=torch.int32)
+    assert mask_disallowed(logits, bitmask) is logits
+    params = [SamplingParams(temperature=1.0, top_p=0.8)] * 3
+    without = _run(logits, params, [make_generator(i, DEVICE) for i in range(3)])
+    with_mask = sample(logits, params, [[]] * 3, [[]] * 3, [make_generator(i, DEVICE) for i in range(3)],
+                       token_bitmask=bitmask)
+    assert with_mask == without
+
+
+@pytest.mark.parametrize("shape, dtype", [((2, 2), torch.int32), ((3, 1), torch.int32), ((3, 2), torch.int64)])
+def test_bitmask_of_wrong_shape_or_dtype_raises(shape: tuple[int, int], dtype: torch.dtype):
+    with pytest.raises(ValueError, match="token_bitmask must be int32"):
+        sample(_logits(3, vocab=40), [SamplingParams()] * 3, [[]] * 3, [[]] * 3, [None] * 3,
+               token_bitmask=torch.full(shape, -1, dtype=dtype))

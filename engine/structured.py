@@ -1,0 +1,240 @@
+"""Structured outputs: constrain a request's text to a JSON schema, a regex, a choice or a grammar.
+
+The grammar work is llguidance's (an Earley parser over a lazily built lexer DFA, matched against
+the tokenizer's token trie); this module adapts it to the engine.
+
+What is compiled when:
+- `StructuredDecoder.__init__` (once per LLM) builds llguidance's view of the tokenizer: the bytes
+  of every token, padded to the logits' width `vocab_size` (the model config's; ids past the
+  tokenizer's own vocabulary have no bytes and are never allowed), with the engine's eos ids as its
+  end-of-sequence tokens (llguidance quotes ~1 s for a large vocabulary; 7 ms for the tests' 576).
+- `check(constraint)`, when a request is added, turns the constraint into an llguidance grammar and
+  builds a matcher for it (under 1 ms for small schemas; llguidance quotes 100 ms - 1 s for
+  extremely complex grammars, with the GIL released); a constraint that does not compile raises
+  ValueError with llguidance's message (the request's 400). That initial-state matcher is kept in
+  an LRU keyed by the StructuredOutput, so a repeated schema is compiled once.
+- `matcher(constraint)` gives each sequence (each of a request's n samples) a deep copy of the
+  cached initial matcher (~1 us), which it then advances with `accept` on every sampled token.
+  Nothing here is thread-safe: the engine thread is the only caller. Under tensor parallelism every
+  rank runs the same matchers over the same tokens, so their masks agree.
+
+Where masks are applied: `fill_masks` writes one int32 bitmask row per batch row (bit j of word w
+allows token 32 w + j), the constrained rows together on llguidance's thread pool (the GIL is
+released), the others all ones. `engine.sampling.sample` sets the disallowed logits to -inf before
+penalties, temperature, top-k / top-p, the argmax and the draw; the reported logprobs stay those
+of the raw distribution.
+
+End of sequence: the models stop on several eos ids (<|im_end|>, <|endoftext|>); llguidance is
+given all of them, and its mask allows every one exactly when the matcher is accepting (the text
+so far satisfies the constraint) and none before. Once the matcher is stopped (`is_finished`: the
+constraint is complete, e.g. a JSON object's closing brace) the mask allows only the eos ids, so
+the engine can end the sequence there. The engine does not feed an eos to the matcher; `accept`
+ignores one anyway. A matcher that fails inside llguidance (a resource limit while computing a mask)
+also allows only the eos ids: its `error` says so, and the sequence should end as an error, not as
+a complete output.
+
+Whitespace: JSON schemas (and json_object) compile with compact separators ("," and ":") and no
+optional whitespace, overriding any "x-guidance" options in the schema. With llguidance's default
+(flexible whitespace) a model, or random weights' noise, could emit spaces and newlines between
+tokens for ever without the output ever becoming invalid or complete; compact JSON is also fewer
+tokens. Strings and unbounded structures can still run to max_tokens, which bounds them.
+
+Cost: nothing for a batch without constraints (`fill_masks` returns None). Otherwise one mask
+computation per constrained row per step (on llguidance's threads; it quotes ~50 us for a 128k
+vocabulary, ~10 us here for the tests' tokenizer), a [B, ceil(V / 32)] int32 host tensor (~19 KB a
+row for V = 151936), and in the sampler one copy of the constrained rows' words to the logits'
+device plus a vectorised unpack ([R, V] int32 temporaries for R constrained rows).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from llguidance import LLExecutor, LLMatcher, LLParserLimits, LLTokenizer, grammar_from
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+# Compact JSON: no whitespace between tokens (see the module docstring). Overrides, not defaults, so
+# a schema's own "x-guidance" options cannot turn unbounded whitespace back on.
+_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+# A rejected token's error names the token and the byte, without llguidance's dump of the parser
+# state and the whole grammar (which could be a large schema) into the request's error.
+_LIMITS = LLParserLimits(verbose_errors=False)
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on a request's output text (OpenAI response_format / vLLM guided_*).
+
+    kind: "json_schema" (spec: the JSON schema as JSON text), "json_object" (spec "": any JSON object),
+    "regex" (spec: the pattern, Rust regex syntax, matched against the whole output), "choice"
+    (choices: the output is exactly one of these strings), "grammar" (spec: a Lark grammar in
+    llguidance's dialect). Hashable: it is the key of the compiled-grammar cache.
+    """
+
+    kind: str
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choices, list):  # a list from a request's JSON would make the key unhashable
+            object.__setattr__(self, "choices", tuple(self.choices))
+
+    def validate(self) -> None:
+        """Raise ValueError naming the problem; the cheap checks only (check() compiles)."""
+        if self.kind not in KINDS:
+            raise ValueError(f"structured output kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not isinstance(self.spec, str):
+            raise ValueError(f"structured output spec must be a string, got {type(self.spec).__name__}")
+        if self.kind == "choice":
+            self._validate_choices()
+        elif self.choices:
+            raise ValueError(f"structured output kind {self.kind!r} takes no choices")
+        if self.kind == "json_schema":
+            self._validate_schema()
+        elif self.kind == "json_object" and self.spec:
+            raise ValueError("structured output kind 'json_object' takes no spec (it allows any JSON object)")
+        elif self.kind in ("regex", "grammar") and not self.spec:
+            raise ValueError(f"structured output kind {self.kind!r} needs a non-empty spec")
+
+    def _validate_choices(self) -> None:
+        if self.spec:
+            raise ValueError("structured output kind 'choice' takes its strings in choices, not spec")
+        if not isinstance(self.choices, tuple) or not self.choices:
+            raise ValueError("structured output choices must be a non-empty list of strings")
+        if any(not isinstance(c, str) or not c for c in self.choices):
+            raise ValueError("structured output choices must all be non-empty strings")
+
+    def _validate_schema(self) -> None:
+        try:
+            schema = json.loads(self.spec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"structured output json_schema is not valid JSON: {e}") from None
+        if not isinstance(schema, dict):
+            raise ValueError(f"structured output json_schema must be a JSON object, got {type(schema).__name__}")
+
+    def grammar(self) -> str:
+        """llguidance's grammar text for this constraint (not yet checked: the matcher does that)."""
+        if self.kind == "json_schema":
+            return LLMatcher.grammar_from_json_schema(self.spec, overrides=_JSON_OPTIONS)
+        if self.kind == "json_object":
+            return LLMatcher.grammar_from_json_schema('{"type": "object"}', overrides=_JSON_OPTIONS)
+        if self.kind == "regex":
+            return LLMatcher.grammar_from_regex(self.spec)
+        if self.kind == "choice":
+            return grammar_from("choice", json.dumps(list(self.choices)))
+        return LLMatcher.grammar_from_lark(self.spec)
+
+
+class Matcher:
+    """One sequence's position in its constraint: which tokens may come next."""
+
+    def __init__(self, matcher: LLMatcher, eos_ids: frozenset[int]):
+        self._matcher = matcher
+        self._eos_ids = eos_ids
+
+    def accept(self, token_id: int) -> None:
+        """Advance by the sampled token. An eos token is ignored (the sequence ends there; the mask
+        only allows it once the constraint is satisfied). RuntimeError if the grammar rejects it,
+        which a token sampled under this matcher's mask cannot be; the matcher then stays in error."""
+        if token_id in self._eos_ids:
+            return
+        if not self._matcher.consume_token(token_id):
+            raise RuntimeError(f"token {token_id} is not allowed by the constraint: {self._matcher.get_error()}")
+
+    @property
+    def is_finished(self) -> bool:
+        """The constraint is complete: only an end-of-sequence token may follow."""
+        return self._matcher.is_stopped()
+
+    @property
+    def error(self) -> str | None:
+        """Why the matcher failed (llguidance's message: a rejected token, a resource limit hit while
+        computing a mask), None while it is fine. A failed matcher only allows the eos ids."""
+        return self._matcher.get_error() if self._matcher.is_error() else None
+
+
+class StructuredDecoder:
+    """One per LLM: compiles constraints for this tokenizer (cached per constraint) and computes the
+    per-row token masks.
+
+    tokenizer: a Hugging Face fast tokenizer (the LLM's); vocab_size: the logits' width, at least
+    len(tokenizer); eos_ids: the ids that end a sequence (the tokenizer's own eos when empty);
+    cache_size: how many compiled constraints are kept (least recently used goes first).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, vocab_size: int, eos_ids: Iterable[int],
+                 cache_size: int = 256):
+        # llguidance.hf imports transformers; the engine has it loaded already, a user of
+        # StructuredOutput alone need not.
+        from llguidance.hf import from_tokenizer
+
+        if vocab_size < len(tokenizer):
+            raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        self.vocab_size = vocab_size
+        self.eos_ids = frozenset(eos_ids)
+        self.mask_words = (vocab_size + 31) // 32
+        self.cache_size = cache_size
+        self._tokenizer: LLTokenizer = from_tokenizer(tokenizer, n_vocab=vocab_size,
+                                                      eos_token=sorted(self.eos_ids) or None)
+        self._compiled: OrderedDict[StructuredOutput, LLMatcher] = OrderedDict()
+        self._executor: LLExecutor | None = None  # its thread pool starts with the first constrained batch
+
+    def check(self, constraint: StructuredOutput) -> None:
+        """Compile `constraint` (cached); ValueError naming the problem when it does not compile."""
+        self._initial(constraint)
+
+    def matcher(self, constraint: StructuredOutput) -> Matcher:
+        """A fresh matcher for one sequence, from the cached compiled grammar."""
+        return Matcher(self._initial(constraint).deep_copy(), self.eos_ids)
+
+    def fill_masks(self, matchers: Sequence[Matcher | None]) -> torch.Tensor | None:
+        """The allowed next tokens of each row: int32 [B, ceil(vocab_size / 32)] on the CPU, bit j of
+        word w set when token 32 w + j is allowed; rows whose matcher is None allow every token.
+        None when no row has a matcher. The constrained rows are computed together on
+        llguidance's threads, without the GIL."""
+        rows = [(m._matcher, i) for i, m in enumerate(matchers) if m is not None]
+        if not rows:
+            return None
+        if self._executor is None:
+            self._executor = LLExecutor()
+        masks = torch.full((len(matchers), self.mask_words), -1, dtype=torch.int32)
+        # what llguidance.torch.fill_next_token_bitmask_par does, without importing llguidance.torch
+        # (whose import pulls in torch._dynamo: ~2 s)
+        self._executor.unsafe_compute_mask_ptr(rows, masks.data_ptr(), self.mask_words * 4, len(matchers))
+        return masks
+
+    def _initial(self, constraint: StructuredOutput) -> LLMatcher:
+        """The constraint's matcher in its initial state, compiled on first use (LRU-cached)."""
+        matcher = self._compiled.get(constraint)
+        if matcher is not None:
+            self._compiled.move_to_end(constraint)
+            return matcher
+        matcher = self._compile(constraint)
+        self._compiled[constraint] = matcher
+        if len(self._compiled) > self.cache_size:
+            self._compiled.popitem(last=False)
+        return matcher
+
+    def _compile(self, constraint: StructuredOutput) -> LLMatcher:
+        """Build the matcher of a validated constraint; ValueError with llguidance's error if it fails."""
+        constraint.validate()
+        try:
+            grammar = constraint.grammar()
+        except ValueError as e:  # the schema text is not a JSON object (validate() catches most)
+            raise ValueError(f"structured output {constraint.kind}: {e}") from None
+        # log_level 0: errors surface as exceptions here and in accept(), not as lines on stderr
+        matcher = LLMatcher(self._tokenizer, grammar, log_level=0, limits=_LIMITS)
+        if matcher.is_error():
+            raise ValueError(f"structured output {constraint.kind} does not compile: {matcher.get_error()}")
+        return matcher

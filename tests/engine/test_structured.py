@@ -1,0 +1,365 @@
+"""Structured outputs against the tiny checkpoint's tokenizer.
+
+Noise decoding (random logits every step, greedy and sampled rows, the masks from fill_masks applied
+by sample()) under random bounded JSON schemas, regexes, choices, json_object and a Lark grammar:
+the text is valid whenever an end-of-sequence token came, and for bounded constraints one comes
+within a budget derived from the constraint. Every mask allows the eos ids exactly when the
+matcher is accepting and nothing past the tokenizer. Also: a mixed batch leaves its unconstrained
+rows alone; compile errors; validate(); the compiled-grammar cache; accept().
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from engine.sampling import SamplingParams, make_generator, sample
+from engine.structured import Matcher, StructuredDecoder, StructuredOutput
+from modeling.config import load_config
+from tests.engine.test_sampling import allowed_tokens
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    return AutoTokenizer.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def config(tiny_checkpoint):
+    return load_config(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def decoder(tokenizer, config) -> StructuredDecoder:
+    return StructuredDecoder(tokenizer, config.text.vocab_size, config.eos_token_ids)
+
+
+# ---------------------------------------------------------------- noise decoding
+
+
+def _check_masks(masks: torch.Tensor, matchers: list[Matcher], decoder: StructuredDecoder, n_tokens: int) -> None:
+    """Each constrained row allows something, the eos ids exactly when its matcher is accepting,
+    only the eos ids once it is finished, and no id past the tokenizer (special tokens included)."""
+    allowed = allowed_tokens(masks, decoder.vocab_size)
+    eos = sorted(decoder.eos_ids)
+    for row, matcher in zip(allowed, matchers, strict=True):
+        assert row.any()
+        assert not row[n_tokens:].any()
+        assert row[eos].tolist() == [matcher._matcher.is_accepting()] * len(eos)
+        if matcher.is_finished:
+            assert row.nonzero().squeeze(1).tolist() == eos
+
+
+def decode_noise(decoder: StructuredDecoder, tokenizer, constraint: StructuredOutput, params: list[SamplingParams],
+                 seed: int, budget: int, bias: dict[int, float] | None = None) -> list[tuple[str, bool]]:
+    """Decode len(params) rows of random logits (plus `bias` on some tokens) under `constraint`, as
+    the engine would: masks, sample(), accept(); a row stops at an eos or after `budget` tokens.
+    Returns each row's (text, ended with an eos)."""
+    gen = torch.Generator().manual_seed(seed)
+    gens = [make_generator(seed + i, "cpu") for i in range(len(params))]
+    matchers = [decoder.matcher(constraint) for _ in params]
+    outputs: list[list[int]] = [[] for _ in params]
+    ended = [False] * len(params)
+    offset = torch.zeros(decoder.vocab_size)
+    for token, value in (bias or {}).items():
+        offset[token] = value
+    for _ in range(budget):
+        live = [i for i in range(len(params)) if not ended[i]]
+        if not live:
+            break
+        masks = decoder.fill_masks([matchers[i] for i in live])
+        _check_masks(masks, [matchers[i] for i in live], decoder, len(tokenizer))
+        logits = torch.randn(len(live), decoder.vocab_size, generator=gen) * 4 + offset
+        out = sample(logits, [params[i] for i in live], [[]] * len(live), [outputs[i] for i in live],
+                     [gens[i] for i in live], token_bitmask=masks)
+        for i, token in zip(live, out.token_ids, strict=True):
+            if token in decoder.eos_ids:
+                ended[i] = True
+            else:
+                matchers[i].accept(token)
+                outputs[i].append(token)
+    return [(tokenizer.decode(o, skip_special_tokens=True), e) for o, e in zip(outputs, ended, strict=True)]
+
+
+ROWS = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.7, top_k=20, top_p=0.9), SamplingParams(temperature=0.0, repetition_penalty=1.3)]
+
+_KEYS = st.sampled_from(["id", "name", "tags", "ok", "a", "b", "nested", "score", "é"])
+_LEAVES = st.one_of(
+    st.just({"type": "boolean"}),
+    st.just({"type": "null"}),
+    st.lists(st.one_of(st.integers(-50, 50), st.text("abcxyz ", max_size=4)), min_size=1, max_size=4,
+             unique_by=json.dumps).map(lambda values: {"enum": values}),
+    st.tuples(st.integers(-1000, 1000), st.integers(0, 1000)).map(
+        lambda lo_span: {"type": "integer", "minimum": lo_span[0], "maximum": lo_span[0] + lo_span[1]}),
+    st.tuples(st.integers(0, 3), st.integers(0, 4)).map(
+        lambda lo_span: {"type": "string", "minLength": lo_span[0], "maxLength": lo_span[0] + lo_span[1]}),
+)
+
+
+def _containers(children: st.SearchStrategy) -> st.SearchStrategy:
+    arrays = st.tuples(children, st.integers(0, 1), st.integers(0, 2)).map(
+        lambda c: {"type": "array", "items": c[0], "minItems": c[1], "maxItems": c[1] + c[2]})
+    objects = st.dictionaries(_KEYS, children, min_size=1, max_size=3).flatmap(
+        lambda props: st.lists(st.sampled_from(sorted(props)), unique=True).map(
+            lambda required: {"type": "object", "properties": props, "required": required,
+                              "additionalProperties": False}))
+    return arrays | objects
+
+
+SCHEMAS = st.recursive(_LEAVES, _containers, max_leaves=5)
+
+
+def max_json_bytes(schema: dict) -> int:
+    """An upper bound on the bytes of compact JSON valid under a bounded schema of SCHEMAS; each
+    allowed token but eos has at least one byte, so it bounds the tokens before the eos too."""
+    if "enum" in schema:
+        return max(len(json.dumps(v)) for v in schema["enum"])
+    kind = schema["type"]
+    if kind == "integer":
+        return max(len(str(schema["minimum"])), len(str(schema["maximum"])))
+    if kind == "string":
+        return 2 + 12 * schema["maxLength"]  # a surrogate pair's escape: 12 bytes for 1 character
+    if kind == "array":
+        return 2 + schema["maxItems"] * (max_json_bytes(schema["items"]) + 1)
+    if kind == "object":  # each property: "key" (ASCII, or escaped as \\uXXXX), colon, value, comma
+        return 2 + sum(6 * len(k) + 4 + max_json_bytes(v) for k, v in schema["properties"].items())
+    return 5  # false, true, null
+
+
+@settings(max_examples=40)
+@given(schema=SCHEMAS.map(lambda s: s if s.get("type") == "object" else {
+    "type": "object", "properties": {"value": s}, "required": ["value"], "additionalProperties": False}),
+    seed=st.integers(0, 2**31 - 1))
+def test_noise_under_json_schema_is_valid_and_ends(decoder, tokenizer, schema: dict, seed: int):
+    budget = max_json_bytes(schema) + 1
+    constraint = StructuredOutput("json_schema", json.dumps(schema))
+    for text, ended in decode_noise(decoder, tokenizer, constraint, ROWS, seed, budget):
+        assert ended, (text, budget)
+        jsonschema.validate(json.loads(text), schema)
+
+
+# [0-9], not \d: llguidance's \d is Rust's Unicode one, whose tables may be newer than Python's
+REGEXES = [r"[a-z]{1,8}", r"[0-9]{3}-[0-9]{4}", r"(yes|no|maybe)", r"[A-Z][a-z]{0,5}( [A-Z][a-z]{0,5}){0,2}",
+           r"[a-z]{1,5}@[a-z]{1,5}\.(com|org)", r"-?(0|[1-9][0-9]{0,3})(\.[0-9]{1,2})?", r"[^\n\"]{0,6}!"]
+
+
+@settings(max_examples=20)
+@given(pattern=st.sampled_from(REGEXES), seed=st.integers(0, 2**31 - 1))
+def test_noise_under_regex_fullmatches(decoder, tokenizer, pattern: str, seed: int):
+    for text, ended in decode_noise(decoder, tokenizer, StructuredOutput("regex", pattern), ROWS, seed, 40):
+        assert ended, text
+        assert re.fullmatch(pattern, text), (pattern, text)
+
+
+@settings(max_examples=30)
+@given(choices=st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=5, unique=True),
+       seed=st.integers(0, 2**31 - 1))
+def test_noise_under_choice_is_one_of_them(decoder, tokenizer, choices: list[str], seed: int):
+    """Any strings (unicode, quotes, control characters, prefixes of one another)."""
+    budget = max(len(c.encode()) for c in choices) + 1
+    for text, ended in decode_noise(decoder, tokenizer, StructuredOutput("choice", choices=tuple(choices)),
+                                    ROWS, seed, budget):
+        assert ended
+        assert text in choices
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_noise_under_json_object_is_a_dict(decoder, tokenizer, seed: int):
+    """Unbounded: closing tokens get a bias so that most rows end; those that end parse as objects."""
+    closers = {tokenizer.convert_tokens_to_ids(t): 6.0 for t in ("}", "]", '"')}
+    rows = decode_noise(decoder, tokenizer, StructuredOutput("json_object"), ROWS, seed, 200,
+                        {**closers, **dict.fromkeys(decoder.eos_ids, 6.0)})
+    assert any(ended for _, ended in rows)
+    for text, ended in rows:
+        if ended:
+            assert isinstance(json.loads(text), dict), text
+
+
+LARK = """
+start: "(" item ("," item){0,3} ")"
+item: NUMBER | "x"
+NUMBER: /[0-9]{1,3}/
+"""
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_noise_under_lark_grammar(decoder, tokenizer, seed: int):
+    for text, ended in decode_noise(decoder, tokenizer, StructuredOutput("grammar", LARK), ROWS, seed, 20):
+        assert ended, text
+        assert re.fullmatch(r"\((x|[0-9]{1,3})(,(x|[0-9]{1,3})){0,3}\)", text), text
+
+
+# ---------------------------------------------------------------- the batch
+
+
+@settings(max_examples=20)
+@given(seed=st.integers(0, 2**31 - 1), constrained=st.lists(st.booleans(), min_size=2, max_size=8))
+def test_unconstrained_rows_of_a_mixed_batch_are_unchanged(decoder, tokenizer, seed: int, constrained: list[bool]):
+    """Rows without a matcher sample what they would with no bitmask at all (same seeds); the
+    constrained ones the only token an object may start with (compact JSON: no whitespace)."""
+    batch = len(constrained)
+    constraint = StructuredOutput("json_schema", '{"type": "object", "properties": {"n": {"type": "integer"}}}')
+    masks = decoder.fill_masks([decoder.matcher(constraint) if c else None for c in constrained])
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, decoder.vocab_size, generator=gen) * 4
+    params = [ROWS[i % len(ROWS)] for i in range(batch)]
+    outputs = [torch.randint(decoder.vocab_size, (4,), generator=gen).tolist() for _ in range(batch)]
+
+    def run(bitmask: torch.Tensor | None) -> list[int]:
+        gens = [make_generator(seed + i, "cpu") for i in range(batch)]
+        return sample(logits, params, [[]] * batch, outputs, gens, token_bitmask=bitmask).token_ids
+
+    assert (masks is None) == (not any(constrained))
+    masked, plain = run(masks), run(None)
+    brace = tokenizer.convert_tokens_to_ids("{")
+    for i, is_constrained in enumerate(constrained):
+        assert masked[i] == (brace if is_constrained else plain[i])
+
+
+def test_fill_masks_shape_and_unconstrained_batches(decoder, tokenizer):
+    assert decoder.fill_masks([]) is None
+    assert decoder.fill_masks([None, None]) is None
+    masks = decoder.fill_masks([None, decoder.matcher(StructuredOutput("regex", "ab+")), None])
+    assert masks.dtype == torch.int32 and masks.device.type == "cpu"
+    assert masks.shape == (3, -(-decoder.vocab_size // 32))
+    assert masks[[0, 2]].eq(-1).all()
+    allowed = allowed_tokens(masks, decoder.vocab_size)[1].nonzero().squeeze(1).tolist()
+    assert allowed == [tokenizer.convert_tokens_to_ids("a")]
+
+
+@pytest.mark.parametrize("extra", [0, 5, 50])
+def test_vocab_wider_than_the_tokenizer(tokenizer, config, extra: int):
+    """Logits' vocabulary past the tokenizer (any width, multiple of 32 or not): never allowed."""
+    vocab = len(tokenizer) + extra
+    decoder = StructuredDecoder(tokenizer, vocab, config.eos_token_ids)
+    masks = decoder.fill_masks([decoder.matcher(StructuredOutput("regex", "(?s:.{0,3})"))])
+    assert masks.shape == (1, -(-vocab // 32))
+    allowed = allowed_tokens(masks, vocab)[0]
+    assert allowed[:len(tokenizer)].sum() > 100 and not allowed[len(tokenizer):].any()
+    with pytest.raises(ValueError, match="smaller than the tokenizer"):
+        StructuredDecoder(tokenizer, len(tokenizer) - 1, config.eos_token_ids)
+
+
+# ---------------------------------------------------------------- errors, cache, matchers
+
+
+@pytest.mark.parametrize("constraint, message", [
+    (StructuredOutput("json_schema", '{"type": "foo"}'), "foo"),
+    (StructuredOutput("json_schema", '{"type": "string", "pattern": "a(b"}'), "unclosed group"),
+    (StructuredOutput("regex", "a(b"), "unclosed group"),
+    (StructuredOutput("regex", "[z-a]"), "invalid character class range"),
+    (StructuredOutput("grammar", "start: missing_rule"), "missing_rule"),
+])
+def test_check_raises_llguidance_error(decoder, constraint: StructuredOutput, message: str):
+    with pytest.raises(ValueError, match=f"(?s){constraint.kind} does not compile: .*{re.escape(message)}"):
+        decoder.check(constraint)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"kind": "xml"}, "kind must be one of"),
+    ({"kind": "json_schema", "spec": "{'type': 1}"}, "not valid JSON"),
+    ({"kind": "json_schema", "spec": ""}, "not valid JSON"),
+    ({"kind": "json_schema", "spec": "[1]"}, "must be a JSON object, got list"),
+    ({"kind": "json_schema", "spec": "true"}, "must be a JSON object, got bool"),
+    ({"kind": "json_object", "spec": "{}"}, "takes no spec"),
+    ({"kind": "regex"}, "needs a non-empty spec"),
+    ({"kind": "grammar"}, "needs a non-empty spec"),
+    ({"kind": "regex", "spec": "a", "choices": ("a",)}, "takes no choices"),
+    ({"kind": "choice"}, "non-empty list of strings"),
+    ({"kind": "choice", "choices": ("a", "")}, "non-empty strings"),
+    ({"kind": "choice", "choices": ("a", 1)}, "non-empty strings"),
+    ({"kind": "choice", "spec": "a", "choices": ("a",)}, "in choices, not spec"),
+])
+def test_validate_names_the_problem(decoder, kwargs: dict, message: str):
+    constraint = StructuredOutput(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        constraint.validate()
+    with pytest.raises(ValueError, match=message):  # check() validates first
+        decoder.check(constraint)
+
+
+def test_choices_from_a_list_are_a_hashable_tuple():
+    constraint = StructuredOutput("choice", choices=["a", "b"])
+    assert constraint.choices == ("a", "b")
+    assert hash(constraint) == hash(StructuredOutput("choice", choices=("a", "b")))
+
+
+def _counting(decoder: StructuredDecoder, monkeypatch) -> list[StructuredOutput]:
+    """The constraints `decoder` compiles from now on, in order."""
+    compiled: list[StructuredOutput] = []
+    original = decoder._compile
+
+    def spy(constraint: StructuredOutput):
+        compiled.append(constraint)
+        return original(constraint)
+
+    monkeypatch.setattr(decoder, "_compile", spy)
+    return compiled
+
+
+def test_a_repeated_constraint_compiles_once(tokenizer, config, monkeypatch):
+    decoder = StructuredDecoder(tokenizer, config.text.vocab_size, config.eos_token_ids)
+    compiled = _counting(decoder, monkeypatch)
+    schema = '{"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"]}'
+    decoder.check(StructuredOutput("json_schema", schema))
+    decoder.check(StructuredOutput("json_schema", schema))  # an equal constraint of another request
+    decoder.matcher(StructuredOutput("json_schema", schema))
+    decoder.matcher(StructuredOutput("json_schema", schema))
+    assert compiled == [StructuredOutput("json_schema", schema)]
+
+
+def test_cache_evicts_the_least_recently_used(tokenizer, config, monkeypatch):
+    decoder = StructuredDecoder(tokenizer, config.text.vocab_size, config.eos_token_ids, cache_size=2)
+    compiled = _counting(decoder, monkeypatch)
+    a, b, c = (StructuredOutput("regex", p) for p in ("a+", "b+", "c+"))
+    for constraint in (a, b, a, c, a, b):  # c evicts b (a was used since); b then evicts c
+        decoder.matcher(constraint)
+    assert compiled == [a, b, c, b]
+    with pytest.raises(ValueError, match="cache_size"):
+        StructuredDecoder(tokenizer, config.text.vocab_size, config.eos_token_ids, cache_size=0)
+
+
+def test_failed_compiles_are_not_cached(decoder, monkeypatch):
+    compiled = _counting(decoder, monkeypatch)
+    bad = StructuredOutput("regex", "(")
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            decoder.check(bad)
+    assert compiled == [bad, bad]
+
+
+def test_matchers_of_one_constraint_are_independent(decoder, tokenizer):
+    constraint = StructuredOutput("choice", choices=("yes", "no"))
+    first, second = decoder.matcher(constraint), decoder.matcher(constraint)
+    for token in tokenizer.encode("yes"):
+        first.accept(token)
+    assert first.is_finished and not second.is_finished
+    fresh = decoder.fill_masks([decoder.matcher(constraint)])
+    assert torch.equal(decoder.fill_masks([second]), fresh)
+
+
+def test_accept_ignores_eos_and_rejects_disallowed_tokens(decoder, tokenizer):
+    """An eos changes nothing; a rejected token raises and leaves the matcher failed, with its error."""
+    matcher = decoder.matcher(StructuredOutput("regex", "[0-9]+"))
+    matcher.accept(tokenizer.convert_tokens_to_ids("7"))
+    before = decoder.fill_masks([matcher])
+    for eos in decoder.eos_ids:
+        matcher.accept(eos)
+    assert torch.equal(decoder.fill_masks([matcher]), before)
+    assert not matcher.is_finished and matcher.error is None  # "7" may go on
+    with pytest.raises(RuntimeError, match=f"token {tokenizer.convert_tokens_to_ids('x')} is not allowed"):
+        matcher.accept(tokenizer.convert_tokens_to_ids("x"))
+    assert "doesn't satisfy the grammar" in matcher.error
+    assert matcher.is_finished  # a failed matcher allows only the eos ids
+    assert allowed_tokens(decoder.fill_masks([matcher]), decoder.vocab_size)[0].nonzero().squeeze(1).tolist() == \
+        sorted(decoder.eos_ids)
