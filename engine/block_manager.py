@@ -208,6 +208,36 @@ class BlockManager:
         table.extend(self._take_block() for _ in range(self._blocks_for(num_tokens) - len(table)))
         self._num_tokens[seq_id] = num_tokens
 
+    def fork_cost(self, parent_id: int) -> int:
+        """Blocks `fork(parent_id, ...)` takes: 1 when the parent's last block is partly filled, else 0."""
+        self._table(parent_id)
+        return int(self._num_tokens[parent_id] % self.block_size != 0)
+
+    def fork(self, parent_id: int, child_id: int) -> tuple[int, int] | None:
+        """Give child_id a table over the same tokens as parent_id's, sharing its blocks (the n
+        samples of one prompt). Full blocks are shared (refcount + 1): nothing writes them again. A
+        partly filled last block is copied on write, the write being certain: both sequences put
+        their next token in it, so the child gets a fresh block now. Returns (parent's block, child's
+        block) whose KV the caller copies, or None when every block is full. The child inherits the
+        parent's committed chain (its blocks are registered under the same salt)."""
+        if child_id in self._tables:
+            raise ValueError(f"seq_id {child_id} already has a block table")
+        table = self._table(parent_id)
+        if self.fork_cost(parent_id) > self.num_free_blocks:
+            raise RuntimeError(f"out of KV blocks: forking seq_id {parent_id} needs 1, {self.num_free_blocks} free")
+        shared = table if self.fork_cost(parent_id) == 0 else table[:-1]
+        for block in shared:
+            self._ref[block] += 1
+        copy = None
+        child = list(shared)
+        if len(shared) < len(table):
+            copy = (table[-1], self._take_block())
+            child.append(copy[1])
+        self._tables[child_id] = child
+        self._num_tokens[child_id] = self._num_tokens[parent_id]
+        self._chain[child_id] = list(self._chain[parent_id])
+        return copy
+
     def commit(self, seq_id: int, keys: Sequence[int], num_computed_tokens: int) -> None:
         """Record that KV of seq_id's first num_computed_tokens tokens is written: register every
         full block up to there, under the salt given to `allocate`, so later sequences can hit it.

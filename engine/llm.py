@@ -47,9 +47,10 @@ from engine.media import DEFAULT_LIMITS, MediaLimits, PreparedMedia
 from engine.media_encoder import EncodeWork, MediaEncoder
 from engine.preprocess import PreparedRequest, Preprocessor, Prompt
 from engine.sampling import SampleOutput, SamplingParams, find_stop, make_generator, sample
-from engine.scheduler import Batch, Run, Scheduler
+from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence
 from engine.stats import EngineStats, StepCost
+from engine.structured import StructuredDecoder
 from modeling.attention_metadata import AttentionMetadata
 from modeling.model import load_model
 from modeling.processing import ImageProcessorConfig, MediaKind
@@ -80,6 +81,7 @@ class RequestOutput:
     token_times: list[float]
     media_adjustments: list[str] = field(default_factory=list)  # videos shrunk to fit the context
     error: BaseException | None = None  # why the request ended early (finish_reason "error"): engine/errors.py
+    index: int = 0  # which of the request's params.n samples this is
 
 
 def default_device() -> torch.device:
@@ -178,7 +180,8 @@ class LLM:
                 raise ValueError(f"{name} must be > 0, got {share}")
         self.vision_step_share = vision_step_share
         self.prefill_step_share = prefill_step_share
-        self.sequences: dict[str, Sequence] = {}
+        self.sequences: dict[str, Sequence] = {}  # each unfinished request's first sample (its group: all n)
+        self._structured: StructuredDecoder | None = None  # built at the first constrained request
         self._next_seq_id = 0
         self.stats = EngineStats()
         self.encoder = MediaEncoder(self.model, self.encoder_cache, self.stats, chunk_patches=vision_chunk_patches,
@@ -201,6 +204,14 @@ class LLM:
                              f"blocks of {bytes_per_block} bytes; raise kv_cache_gb")
         return blocks
 
+    @property
+    def structured(self) -> StructuredDecoder:
+        """Structured outputs: constraints compiled per schema (cached), token masks per step. Built
+        when first needed: its view of a 150k-token vocabulary takes about a second."""
+        if self._structured is None:
+            self._structured = StructuredDecoder(self.tokenizer, self.config.text.vocab_size, self.eos_ids)
+        return self._structured
+
     # ------------------------------------------------------------------ requests
 
     def add_request(self, request_id: str, request: PreparedRequest) -> None:
@@ -210,6 +221,8 @@ class LLM:
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
         request.params.validate(self.config.text.vocab_size)
+        if request.params.structured is not None:
+            self.structured.check(request.params.structured)  # compiled (cached) now: a bad schema is its error
         if len(request.ids) >= self.max_seq_len:  # the engine's own invariant, not the length policy (preprocess)
             raise ValueError(f"a prepared prompt of {len(request.ids)} tokens leaves no room for output under "
                              f"max_seq_len {self.max_seq_len}")
@@ -231,10 +244,19 @@ class LLM:
             ids, torch.tensor(images) if images else None,
             torch.tensor([m.grid for m in videos]) if videos else None,
             [m.second_per_grid_t for m in videos] if videos else None)
-        seq = Sequence(self._next_seq_id, request_id, list(ids), positions, delta, list(media),
-                       self._content_keys(ids, media), params, generator=make_generator(params.seed, self.device),
-                       cache_salt=request.cache_salt)
-        self._next_seq_id += 1
+        keys = self._content_keys(ids, media)
+        group: list[Sequence] = []
+        for index in range(params.n):  # sample k draws with seed + k: n samples, reproducible as a whole
+            seed = None if params.seed is None else (params.seed + index) % 2**63
+            group.append(Sequence(
+                self._next_seq_id, request_id, list(ids), positions, delta, list(media), keys, params,
+                generator=make_generator(seed, self.device), cache_salt=request.cache_salt, index=index,
+                matcher=self.structured.matcher(params.structured) if params.structured is not None else None))
+            self._next_seq_id += 1
+        for member in group:
+            member.group = group
+        seq = group[0]
+        seq.forks = group[1:]
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
         if seq.media:
@@ -261,10 +283,11 @@ class LLM:
         return True
 
     def _abort(self, request_id: str) -> None:
-        seq = self.sequences.pop(request_id)
-        seq.finish_reason = seq.finish_reason or "abort"
-        self.scheduler.finish(seq)
-        self.encoder.discard(seq)
+        for seq in self.sequences.pop(request_id).group:
+            if not seq.is_finished:
+                seq.finish_reason = seq.finish_reason or "abort"
+                self.scheduler.finish(seq)
+                self.encoder.discard(seq)
 
     # ------------------------------------------------------------------ tensor-parallel commands
 
@@ -395,16 +418,16 @@ class LLM:
         with their outputs; the requests outside the step are untouched (on one process: under
         tensor parallelism step() ends the rank, since its peers' collectives no longer pair).
         """
-        results = [self._fail(seq, error) for seq, error in self.encoder.run(plan.encode)]
+        results = [out for seq, error in self.encoder.run(plan.encode) for out in self._fail(seq, error)]
         batch = self.scheduler.schedule(plan.prompt_budget)
         if not batch.runs:
             return results
         started = time.perf_counter()
         try:
-            sampling_runs, out = self._forward_and_sample(batch, results)
+            rows, out = self._forward_and_sample(batch, results)
         except Exception as e:  # noqa: BLE001 - whatever failed, it ends only the requests in this step
             fault = RequestFault(f"the engine step this request was part of failed: {type(e).__name__}: {e}")
-            raise StepFailed(results + [self._fail(r.seq, fault) for r in batch.runs], e) from e
+            raise StepFailed(results + [o for r in batch.runs for o in self._fail(r.seq, fault)], e) from e
         now = time.perf_counter()
         self.step_cost.record(now - started, batch.prompt_tokens)
         self.stats.record_step(now - started, batch.num_tokens, any(r.count > 1 for r in batch.runs),
@@ -414,46 +437,97 @@ class LLM:
             if not run.seq.is_finished:  # a request whose logits were not finite has ended
                 run.seq.num_computed = run.start + run.count
                 self.blocks.commit(run.seq.seq_id, run.seq.all_keys, run.seq.num_computed)
-        for i, run in enumerate(sampling_runs):
-            seq = run.seq
-            seq.output_ids.append(out.token_ids[i])
+        self._fork([seq for seq in rows if seq.forks])
+        for i, seq in enumerate(rows):
+            token = out.token_ids[i]
+            seq.output_ids.append(token)
             seq.output_logprobs.append(out.logprobs[i])
             seq.top_logprobs.append(out.top_logprobs[i])
             seq.token_times.append(now)
             seq.first_token_time = seq.first_token_time or now
+            if seq.matcher is not None:
+                try:
+                    seq.matcher.accept(token)  # an end-of-sequence token is let through
+                except RuntimeError as e:  # the mask allowed it: a grammar engine fault, this request's alone
+                    results.extend(self._fail(seq, RequestFault(f"structured output: {e}")))
+                    continue
+                if seq.matcher.error is not None:  # e.g. a grammar over llguidance's limits: not a real "stop"
+                    results.extend(self._fail(seq, RequestFault(f"structured output: {seq.matcher.error}")))
+                    continue
             self._check_finished(seq, now)
             results.append(self.output_of(seq))
         return results
 
-    def _forward_and_sample(self, batch: Batch, results: list[RequestOutput]) -> tuple[list[Run], SampleOutput | None]:
-        """The forward pass, then one token for each run that reaches its sequence's end. A row of
-        logits that is not finite ends its request (its output goes to `results`) and is not sampled.
-        Returns the sampled runs and their tokens."""
+    def _fork(self, parents: list[Sequence]) -> None:
+        """Start the other samples of requests whose first sample's prompt is now computed (they
+        were sampled from its logits row this step): each shares the prompt's blocks, and a partly
+        filled last block is copied. One that finds no block for the copy waits first in line, to
+        recompute its prompt (mostly prefix-cache hits) like a preempted sequence."""
+        copies = []
+        for parent in parents:
+            for child in parent.forks:
+                child.media_embeds = parent.media_embeds
+                child.num_cached_prompt_tokens = parent.num_computed
+                if (self.blocks.fork_cost(parent.seq_id) > self.blocks.num_free_blocks
+                        or len(self.scheduler.running) >= self.scheduler.max_batch_size):
+                    self.scheduler.add_first(child)
+                    continue
+                copy = self.blocks.fork(parent.seq_id, child.seq_id)
+                if copy is not None:
+                    copies.append(copy)
+                child.num_computed = parent.num_computed
+                self.scheduler.add_running(child)
+            parent.forks = []
+        if copies:
+            src, dst = (torch.tensor(c, device=self.device) for c in zip(*copies, strict=True))
+            for k_cache, v_cache in self.kv_caches:
+                k_cache[dst] = k_cache[src]
+                v_cache[dst] = v_cache[src]
+
+    def _forward_and_sample(self, batch: Batch, results: list[RequestOutput]) -> tuple[list[Sequence], SampleOutput]:
+        """The forward pass, then one token for each run that reaches its sequence's end, and for
+        the samples waiting to fork off it (their first tokens come from the same logits row). A row
+        of logits that is not finite ends its request (its output goes to `results`) and is not
+        sampled. Structured outputs mask their rows. Returns the sampled sequences and their tokens."""
         logits = self._forward(batch)
         sampling_runs = [r for r in batch.runs if r.samples]
         finite = torch.isfinite(logits).all(dim=-1).tolist()  # logits are all-gathered: every rank agrees
-        if not all(finite):
-            for run, ok in zip(sampling_runs, finite, strict=True):
-                if not ok:
-                    results.append(self._fail(run.seq, RequestFault(
-                        "the model's logits for this request are not finite (NaN or inf)")))
-            logits = logits[torch.tensor(finite, device=logits.device)]
-            sampling_runs = [r for r, ok in zip(sampling_runs, finite, strict=True) if ok]
-        if not sampling_runs:
-            return [], None
-        return sampling_runs, sample(logits, [r.seq.params for r in sampling_runs],
-                                     [r.seq.prompt_ids for r in sampling_runs],
-                                     [r.seq.output_ids for r in sampling_runs],
-                                     [r.seq.generator for r in sampling_runs])
+        rows: list[Sequence] = []
+        logit_rows: list[int] = []
+        for i, (run, ok) in enumerate(zip(sampling_runs, finite, strict=True)):
+            if not ok:
+                results.extend(self._fail(run.seq, RequestFault(
+                    "the model's logits for this request are not finite (NaN or inf)")))
+                continue
+            for seq in (run.seq, *run.seq.forks):
+                rows.append(seq)
+                logit_rows.append(i)
+        if not rows:
+            return [], SampleOutput([], [], [])
+        if logit_rows != list(range(len(sampling_runs))):
+            logits = logits[torch.tensor(logit_rows, device=logits.device)]
+        matchers = [s.matcher for s in rows]
+        bitmask = self.structured.fill_masks(matchers) if any(m is not None for m in matchers) else None
+        return rows, sample(logits, [s.params for s in rows], [s.prompt_ids for s in rows],
+                            [s.output_ids for s in rows], [s.generator for s in rows], token_bitmask=bitmask)
 
-    def _fail(self, seq: Sequence, error: BaseException) -> RequestOutput:
-        """End a request that cannot go on (its blocks freed); its output carries the error."""
-        seq.finish_reason = "error"
-        seq.finish_time = time.perf_counter()
-        self.scheduler.finish(seq)
+    def _fail(self, seq: Sequence, error: BaseException) -> list[RequestOutput]:
+        """End a sequence that cannot go on (its blocks freed), with the samples still waiting to
+        fork off it; their outputs carry the error."""
+        failed = [seq, *seq.forks]
+        seq.forks = []
+        for s in failed:
+            s.finish_reason = "error"
+            s.finish_time = time.perf_counter()
+            self.scheduler.finish(s)
+            self._retire(s)
         self.encoder.discard(seq)
-        self.sequences.pop(seq.request_id, None)
-        return dataclasses.replace(self.output_of(seq), error=error)
+        return [dataclasses.replace(self.output_of(s), error=error) for s in failed]
+
+    def _retire(self, seq: Sequence) -> None:
+        """Forget a finished sample's request once all its samples have finished."""
+        if all(s.is_finished for s in seq.group):
+            self.sequences.pop(seq.request_id, None)
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         """Run the model over the batch's runs; fp32 logits [n sampling runs, V]."""
@@ -499,6 +573,8 @@ class LLM:
             reason = "stop"
         elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
             reason = "length"
+        elif seq.matcher is not None and seq.matcher.is_finished:  # only an end-of-sequence token could follow
+            reason = "stop"
         seq.text += self._new_text(seq)
         if reason is not None:  # the final text is exactly the whole output's decode
             seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
@@ -511,7 +587,7 @@ class LLM:
             seq.finish_reason = reason
             seq.finish_time = now
             self.scheduler.finish(seq)
-            self.sequences.pop(seq.request_id, None)
+            self._retire(seq)
 
     def _new_text(self, seq: Sequence) -> str:
         """Text the newest token adds, decoding only a few tokens (vLLM's incremental scheme): the
@@ -535,7 +611,7 @@ class LLM:
             cached_prompt_tokens=seq.num_cached_prompt_tokens,
             ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
             latency_s=end - seq.arrival_time, token_times=[t - seq.arrival_time for t in seq.token_times],
-            media_adjustments=[m.adjustment for m in seq.media if m.adjustment])
+            media_adjustments=[m.adjustment for m in seq.media if m.adjustment], index=seq.index)
 
     # ------------------------------------------------------------------ offline batches
 
@@ -554,6 +630,9 @@ class LLM:
         params_list = list(params) if isinstance(params, Seq) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
+        if any(p.n != 1 for p in params_list):
+            raise ValueError("LLM.generate gives one output per prompt: n must be 1 (add_request / step, as the "
+                             "server drives them, give each of n samples its output)")
         batch = uuid.uuid4().hex[:12]  # ids no other request of this LLM holds
         ids = [f"offline-{batch}-{i}" for i in range(len(prompts))]
         finished: dict[str, RequestOutput] = {}

@@ -26,6 +26,7 @@ own tokenizer) so the engine thread's detokenizing never waits on it.
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,10 @@ def _text_chars(messages: list[dict[str, Any]]) -> int:
         elif isinstance(content, list):
             total += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
     return total
+
+
+class ToolsNotRendered(ValueError):
+    """Tools were offered to a model whose chat template has no place for them."""
 
 
 class PromptMediaMismatch(ValueError):
@@ -140,13 +145,20 @@ class Preprocessor:
                                      f"can fit {self.limit_name} (a token of this tokenizer stands for at most "
                                      f"{self.chars_per_token}); refused before tokenizing")
 
-    def render(self, messages: list[dict[str, Any]]) -> list[int]:
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of the chat template over `messages` (transformers' message dicts, media parts
-        as {"type": "image"|"video"}), generation prompt appended; one pad per medium. Text that
-        cannot fit is refused first (`check_text`)."""
-        self.check_text(_text_chars(messages))
+        as {"type": "image"|"video"}) and `tools` (OpenAI function tools, which the template lists
+        in its system turn), generation prompt appended; one pad per medium. Text that cannot fit
+        is refused first (`check_text`). ToolsNotRendered when tools are given to a template that
+        ignores them (Qwen2-VL's has no tools section): the model would never learn of them."""
+        self.check_text(_text_chars(messages) + (len(json.dumps(tools)) if tools else 0))
         with self.lock:
-            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            rendered = self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                                          add_generation_prompt=True)
+            if tools and rendered == self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                        add_generation_prompt=True):
+                raise ToolsNotRendered("this model's chat template does not render tools, so it cannot be offered "
+                                       "any; send the request without 'tools'")
             return self.tokenizer.encode(rendered, add_special_tokens=False)
 
     def tokenize(self, text: str) -> list[int]:

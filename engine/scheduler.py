@@ -69,6 +69,17 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.append(seq)
 
+    def add_first(self, seq: Sequence) -> None:
+        """Queue a sequence first in line, holding no blocks (its tokens are recomputed on admission)."""
+        seq.status = Status.WAITING
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """Run a sequence that already holds its blocks (a sample forked off another's prompt)."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
     def has_work(self) -> bool:
         """Whether any sequence is waiting or running."""
         return bool(self.waiting or self.running)
@@ -86,9 +97,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.seq_id)
-        seq.num_computed = 0
-        seq.status = Status.WAITING
-        self.waiting.appendleft(seq)
+        self.add_first(seq)
         self.num_preemptions += 1
 
     def schedule(self, prompt_budget: int | None = None) -> Batch:

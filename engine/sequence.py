@@ -11,11 +11,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.media import PreparedMedia
 from engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.structured import Matcher
 
 
 class Status(enum.Enum):
@@ -26,7 +30,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # a sequence is itself: compared by identity (its group holds itself)
 class Sequence:
     """One request's state.
 
@@ -63,6 +67,17 @@ class Sequence:
     num_cached_prompt_tokens: int = 0  # prefix-cache hits of the first admission
     # Prefix-cache salt: only sequences with an equal salt share KV blocks (None: the unsalted pool)
     cache_salt: str | None = None
+    # The n samples of one request (params.n): sample `index` of `group` (every sample's list, this
+    # one included). Samples 1..n-1 wait in their first sample's `forks` until its prompt is
+    # computed; then each takes its own first token from the same logits row and shares the
+    # prompt's KV blocks (BlockManager.fork).
+    index: int = 0
+    group: list[Sequence] = field(default_factory=list)
+    forks: list[Sequence] = field(default_factory=list)
+    matcher: Matcher | None = None  # structured output (params.structured): what the next token may be
+
+    def __post_init__(self) -> None:
+        self.group = self.group or [self]
 
     @property
     def num_tokens(self) -> int:

@@ -60,33 +60,52 @@ class EngineError(RuntimeError):
 
 
 class RequestStream:
-    """The event-loop side of one request. Outputs are cumulative, so it keeps only the newest
-    one not yet read: a slow reader skips ahead and memory stays one output per request."""
+    """The event-loop side of one request and its n samples (params.n). Outputs are cumulative,
+    so it keeps only the newest unread one of each sample: a slow reader skips ahead and memory
+    stays one output per sample."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str):
+    def __init__(self, engine: AsyncEngine, request_id: str, n: int = 1):
         self.engine = engine
         self.request_id = request_id
-        self.finished = False
-        self.last: RequestOutput | None = None
-        self._latest: RequestOutput | BaseException | None = None
+        self.n = n
+        self.finished = False  # every sample has finished (or the request failed)
+        self._final: set[int] = set()  # samples whose final output was put ...
+        self._done: set[int] = set()  # ... and read
+        self._unread: dict[int, RequestOutput] = {}  # by sample index, in the order they changed
+        self._error: BaseException | None = None
         self._ready = asyncio.Event()
 
+    @property
+    def complete(self) -> bool:
+        """Event-loop thread: whether nothing more will be put (every sample final, or an error)."""
+        return self._error is not None or len(self._final) == self.n
+
     def put(self, item: RequestOutput | BaseException) -> None:
-        """Event-loop thread: a newer output (or the request's error) replaces an unread one."""
-        self._latest = item
+        """Event-loop thread: a newer output of a sample replaces its unread one; an error ends the
+        whole request."""
+        if isinstance(item, BaseException):
+            self._error = item
+        else:
+            self._unread.pop(item.index, None)  # re-inserted last: samples are read in the order they changed
+            self._unread[item.index] = item
+            if item.finished:
+                self._final.add(item.index)
         self._ready.set()
 
     async def next(self) -> RequestOutput:
-        """The newest output; raises the engine's error for this request."""
-        await self._ready.wait()
-        self._ready.clear()
-        item, self._latest = self._latest, None
-        if isinstance(item, BaseException):
+        """The newest output of the sample that changed first since the last read; raises the
+        engine's error for this request."""
+        while not self._unread and self._error is None:
+            await self._ready.wait()
+            self._ready.clear()
+        if self._error is not None:
             self.finished = True
-            raise item
-        assert item is not None
-        self.finished = item.finished
-        self.last = item
+            raise self._error
+        index = next(iter(self._unread))
+        item = self._unread.pop(index)
+        if item.finished:
+            self._done.add(index)
+        self.finished = len(self._done) == self.n
         return item
 
     def close(self) -> None:
@@ -118,7 +137,7 @@ class AsyncEngine:
         self._waiting = 0
         self._running = 0
         self._kv_used = 0
-        self._seen_tokens: dict[str, int] = {}         # engine thread only
+        self._seen_tokens: dict[tuple[str, int], int] = {}  # (request id, sample index): engine thread only
         self._accepting = False
         self._thread = threading.Thread(target=self._run, name="qvl-engine", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -183,7 +202,7 @@ class AsyncEngine:
         """Queue a prepared request (inside `reserve()`); returns its stream."""
         if not self._accepting:
             raise EngineStopped("the server is shutting down")
-        stream = RequestStream(self, request_id)
+        stream = RequestStream(self, request_id, request.params.n)
         self._streams[request_id] = stream
         with self._lock:
             self._pending_adds += 1
@@ -214,7 +233,7 @@ class AsyncEngine:
             if stream is None:
                 continue
             stream.put(item)
-            if isinstance(item, BaseException) or item.finished:
+            if stream.complete:
                 del self._streams[request_id]
 
     # ------------------------------------------------------------------ engine thread
@@ -243,14 +262,14 @@ class AsyncEngine:
             log.exception("adding request %s failed", request_id)
             replies.append((request_id, EngineError(f"the engine could not add the request: {e}")))
         else:
-            self._seen_tokens[request_id] = 0
             if self.metrics is not None:
                 self.metrics.prompt_tokens.inc(len(command.request.ids))
 
     def _abort(self, request_id: str, reason: str = "abort") -> None:
         if self.llm.abort(request_id) and self.metrics is not None:
             self.metrics.finished.labels(finish_reason=reason).inc()
-        self._seen_tokens.pop(request_id, None)
+        for key in [k for k in self._seen_tokens if k[0] == request_id]:
+            del self._seen_tokens[key]
 
     def _abort_all(self, error: BaseException, reason: str) -> None:
         replies: list[tuple[str, RequestOutput | BaseException]] = []
@@ -263,17 +282,18 @@ class AsyncEngine:
         """Token counters and latency histograms for one step's outputs."""
         new_tokens = 0
         for out in outputs:
-            before = self._seen_tokens.get(out.request_id, 0)
+            key = (out.request_id, out.index)
+            before = self._seen_tokens.get(key, 0)
             n = len(out.output_ids)
             new_tokens += n - before
             if self.metrics is not None and before == 0 and n > 0 and out.ttft_s is not None:
                 self.metrics.ttft.observe(out.ttft_s)
             if out.finished:
-                self._seen_tokens.pop(out.request_id, None)
+                self._seen_tokens.pop(key, None)
                 if self.metrics is not None:
                     self.metrics.observe_finished(out.finish_reason or "stop", out.ttft_s, out.latency_s, n)
             else:
-                self._seen_tokens[out.request_id] = n
+                self._seen_tokens[key] = n
         if self.metrics is not None and new_tokens:
             self.metrics.generation_tokens.inc(new_tokens)
 

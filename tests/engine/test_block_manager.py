@@ -359,6 +359,29 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm.commit(sid, s["keys"], upto)
         s["computed"] = upto
 
+    @precondition(lambda self: any(s["computed"] == s["n"] for s in self.seqs.values()))
+    @rule(data=st.data())
+    def fork(self, data) -> None:
+        """Another sample of a computed sequence: shares its blocks, copies a partly filled last one."""
+        parent = data.draw(st.sampled_from(sorted(i for i, s in self.seqs.items() if s["computed"] == s["n"])))
+        free_before, cost = self.bm.num_free_blocks, self.bm.fork_cost(parent)
+        sid = self.next_id
+        if cost > free_before:
+            with pytest.raises(RuntimeError):
+                self.bm.fork(parent, sid)
+            assert self.bm.num_free_blocks == free_before and not self.bm.has_seq(sid)
+            return
+        self.next_id += 1
+        copy = self.bm.fork(parent, sid)
+        assert self.bm.num_free_blocks == free_before - cost and (copy is not None) == (cost == 1)
+        table, child = self.bm.block_table(parent), self.bm.block_table(sid)
+        if copy is not None:  # the engine copies the partly filled block's KV
+            assert copy == (table[-1], child[-1]) and copy[1] not in table
+            self.content[copy[1]] = list(self.content[copy[0]])
+            child = child[:-1]
+        assert child == table[:len(child)]
+        self.seqs[sid] = {**self.seqs[parent], "keys": list(self.seqs[parent]["keys"])}
+
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())
     def free(self, data) -> None:
