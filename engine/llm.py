@@ -488,26 +488,31 @@ class LLM:
         """The forward pass, then one token for each run that reaches its sequence's end, and for
         the samples waiting to fork off it (their first tokens come from the same logits row). A row
         of logits that is not finite ends its request (its output goes to `results`) and is not
-        sampled. Structured outputs mask their rows. Returns the sampled sequences and their tokens."""
-        logits = self._forward(batch)
+        sampled. Structured outputs mask their rows: the masks depend only on the tokens accepted so
+        far, so llguidance computes them on its own threads while the forward pass runs. Returns the
+        sampled sequences and their tokens."""
         sampling_runs = [r for r in batch.runs if r.samples]
+        candidates = [(i, seq) for i, r in enumerate(sampling_runs) for seq in (r.seq, *r.seq.forks)]
+        matchers = [seq.matcher for _, seq in candidates]
+        masks = self.structured.masks_async(matchers) if any(m is not None for m in matchers) else None
+        try:
+            logits = self._forward(batch)
+        finally:
+            bitmask = masks.result() if masks is not None else None  # never left computing past the step
         finite = torch.isfinite(logits).all(dim=-1).tolist()  # logits are all-gathered: every rank agrees
-        rows: list[Sequence] = []
-        logit_rows: list[int] = []
-        for i, (run, ok) in enumerate(zip(sampling_runs, finite, strict=True)):
+        for run, ok in zip(sampling_runs, finite, strict=True):
             if not ok:
                 results.extend(self._fail(run.seq, RequestFault(
                     "the model's logits for this request are not finite (NaN or inf)")))
-                continue
-            for seq in (run.seq, *run.seq.forks):
-                rows.append(seq)
-                logit_rows.append(i)
-        if not rows:
+        kept = [j for j, (i, _) in enumerate(candidates) if finite[i]]
+        if not kept:
             return [], SampleOutput([], [], [])
+        rows = [candidates[j][1] for j in kept]
+        logit_rows = [candidates[j][0] for j in kept]
         if logit_rows != list(range(len(sampling_runs))):
             logits = logits[torch.tensor(logit_rows, device=logits.device)]
-        matchers = [s.matcher for s in rows]
-        bitmask = self.structured.fill_masks(matchers) if any(m is not None for m in matchers) else None
+        if bitmask is not None and len(kept) != len(candidates):
+            bitmask = bitmask[kept]
         return rows, sample(logits, [s.params for s in rows], [s.prompt_ids for s in rows],
                             [s.output_ids for s in rows], [s.generator for s in rows], token_bitmask=bitmask)
 

@@ -15,12 +15,16 @@ What is compiled when:
   an LRU keyed by the StructuredOutput, so a repeated schema is compiled once.
 - `matcher(constraint)` gives each sequence (each of a request's n samples) a deep copy of the
   cached initial matcher (~1 us), which it then advances with `accept` on every sampled token.
-  Nothing here is thread-safe: the engine thread is the only caller. Under tensor parallelism every
-  rank runs the same matchers over the same tokens, so their masks agree.
+  Nothing here is thread-safe: the engine thread is the only caller, except that `masks_async`
+  runs `fill_masks` on a worker thread while the engine thread runs the forward pass and touches no
+  matcher until it takes the result. Under tensor parallelism every rank runs the same matchers over
+  the same tokens, so their masks agree.
 
 Where masks are applied: `fill_masks` writes one int32 bitmask row per batch row (bit j of word w
 allows token 32 w + j), the constrained rows together on llguidance's thread pool (the GIL is
-released), the others all ones. `engine.sampling.sample` sets the disallowed logits to -inf before
+released), the others all ones. The engine asks for them (`masks_async`) before the forward pass
+and takes them after it: a mask depends only on the tokens accepted so far, so its cost hides behind
+the model's. `engine.sampling.sample` sets the disallowed logits to -inf before
 penalties, temperature, top-k / top-p, the argmax and the draw; the reported logprobs stay those
 of the raw distribution.
 
@@ -51,6 +55,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -189,6 +194,7 @@ class StructuredDecoder:
                                                       eos_token=sorted(self.eos_ids) or None)
         self._compiled: OrderedDict[StructuredOutput, LLMatcher] = OrderedDict()
         self._executor: LLExecutor | None = None  # its thread pool starts with the first constrained batch
+        self._pool: ThreadPoolExecutor | None = None  # masks_async's thread
 
     def check(self, constraint: StructuredOutput) -> None:
         """Compile `constraint` (cached); ValueError naming the problem when it does not compile."""
@@ -213,6 +219,14 @@ class StructuredDecoder:
         # (whose import pulls in torch._dynamo: ~2 s)
         self._executor.unsafe_compute_mask_ptr(rows, masks.data_ptr(), self.mask_words * 4, len(matchers))
         return masks
+
+    def masks_async(self, matchers: Sequence[Matcher | None]) -> Future[torch.Tensor | None]:
+        """fill_masks on a worker thread, so the caller can run the forward pass meanwhile (the
+        masks depend only on the tokens accepted so far). The matchers must not change until the
+        result is taken."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qvl-masks")
+        return self._pool.submit(self.fill_masks, matchers)
 
     def _initial(self, constraint: StructuredOutput) -> LLMatcher:
         """The constraint's matcher in its initial state, compiled on first use (LRU-cached)."""
