@@ -15,13 +15,18 @@ from engine.media import Media, prepare_media
 from fixtures import tiny_checkpoint
 from fixtures.tiny_checkpoint import (
     CHAT_TEMPLATE,
+    CHECKPOINT_VERSION,
+    MANIFEST,
     SPECIAL_TOKENS,
+    TOOL_TOKENS,
+    TOOLS_CHAT_TEMPLATE,
     cached_checkpoint,
     checkpoint_complete,
     make_tiny_checkpoint,
     mrope_section_for,
     rename_weights,
     special_token_ids,
+    tool_token_ids,
 )
 from modeling.processing import (
     SAMPLE_IMAGE_PATH,
@@ -188,13 +193,16 @@ def test_seed_changes_weights(tmp_path):
 
 
 def test_tokenizer_roundtrip_and_special_ids(base):
-    _, path, _, _, _ = base
+    arch, path, _, _, _ = base
     tok = transformers.AutoTokenizer.from_pretrained(path)
     ids = special_token_ids(512)
     for t, i in ids.items():
         assert tok.convert_tokens_to_ids(t) == i
         assert tok.encode(t, add_special_tokens=False) == [i]
-    assert len(tok) == 512 + len(SPECIAL_TOKENS)
+    tools = arch == "qwen2_5_vl"  # only Qwen2.5's vocabulary has the tool call tags
+    assert len(tok) == 512 + len(SPECIAL_TOKENS) + (len(TOOL_TOKENS) if tools else 0)
+    # both vocabularies pad to the same embedding
+    assert json.loads((path / "config.json").read_text())["text_config"]["vocab_size"] == 576
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     for text in ["Describe this image.", "  spaces\tand\nnewlines  ", "Zahlen 12345, ünïcödé — 中文!",
                  "<|vision_start|><|image_pad|><|image_pad|><|vision_end|>What?"]:
@@ -206,9 +214,9 @@ def test_tokenizer_roundtrip_and_special_ids(base):
 
 
 def test_chat_template_renders_qwen_markers(base):
-    _, path, _, _, _ = base
+    arch, path, _, _, _ = base
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    assert tok.chat_template == CHAT_TEMPLATE
+    assert tok.chat_template == (TOOLS_CHAT_TEMPLATE if arch == "qwen2_5_vl" else CHAT_TEMPLATE)
     parts = [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Hi?"}]
     msgs = [{"role": "user", "content": parts}]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -224,6 +232,74 @@ def test_chat_template_renders_qwen_markers(base):
     text = tok.apply_chat_template(msgs, tokenize=False, add_vision_id=True)
     assert "Picture 1: <|vision_start|><|image_pad|>" in text
     assert "Video 1: <|vision_start|><|video_pad|>" in text
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city (°C).",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}}},
+    {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}},
+]
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Weather here, and the time?"}]},
+    {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}},
+        {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": {}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 21}"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "12:00"},
+    {"role": "assistant", "content": "21 °C at noon."},
+    {"role": "user", "content": "And tomorrow?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_3", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Bern"}}}]},
+    {"role": "tool", "tool_call_id": "call_3", "content": "rain"},
+]
+
+
+def test_tools_render_as_qwen2_5_does(base):
+    """The Qwen2.5-VL tokenizer renders tools, calls and tool responses in Qwen2.5's format; the
+    Qwen2-VL one (whose released template has no tools) renders the same text with or without
+    them, which is how the server tells that a checkpoint cannot take tools."""
+    arch, path, _, _, _ = base
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    text = tok.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    without = tok.apply_chat_template(TOOL_CONVERSATION, tokenize=False, add_generation_prompt=True)
+    if arch == "qwen2_vl":
+        assert text == without
+        return
+    assert text == (
+        "<|im_start|>system\nBe brief.\n\n# Tools\n\n"
+        "You may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        '{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city (°C).", '
+        '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}\n'
+        '{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}\n'
+        "</tools>\n\nFor each function call, return a json object with function name and arguments within "
+        "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Weather here, and the time?<|im_end|>\n"
+        "<|im_start|>assistant\nChecking.\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call><|im_end|>\n'
+        '<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response>\n'
+        "<tool_response>\n12:00\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n21 °C at noon.<|im_end|>\n"
+        "<|im_start|>user\nAnd tomorrow?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Bern"}}\n'
+        "</tool_call><|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\nrain\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n")
+    assert text != without
+    # no system message: the default one heads the tools
+    text = tok.apply_chat_template(TOOL_CONVERSATION[1:2], tools=TOOLS[1:], tokenize=False)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n\n")
+    assert text.endswith('<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>'
+                         "Weather here, and the time?<|im_end|>\n")
+    # the tags are one token each, and decoding without special tokens keeps them
+    ids = tok.encode(text, add_special_tokens=False)
+    tags = tool_token_ids(512)
+    assert ids.count(tags["<tool_call>"]) == 2 and ids.count(tags["</tool_call>"]) == 2  # in the tools prompt
+    assert tok.decode(ids, skip_special_tokens=True).count("<tool_call>") == 2
 
 
 def test_preprocessor_config_loads_in_transformers(base):
@@ -310,3 +386,21 @@ def test_cached_checkpoint_is_installed_whole(tmp_path, monkeypatch):
     race = cached_checkpoint("race", "qwen2_vl")
     assert checkpoint_complete(race) and (race / "theirs").exists()
     assert sorted(p.name for p in cache.iterdir()) == ["ck", "race"]
+
+
+@pytest.mark.parametrize("manifest", [
+    lambda m: {k: v for k, v in m.items() if k != "version"},      # written before versions
+    lambda m: {**m, "version": CHECKPOINT_VERSION - 1},
+    lambda m: [m],                                                 # not a manifest at all
+])
+def test_a_cached_checkpoint_of_an_older_version_is_made_again(tmp_path, monkeypatch, manifest):
+    monkeypatch.setenv("QVL_CACHE", str(tmp_path))
+    path = cached_checkpoint("ck", "qwen2_vl")
+    meta = json.loads((path / MANIFEST).read_text())
+    assert meta["version"] == CHECKPOINT_VERSION and checkpoint_complete(path)
+    (path / MANIFEST).write_text(json.dumps(manifest(meta)))
+    (path / "old").touch()
+    assert not checkpoint_complete(path)
+    assert cached_checkpoint("ck", "qwen2_vl") == path
+    assert checkpoint_complete(path) and not (path / "old").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
