@@ -50,12 +50,13 @@ def assert_same_tokens(reports: list[dict], ref: dict, world: int) -> None:
         assert report["preemptions"] == reports[0]["preemptions"], (world, rank)
     outs = dict(reports[0]["outputs"])
     assert set(outs) == set(ref)
-    for request_id in (*GREEDY, "seeded"):
+    for request_id in (*GREEDY, "seeded", "samples", "samples#1", "samples#2", "json"):
         assert outs[request_id]["ids"] == ref[request_id]["ids"], (world, request_id)
         diffs = [abs(a - b) for a, b in zip(outs[request_id]["logprobs"], ref[request_id]["logprobs"], strict=True)]
         assert max(diffs) < 1e-4, (world, request_id, diffs)
     corrupt = outs.pop("corrupt")
     assert corrupt["finish_reason"] == "error" and "RequestMediaError" in corrupt["error"] and not corrupt["ids"]
+    assert json.loads(outs.pop("json")["text"])["n"] in (1, 22)  # the constraint complete: a "stop"
     assert all(o["finish_reason"] == "length" for o in outs.values())
 
 
@@ -64,7 +65,8 @@ def test_tp_2_and_4_ranks_match_one_process(arch: str, tmp_path: Path) -> None:
     checkpoint = tp_checkpoint(tmp_path / "ckpt", arch)
     (single,) = run_world(checkpoint, 1, tmp_path / "w1")
     ref = single["outputs"]
-    assert set(ref) == {"image", "text", "seeded", "unseeded", "late", "video", "corrupt"}  # not "aborted"
+    assert set(ref) == {"image", "text", "seeded", "unseeded", "late", "video", "corrupt", "json",
+                        "samples", "samples#1", "samples#2"}  # not "aborted"
     assert single["kv_cache_shape"][2] == 2 and single["embed_rows"] == 578
     for world in (2, 4):
         reports = run_world(checkpoint, world, tmp_path / f"w{world}")

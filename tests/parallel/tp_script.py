@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from engine.llm import LLM, Prompt, RequestOutput  # noqa: E402
 from engine.media import Media  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
+from engine.structured import StructuredOutput  # noqa: E402
 from modeling import processing  # noqa: E402
 from modeling.processing import SAMPLE_IMAGE_PATH, SAMPLE_VIDEO_PATH  # noqa: E402
 from parallel import destroy, end_process, init_from_env  # noqa: E402
@@ -36,12 +37,19 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 22]}},
+          "required": ["ok", "n"], "additionalProperties": False}
 REQUESTS = [
     ("image", Prompt("What is in this picture?", [Media(SAMPLE_IMAGE_PATH, options=IMAGE)]), greedy(6)),
     ("text", Prompt("Tell me a story about the sea."), greedy(5)),
     ("seeded", Prompt("hi"), SamplingParams(max_tokens=5, temperature=1.0, top_k=50, seed=7, ignore_eos=True)),
     ("unseeded", Prompt("Name three colours."), SamplingParams(max_tokens=4, temperature=0.8, ignore_eos=True)),
     ("aborted", Prompt("Count to ten."), greedy(50)),
+    # 3 samples sharing the prompt's blocks, and a JSON constraint: every rank forks and masks alike
+    ("samples", Prompt("Name a colour."), SamplingParams(max_tokens=4, temperature=1.0, seed=11, n=3,
+                                                          ignore_eos=True)),
+    ("json", Prompt("Answer in JSON."), SamplingParams(max_tokens=40, temperature=1.0, seed=3,
+                                                       structured=StructuredOutput("json_schema", json.dumps(SCHEMA)))),
 ]
 VIDEO_REQUEST = ("video", Prompt("What happens in the clip?", [
     Media(SAMPLE_VIDEO_PATH.read_bytes(), kind="video", options=VIDEO)]), greedy(5))
@@ -59,7 +67,8 @@ def main(checkpoint: str, out_dir: str, tight: bool) -> None:
     finished: dict[str, RequestOutput] = {}
 
     def collect(outputs: list[RequestOutput]) -> None:
-        finished.update({o.request_id: o for o in outputs if o.finished})
+        # the n samples of a request as request_id, request_id#1, ...
+        finished.update({o.request_id + (f"#{o.index}" if o.index else ""): o for o in outputs if o.finished})
 
     if tp.rank == 0:
         from tests.engine.test_isolation import undecodable_video
@@ -86,6 +95,7 @@ def main(checkpoint: str, out_dir: str, tight: bool) -> None:
     report = {
         "rank": tp.rank, "world_size": tp.world_size,
         "outputs": {k: {"ids": o.output_ids, "logprobs": o.output_logprobs, "finish_reason": o.finish_reason,
+                        "text": o.text,
                         "error": repr(o.error) if o.error is not None else None}
                     for k, o in sorted(finished.items())},
         "all_blocks_free": llm.blocks.num_free_blocks == llm.blocks.num_blocks == num_blocks,
