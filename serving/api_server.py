@@ -54,10 +54,14 @@ from serving.middleware import HTTPMiddleware
 from serving.prompting import Preparer
 from serving.protocol import (
     APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
     GenerationRequest,
     chat_logprobs,
     completion_logprobs,
     now,
+    openapi_request_body,
     parse_chat_request,
     parse_completion_request,
     parse_generate_request,
@@ -449,7 +453,7 @@ def create_app(cfg: ServeConfig, llm: LLM | None = None, on_fatal: Callable[[str
         finally:
             await server.shutdown()
 
-    app = FastAPI(title="qwen-vl-triton", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="qwen-vl-triton", lifespan=lifespan, redoc_url=None)  # /docs: Swagger UI of /openapi.json
     app.state.server = server
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_request_bytes)  # inside the metrics: 413s counted
     app.add_middleware(HTTPMetricsMiddleware, metrics=server.metrics)
@@ -483,16 +487,21 @@ def create_app(cfg: ServeConfig, llm: LLM | None = None, on_fatal: Callable[[str
         return JSONResponse(APIError(f"internal error: {type(e).__name__}: {e}", status=500,
                                      type="internal_error").body(), status_code=500)
 
-    @app.post("/v1/chat/completions")
+    # The handlers read the body themselves, so that it is parsed whatever its Content-Type (MindIE's
+    # curl examples send none) and errors get OpenAI's body; openapi_extra documents what they accept.
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": openapi_request_body(ChatCompletionRequest)})
     async def chat_completions(request: Request) -> Response:
+        """OpenAI chat completions: text, image and video parts; tools; streaming with SSE."""
         return await server.chat(request, parse_chat_request(parse_json_body(await request.body())))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra={"requestBody": openapi_request_body(CompletionRequest)})
     async def completions(request: Request) -> Response:
+        """OpenAI completions: a raw text prompt, no chat template."""
         return await server.completion(request, parse_completion_request(parse_json_body(await request.body())))
 
-    @app.post("/generate")
+    @app.post("/generate", openapi_extra={"requestBody": openapi_request_body(GenerateRequest)})
     async def generate(request: Request) -> Response:
+        """vLLM's / MindIE's generate: a text prompt (answered as prompt + output) or a list of parts."""
         return await server.generate(request, parse_generate_request(parse_json_body(await request.body())))
 
     @app.get("/v1/models")

@@ -252,7 +252,7 @@ BAD_REQUESTS = [
      "messages", "context_length_exceeded"),
     ("max_tokens over max_seq_len", "/v1/chat/completions", _chat("hi", max_tokens=MAX_SEQ),
      "max_tokens", "context_length_exceeded"),
-    ("n > 1", "/v1/chat/completions", _chat("hi", n=2), "n", "unsupported_parameter"),
+    ("n over the maximum", "/v1/chat/completions", _chat("hi", n=17), "n", "invalid_value"),
     ("negative seed", "/v1/chat/completions", _chat("hi", seed=-3), "seed", "invalid_value"),
     ("top_logprobs without logprobs", "/v1/chat/completions", _chat("hi", top_logprobs=2), "top_logprobs",
      "invalid_value"),
