@@ -39,7 +39,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.errors import RequestMediaError
 from engine.llm import LLM, RequestOutput
 from engine.preprocess import PreparedRequest
+from engine.structured import StructuredOutput
 from parallel import SINGLE_PROCESS, TPGroup
+from serving import tool_calls
 from serving.async_engine import (
     AsyncEngine,
     EngineError,
@@ -88,13 +90,68 @@ def load_llm(cfg: ServeConfig, tp: TPGroup = SINGLE_PROCESS) -> LLM:
                vision_step_share=cfg.vision_step_share, prefill_step_share=cfg.prefill_step_share, tp=tp)
 
 
-def usage_of(out: RequestOutput) -> dict[str, Any]:
-    """The usage block of a finished request (videos shrunk to fit the context are reported)."""
-    u = usage(out.prompt_tokens, len(out.output_ids), out.cached_prompt_tokens)
-    adjustments = getattr(out, "media_adjustments", None)
-    if adjustments:
-        u["media_adjustments"] = list(adjustments)
+def usage_of(outs: list[RequestOutput]) -> dict[str, Any]:
+    """The usage block of a finished request, the final outputs of its samples: the prompt counted
+    once, the completion tokens of every sample (videos shrunk to fit the context are reported)."""
+    first = outs[0]
+    u = usage(first.prompt_tokens, sum(len(o.output_ids) for o in outs), first.cached_prompt_tokens)
+    if first.media_adjustments:
+        u["media_adjustments"] = list(first.media_adjustments)
     return u
+
+
+def constrain_tool_output(req: GenerationRequest) -> None:
+    """tool_choice "required" or a named function: the output is constrained to what the server
+    then parses as calls (vLLM's approach): a JSON array of {name, arguments} objects, or the named
+    function's arguments object."""
+    if req.tool_choice == "required":
+        schema = tool_calls.required_schema(req.tools or [], req.parallel_tool_calls)
+    elif req.tool_choice == "function":
+        schema = tool_calls.named_schema(req.tools or [], req.tool_name or "")
+    else:
+        return
+    req.params.structured = StructuredOutput("json_schema", json.dumps(schema))
+
+
+def tool_calls_of(req: GenerationRequest, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, tool calls) of a finished chat output under the request's tool_choice."""
+    if req.tool_choice == "function":
+        return None, [tool_calls.named_call(req.tool_name or "", text)]
+    if req.tool_choice == "required":
+        try:
+            return None, tool_calls.parse_required(text)
+        except ValueError:  # cut short (max_tokens): not a complete array of calls
+            return text, []
+    return tool_calls.parse_tool_calls(text)
+
+
+class ChoiceStream:
+    """One choice of a streamed chat or completion: the delta bodies to send for each newer output
+    of its sample. Text goes through TextDelta (held-back stop strings and partial characters);
+    under tools, through the tool-call parser of the request's tool_choice."""
+
+    def __init__(self, req: GenerationRequest, api: OpenAIEndpoint):
+        self.api = api
+        self.text = TextDelta(req.params.stop)
+        self.sent_tokens = 0
+        choice = req.tool_choice if api is CHAT else "none"
+        self.calls: tool_calls.ToolCallStream | tool_calls.NamedCallStream | tool_calls.RequiredCallStream | None = (
+            tool_calls.ToolCallStream() if choice == "auto" else
+            tool_calls.NamedCallStream(req.tool_name or "") if choice == "function" else
+            tool_calls.RequiredCallStream() if choice == "required" else None)
+
+    def update(self, out: RequestOutput) -> list[dict[str, Any]]:
+        """The bodies ({"delta": ...} or {"text": ...}) to send for this output, possibly none."""
+        delta = self.text.update(out.text, out.finished)
+        if self.calls is None:
+            return [self.api.delta(delta)] if delta else []
+        return [{"delta": p} for p in self.calls.update(self.text.sent, out.finished)]
+
+    def finish_reason(self, out: RequestOutput) -> str | None:
+        """The choice's finish_reason: "tool_calls" when it ended on its own after the model chose to
+        call (tool_choice auto or required; a named function keeps "stop", as vLLM and OpenAI do)."""
+        made_calls = getattr(self.calls, "has_calls", False)
+        return "tool_calls" if made_calls and out.finish_reason == "stop" else out.finish_reason
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -237,7 +294,8 @@ class Server:
     def _prepare(self, req: GenerationRequest) -> PreparedRequest:
         assert self.preparer is not None
         if req.messages is not None:
-            prepared = self.preparer.prepare_chat(req.messages, req.params)
+            tools = req.tools if req.tool_choice != "none" else None  # "none": the model is not told of them
+            prepared = self.preparer.prepare_chat(req.messages, req.params, tools)
         else:
             prepared = self.preparer.prepare_raw(req.raw_prompt or "", req.params)
         prepared.cache_salt = req.cache_salt
@@ -278,16 +336,21 @@ class Server:
             if message["type"] == "http.disconnect":
                 return
 
-    async def wait_output(self, request: Request, stream: RequestStream, final: bool) -> RequestOutput | None:
-        """The request's first output (final=False: a stream then goes on from it) or its finished
-        one; None (the request aborted) if the client goes away first. Raises the request's error,
-        so that one failing before its first token (a medium that does not decode) is answered with
-        its own status code, not inside a 200 stream."""
-        async def wanted() -> RequestOutput:
-            out = await stream.next()
-            while final and not out.finished:
+    async def wait_output(self, request: Request, stream: RequestStream, final: bool) -> list[RequestOutput] | None:
+        """The request's first output (final=False: [it]; a stream then goes on from it) or the
+        finished output of each of its n samples, by index; None (the request aborted) if the client
+        goes away first. Raises the request's error, so that one failing before its first token (a
+        medium that does not decode) is answered with its own status code, not inside a 200 stream."""
+        async def wanted() -> list[RequestOutput]:
+            finals: dict[int, RequestOutput] = {}
+            while True:
                 out = await stream.next()
-            return out
+                if not final:
+                    return [out]
+                if out.finished:
+                    finals[out.index] = out
+                if stream.finished:
+                    return [finals[i] for i in sorted(finals)]
 
         result = asyncio.ensure_future(wanted())
         gone = asyncio.ensure_future(self._disconnected(request))
@@ -296,6 +359,10 @@ class Server:
             await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
             got = result.done()
             return result.result() if got else None
+        except RequestMediaError:
+            raise
+        except ValueError as e:  # the engine refused the request (a constraint that does not compile, ...): a 400
+            raise APIError(str(e), code="invalid_value") from None
         finally:
             gone.cancel()
             result.cancel()
@@ -329,6 +396,7 @@ class Server:
 
     async def _openai_response(self, request: Request, req: GenerationRequest, api: OpenAIEndpoint) -> Response:
         model = self.check_model(req)
+        constrain_tool_output(req)
         request_id, stream = await self.start_request(req, api.id_prefix)
         created = now()
         if req.stream:
@@ -336,54 +404,69 @@ class Server:
             if first is None:
                 return Response(status_code=CLIENT_CLOSED)
             return DisconnectingStreamingResponse(
-                self._openai_events(req, stream, first, request_id, created, model, api), stream.close,
+                self._openai_events(req, stream, first[0], request_id, created, model, api), stream.close,
                 media_type="text/event-stream", headers=SSE_HEADERS)
-        out = await self.wait_output(request, stream, final=True)
-        if out is None:
+        outs = await self.wait_output(request, stream, final=True)
+        if outs is None:
             return Response(status_code=CLIENT_CLOSED)
-        choice: dict[str, Any] = {"index": 0, **api.body(out.text), "logprobs": None,
-                                  "finish_reason": out.finish_reason}
-        if req.logprobs:
-            choice["logprobs"] = api.logprobs(self.logprob_entries(out, 0, len(out.output_ids)), 0)
-        if req.return_token_ids:
-            choice["token_ids"] = out.output_ids
+        choices = []
+        for out in outs:
+            choice: dict[str, Any] = {"index": out.index, **api.body(out.text), "logprobs": None,
+                                      "finish_reason": out.finish_reason}
+            if api is CHAT and req.tool_choice != "none":
+                content, calls = tool_calls_of(req, out.text)
+                if calls:
+                    choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+                    if req.tool_choice != "function" and out.finish_reason == "stop":  # as ChoiceStream.finish_reason
+                        choice["finish_reason"] = "tool_calls"
+            if req.logprobs:
+                choice["logprobs"] = api.logprobs(self.logprob_entries(out, 0, len(out.output_ids)), 0)
+            if req.return_token_ids:
+                choice["token_ids"] = out.output_ids
+            choices.append(choice)
         return JSONResponse({"id": request_id, "object": api.object, "created": created, "model": model,
-                             "choices": [choice],
-                             "usage": usage_of(out)})
+                             "choices": choices, "usage": usage_of(outs)})
 
     async def _openai_events(self, req: GenerationRequest, stream: RequestStream, first: RequestOutput,
                              request_id: str, created: int, model: str, api: OpenAIEndpoint) -> AsyncIterator[str]:
-        def chunk(body: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        """The SSE events of a streamed response: each chunk carries one choice (its index), as the
+        outputs of the request's n samples arrive; the usage chunk after the last one finishes."""
+        def chunk(index: int, body: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
             c = {"id": request_id, "object": api.chunk_object, "created": created, "model": model,
-                 "choices": [{"index": 0, **body, "logprobs": None, "finish_reason": finish, **extra}]}
+                 "choices": [{"index": index, **body, "logprobs": None, "finish_reason": finish, **extra}]}
             if req.include_usage:
                 c["usage"] = None
             return c
 
-        text = TextDelta(req.params.stop)
-        sent_tokens = 0
+        choices = [ChoiceStream(req, api) for _ in range(req.params.n)]
+        finals: list[RequestOutput] = []
         if api.first_chunk is not None:
-            yield sse(chunk(api.first_chunk))
+            for index in range(req.params.n):
+                yield sse(chunk(index, api.first_chunk))
         out = first
         try:
             while True:
-                offset = len(text.sent)
-                delta = text.update(out.text, out.finished)
+                state = choices[out.index]
+                offset = len(state.text.sent)
+                bodies = state.update(out)
                 extra: dict[str, Any] = {}
-                if req.logprobs and len(out.output_ids) > sent_tokens:
+                if req.logprobs and len(out.output_ids) > state.sent_tokens:
                     extra["logprobs"] = api.logprobs(
-                        self.logprob_entries(out, sent_tokens, len(out.output_ids)), offset)
-                if req.return_token_ids and len(out.output_ids) > sent_tokens:
-                    extra["token_ids"] = out.output_ids[sent_tokens:]
-                sent_tokens = len(out.output_ids)
-                if delta or extra:
-                    yield sse(chunk(api.delta(delta), **extra))
+                        self.logprob_entries(out, state.sent_tokens, len(out.output_ids)), offset)
+                if req.return_token_ids and len(out.output_ids) > state.sent_tokens:
+                    extra["token_ids"] = out.output_ids[state.sent_tokens:]
+                state.sent_tokens = len(out.output_ids)
+                if extra and not bodies:
+                    bodies = [api.delta("")]
+                for i, body in enumerate(bodies):
+                    yield sse(chunk(out.index, body, **(extra if i == 0 else {})))
                 if out.finished:
-                    yield sse(chunk(api.last_chunk, out.finish_reason))
+                    finals.append(out)
+                    yield sse(chunk(out.index, api.last_chunk, state.finish_reason(out)))
+                if stream.finished:
                     if req.include_usage:
                         yield sse({"id": request_id, "object": api.chunk_object, "created": created,
-                                   "model": model, "choices": [],
-                                   "usage": usage_of(out)})
+                                   "model": model, "choices": [], "usage": usage_of(finals)})
                     break
                 out = await stream.next()
         except (EngineError, EngineStopped, ValueError) as e:
@@ -396,25 +479,26 @@ class Server:
         self.check_model(req)
         _, stream = await self.start_request(req, "gen")
         prefix = req.raw_prompt or ""  # vLLM's api_server returns prompt + output for text prompts
-        out = await self.wait_output(request, stream, final=not req.stream)
-        if out is None:
+        outs = await self.wait_output(request, stream, final=not req.stream)
+        if outs is None:
             return Response(status_code=CLIENT_CLOSED)
         if req.stream:
-            return DisconnectingStreamingResponse(self._generate_events(req, stream, out, prefix), stream.close,
+            return DisconnectingStreamingResponse(self._generate_events(req, stream, outs[0], prefix), stream.close,
                                                   media_type="application/x-ndjson")
-        return JSONResponse({"text": [prefix + out.text]})
+        return JSONResponse({"text": [prefix + out.text for out in outs]})
 
     async def _generate_events(self, req: GenerationRequest, stream: RequestStream, first: RequestOutput,
                                prefix: str) -> AsyncIterator[str]:
-        text = TextDelta(req.params.stop)
+        texts = [TextDelta(req.params.stop) for _ in range(req.params.n)]
         out = first
         try:
             while True:
-                # Each chunk carries the whole text so far (vLLM's /generate); one whose text did not
-                # grow (a token ending inside a UTF-8 character, held-back stop text) is not sent.
-                if text.update(out.text, out.finished) or out.finished:
-                    yield json.dumps({"text": [prefix + text.sent]}, ensure_ascii=False) + "\0"
-                if out.finished:
+                # Each chunk carries the whole text so far of every sample (vLLM's /generate, which
+                # lists the n texts); one whose text did not grow (a token ending inside a UTF-8
+                # character, held-back stop text) is not sent.
+                if texts[out.index].update(out.text, out.finished) or out.finished:
+                    yield json.dumps({"text": [prefix + t.sent for t in texts]}, ensure_ascii=False) + "\0"
+                if stream.finished:
                     break
                 out = await stream.next()
         except (EngineError, EngineStopped, ValueError) as e:

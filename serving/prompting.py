@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.media import Media, MediaOptionError, PreparedMedia
-from engine.preprocess import ContextLengthError, PreparedRequest, Preprocessor, PromptMediaMismatch
+from engine.preprocess import ContextLengthError, PreparedRequest, Preprocessor, PromptMediaMismatch, ToolsNotRendered
 from engine.sampling import SamplingParams
 from modeling.processing import MediaError, MediaKind, MediaTooLarge, is_image
+from serving import tool_calls
 from serving.protocol import APIError, ChatMessage, MediaRef
 
 _BASE64 = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")
@@ -86,7 +87,10 @@ def resolve_source(ref: MediaRef, allowed_dir: Path | None) -> str | bytes:
                                 "as a data: URI (base64) or as a path under the server's --allowed_media_dir",
                            "unsupported_url")
     if lower.startswith("file://"):
-        parsed = urllib.parse.urlparse(url)
+        try:
+            parsed = urllib.parse.urlparse(url)
+        except ValueError as e:  # e.g. "file://[::1/x": an unclosed IPv6 host
+            raise _media_error(ref, f"not a valid file:// URL: {e}", "unsupported_url") from None
         if parsed.netloc not in ("", "localhost"):
             raise _media_error(ref, f"file:// URL with host {parsed.netloc!r}: only local files are read",
                                "unsupported_url")
@@ -106,7 +110,7 @@ def resolve_source(ref: MediaRef, allowed_dir: Path | None) -> str | bytes:
         path = allowed_dir / path
     try:
         real = path.resolve()
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, ValueError) as e:  # ValueError: an embedded NUL
         raise _media_error(ref, f"cannot resolve path ({e})") from None
     if not real.is_relative_to(allowed_dir):
         raise _media_error(ref, "path is outside the server's --allowed_media_dir", "path_not_allowed")
@@ -171,31 +175,40 @@ class Preparer:
 
     @staticmethod
     def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-        """The chat-template input: media parts as {"type": "image"|"video"}, text as text parts
-        (system messages as one string)."""
+        """The chat-template input: media parts as {"type": "image"|"video"}, text as text parts;
+        system and tool messages, and assistant messages with tool calls, as one string (what
+        templates expect of them), tool calls with their arguments as objects (tool_calls.py)."""
         out: list[dict[str, Any]] = []
         for m in messages:
-            if m.role == "system":
-                out.append({"role": "system", "content": "".join(p for p in m.parts if isinstance(p, str))})
-                continue
-            parts = [{"type": p.kind} if isinstance(p, MediaRef) else {"type": "text", "text": p}
-                     for p in m.parts]
-            out.append({"role": m.role, "content": parts})
-        return out
+            text = "".join(p for p in m.parts if isinstance(p, str))
+            if m.role == "tool":
+                out.append({"role": "tool", "content": text, "tool_call_id": m.tool_call_id})
+            elif m.tool_calls:
+                out.append({"role": m.role, "content": text, "tool_calls": m.tool_calls})
+            elif m.role == "system":
+                out.append({"role": "system", "content": text})
+            else:
+                out.append({"role": m.role, "content": [{"type": p.kind} if isinstance(p, MediaRef)
+                                                         else {"type": "text", "text": p} for p in m.parts]})
+        return tool_calls.template_messages(out)
 
-    def prepare_chat(self, messages: list[ChatMessage], params: SamplingParams) -> PreparedRequest:
-        """The rendered conversation (generation prompt appended) with its media. What bounds the
-        work is checked before any is done: the media count first, then (as the template is
-        rendered, before tokenizing) the text's length; media are read last."""
+    def prepare_chat(self, messages: list[ChatMessage], params: SamplingParams,
+                     tools: list[dict[str, Any]] | None = None) -> PreparedRequest:
+        """The rendered conversation (generation prompt appended, `tools` offered in the template's
+        system turn) with its media. What bounds the work is checked before any is done: the media
+        count first, then (as the template is rendered, before tokenizing) the text's length; media
+        are read last."""
         refs = [p for m in messages for p in m.parts if isinstance(p, MediaRef)]
         try:
             self.preprocessor.limits.check_count(len(refs))
         except MediaOptionError as e:
             raise APIError(str(e), param="messages", code="too_many_media") from None
         try:
-            ids = self.preprocessor.render(self.template_messages(messages))
+            ids = self.preprocessor.render(self.template_messages(messages), tools)
         except ContextLengthError as e:
             raise APIError(str(e), param="messages", code="context_length_exceeded") from None
+        except ToolsNotRendered as e:
+            raise APIError(str(e), param="tools", code="unsupported_parameter") from None
         except Exception as e:  # noqa: BLE001 - templates raise their own errors for odd conversations
             raise APIError(f"the model's chat template cannot render these messages: {e}", param="messages",
                            code="invalid_value") from None

@@ -129,6 +129,7 @@ class GenerationRequest:
     tools: list[dict[str, Any]] | None = None
     tool_choice: str = "none"              # "none" | "auto" | "required" | "function" (then tool_name says which)
     tool_name: str | None = None
+    parallel_tool_calls: bool = True       # False: at most one call (enforced where the output is constrained)
 
 
 # ------------------------------------------------------------------------------------- body
@@ -594,7 +595,8 @@ class ChatCompletionRequest(_GenerationFields):
     return_token_ids: bool | None = Field(None, description="vLLM's: each choice's token ids")
     tools: Annotated[list[Tool], Field(min_length=1)] | None = None
     tool_choice: ToolChoice | None = Field(None, description="default: \"auto\" with tools, \"none\" without")
-    parallel_tool_calls: bool | None = Field(None, description="accepted and ignored")
+    parallel_tool_calls: bool | None = Field(
+        None, description="false: at most one call (tool_choice \"required\" constrains the output to one)")
 
 
 class CompletionRequest(_GenerationFields):
@@ -912,7 +914,8 @@ def parse_chat_request(body: dict[str, Any]) -> GenerationRequest:
     stream, include_usage = _stream_flags(r)
     tools, tool_choice, tool_name = _tools(r, params.structured)
     return GenerationRequest(r.model, messages, None, params, given, stream, include_usage, logprobs,
-                             bool(r.return_token_ids), r.cache_salt, tools, tool_choice, tool_name)
+                             bool(r.return_token_ids), r.cache_salt, tools, tool_choice, tool_name,
+                             r.parallel_tool_calls is not False)
 
 
 def parse_completion_request(body: dict[str, Any]) -> GenerationRequest:

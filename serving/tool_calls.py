@@ -325,9 +325,10 @@ class NamedCallStream:
         return out
 
 
-def required_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
+def required_schema(tools: list[dict[str, Any]], parallel: bool = True) -> dict[str, Any]:
     """The JSON schema tool_choice "required" constrains the output to: a non-empty array of
-    `{"name": <a tool's name>, "arguments": <its parameters>}` objects."""
+    `{"name": <a tool's name>, "arguments": <its parameters>}` objects; of exactly one when not
+    `parallel` (the request's parallel_tool_calls: false)."""
     items = []
     for tool in tools:
         function = tool["function"]
@@ -338,7 +339,8 @@ def required_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
             "required": ["name", "arguments"],
             "additionalProperties": False,
         })
-    return {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+    schema = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+    return schema if parallel else {**schema, "maxItems": 1}
 
 
 def parse_required(text: str) -> list[dict[str, Any]]:
