@@ -92,3 +92,28 @@ def test_the_tool_tokens_change_no_other_tokenization(tokenizers, text):
         assert ids == plain.encode(text, add_special_tokens=False)
     tag_ids = set(tools.convert_tokens_to_ids(list(TOOL_TOKENS)))
     assert sum(i in tag_ids for i in ids) == sum(text.count(t) for t in TOOL_TOKENS)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_tools_reach_the_prompt_or_are_refused(tmp_path, arch):
+    """The engine's Preprocessor renders tools through the checkpoint's own template; Qwen2-VL's has
+    no tools section, and offering tools to it is an error rather than a prompt that omits them."""
+    from transformers import AutoTokenizer
+
+    from engine.preprocess import Preprocessor, ToolsNotRendered
+    from fixtures.tiny_checkpoint import make_tiny_checkpoint
+    from modeling.config import load_config
+    from modeling.processing import ImageProcessorConfig
+
+    path = make_tiny_checkpoint(tmp_path / arch, arch)
+    tok = AutoTokenizer.from_pretrained(path)
+    pre = Preprocessor(tok, load_config(path), ImageProcessorConfig.from_pretrained(path), 4000)
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What time is it?"}]}]
+    if arch == "qwen2_vl":
+        with pytest.raises(ToolsNotRendered, match="does not render tools"):
+            pre.render(messages, [tool])
+        return
+    with_tools = tok.decode(pre.render(messages, [tool]))
+    assert '"name": "get_time"' in with_tools and "<tools>" in with_tools
+    assert pre.render(messages) == pre.render(messages, None) != pre.render(messages, [tool])
