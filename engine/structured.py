@@ -7,7 +7,10 @@ What is compiled when:
 - `StructuredDecoder.__init__` (once per LLM) builds llguidance's view of the tokenizer: the bytes
   of every token, padded to the logits' width `vocab_size` (the model config's; ids past the
   tokenizer's own vocabulary have no bytes and are never allowed), with the engine's eos ids as its
-  end-of-sequence tokens (llguidance quotes ~1 s for a large vocabulary; 7 ms for the tests' 576).
+  end-of-sequence tokens. It is llguidance.hf.from_tokenizer's view with two changes to the text
+  encoder it is given (see "Forced tokens" below); the token bytes, the special tokens and the masks
+  are the same. Measured on 2 busy CPU cores: 1.5 - 1.7 s for Qwen's 151,936 ids (from_tokenizer:
+  1.1 s; the difference is the tokenizer JSON's parse and rewrite here), 7 ms for the tests' 576.
 - `check(constraint)`, when a request is added, turns the constraint into an llguidance grammar and
   builds a matcher for it (under 1 ms for small schemas; llguidance quotes 100 ms - 1 s for
   extremely complex grammars, with the GIL released); a constraint that does not compile raises
@@ -43,6 +46,25 @@ optional whitespace, overriding any "x-guidance" options in the schema. With llg
 tokens for ever without the output ever becoming invalid or complete; compact JSON is also fewer
 tokens. Strings and unbounded structures can still run to max_tokens, which bounds them.
 
+Forced tokens: where the grammar forces bytes (the rest of a choice, a JSON key, a literal),
+llguidance encodes them with the tokenizer and its mask allows only the first token of that encoding
+(the tokenization the model knows), without checking that the encoding decodes to those bytes; its
+matcher checks the bytes, so a token whose bytes differ is allowed by the mask and then rejected by
+`accept` (llguidance 1.0 - 1.9.1; upstream issue guidance-ai/llguidance#366). Hugging Face's encoder
+does not round-trip in two ways: (1) the Qwen tokenizers' NFC normalizer rewrites text that is not in
+NFC ("e\u0301" -> "\u00e9", the compatibility ideograph U+F93A -> U+9DFA), so the mask allowed only
+a token of the normalized text and the matcher rejected it (no allowed token is then valid: the
+request could only fail); (2) it cuts the literal text of an added token ("<tool_call>",
+"<|im_end|>") out as that token, which llguidance treats as special (its bytes are not the text), so
+the mask allowed a token the matcher rejects, or only an eos before the output is complete. The text
+encoder given to llguidance therefore has no Unicode normalization (text in NFC encodes as before)
+and, for byte-level BPE, its added tokens that llguidance treats as special (special, or spelled
+<...>) live in the BPE vocabulary under their llguidance bytes (0xFF then the name), which no text
+encodes to: every forced encoding decodes to the forced bytes, and grammars still name special tokens
+(<tool_call>, <|im_end|>, <[526]>) as before. Should the mask and the matcher disagree anyway,
+`accept` raises RuntimeError (an eos while the constraint is incomplete too) and the engine ends
+that request alone with the error.
+
 Cost: nothing for a batch without constraints (`fill_masks` returns None). Otherwise one mask
 computation per constrained row per step (on llguidance's threads; it quotes ~50 us for a 128k
 vocabulary, ~10 us here for the tests' tokenizer), a [B, ceil(V / 32)] int32 host tensor (~19 KB a
@@ -52,6 +74,7 @@ device plus a vectorised unpack ([R, V] int32 temporaries for R constrained rows
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -73,6 +96,64 @@ _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separ
 # A rejected token's error names the token and the byte, without llguidance's dump of the parser
 # state and the whole grammar (which could be a large schema) into the request's error.
 _LIMITS = LLParserLimits(verbose_errors=False)
+# Normalizers that rewrite Unicode text: forced bytes must encode to tokens of exactly those bytes.
+_UNICODE_NORMALIZERS = frozenset({"NFC", "NFD", "NFKC", "NFKD"})
+# llguidance's first byte of a special token's bytes (TokTrie::SPECIAL_TOKEN_MARKER): no UTF-8 text has it.
+_SPECIAL_MARKER = b"\xff"
+
+
+def _byte_level_chars() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: the character that spells each byte in a byte-level BPE vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars = {b: chr(b) for b in printable}
+    for extra, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + extra)
+    return chars
+
+
+def _without_unicode_normalization(normalizer: dict | None) -> dict | None:
+    if normalizer is None or normalizer.get("type") in _UNICODE_NORMALIZERS:
+        return None
+    if normalizer.get("type") == "Sequence":
+        kept = [n for n in map(_without_unicode_normalization, normalizer["normalizers"]) if n is not None]
+        return {**normalizer, "normalizers": kept} if kept else None
+    return normalizer
+
+
+def _is_byte_level(decoder: dict | None) -> bool:
+    if decoder is None:
+        return False
+    if decoder.get("type") == "Sequence":
+        return any(map(_is_byte_level, decoder["decoders"]))
+    return decoder.get("type") == "ByteLevel"
+
+
+def llguidance_tokenizer_json(tokenizer: PreTrainedTokenizerFast) -> str:
+    """The tokenizer.json that llguidance.hf.from_tokenizer would hand llguidance, changed so that
+    encoding any UTF-8 text gives tokens whose bytes are that text (see "Forced tokens" in the module
+    docstring): no Unicode normalization; for byte-level BPE, the added tokens that llguidance treats
+    as special (special, or spelled <...>) moved into the BPE vocabulary, keeping their ids, spelled
+    as their llguidance bytes (0xFF then the name: what llguidance gives them anyway), which no text
+    encodes to since no merge makes them. Other added tokens (plain text) stay: they are their text."""
+    backend = copy.copy(tokenizer.backend_tokenizer)
+    backend.no_padding()
+    backend.no_truncation()
+    spec = json.loads(backend.to_str())
+    spec["normalizer"] = _without_unicode_normalization(spec.get("normalizer"))
+    model = spec["model"]
+    if _is_byte_level(spec.get("decoder")) and model.get("type") == "BPE" and isinstance(model.get("vocab"), dict):
+        chars = _byte_level_chars()
+        kept = []
+        for added in spec.get("added_tokens") or []:
+            content = added["content"]
+            spelled = "".join(chars[b] for b in _SPECIAL_MARKER + content.encode())
+            special = added["special"] or (content.startswith("<") and content.endswith(">"))
+            if special and spelled not in model["vocab"]:
+                model["vocab"][spelled] = added["id"]
+            else:
+                kept.append(added)
+        spec["added_tokens"] = kept
+    return json.dumps(spec, ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -148,9 +229,14 @@ class Matcher:
 
     def accept(self, token_id: int) -> None:
         """Advance by the sampled token. An eos token is ignored (the sequence ends there; the mask
-        only allows it once the constraint is satisfied). RuntimeError if the grammar rejects it,
-        which a token sampled under this matcher's mask cannot be; the matcher then stays in error."""
+        only allows it once the constraint is satisfied, or once the matcher failed: see `error`).
+        RuntimeError if the grammar rejects the token, or for an eos while the constraint is
+        incomplete, which a token sampled under this matcher's mask cannot be (a fault of the grammar
+        engine: the caller ends this sequence with the error); a rejected token leaves the matcher in
+        error."""
         if token_id in self._eos_ids:
+            if not self._matcher.is_accepting() and not self._matcher.is_error():
+                raise RuntimeError(f"end-of-sequence token {token_id} before the constraint is complete")
             return
         if not self._matcher.consume_token(token_id):
             raise RuntimeError(f"token {token_id} is not allowed by the constraint: {self._matcher.get_error()}")
@@ -178,20 +264,18 @@ class StructuredDecoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast, vocab_size: int, eos_ids: Iterable[int],
                  cache_size: int = 256):
-        # llguidance.hf imports transformers; the engine has it loaded already, a user of
-        # StructuredOutput alone need not.
-        from llguidance.hf import from_tokenizer
-
         if vocab_size < len(tokenizer):
             raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
         self.vocab_size = vocab_size
-        self.eos_ids = frozenset(eos_ids)
+        self.eos_ids = frozenset(eos_ids) or frozenset({tokenizer.eos_token_id} - {None})
+        if not self.eos_ids:
+            raise ValueError("no eos ids given and the tokenizer has no eos token")
         self.mask_words = (vocab_size + 31) // 32
         self.cache_size = cache_size
-        self._tokenizer: LLTokenizer = from_tokenizer(tokenizer, n_vocab=vocab_size,
-                                                      eos_token=sorted(self.eos_ids) or None)
+        self._tokenizer: LLTokenizer = LLTokenizer(llguidance_tokenizer_json(tokenizer), n_vocab=vocab_size,
+                                                   eos_token=sorted(self.eos_ids))
         self._compiled: OrderedDict[StructuredOutput, LLMatcher] = OrderedDict()
         self._executor: LLExecutor | None = None  # its thread pool starts with the first constrained batch
         self._pool: ThreadPoolExecutor | None = None  # masks_async's thread

@@ -4,8 +4,11 @@ Noise decoding (random logits every step, greedy and sampled rows, the masks fro
 by sample()) under random bounded JSON schemas, regexes, choices, json_object and a Lark grammar:
 the text is valid whenever an end-of-sequence token came, and for bounded constraints one comes
 within a budget derived from the constraint. Every mask allows the eos ids exactly when the
-matcher is accepting and nothing past the tokenizer. Also: a mixed batch leaves its unconstrained
-rows alone; compile errors; validate(); the compiled-grammar cache; accept().
+matcher is accepting and nothing past the tokenizer. Forced text (the rest of a choice, a literal)
+whose encoding by the Hugging Face tokenizer does not round-trip (not in NFC; the text of an added
+token): every token a mask allows is accepted, where llguidance's own tokenizer view fails (a
+strict xfail documents that upstream bug). Also: a mixed batch leaves its unconstrained rows alone;
+compile errors; validate(); the compiled-grammar cache; accept().
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from engine.sampling import SamplingParams, make_generator, sample
-from engine.structured import Matcher, StructuredDecoder, StructuredOutput
+from engine.structured import Matcher, StructuredDecoder, StructuredOutput, llguidance_tokenizer_json
 from modeling.config import load_config
 from tests.engine.test_sampling import allowed_tokens
 
@@ -171,6 +174,18 @@ def test_noise_under_choice_is_one_of_them(decoder, tokenizer, choices: list[str
         assert text in choices
 
 
+# The input hypothesis found (the last choice ends in U+F93A, a CJK compatibility ideograph that NFC
+# turns into U+9DFA): llguidance's mask forced the first token of the tokenizer's encoding of the NFC
+# form (0xE9, token 165) where the grammar needs 0xEF, and accept() rejected the token.
+NON_NFC_CHOICES = ("\U0005d701\xcbr\xae\xefY>\xed", "P\x116\U000ae970\x16\x7f\uf93a", "\xce\x18")
+
+
+def test_noise_under_choice_not_in_nfc(decoder, tokenizer):
+    budget = max(len(c.encode()) for c in NON_NFC_CHOICES) + 1
+    rows = decode_noise(decoder, tokenizer, StructuredOutput("choice", choices=NON_NFC_CHOICES), ROWS, 193906, budget)
+    assert rows == [("P\x116\U000ae970\x16\x7f\uf93a", True)] * 3 + [("\U0005d701\xcbr\xae\xefY>\xed", True)]
+
+
 @settings(max_examples=15)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_noise_under_json_object_is_a_dict(decoder, tokenizer, seed: int):
@@ -197,6 +212,118 @@ def test_noise_under_lark_grammar(decoder, tokenizer, seed: int):
     for text, ended in decode_noise(decoder, tokenizer, StructuredOutput("grammar", LARK), ROWS, seed, 20):
         assert ended, text
         assert re.fullmatch(r"\((x|[0-9]{1,3})(,(x|[0-9]{1,3})){0,3}\)", text), text
+
+
+# ---------------------------------------------------------------- forced text
+
+
+def walk_masks(decoder: StructuredDecoder, matcher: Matcher, pick, limit: int = 64) -> list[int]:
+    """Advance `matcher` by `pick(allowed non-eos tokens)` until it is finished, nothing but an eos is
+    allowed, or `pick` returns None; at every step each token the mask allows must be accepted by
+    the matcher (llguidance's validate_tokens, which leaves it as it is) and the eos ids allowed
+    exactly when it is accepting. Returns the tokens taken."""
+    taken: list[int] = []
+    eos = sorted(decoder.eos_ids)
+    for _ in range(limit):
+        allowed = allowed_tokens(decoder.fill_masks([matcher]), decoder.vocab_size)[0]
+        assert allowed[eos].tolist() == [matcher._matcher.is_accepting()] * len(eos), taken
+        tokens = [t for t in allowed.nonzero().squeeze(1).tolist() if t not in decoder.eos_ids]
+        rejected = [t for t in tokens if matcher._matcher.validate_tokens([t]) != 1]
+        assert not rejected, (taken, rejected)
+        token = pick(tokens) if tokens and not matcher.is_finished else None
+        if token is None:
+            return taken
+        matcher.accept(token)
+        taken.append(token)
+    raise AssertionError(f"no end after {limit} tokens: {taken}")
+
+
+# Text whose Hugging Face encoding does not decode to it: not in NFC (combining sequences, a
+# singleton decomposition, compatibility ideographs, conjoining jamo), or the literal text of an added
+# token (special or not, and the eos among them). llguidance forces the first token of that encoding.
+FORCED_TEXTS = ["\uf93a", "x\uf93a", "e\u0301", "abc\u0301def", "A\u030a", "\u212b", "\u2126", "\u1100\u1161",
+                "\u0958", "<tool_call>", "a<tool_call>b</tool_call>", "<|im_end|>", "x<|endoftext|>",
+                "<|vision_pad|>", "caf\u00e9 \u4e2d\u6587"]
+
+
+@pytest.mark.parametrize("text", FORCED_TEXTS, ids=ascii)
+@pytest.mark.parametrize("kind", ["choice", "grammar"])
+def test_forced_text_is_allowed_and_accepted(decoder, tokenizer, kind: str, text: str):
+    """The mask forces tokens whose bytes are the text: the output decodes to it, byte for byte."""
+    constraint = (StructuredOutput("choice", choices=(text,)) if kind == "choice"
+                  else StructuredOutput("grammar", f"start: {json.dumps(text)}"))
+    matcher = decoder.matcher(constraint)
+    taken = walk_masks(decoder, matcher, lambda tokens: tokens[0])
+    assert matcher.is_finished
+    assert b"".join(decoder._tokenizer.decode_bytes([t]) for t in taken) == text.encode()
+    assert tokenizer.decode(taken) == text
+
+
+_UNSTABLE = st.sampled_from(["\u0301", "\u030a", "\u0323", "\u0308", "\uf93a", "\ufa70", "\u212b", "\u2126", "\u1100",
+                             "\u1161", "\u11a8", "\u0344", "\u0958", "\u2000", "\u00c5", "e", "A"])
+_CHOICE_TEXT = st.text(st.characters(codec="utf-8") | _UNSTABLE, min_size=1, max_size=8) | st.sampled_from(
+    ["<tool_call>", "</tool_call>", "<|im_end|>", "<|endoftext|>", "<|vision_pad|>", "<|im_start|>user"])
+
+
+@settings(max_examples=60)
+@given(choices=st.lists(_CHOICE_TEXT, min_size=1, max_size=4, unique=True), seed=st.integers(0, 2**31 - 1))
+def test_every_allowed_token_is_accepted_under_choices(decoder, tokenizer, choices: list[str], seed: int):
+    """Random walks through choices rich in characters that NFC changes and in the text of added
+    tokens: every token every mask allows is accepted, and a complete walk decodes to a choice."""
+    gen = torch.Generator().manual_seed(seed)
+    matcher = decoder.matcher(StructuredOutput("choice", choices=tuple(choices)))
+    taken = walk_masks(decoder, matcher, lambda tokens: tokens[torch.randint(len(tokens), (), generator=gen)])
+    assert matcher.is_finished or matcher._matcher.is_accepting()
+    assert tokenizer.decode(taken) in choices
+
+
+@pytest.mark.xfail(strict=True, reason="llguidance bug (guidance-ai/llguidance#366, open in 1.9.1 and since 1.0): "
+                   "its mask forces the first token of the tokenizer's encoding of the forced bytes without checking "
+                   "that it decodes to them, and Qwen's NFC normalizer turns U+F93A into U+9DFA; engine.structured "
+                   "gives llguidance a tokenizer whose encoding round-trips. An XPASS means llguidance fixed it.")
+def test_llguidance_own_tokenizer_view_forces_tokens_it_rejects(tokenizer, config):
+    """llguidance.hf.from_tokenizer's view, the stock path: a choice ending in U+F93A."""
+    from llguidance.hf import from_tokenizer
+
+    decoder = StructuredDecoder(tokenizer, config.text.vocab_size, config.eos_token_ids)
+    decoder._tokenizer = from_tokenizer(tokenizer, n_vocab=decoder.vocab_size, eos_token=sorted(decoder.eos_ids))
+    walk_masks(decoder, decoder.matcher(StructuredOutput("choice", choices=("x\uf93a",))), lambda tokens: tokens[0])
+
+
+def test_tokenizer_view_changes_only_the_encoder(tokenizer, config):
+    """llguidance sees the same bytes for every token (special ones included) as with its own
+    from_tokenizer, and the same encoding of text in NFC without added tokens' text; every encoding
+    decodes to its text."""
+    from llguidance import LLTokenizer
+    from llguidance.hf import from_tokenizer
+
+    vocab, eos = config.text.vocab_size, sorted(config.eos_token_ids)
+    stock = from_tokenizer(tokenizer, n_vocab=vocab, eos_token=eos)
+    ours = LLTokenizer(llguidance_tokenizer_json(tokenizer), n_vocab=vocab, eos_token=eos)
+    assert (ours.vocab_size, ours.eos_tokens) == (stock.vocab_size, stock.eos_tokens)
+    for token in range(vocab):
+        assert ours.dbg_tokens([token]) == stock.dbg_tokens([token]), token
+        assert ours.decode_bytes([token]) == stock.decode_bytes([token]), token
+        assert ours.is_special_token(token) == stock.is_special_token(token), token
+    for text in ["Hello, world!\n\t  x", '{"name": "f", "arguments": {"a": [1, 2.5, null]}}',
+                 "na\u00efve caf\u00e9 \U0001f389", "\u4e2d\u6587 \u00c5", "x < y > z <|"]:
+        assert ours.tokenize_str(text) == stock.tokenize_str(text) == tokenizer.encode(text, add_special_tokens=False)
+    for text in FORCED_TEXTS:
+        assert ours.decode_bytes(ours.tokenize_str(text)) == text.encode(), text
+
+
+def test_grammars_still_name_special_tokens(decoder, tokenizer):
+    """Added tokens are named (or numbered) in Lark, one token each; their quoted text is text, as
+    llguidance has it (it treats added tokens spelled <...> as special)."""
+    call, end, x = tokenizer.convert_tokens_to_ids(["<tool_call>", "</tool_call>", "x"])
+    for lark, expected in [('start: <tool_call> "x" </tool_call>', [call, x, end]),
+                           (f'start: <[{call}]> "x"', [call, x])]:
+        matcher = decoder.matcher(StructuredOutput("grammar", lark))
+        assert walk_masks(decoder, matcher, lambda tokens: tokens[0]) == expected
+        assert matcher.is_finished
+    literal = decoder.matcher(StructuredOutput("grammar", 'start: "<tool_call>x"'))
+    taken = walk_masks(decoder, literal, lambda tokens: tokens[0])
+    assert call not in taken and tokenizer.decode(taken) == "<tool_call>x"
 
 
 # ---------------------------------------------------------------- the batch
@@ -349,8 +476,14 @@ def test_matchers_of_one_constraint_are_independent(decoder, tokenizer):
 
 
 def test_accept_ignores_eos_and_rejects_disallowed_tokens(decoder, tokenizer):
-    """An eos changes nothing; a rejected token raises and leaves the matcher failed, with its error."""
+    """An eos changes nothing once the constraint is satisfied and raises before (the mask never
+    allows it there: a grammar engine fault); a rejected token raises and leaves the matcher failed,
+    with its error; then an eos is let through."""
     matcher = decoder.matcher(StructuredOutput("regex", "[0-9]+"))
+    for eos in decoder.eos_ids:
+        with pytest.raises(RuntimeError, match=f"end-of-sequence token {eos} before the constraint is complete"):
+            matcher.accept(eos)
+    assert matcher.error is None
     matcher.accept(tokenizer.convert_tokens_to_ids("7"))
     before = decoder.fill_masks([matcher])
     for eos in decoder.eos_ids:
@@ -363,3 +496,12 @@ def test_accept_ignores_eos_and_rejects_disallowed_tokens(decoder, tokenizer):
     assert matcher.is_finished  # a failed matcher allows only the eos ids
     assert allowed_tokens(decoder.fill_masks([matcher]), decoder.vocab_size)[0].nonzero().squeeze(1).tolist() == \
         sorted(decoder.eos_ids)
+    for eos in decoder.eos_ids:
+        matcher.accept(eos)
+
+
+def test_eos_ids_default_to_the_tokenizers(tokenizer, config):
+    decoder = StructuredDecoder(tokenizer, config.text.vocab_size, [])
+    assert decoder.eos_ids == {tokenizer.eos_token_id}
+    allowed = allowed_tokens(decoder.fill_masks([decoder.matcher(StructuredOutput("regex", "a?"))]), decoder.vocab_size)
+    assert allowed[0, tokenizer.eos_token_id]
