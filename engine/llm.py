@@ -497,9 +497,11 @@ class LLM:
         masks = self.structured.masks_async(matchers) if any(m is not None for m in matchers) else None
         try:
             logits = self._forward(batch)
+            # Logits are all-gathered: every rank agrees. The .tolist() waits for the device, which
+            # the masks' threads overlap too.
+            finite = torch.isfinite(logits).all(dim=-1).tolist()
         finally:
             bitmask = masks.result() if masks is not None else None  # never left computing past the step
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # logits are all-gathered: every rank agrees
         for run, ok in zip(sampling_runs, finite, strict=True):
             if not ok:
                 results.extend(self._fail(run.seq, RequestFault(
