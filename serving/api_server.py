@@ -125,6 +125,13 @@ def tool_calls_of(req: GenerationRequest, text: str) -> tuple[str | None, list[d
     return tool_calls.parse_tool_calls(text)
 
 
+def finish_reason_of(req: GenerationRequest, out: RequestOutput, made_calls: bool) -> str | None:
+    """A choice's finish_reason: "tool_calls" when the output ended on its own after the model chose
+    to call (tool_choice auto or required; a named function keeps "stop", as vLLM and OpenAI do)."""
+    chose = made_calls and req.tool_choice in ("auto", "required")
+    return "tool_calls" if chose and out.finish_reason == "stop" else out.finish_reason
+
+
 class ChoiceStream:
     """One choice of a streamed chat or completion: the delta bodies to send for each newer output
     of its sample. Text goes through TextDelta (held-back stop strings and partial characters);
@@ -132,6 +139,7 @@ class ChoiceStream:
 
     def __init__(self, req: GenerationRequest, api: OpenAIEndpoint):
         self.api = api
+        self.req = req
         self.text = TextDelta(req.params.stop)
         self.sent_tokens = 0
         choice = req.tool_choice if api is CHAT else "none"
@@ -148,10 +156,8 @@ class ChoiceStream:
         return [{"delta": p} for p in self.calls.update(self.text.sent, out.finished)]
 
     def finish_reason(self, out: RequestOutput) -> str | None:
-        """The choice's finish_reason: "tool_calls" when it ended on its own after the model chose to
-        call (tool_choice auto or required; a named function keeps "stop", as vLLM and OpenAI do)."""
-        made_calls = getattr(self.calls, "has_calls", False)
-        return "tool_calls" if made_calls and out.finish_reason == "stop" else out.finish_reason
+        """This choice's finish_reason (finish_reason_of)."""
+        return finish_reason_of(self.req, out, getattr(self.calls, "has_calls", False))
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -417,8 +423,7 @@ class Server:
                 content, calls = tool_calls_of(req, out.text)
                 if calls:
                     choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
-                    if req.tool_choice != "function" and out.finish_reason == "stop":  # as ChoiceStream.finish_reason
-                        choice["finish_reason"] = "tool_calls"
+                choice["finish_reason"] = finish_reason_of(req, out, bool(calls))
             if req.logprobs:
                 choice["logprobs"] = api.logprobs(self.logprob_entries(out, 0, len(out.output_ids)), 0)
             if req.return_token_ids:
