@@ -43,7 +43,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -186,9 +185,8 @@ def qwen_sized_checkpoint() -> Path:
     fixtures.tiny_checkpoint writes everything: make_tiny_checkpoint with bpe_vocab_size=151,643
     (its tokenizer builder appends the special and tool tokens, checks their ids and sets the chat
     template) and TinySizes.extra's text-config override vocab_size=151,936 (the embedding and
-    lm_head get that many rows; the config's token ids are the tokenizer's). Its builder trains on
-    its built-in text (~500 merges' worth) and takes no corpus, and fixtures/ is not this file's to
-    change, so its `_CORPUS` is swapped for `qwen_sized_corpus` while the checkpoint is made."""
+    lm_head get that many rows; the config's token ids are the tokenizer's). Its tokenizer is trained
+    on `qwen_sized_corpus` (the built-in text holds ~500 merges' worth)."""
     from benchmarks.e2e_vs_hf import PRESETS
     from fixtures import tiny_checkpoint
 
@@ -201,8 +199,7 @@ def qwen_sized_checkpoint() -> Path:
     started = time.perf_counter()
     corpus = qwen_sized_corpus()
     generated = time.perf_counter()
-    with mock.patch.object(tiny_checkpoint, "_CORPUS", corpus):
-        path = tiny_checkpoint.cached_checkpoint(name, "qwen2_5_vl", **kwargs)
+    path = tiny_checkpoint.cached_checkpoint(name, "qwen2_5_vl", corpus=corpus, **kwargs)
     print(f"Qwen-sized checkpoint: corpus {generated - started:.1f} s ({len(corpus) / 1e6:.1f} MB), tokenizer "
           f"training and weights {time.perf_counter() - generated:.1f} s", file=sys.stderr, flush=True)
     return path
