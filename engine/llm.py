@@ -377,17 +377,21 @@ class LLM:
         under the lock shutdown() holds. A step that fails ends this process (exit status 1): the
         other ranks may be inside collectives it left, and could never pair up with it again.
         """
-        if self.tp.world_size == 1:
-            return self._step(self._plan_step())
-        with self._shutdown_lock:  # the driver's lock: a shutdown() from another thread waits for this step
-            self._check_driver("step")
-            plan = self._plan_step()
-            broadcast_object([*self._pending, plan], self.tp)
-            self._pending = []
-            try:
+        with self.stats.timed("step"):
+            if self.tp.world_size == 1:
+                with self.stats.timed("schedule"):
+                    plan = self._plan_step()
                 return self._step(plan)
-            except Exception as e:  # noqa: BLE001 - StepFailed included: the others may be waiting inside it
-                exit_rank(self.tp, f"an engine step failed here: {type(e).__name__}: {e}", e)
+            with self._shutdown_lock:  # the driver's lock: a shutdown() from another thread waits for this step
+                self._check_driver("step")
+                with self.stats.timed("schedule"):
+                    plan = self._plan_step()
+                    broadcast_object([*self._pending, plan], self.tp)
+                self._pending = []
+                try:
+                    return self._step(plan)
+                except Exception as e:  # noqa: BLE001 - StepFailed included: the others may be waiting inside it
+                    exit_rank(self.tp, f"an engine step failed here: {type(e).__name__}: {e}", e)
 
     def _plan_step(self) -> StepPlan:
         """The driver's choices for this step, from its own timings (self.step_cost).
@@ -418,8 +422,10 @@ class LLM:
         with their outputs; the requests outside the step are untouched (on one process: under
         tensor parallelism step() ends the rank, since its peers' collectives no longer pair).
         """
-        results = [out for seq, error in self.encoder.run(plan.encode) for out in self._fail(seq, error)]
-        batch = self.scheduler.schedule(plan.prompt_budget)
+        with self.stats.timed("vision"):
+            results = [out for seq, error in self.encoder.run(plan.encode) for out in self._fail(seq, error)]
+        with self.stats.timed("schedule"):
+            batch = self.scheduler.schedule(plan.prompt_budget)
         if not batch.runs:
             return results
         started = time.perf_counter()
@@ -497,11 +503,13 @@ class LLM:
         masks = self.structured.masks_async(matchers) if any(m is not None for m in matchers) else None
         try:
             logits = self._forward(batch)
-            # Logits are all-gathered: every rank agrees. The .tolist() waits for the device, which
-            # the masks' threads overlap too.
-            finite = torch.isfinite(logits).all(dim=-1).tolist()
+            with self.stats.timed("forward"):
+                # Logits are all-gathered: every rank agrees. The .tolist() waits for the device, which
+                # the masks' threads overlap too.
+                finite = torch.isfinite(logits).all(dim=-1).tolist()
         finally:
-            bitmask = masks.result() if masks is not None else None  # never left computing past the step
+            with self.stats.timed("sampling"):
+                bitmask = masks.result() if masks is not None else None  # never left computing past the step
         for run, ok in zip(sampling_runs, finite, strict=True):
             if not ok:
                 results.extend(self._fail(run.seq, RequestFault(
@@ -515,8 +523,9 @@ class LLM:
             logits = logits[torch.tensor(logit_rows, device=logits.device)]
         if bitmask is not None and len(kept) != len(candidates):
             bitmask = bitmask[kept]
-        return rows, sample(logits, [s.params for s in rows], [s.prompt_ids for s in rows],
-                            [s.output_ids for s in rows], [s.generator for s in rows], token_bitmask=bitmask)
+        with self.stats.timed("sampling"):
+            return rows, sample(logits, [s.params for s in rows], [s.prompt_ids for s in rows],
+                                [s.output_ids for s in rows], [s.generator for s in rows], token_bitmask=bitmask)
 
     def _fail(self, seq: Sequence, error: BaseException) -> list[RequestOutput]:
         """End a sequence that cannot go on (its blocks freed), with the samples still waiting to
@@ -538,6 +547,18 @@ class LLM:
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         """Run the model over the batch's runs; fp32 logits [n sampling runs, V]."""
+        with self.stats.timed("inputs"):
+            ids, positions, meta, media_at, media_embeds, logit_rows = self._inputs(batch)
+        with self.stats.timed("forward"):
+            embeds = self.model.embed(ids, media_at, media_embeds)
+            hidden = self.model.forward(positions, meta, self.kv_caches, inputs_embeds=embeds)
+            return self.model.compute_logits(hidden, logit_rows)
+
+    def _inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None,
+                                              torch.Tensor | None, torch.Tensor]:
+        """The forward pass's inputs for the batch's runs: token ids [T] (CPU), rope positions [3, T],
+        attention metadata, the rows of media pads among the T tokens and their embeddings (or None),
+        and the rows whose logits are sampled (on the device)."""
         bs = self.blocks.block_size
         ids, positions, slots, q_lens, ctx_lens, tables = [], [], [], [], [], []
         media_at, media_embeds = [], []  # rows among the step's tokens, and what goes there
@@ -567,11 +588,9 @@ class LLM:
             cu_seqlens_q=torch.tensor([0, *ends.tolist()], dtype=torch.int32, device=self.device),
             max_query_len=max(q_lens),
         )
-        embeds = self.model.embed(torch.tensor(ids), torch.cat(media_at) if media_at else None,
-                                  torch.cat(media_embeds) if media_embeds else None)
-        hidden = self.model.forward(torch.cat(positions, dim=1), meta, self.kv_caches, inputs_embeds=embeds)
         sampling = torch.tensor([r.samples for r in batch.runs])
-        return self.model.compute_logits(hidden, (ends - 1)[sampling].to(self.device))
+        return (torch.tensor(ids), torch.cat(positions, dim=1), meta, torch.cat(media_at) if media_at else None,
+                torch.cat(media_embeds) if media_embeds else None, (ends - 1)[sampling].to(self.device))
 
     def _check_finished(self, seq: Sequence, now: float) -> None:
         params, token = seq.params, seq.output_ids[-1]
@@ -582,9 +601,10 @@ class LLM:
             reason = "length"
         elif seq.matcher is not None and seq.matcher.is_finished:  # only an end-of-sequence token could follow
             reason = "stop"
-        seq.text += self._new_text(seq)
-        if reason is not None:  # the final text is exactly the whole output's decode
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        with self.stats.timed("detokenize"):
+            seq.text += self._new_text(seq)
+            if reason is not None:  # the final text is exactly the whole output's decode
+                seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
         if params.stop:
             cut = find_stop(seq.text, params.stop)
             if cut is not None:

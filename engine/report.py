@@ -50,6 +50,10 @@ def perf_summary(outputs: Sequence[RequestOutput], wall_s: float, llm: LLM) -> d
         "ttft_s": {k: round(v, 4) for k, v in percentiles(ttft).items()},
         "tpot_s": {k: round(v, 5) for k, v in percentiles(tpot).items()},
         "vision_encoder_s": round(stats.vision_s, 4),
+        # host seconds of the engine's steps by phase (engine/stats.py, STEP_PHASES); "other":
+        # bookkeeping, the rest of the steps' time
+        "step_profile_s": {**{k: round(v, 4) for k, v in stats.phase_s.items()},
+                           "other": round(max(0.0, stats.step_s - sum(stats.phase_s.values())), 4)},
         "prefill_s": round(stats.prefill.seconds, 4),
         "decode_s": round(stats.decode.seconds, 4),
         "decode_tokens_per_s": round(stats.decode.tokens / stats.decode.seconds, 3) if stats.decode.seconds
@@ -75,6 +79,7 @@ def format_summary(perf: dict) -> str:
         f"time per output token p50/p90/p99: {pct(perf['tpot_s'], 1e3, 'ms')}",
         f"vision encoder {perf['vision_encoder_s']:.3f} s, prefill {perf['prefill_s']:.3f} s, "
         f"decode {perf['decode_s']:.3f} s ({perf['decode_tokens_per_s'] or 0:.1f} tok/s)",
+        "step profile (host s): " + ", ".join(f"{k} {v:.3f}" for k, v in perf["step_profile_s"].items()),
         f"KV blocks peak {perf['kv_blocks_peak_used']} of {perf['kv_blocks_total']}, "
         f"prefix-cache hits {perf['cached_prompt_tokens']} of {perf['prompt_tokens']} prompt tokens, "
         f"preemptions {perf['preemptions']}, peak memory {perf['peak_memory_gb']:.2f} GiB",

@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+# Where a step's host time goes (EngineStats.phase_s), in the order a step spends it. Timed on the
+# host: on a GPU / NPU, device time lands in the phase that first waits for it ("forward" ends with
+# the logits' finite check, which waits for the device; "sampling" with its tokens' copy to the host).
+STEP_PHASES = (
+    "schedule",     # the driver's plan (and its broadcast under tensor parallelism) and the scheduler's pick
+    "vision",       # decoding frames and encoding images / video slices
+    "inputs",       # the forward pass's inputs: token ids, positions, slot mapping, block tables, metadata
+    "forward",      # embedding, the model, the logits
+    "sampling",     # structured-output masks (what is left of them after the forward), penalties, the draw
+    "detokenize",   # new text, stop strings, finish checks
+)
 
 
 @dataclass
@@ -19,7 +34,8 @@ class EngineStats:
     rows included), the others as decode.
 
     vision_s: media encoding; steps: forward passes run; max_blocks_used: the most KV blocks held
-    at once (after a step's scheduling).
+    at once (after a step's scheduling); phase_s: host seconds of every step() by STEP_PHASES, and
+    step_s the whole of them (what the phases leave is bookkeeping: commits, forks, outputs).
     """
 
     prefill: PhaseTotals = field(default_factory=PhaseTotals)
@@ -27,6 +43,21 @@ class EngineStats:
     vision_s: float = 0.0
     steps: int = 0
     max_blocks_used: int = 0
+    phase_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STEP_PHASES, 0.0))
+    step_s: float = 0.0
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Add the block's wall time to phase_s[phase] (one of STEP_PHASES, or "step": step_s)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            if phase == "step":
+                self.step_s += elapsed
+            else:
+                self.phase_s[phase] += elapsed
 
     def record_step(self, seconds: float, tokens: int, is_prefill: bool, blocks_used: int) -> None:
         """Account one forward pass of `tokens` tokens."""

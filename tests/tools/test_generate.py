@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.stats import STEP_PHASES
 from fixtures.tiny_checkpoint import make_tiny_checkpoint
 from modeling.processing import SAMPLE_IMAGE_PATH, SAMPLE_VIDEO_PATH
 from tools import generate
@@ -66,6 +67,12 @@ def test_generate_matches_transformers(checkpoint, tmp_path, capsys):
     assert result["output_token_ids"] == tokens
     assert max(abs(a - b) for a, b in zip(result["output_logprobs"], logprobs, strict=True)) < 2e-3
     assert report["perf"]["output_tokens"] == STEPS
+    # where the steps' host time went: every phase measured, together within the run's wall time
+    profile = report["perf"]["step_profile_s"]
+    assert set(profile) == {*STEP_PHASES, "other"} and min(profile.values()) >= 0
+    assert profile["vision"] > 0 and profile["forward"] > 0 and profile["sampling"] > 0 and profile["detokenize"] > 0
+    assert sum(profile.values()) <= report["perf"]["wall_s"]
+    assert "step profile (host s): schedule" in printed
 
 
 def test_generate_reports_bad_input_clearly(checkpoint, tmp_path):
