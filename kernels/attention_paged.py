@@ -259,7 +259,8 @@ def _paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     b, hq, d = q.shape
     nb, bs, hk, _ = k_cache.shape
     lens = context_lens.to(torch.int64)
-    pos = torch.arange(int(lens.max()), device=q.device)  # [L]
+    # L from the tables' width, not lens.max(): no value is read on the host (no device sync).
+    pos = torch.arange(block_tables.shape[1] * bs, device=q.device)  # [L]
     valid = pos < lens[:, None]  # [B, L]
     blocks = block_tables.long().gather(1, (pos // bs).clamp(max=block_tables.shape[1] - 1).expand(b, -1))
     slots = blocks * bs + pos % bs  # [B, L] rows of the flattened cache

@@ -180,11 +180,17 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return _rotate_reference(x, cos.float(), sin.float())
 
 
+@functools.lru_cache(maxsize=16)
+def _mrope_axis(mrope_section: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """[D/2] int64: the axis (0 t, 1 h, 2 w) whose position frequency i rotates by. Built from the
+    section sizes on the host, so no op reads a tensor's values (the decode step has no host sync)."""
+    return torch.tensor([axis for axis, n in enumerate(mrope_section) for _ in range(n)], device=device)
+
+
 def mrope_angles(positions: torch.Tensor, mrope_section, head_dim: int, theta: float) -> torch.Tensor:
     """[T, D/2] fp32 angles: frequency i uses the position of axis s(i) (t, h, w sections)."""
     inv_freq = inverse_frequencies(head_dim, float(theta), positions.device)
-    axis = torch.repeat_interleave(torch.arange(3, device=positions.device),
-                                   torch.tensor(list(mrope_section), device=positions.device))
+    axis = _mrope_axis(tuple(mrope_section), positions.device)
     return positions.float()[axis].T * inv_freq  # [T, D/2]
 
 

@@ -91,3 +91,15 @@ def test_tp_on_the_triton_path(tmp_path: Path) -> None:
     checkpoint = tp_checkpoint(tmp_path / "ckpt", "qwen2_5_vl")
     (single,) = run_world(checkpoint, 1, tmp_path / "w1")
     assert_same_tokens(run_world(checkpoint, 2, tmp_path / "w2", kernels="triton"), single["outputs"], 2)
+
+
+def test_tp_decode_forward_has_no_host_sync(tmp_path: Path) -> None:
+    """The no-sync property of tests/engine/test_no_sync.py at world size 2: each rank's decode
+    forward, collectives included, reads no tensor value on the host."""
+    checkpoint = tp_checkpoint(tmp_path / "ckpt", "qwen2_5_vl")
+    out = tmp_path / "w2"
+    run_ranks(SCRIPT.with_name("no_sync_script.py"), [str(checkpoint), str(out)], 2, out, TIMEOUT_S,
+              env={"QVL_KERNELS": "triton", "TRITON_INTERPRET": "1"})
+    for rank in range(2):
+        report = json.loads((out / f"rank{rank}.json").read_text())
+        assert report["ops"] > 0 and report["runs"] == [1, 1, 1] and report["logits"][0] == 3, (rank, report)

@@ -1,0 +1,50 @@
+"""One rank of the tensor-parallel no-sync check, launched by tests/parallel/test_tp_engine.py.
+
+    RANK=r WORLD_SIZE=n ... python no_sync_script.py CKPT ARCH OUT_DIR
+
+Every rank applies the same requests and runs the same steps (as a worker follows rank 0's
+broadcasts, without the broadcasts), then runs one decode step's model forward under
+tests.engine.test_no_sync's HostSyncGuard on the Triton kernel path, its collectives pairing with
+the other ranks'; writes OUT_DIR/rank{r}.json with the ops seen and the logits' shape.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from engine.commands import Add, StepPlan  # noqa: E402
+from engine.llm import LLM, Prompt  # noqa: E402
+from engine.media_encoder import EncodeWork  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
+from parallel import destroy, end_process, init_from_env  # noqa: E402
+from tests.engine.test_no_sync import HostSyncGuard  # noqa: E402
+
+
+def main(checkpoint: str, out_dir: str) -> None:
+    tp = init_from_env("cpu")
+    llm = LLM(checkpoint, device="cpu", num_kv_blocks=64, tp=tp)
+    for i, text in enumerate(["hi", "Tell me a story about the sea.", "Name three colours."]):
+        request = llm.preprocessor.prepare(Prompt(text), SamplingParams(max_tokens=8, ignore_eos=True, temperature=0))
+        llm._apply(Add(f"r{i}", request))
+    idle = StepPlan(EncodeWork(), None)
+    while not all(len(s.output_ids) >= 2 for s in llm.sequences.values()):
+        llm._step(idle)
+    batch = llm.scheduler.schedule()
+    ids, positions, meta, media_at, media_embeds, logit_rows = llm._inputs(batch)
+    guard = HostSyncGuard()
+    with guard:
+        embeds = llm.model.embed(ids, media_at, media_embeds)
+        hidden = llm.model.forward(positions, meta, llm.kv_caches, inputs_embeds=embeds)
+        logits = llm.model.compute_logits(hidden, logit_rows)
+    Path(out_dir, f"rank{tp.rank}.json").write_text(json.dumps(
+        {"ops": guard.ops, "runs": [r.count for r in batch.runs], "logits": list(logits.shape)}))
+    destroy(tp)
+    end_process(tp)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
