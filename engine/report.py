@@ -83,4 +83,6 @@ def format_summary(perf: dict) -> str:
         f"KV blocks peak {perf['kv_blocks_peak_used']} of {perf['kv_blocks_total']}, "
         f"prefix-cache hits {perf['cached_prompt_tokens']} of {perf['prompt_tokens']} prompt tokens, "
         f"preemptions {perf['preemptions']}, peak memory {perf['peak_memory_gb']:.2f} GiB",
+        *([f"start-up {s['total']:.2f} s before the first request (imports {s['imports']:.2f} s, load "
+           f"{s['load']:.2f} s)"] if (s := perf.get("startup_s")) else []),
     ])

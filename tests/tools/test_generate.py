@@ -73,6 +73,9 @@ def test_generate_matches_transformers(checkpoint, tmp_path, capsys):
     assert profile["vision"] > 0 and profile["forward"] > 0 and profile["sampling"] > 0 and profile["detokenize"] > 0
     assert sum(profile.values()) <= report["perf"]["wall_s"]
     assert "step profile (host s): schedule" in printed
+    startup = report["perf"]["startup_s"]  # from the script's first line to the first request
+    assert startup["imports"] > 0 and startup["load"] > 0 and startup["total"] >= startup["imports"] + startup["load"]
+    assert "start-up" in printed
 
 
 def test_generate_reports_bad_input_clearly(checkpoint, tmp_path):
