@@ -110,6 +110,10 @@ class LLM:
     so a long prompt is prefilled in chunks small enough for the decoding streams' inter-token
     latency. None (the default): only max_prefill_tokens bounds them (throughput first).
 
+    compile: run the model's forward pass through torch.compile (inductor, dynamic shapes, so one
+    compilation serves every batch; on the CPU the kernels' PyTorch references are what it fuses).
+    The first steps pay the compilation.
+
     tp: the tensor-parallel group (see the module docstring); its device is used when world_size
     > 1, and kv_cache_gb is then each rank's budget for its own kv heads.
     """
@@ -120,7 +124,7 @@ class LLM:
                  max_seq_len: int | None = None, enable_prefix_caching: bool = True,
                  encoder_cache_gb: float = 1.0, media_limits: MediaLimits = DEFAULT_LIMITS,
                  vision_chunk_patches: int = 16384, vision_step_share: float = 0.25,
-                 prefill_step_share: float | None = None, tp: TPGroup = SINGLE_PROCESS):
+                 prefill_step_share: float | None = None, compile: bool = False, tp: TPGroup = SINGLE_PROCESS):
         from transformers import AutoTokenizer
 
         for name, value in (("block_size", block_size), ("max_batch_size", max_batch_size),
@@ -187,6 +191,7 @@ class LLM:
         self.encoder = MediaEncoder(self.model, self.encoder_cache, self.stats, chunk_patches=vision_chunk_patches,
                                     driver=tp.rank == 0, isolate_failures=tp.world_size == 1)
         self.step_cost = StepCost()  # what the vision and prefill shares are shares of
+        self._model_forward = torch.compile(self.model.forward, dynamic=True) if compile else self.model.forward
 
     # ------------------------------------------------------------------ set-up
 
@@ -551,7 +556,7 @@ class LLM:
             ids, positions, meta, media_at, media_embeds, logit_rows = self._inputs(batch)
         with self.stats.timed("forward"):
             embeds = self.model.embed(ids, media_at, media_embeds)
-            hidden = self.model.forward(positions, meta, self.kv_caches, inputs_embeds=embeds)
+            hidden = self._model_forward(positions, meta, self.kv_caches, inputs_embeds=embeds)
             return self.model.compute_logits(hidden, logit_rows)
 
     def _inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None,
