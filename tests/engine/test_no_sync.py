@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from engine.llm import LLM, Prompt
 from engine.media import Media
 from engine.sampling import SamplingParams
+from engine.scheduler import Batch
 from fixtures.tiny_checkpoint import make_tiny_checkpoint
 from tests.engine.conftest import SMALL_IMAGE, random_image
 
@@ -63,6 +64,18 @@ class HostSyncGuard(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
+def guarded_forward(llm: LLM, batch: Batch) -> tuple[int, torch.Tensor]:
+    """The batch's inputs built (outside the check: the engine prepares them on the host), then its
+    model forward under HostSyncGuard; (aten ops seen, logits)."""
+    ids, positions, meta, media_at, media_embeds, logit_rows = llm._inputs(batch)
+    guard = HostSyncGuard()
+    with guard:
+        embeds = llm.model.embed(ids, media_at, media_embeds)
+        hidden = llm.model.forward(positions, meta, llm.kv_caches, inputs_embeds=embeds)
+        logits = llm.model.compute_logits(hidden, logit_rows)
+    return guard.ops, logits
+
+
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
 def test_the_decode_forward_has_no_host_sync(arch, tmp_path, monkeypatch):
     monkeypatch.setenv("QVL_KERNELS", "triton")  # the kernels a GPU / NPU runs (interpreted here)
@@ -75,13 +88,8 @@ def test_the_decode_forward_has_no_host_sync(arch, tmp_path, monkeypatch):
         llm.step()
     batch = llm.scheduler.schedule()
     assert len(batch.runs) == 3 and all(r.count == 1 for r in batch.runs)  # a decode step of three sequences
-    ids, positions, meta, media_at, media_embeds, logit_rows = llm._inputs(batch)
-    guard = HostSyncGuard()
-    with guard:
-        embeds = llm.model.embed(ids, media_at, media_embeds)
-        hidden = llm.model.forward(positions, meta, llm.kv_caches, inputs_embeds=embeds)
-        logits = llm.model.compute_logits(hidden, logit_rows)
-    assert guard.ops > 0 and logits.shape[0] == 3 and torch.isfinite(logits).all()
+    ops, logits = guarded_forward(llm, batch)
+    assert ops > 0 and logits.shape[0] == 3 and torch.isfinite(logits).all()
 
 
 def test_the_guard_catches_what_it_names():

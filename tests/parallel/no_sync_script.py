@@ -21,7 +21,7 @@ from engine.llm import LLM, Prompt  # noqa: E402
 from engine.media_encoder import EncodeWork  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from parallel import destroy, end_process, init_from_env  # noqa: E402
-from tests.engine.test_no_sync import HostSyncGuard  # noqa: E402
+from tests.engine.test_no_sync import guarded_forward  # noqa: E402
 
 
 def main(checkpoint: str, out_dir: str) -> None:
@@ -34,14 +34,9 @@ def main(checkpoint: str, out_dir: str) -> None:
     while not all(len(s.output_ids) >= 2 for s in llm.sequences.values()):
         llm._step(idle)
     batch = llm.scheduler.schedule()
-    ids, positions, meta, media_at, media_embeds, logit_rows = llm._inputs(batch)
-    guard = HostSyncGuard()
-    with guard:
-        embeds = llm.model.embed(ids, media_at, media_embeds)
-        hidden = llm.model.forward(positions, meta, llm.kv_caches, inputs_embeds=embeds)
-        logits = llm.model.compute_logits(hidden, logit_rows)
+    ops, logits = guarded_forward(llm, batch)
     Path(out_dir, f"rank{tp.rank}.json").write_text(json.dumps(
-        {"ops": guard.ops, "runs": [r.count for r in batch.runs], "logits": list(logits.shape)}))
+        {"ops": ops, "runs": [r.count for r in batch.runs], "logits": list(logits.shape)}))
     destroy(tp)
     end_process(tp)
 
