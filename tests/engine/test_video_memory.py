@@ -59,4 +59,7 @@ def test_five_minute_clip_in_bounded_memory(tmp_path):
     assert b["prompt_tokens"] > 7 * a["prompt_tokens"]  # 600 frames against 60 (and the same text)
     beyond_short = a["growth_bytes"] - a["embedding_bytes"] - a["kv_bytes"]
     beyond_long = b["growth_bytes"] - b["embedding_bytes"] - b["kv_bytes"]
-    assert beyond_long <= 1.5 * beyond_short, (beyond_long, beyond_short)
+    # The rest (the engine, the allocator, decode buffers) is a few MB that varies from run to run:
+    # 4.1 to 6.9 MB for the 30 s clip on a 2-core machine, hence the 2 MiB beside the ratio. Holding
+    # the 5-minute clip's pixel values at once (300 slices x 16 patches x 1176 float32) would add 22.6 MB.
+    assert beyond_long <= 1.5 * beyond_short + 2 * 2**20, (beyond_long, beyond_short)
