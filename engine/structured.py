@@ -102,7 +102,7 @@ _UNICODE_NORMALIZERS = frozenset({"NFC", "NFD", "NFKC", "NFKD"})
 _SPECIAL_MARKER = b"\xff"
 
 
-def _byte_level_chars() -> dict[int, str]:
+def byte_level_chars() -> dict[int, str]:
     """GPT-2's byte-level alphabet: the character that spells each byte in a byte-level BPE vocabulary."""
     printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
     chars = {b: chr(b) for b in printable}
@@ -142,7 +142,7 @@ def llguidance_tokenizer_json(tokenizer: PreTrainedTokenizerFast) -> str:
     spec["normalizer"] = _without_unicode_normalization(spec.get("normalizer"))
     model = spec["model"]
     if _is_byte_level(spec.get("decoder")) and model.get("type") == "BPE" and isinstance(model.get("vocab"), dict):
-        chars = _byte_level_chars()
+        chars = byte_level_chars()
         kept = []
         for added in spec.get("added_tokens") or []:
             content = added["content"]

@@ -41,6 +41,7 @@ from typing import Any
 from engine.media import Media, MediaOptionError, PreparedMedia
 from engine.preprocess import ContextLengthError, PreparedRequest, Preprocessor, PromptMediaMismatch, ToolsNotRendered
 from engine.sampling import SamplingParams
+from engine.structured import byte_level_chars
 from modeling.processing import MediaError, MediaKind, MediaTooLarge, is_image
 from serving import tool_calls
 from serving.protocol import APIError, ChatMessage, MediaRef
@@ -122,22 +123,7 @@ def resolve_source(ref: MediaRef, allowed_dir: Path | None) -> str | bytes:
     return str(real)
 
 
-def _byte_level_decoder() -> dict[str, int]:
-    """Byte-level BPE's alphabet (GPT-2's): printable Latin-1 bytes stand for themselves, the other
-    bytes for code points 256 and up, in order. Maps a token piece's characters to its bytes."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-                 *range(ord("\xae"), ord("\xff") + 1)]
-    decoder, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            decoder[chr(b)] = b
-        else:
-            decoder[chr(256 + extra)] = b
-            extra += 1
-    return decoder
-
-
-_BYTE_DECODER = _byte_level_decoder()
+_BYTE_DECODER = {c: b for b, c in byte_level_chars().items()}  # a token piece's characters -> its bytes
 
 
 class Preparer:
