@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from engine.block_manager import BlockManager
 from engine.commands import Abort, Add, Command, StepPlan, Stop
+from engine.decode_graphs import DecodeGraphs, DecodeRow
 from engine.encoder_cache import EncoderCache
 from engine.errors import RequestFault, StepFailed
 from engine.kv_budget import kv_cache_budget
@@ -113,6 +114,9 @@ class LLM:
     compile: run the model's forward pass through torch.compile (inductor, dynamic shapes, so one
     compilation serves every batch; on the CPU the kernels' PyTorch references are what it fuses).
     The first steps pay the compilation.
+    enforce_eager: never run decode steps as captured graphs. By default, on a CUDA or NPU device
+    at world size 1, decode-only steps run on static buffers padded to batch buckets, each bucket
+    captured as a graph the first time it runs and replayed after (engine/decode_graphs.py).
 
     tp: the tensor-parallel group (see the module docstring); its device is used when world_size
     > 1, and kv_cache_gb is then each rank's budget for its own kv heads.
@@ -124,7 +128,8 @@ class LLM:
                  max_seq_len: int | None = None, enable_prefix_caching: bool = True,
                  encoder_cache_gb: float = 1.0, media_limits: MediaLimits = DEFAULT_LIMITS,
                  vision_chunk_patches: int = 16384, vision_step_share: float = 0.25,
-                 prefill_step_share: float | None = None, compile: bool = False, tp: TPGroup = SINGLE_PROCESS):
+                 prefill_step_share: float | None = None, compile: bool = False, enforce_eager: bool = False,
+                 tp: TPGroup = SINGLE_PROCESS):
         from transformers import AutoTokenizer
 
         for name, value in (("block_size", block_size), ("max_batch_size", max_batch_size),
@@ -192,6 +197,9 @@ class LLM:
                                     driver=tp.rank == 0, isolate_failures=tp.world_size == 1)
         self.step_cost = StepCost()  # what the vision and prefill shares are shares of
         self._model_forward = torch.compile(self.model.forward, dynamic=True) if compile else self.model.forward
+        graphs = not enforce_eager and self.device.type in ("cuda", "npu") and tp.world_size == 1
+        self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, self._model_forward, max_batch_size,
+                                          -(-self.max_seq_len // block_size), capture=True) if graphs else None
 
     # ------------------------------------------------------------------ set-up
 
@@ -551,13 +559,32 @@ class LLM:
             self.sequences.pop(seq.request_id, None)
 
     def _forward(self, batch: Batch) -> torch.Tensor:
-        """Run the model over the batch's runs; fp32 logits [n sampling runs, V]."""
+        """Run the model over the batch's runs; fp32 logits [n sampling runs, V]. A decode-only
+        batch runs on the static buffers (and graphs) of self.decode_graphs when there is one."""
+        if self.decode_graphs is not None and all(r.count == 1 and r.samples and r.start >= len(r.seq.prompt_ids)
+                                                  for r in batch.runs):
+            with self.stats.timed("inputs"):
+                rows = self._decode_rows(batch)
+            with self.stats.timed("forward"):
+                return self.decode_graphs.run(rows)
         with self.stats.timed("inputs"):
             ids, positions, meta, media_at, media_embeds, logit_rows = self._inputs(batch)
         with self.stats.timed("forward"):
             embeds = self.model.embed(ids, media_at, media_embeds)
             hidden = self._model_forward(positions, meta, self.kv_caches, inputs_embeds=embeds)
             return self.model.compute_logits(hidden, logit_rows)
+
+    def _decode_rows(self, batch: Batch) -> list[DecodeRow]:
+        """The inputs of a decode-only batch (every run one generated token), one row per run."""
+        bs = self.blocks.block_size
+        rows = []
+        for run in batch.runs:
+            seq, at = run.seq, run.start
+            table = self.blocks.block_table(seq.seq_id)
+            position = at + seq.rope_delta  # the same on all three rope axes after the prompt
+            rows.append(DecodeRow(seq.output_ids[at - len(seq.prompt_ids)], (position,) * 3,
+                                  table[at // bs] * bs + at % bs, at + 1, table))
+        return rows
 
     def _inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None,
                                               torch.Tensor | None, torch.Tensor]:

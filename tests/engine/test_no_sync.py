@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from engine.decode_graphs import DecodeGraphs, width_bucket
 from engine.llm import LLM, Prompt
 from engine.media import Media
 from engine.sampling import SamplingParams
@@ -90,6 +91,26 @@ def test_the_decode_forward_has_no_host_sync(arch, tmp_path, monkeypatch):
     assert len(batch.runs) == 3 and all(r.count == 1 for r in batch.runs)  # a decode step of three sequences
     ops, logits = guarded_forward(llm, batch)
     assert ops > 0 and logits.shape[0] == 3 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_the_static_decode_forward_has_no_host_sync(arch, tmp_path, monkeypatch):
+    """The forward pass a graph records (engine/decode_graphs.py): on the persistent buffers,
+    padded from 3 sequences to the bucket of 4."""
+    monkeypatch.setenv("QVL_KERNELS", "triton")
+    llm = LLM(make_tiny_checkpoint(tmp_path / arch, arch), device="cpu", num_kv_blocks=64)
+    graphs = DecodeGraphs(llm.model, llm.kv_caches, llm.model.forward, 8, 16, capture=False)
+    for i, prompt in enumerate([Prompt("hi"), Prompt("Tell me a story about the sea."), Prompt("Count.")]):
+        llm.add_request(f"r{i}", llm.preprocessor.prepare(prompt, SamplingParams(max_tokens=8, ignore_eos=True)))
+    while not all(len(s.output_ids) >= 2 for s in llm.sequences.values()):
+        llm.step()
+    rows = llm._decode_rows(llm.scheduler.schedule())
+    batch, width = graphs.bucket(len(rows)), width_bucket(max(len(r.table) for r in rows), 16)
+    graphs._load(rows, batch, width)
+    guard = HostSyncGuard()
+    with guard:
+        logits = graphs.forward(batch, width)
+    assert guard.ops > 0 and logits.shape[0] == batch == 4 and torch.isfinite(logits[:3]).all()
 
 
 def test_the_guard_catches_what_it_names():
