@@ -3,9 +3,9 @@
 at load time (parallel.sharding). See README.md ("Tensor parallelism")."""
 
 from parallel.comm import all_gather, all_gather_object, all_reduce, barrier, broadcast_object, exit_rank
-from parallel.group import SINGLE_PROCESS, TPGroup, destroy, end_process, init_from_env
+from parallel.group import SINGLE_PROCESS, TPGroup, destroy, end_process, exit_now, init_from_env
 from parallel.sharding import TPSizeError, check_tp_sizes, local_kv_heads
 
 __all__ = ["SINGLE_PROCESS", "TPGroup", "TPSizeError", "all_gather", "all_gather_object", "all_reduce", "barrier",
-           "broadcast_object", "check_tp_sizes", "destroy", "end_process", "exit_rank", "init_from_env",
+           "broadcast_object", "check_tp_sizes", "destroy", "end_process", "exit_now", "exit_rank", "init_from_env",
            "local_kv_heads"]

@@ -31,7 +31,7 @@ from engine.report import format_summary, perf_summary  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from fixtures.tiny_checkpoint import cached_checkpoint  # noqa: E402
 from modeling.processing import SAMPLE_IMAGE_PATH, media_kind, probe_media_kind  # noqa: E402
-from parallel import TPGroup, TPSizeError, barrier, destroy, end_process, init_from_env  # noqa: E402
+from parallel import TPGroup, TPSizeError, barrier, destroy, end_process, exit_now, init_from_env  # noqa: E402
 
 IMPORTS_S = time.perf_counter() - STARTED  # torch alone is most of it
 
@@ -227,3 +227,4 @@ def _generate(args: argparse.Namespace, llm: LLM, using_demo: bool, load_s: floa
 
 if __name__ == "__main__":
     main()
+    exit_now()  # the run is over and its output written: no interpreter teardown (~0.5 s)
