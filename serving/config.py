@@ -59,6 +59,7 @@ class ServeConfig:
     block_size: int = 16
     max_waiting: int = 1024
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False
     graceful_timeout: float = 30.0
     preprocess_workers: int = 2
     # 413 past it (serving/limits.py): two 20 MB images fit as base64, or a 48 MB video; larger media
@@ -253,6 +254,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                                         f"(default: {d.max_waiting})")
     add("--disable_prefix_caching", action="store_true", default=None,
         help="never share KV blocks between requests")
+    add("--enforce_eager", action="store_true", default=None,
+        help="decode steps run eagerly, never as captured graphs (default: on a CUDA or NPU device at world size 1, "
+             "each batch bucket's decode step is captured as a graph the first time it runs and replayed after)")
     add("--graceful_timeout", type=float,
         help=f"seconds SIGTERM waits for in-flight requests before aborting them (default: {d.graceful_timeout})")
     add("--preprocess_workers", type=int,

@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--compile", action="store_true",
         help="run the model's forward pass through torch.compile (inductor; the first steps pay its compilation, "
              "tens of seconds on a small CPU)")
+    add("--enforce_eager", action="store_true",
+        help="decode steps run eagerly, never as captured graphs (default: on a CUDA or NPU device at world size 1, "
+             "each batch bucket's decode step is captured as a graph the first time it runs and replayed after)")
     add("--kv_cache_gb", type=float,
         help="KV cache size in GiB, per rank under torchrun (default: on a GPU/NPU 85%% of the memory free after "
              "the weights, less the vision tower's measured peak and the encoder cache; 4 on CPU)")
@@ -176,7 +179,8 @@ def _run(args: argparse.Namespace, tp: TPGroup) -> dict:
                   max_prefill_tokens=args.max_prefill_tokens, max_input_length=args.max_input_length,
                   enable_prefix_caching=not args.disable_prefix_caching,
                   vision_chunk_patches=args.vision_chunk_patches, vision_step_share=args.vision_step_share,
-                  prefill_step_share=args.prefill_step_share, compile=args.compile, tp=tp)
+                  prefill_step_share=args.prefill_step_share, compile=args.compile,
+                  enforce_eager=args.enforce_eager, tp=tp)
     except (ValueError, OSError) as e:  # no or bad checkpoint, bad engine sizes
         raise SystemExit(f"error: {e}" if tp.rank == 0 else 1) from None
     if tp.rank != 0:

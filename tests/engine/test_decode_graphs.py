@@ -96,3 +96,13 @@ def test_padding_rows_write_nothing_to_the_cache(tiny_checkpoint):
     again = graphs.run(rows * 3)
     assert again.shape[0] == 3 and graphs.bucket(3) == 4
     torch.testing.assert_close(again, logits.expand(3, -1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="graph capture needs a CUDA device (make device-check)")
+def test_captured_graphs_give_the_eager_tokens(tiny_checkpoint):
+    prompts, params = _requests()
+    eager = LLM(tiny_checkpoint, device="cuda", num_kv_blocks=64, enforce_eager=True).generate(prompts, params)
+    llm = LLM(tiny_checkpoint, device="cuda", num_kv_blocks=64)
+    got = llm.generate(prompts, params)
+    assert llm.decode_graphs is not None and llm.decode_graphs.capture and len(llm.decode_graphs.graphs) >= 3
+    assert [o.output_ids for o in got] == [o.output_ids for o in eager]
