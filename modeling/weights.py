@@ -199,17 +199,21 @@ class _Loader:
         self.config = config
         self.tp = tp
 
-    def __call__(self, entry: WeightEntry, dtype: torch.dtype, i: int | None = None) -> torch.Tensor:
-        """This rank's shard of `entry` (of layer / block `i` when the entry repeats)."""
+    def _read(self, entry: WeightEntry, dtype: torch.dtype, i: int | None) -> torch.Tensor:
+        """This rank's shard of `entry` as read, on the host."""
         name = entry.name(i)
         shape = self.reader.shape(name)
         spec = entry.shard_spec(shape, self.config, self.tp)
-        tensor = sharding.read_shard(lambda index: self.reader.get(name, index), shape, spec, dtype)
-        return tensor.to(device=self.device, dtype=dtype)
+        return sharding.read_shard(lambda index: self.reader.get(name, index), shape, spec, dtype)
+
+    def __call__(self, entry: WeightEntry, dtype: torch.dtype, i: int | None = None) -> torch.Tensor:
+        """This rank's shard of `entry` (of layer / block `i` when the entry repeats)."""
+        return self._read(entry, dtype, i).to(device=self.device, dtype=dtype)
 
     def cat(self, entries: Iterable[WeightEntry], dtype: torch.dtype, i: int | None = None) -> torch.Tensor:
-        """This rank's slices of several tensors, concatenated along dim 0 (fused qkv, gate_up)."""
-        return torch.cat([self(e, dtype, i) for e in entries], dim=0)
+        """This rank's slices of several tensors, concatenated along dim 0 (fused qkv, gate_up). Joined
+        on the host, then cast and moved once: no per-part copies on the device."""
+        return torch.cat([self._read(e, dtype, i) for e in entries], dim=0).to(device=self.device, dtype=dtype)
 
     def optional(self, entry: WeightEntry, dtype: torch.dtype, i: int | None = None) -> torch.Tensor | None:
         """This rank's slice of `entry`, or None when the config's checkpoints lack it (optional biases)."""
