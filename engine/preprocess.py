@@ -55,8 +55,12 @@ def max_chars_per_token(tokenizer: Any) -> int | None:
     added = getattr(tokenizer, "added_tokens_decoder", {}).values()
     if any(getattr(t, "lstrip", False) or getattr(t, "rstrip", False) for t in added):
         return None
-    ids = sorted(set(tokenizer.get_vocab().values()))
-    texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+    ids = [[i] for i in sorted(set(tokenizer.get_vocab().values()))]
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's own: what its decode calls
+    if backend is not None:  # 0.36 s for Qwen's 151k ids against 1.3 s through batch_decode's per-id Python
+        texts = backend.decode_batch(ids, skip_special_tokens=False)
+    else:
+        texts = tokenizer.batch_decode(ids, clean_up_tokenization_spaces=False)
     return _NORMALIZATION_FACTOR * (max(map(len, texts)) + 1)
 
 
