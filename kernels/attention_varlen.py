@@ -33,6 +33,9 @@ from kernels import _backend, attention_common
 from kernels.attention_common import attend_kv_tile, kv_tile_offsets, load_work_query, store_query_tile, work_item
 from kernels.target import Work, current_target
 
+# The reference's SDPA calls: up to this many tokens of equal-length sequences each (16 ViT windows).
+REFERENCE_GROUP_TOKENS = 1024
+
 
 @triton.jit(do_not_specialize=["n_work_rows", "n_kv_heads", "group"])
 def _varlen_attention_kernel(
@@ -83,13 +86,35 @@ def _varlen_attention_kernel(
 def _varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                                 max_seqlen: int, causal: bool = False,
                                 scale: float | None = None) -> torch.Tensor:
-    """PyTorch reference: SDPA per sequence."""
+    """PyTorch reference: sequences of equal length L attend together, up to REFERENCE_GROUP_TOKENS
+    tokens per SDPA call, as 4D [m, H, L, D] inputs (only 4D inputs take SDPA's flash kernel on the
+    CPU), exact: no padding, no mask. A ViT's windows come in a few lengths (mostly 64 patches):
+    one call per 16 windows instead of one each, 1.2x over per-window calls on 2 CPU cores."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
+    starts_by_len: dict[int, list[int]] = {}
     for s, e in zip(bounds[:-1], bounds[1:], strict=True):
         if e > s:
-            out[s:e] = attention_common.attention_reference(q[s:e], k[s:e], v[s:e], scale, 0 if causal else None)
+            starts_by_len.setdefault(e - s, []).append(s)
+    for n, starts in starts_by_len.items():
+        step = max(1, REFERENCE_GROUP_TOKENS // n)
+        for i in range(0, len(starts), step):
+            group = starts[i : i + step]
+            m = len(group)
+            if group[-1] - group[0] == (m - 1) * n:  # back to back (one sequence, a run of windows): no copies
+                rows = slice(group[0], group[0] + m * n)
+                qg, kg, vg = q[rows], k[rows], v[rows]
+            else:
+                rows = (torch.tensor(group, device=q.device)[:, None] + torch.arange(n, device=q.device)).flatten()
+                qg, kg, vg = (x.index_select(0, rows) for x in (q, k, v))  # [m * n, H, D]
+            o = torch.nn.functional.scaled_dot_product_attention(
+                *(x.unflatten(0, (m, n)).transpose(1, 2) for x in (qg, kg, vg)), is_causal=causal, scale=scale,
+                enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2)  # [m, n, Hq, D]
+            if isinstance(rows, slice):
+                out[rows].unflatten(0, (m, n)).copy_(o)
+            else:
+                out.index_copy_(0, rows, o.flatten(0, 1))
     return out
 
 
