@@ -86,10 +86,12 @@ class PromptMediaMismatch(ValueError):
 
 @dataclass
 class Prompt:
-    """One offline request's input: the user's text after its media (images / videos, in order)."""
+    """One offline request's input: the user's text after its media (images / videos, in order).
+    A medium may come already prepared (engine.media.prepare_media with the engine's image
+    processor config and media limits), e.g. read while the engine loads."""
 
     text: str
-    media: list[Media] = field(default_factory=list)
+    media: list[Media | PreparedMedia] = field(default_factory=list)
 
 
 @dataclass
@@ -140,6 +142,14 @@ class Preprocessor:
     def prepare_media(self, media: Media) -> PreparedMedia:
         """Check one medium's controls against the limits and preprocess it (MediaError if not)."""
         return prepare_media(media, self.image_cfg, self.limits)
+
+    def _prepared(self, media: Media | PreparedMedia) -> PreparedMedia:
+        """A prompt's medium, prepared here unless it comes prepared (for this image processor)."""
+        if not isinstance(media, PreparedMedia):
+            return self.prepare_media(media)
+        if media.cfg != self.image_cfg:
+            raise ValueError("a prepared medium was made with another image processor config than this model's")
+        return media
 
     def check_text(self, chars: int) -> None:
         """ContextLengthError, before any tokenizing, when `chars` characters of prompt text are more
@@ -208,6 +218,6 @@ class Preprocessor:
         prompt = Prompt(prompt) if isinstance(prompt, str) else prompt
         self.limits.check_count(len(prompt.media))
         self.check_text(len(prompt.text))
-        media = [self.prepare_media(m) for m in prompt.media]
+        media = [self._prepared(m) for m in prompt.media]
         ids = self.render([user_message([m.kind for m in media], prompt.text)])
         return self.build(ids, media, params or SamplingParams())

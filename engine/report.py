@@ -84,5 +84,6 @@ def format_summary(perf: dict) -> str:
         f"prefix-cache hits {perf['cached_prompt_tokens']} of {perf['prompt_tokens']} prompt tokens, "
         f"preemptions {perf['preemptions']}, peak memory {perf['peak_memory_gb']:.2f} GiB",
         *([f"start-up {s['total']:.2f} s before the first request (imports {s['imports']:.2f} s, load "
-           f"{s['load']:.2f} s)"] if (s := perf.get("startup_s")) else []),
+           f"{s['load']:.2f} s; meanwhile {s.get('media_prefetched', 0.0):.2f} s of media prepared)"]
+          if (s := perf.get("startup_s")) else []),
     ])

@@ -261,7 +261,7 @@ def patchify(frames: np.ndarray, cfg: ImageProcessorConfig) -> tuple[torch.Tenso
     lut = cfg.normalize_lut()
     out = np.empty(x.shape, dtype=np.float32)
     for channel in range(3):
-        np.take(lut[channel], x[:, channel], out=out[:, channel])
+        out[:, channel] = lut[channel][x[:, channel]]  # 2x np.take(..., out=) on this strided slice
     return torch.from_numpy(out.reshape(gt * gh * gw, 3 * tp * p * p)), (gt, gh, gw)
 
 

@@ -151,3 +151,25 @@ def test_cache_salt_keeps_prefixes_apart(tiny_checkpoint, requests):
     assert cached_tokens("a2", "tenant-a") >= 16
     assert cached_tokens("n1", None) == 0
     assert cached_tokens("n2", None) >= 16
+
+
+def test_a_prompt_may_carry_media_prepared_ahead(tiny_checkpoint, requests):
+    """tools/generate.py prepares media while the engine loads: a prompt holding prepared media
+    gives the request its plain media give; media prepared for another image config are refused."""
+    import dataclasses
+
+    from engine.media import prepare_media
+
+    llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=32)
+    for prompt, _ in requests:
+        ahead = Prompt(prompt.text, [prepare_media(m, llm.image_cfg) for m in prompt.media])
+        plain, early = llm.preprocessor.prepare(prompt), llm.preprocessor.prepare(ahead)
+        assert early.ids == plain.ids and [m.content_hash for m in early.media] == [m.content_hash for m in plain.media]
+        for a, b in zip(early.media, plain.media, strict=True):
+            assert (a.pixel_values is None) == (b.pixel_values is None)
+            if a.pixel_values is not None:
+                assert torch.equal(a.pixel_values, b.pixel_values)
+    image = next(p for p, _ in requests if p.media)
+    other = dataclasses.replace(llm.image_cfg, max_pixels=llm.image_cfg.max_pixels // 2)
+    with pytest.raises(ValueError, match="another image processor config"):
+        llm.preprocessor.prepare(Prompt(image.text, [prepare_media(m, other) for m in image.media]))
