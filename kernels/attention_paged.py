@@ -251,15 +251,22 @@ def _gather_kv(cache: torch.Tensor, table_row: torch.Tensor, n: int) -> torch.Te
     return rows.view(-1, *cache.shape[2:])[:n]  # [n, Hk, D]
 
 
-def _decode_sdpa(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, slots: torch.Tensor,
-                 valid: torch.Tensor, scale: float) -> torch.Tensor:
-    """One SDPA call of decode queries q [n, Hq, D] over the flattened cache rows k_rows / v_rows
-    [NB * BS, Hk * D] at slots [n, L] (valid [n, L]: the context's slots) -> [n, Hq, D]. The query
+def _decode_sdpa(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, tables: torch.Tensor,
+                 lens: torch.Tensor, block_size: int, width: int, scale: float) -> torch.Tensor:
+    """One SDPA call of decode queries q [n, Hq, D] over their first `width` cached tokens (tables
+    [n, >= ceil(width / block_size)] int, lens [n] int64: tokens past a sequence's length are
+    masked) in the flattened cache rows k_rows / v_rows [NB * BS, Hk * D] -> [n, Hq, D]. The query
     heads of each kv head go in as that head's queries, so K/V are not repeated."""
     n, hq, d = q.shape
     hk = k_rows.shape[1] // d
+    pos = torch.arange(width, device=q.device)  # [L]
+    valid = pos < lens[:, None]  # [n, L]
+    blocks = tables.long().gather(1, (pos // block_size).clamp(max=tables.shape[1] - 1).expand(n, -1))
+    # Padding reads the sequence's first token (always written): a masked score times a finite V
+    # adds 0, where an unwritten slot could hold NaN and 0 * NaN is NaN.
+    slots = torch.where(valid, blocks * block_size + pos % block_size, blocks[:, :1] * block_size)
     # index_select over [rows, Hk * D] views: on the CPU 9x faster than advanced indexing.
-    k, v = (rows.index_select(0, slots.flatten()).view(n, slots.shape[1], hk, d).transpose(1, 2)
+    k, v = (rows.index_select(0, slots.flatten()).view(n, width, hk, d).transpose(1, 2)
             for rows in (k_rows, v_rows))  # [n, Hk, L, D]
     out = torch.nn.functional.scaled_dot_product_attention(
         q.reshape(n, hk, hq // hk, d), k, v, attn_mask=valid[:, None, None, :], scale=scale)  # [n, Hk, G, D]
@@ -270,35 +277,37 @@ def _paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                block_tables: torch.Tensor, context_lens: torch.Tensor,
                                scale: float | None = None) -> torch.Tensor:
     """PyTorch reference of paged decode: each sequence's K/V gathered through its table into
-    [B, Hk, L, D] (L = the table's width in slots, the slots past its context masked), attended
-    by SDPA in batches of about REFERENCE_DECODE_ELEMS gathered K elements.
+    [n, Hk, L, D] (the slots past its context masked) and attended by SDPA.
 
-    Why batches: at batch 32 with 576-slot tables the whole batch's K and V are 2 x 9 MB, written
-    out by the gather and read back by SDPA; a 4 MB batch is still in the cache when SDPA reads it
-    and the next batch reuses its buffers (1.1-1.15x on 2 CPU cores; 4x in a small process, where
-    glibc hands 9 MB buffers back to the OS and page-faults them in again on every call).
+    On the CPU (its own path, where reading a length costs nothing) the sequences go shortest
+    first in batches of about REFERENCE_DECODE_ELEMS gathered K elements, each batch as wide as its
+    longest context: at batch 32 with contexts of 120-576 tokens that gathers ~40% fewer slots than
+    the table's width, and a 4 MB batch is still in the cache when SDPA reads it (and the next one
+    reuses its buffers; glibc hands larger ones back to the OS, which page-faults them in again on
+    every call). Elsewhere, and under torch.compile, one call as wide as the table: no value is
+    read on the host (no device sync) and the traced graph does not depend on the lengths.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     b, hq, d = q.shape
     nb, bs, hk, _ = k_cache.shape
     lens = context_lens.to(torch.int64)
-    # L from the tables' width, not lens.max(): no value is read on the host (no device sync).
-    pos = torch.arange(block_tables.shape[1] * bs, device=q.device)  # [L]
-    valid = pos < lens[:, None]  # [B, L]
-    blocks = block_tables.long().gather(1, (pos // bs).clamp(max=block_tables.shape[1] - 1).expand(b, -1))
-    slots = blocks * bs + pos % bs  # [B, L] rows of the flattened cache
-    # Padding reads the sequence's first token (always written): a masked score times a finite V
-    # adds 0, where an unwritten slot could hold NaN and 0 * NaN is NaN.
-    slots = torch.where(valid, slots, slots[:, :1])
     rows = k_cache.reshape(nb * bs, hk * d), v_cache.reshape(nb * bs, hk * d)
-    seq_elems = block_tables.shape[1] * bs * hk * d  # gathered K elements per sequence
-    # Traced by torch.compile (dynamic shapes) as one call: a loop over the batch would specialise
-    # the graph on the batch size and the table width.
-    if torch.compiler.is_compiling() or b * seq_elems <= REFERENCE_DECODE_ELEMS:
-        return _decode_sdpa(q, *rows, slots, valid, scale)
-    step = max(1, REFERENCE_DECODE_ELEMS // seq_elems)
-    return torch.cat([_decode_sdpa(q[i : i + step], *rows, slots[i : i + step], valid[i : i + step], scale)
-                      for i in range(0, b, step)])
+    if torch.compiler.is_compiling() or q.device.type != "cpu" or b == 0:
+        return _decode_sdpa(q, *rows, block_tables, lens, bs, block_tables.shape[1] * bs, scale)
+    host = lens.tolist()
+    order = sorted(range(b), key=host.__getitem__)
+    out = torch.empty_like(q)
+    first = 0
+    while first < b:
+        last = first + 1  # grow the batch while its gathered K (n x its longest context) stays in budget
+        while last < b and (last + 1 - first) * host[order[last]] * hk * d <= REFERENCE_DECODE_ELEMS:
+            last += 1
+        width = max(1, host[order[last - 1]])
+        index = torch.tensor(order[first:last], device=q.device)
+        out.index_copy_(0, index, _decode_sdpa(q.index_select(0, index), *rows, block_tables.index_select(0, index),
+                                               lens.index_select(0, index), bs, width, scale))
+        first = last
+    return out
 
 
 def _paged_prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
