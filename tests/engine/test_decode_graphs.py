@@ -95,7 +95,8 @@ def test_padding_rows_write_nothing_to_the_cache(tiny_checkpoint):
         assert changed in ([], [written])  # only the real row's slot (unchanged if written before)
     again = graphs.run(rows * 3)
     assert again.shape[0] == 3 and graphs.bucket(3) == 4
-    torch.testing.assert_close(again, logits.expand(3, -1), rtol=1e-5, atol=1e-5)
+    # fp32 matmuls of 1 and of 4 rows may round differently (other kernels): not bit-equal
+    torch.testing.assert_close(again, logits.expand(3, -1), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="graph capture needs a CUDA device (make device-check)")
