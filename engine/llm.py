@@ -55,6 +55,7 @@ from engine.structured import StructuredDecoder
 from modeling.attention_metadata import AttentionMetadata
 from modeling.model import load_model
 from modeling.processing import ImageProcessorConfig, MediaKind
+from modeling.tokenizer import load_tokenizer
 from parallel.comm import all_gather_object, broadcast_object, exit_rank
 from parallel.group import SINGLE_PROCESS, TPGroup, detect_device_type
 from parallel.sharding import local_kv_heads
@@ -130,8 +131,6 @@ class LLM:
                  vision_chunk_patches: int = 16384, vision_step_share: float = 0.25,
                  prefill_step_share: float | None = None, compile: bool = False, enforce_eager: bool = False,
                  tp: TPGroup = SINGLE_PROCESS):
-        from transformers import AutoTokenizer
-
         for name, value in (("block_size", block_size), ("max_batch_size", max_batch_size),
                             ("max_prefill_tokens", max_prefill_tokens), ("max_input_length", max_input_length),
                             ("max_seq_len", max_seq_len), ("num_kv_blocks", num_kv_blocks)):
@@ -152,7 +151,7 @@ class LLM:
         self._shutdown_lock = threading.Lock()  # the server's engine thread and main thread may both shut down
         self.model = load_model(self.path, dtype, self.device, tp)
         self.config = self.model.config
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.tokenizer = load_tokenizer(self.path)  # transformers is not imported for Qwen's (~0.7 s)
         self.image_cfg = ImageProcessorConfig.from_pretrained(self.path)
         self.eos_ids = set(self.config.eos_token_ids)  # config.json + generation_config.json
         self.pad_ids = (self.config.image_token_id, self.config.video_token_id)

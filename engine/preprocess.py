@@ -37,6 +37,7 @@ from engine.sampling import SamplingParams
 from modeling.config import ModelConfig
 from modeling.processing import ImageProcessorConfig
 from modeling.prompt import expand_media_pads, user_message
+from modeling.tokenizer import load_tokenizer
 
 # One token stands for at most its decoded text's characters, plus one where a decoder drops a
 # leading space, times 4: Unicode normalization (Qwen's tokenizer applies NFC) composes at most 4
@@ -129,10 +130,8 @@ class Preprocessor:
     def with_own_tokenizer(self, path: str | Path, limit_name: str) -> Preprocessor:
         """A copy with a tokenizer of its own, for use from other threads. The same checkpoint's
         tokenizer: the characters-per-token bound is reused, not computed again over the vocabulary."""
-        from transformers import AutoTokenizer
-
         twin = copy.copy(self)
-        twin.tokenizer = AutoTokenizer.from_pretrained(path)
+        twin.tokenizer = load_tokenizer(path)
         twin.limit_name = f"{limit_name} {self.max_input_length}"
         twin.lock = threading.Lock()
         return twin
