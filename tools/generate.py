@@ -20,6 +20,7 @@ STARTED = time.perf_counter()  # start-up is timed from here, before the heavy i
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -156,7 +157,7 @@ def prefetch_media(prompts: list[Prompt], model_path: Path) -> dict[int, Future]
         began = time.perf_counter()
         return prepare_media(medium, cfg), began, time.perf_counter()
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="media-prefetch")
+    pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="media-prefetch")
     futures = {}
     for prompt in prompts:
         for medium in prompt.media:
