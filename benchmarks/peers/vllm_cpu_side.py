@@ -15,19 +15,13 @@ import time
 
 STARTED = time.perf_counter()
 
-import argparse  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
-from pathlib import Path  # noqa: E402
+
+from side_io import image_files, parse_args, report  # noqa: E402 - beside this file, in any venv
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("images", type=Path, help="a folder of images: one request each, sorted by name")
-    p.add_argument("--text", required=True, help="the user's text after the image")
-    p.add_argument("--max_tokens", type=int, default=128)
-    args = p.parse_args()
+    args = parse_args(__doc__)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
 
     from PIL import Image
@@ -37,7 +31,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.text}]}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    files = sorted(f for f in args.images.iterdir() if f.is_file() and not f.name.startswith("."))
+    files = image_files(args.images)
     llm = LLM(model=str(args.checkpoint), dtype="float32", gpu_memory_utilization=0.5, enforce_eager=True,
               max_num_seqs=len(files), limit_mm_per_prompt={"image": 1}, seed=0)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
@@ -45,9 +39,8 @@ def main() -> None:
     started = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=False)
     generation_s = time.perf_counter() - started
-    print(json.dumps({"side": "vllm-cpu", "generation_s": generation_s, "startup_s": started - STARTED,
-                      "prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
-                      "output_ids": [list(o.outputs[0].token_ids) for o in outputs]}))
+    report("vllm-cpu", generation_s, started - STARTED, [len(o.prompt_token_ids) for o in outputs],
+           [list(o.outputs[0].token_ids) for o in outputs])
 
 
 if __name__ == "__main__":
