@@ -146,11 +146,11 @@ def build_prompts(args: argparse.Namespace, using_demo: bool) -> list[tuple[list
 
 
 def prefetch_media(prompts: list[Prompt], model_path: Path) -> dict[int, Future]:
-    """Start reading and preprocessing the prompts' media on a background thread (each medium once,
+    """Start reading and preprocessing the prompts' media on background threads (each medium once,
     however many copies of its prompt run), while the engine loads: decoding, resizing and
-    patchifying mostly release the GIL, and loading is mostly one thread (imports), so the second
-    core does it for free. Returns each medium's future, by id(); each gives (the prepared medium,
-    its start and end on the perf_counter clock)."""
+    patchifying mostly release the GIL, and loading is mostly one thread, so the other cores do it
+    meanwhile. Returns each medium's future, by id(); each gives (the prepared medium, its start and
+    end on the perf_counter clock)."""
     cfg = ImageProcessorConfig.from_pretrained(model_path)
 
     def timed(medium: Media) -> tuple[PreparedMedia, float, float]:
@@ -163,7 +163,7 @@ def prefetch_media(prompts: list[Prompt], model_path: Path) -> dict[int, Future]
         for medium in prompt.media:
             if id(medium) not in futures:
                 futures[id(medium)] = pool.submit(timed, medium)
-    pool.shutdown(wait=False)  # the thread ends after the last one
+    pool.shutdown(wait=False)  # the threads end after the last one
     return futures
 
 
@@ -224,6 +224,8 @@ def _run(args: argparse.Namespace, tp: TPGroup) -> dict:
                   prefill_step_share=args.prefill_step_share, compile=args.compile,
                   enforce_eager=args.enforce_eager, tp=tp)
     except (ValueError, OSError) as e:  # no or bad checkpoint, bad engine sizes
+        for future in prefetched.values():  # the exit need not wait for media nobody will use
+            future.cancel()
         raise SystemExit(f"error: {e}" if tp.rank == 0 else 1) from None
     if tp.rank != 0:
         llm.worker_loop()  # follow rank 0's requests and steps until it shuts down
@@ -249,8 +251,8 @@ def _generate(args: argparse.Namespace, llm: LLM, requests: list[tuple[list[str]
         raise SystemExit(f"error: {e}") from None
     perf = perf_summary(outputs, time.perf_counter() - started, llm)
     # From this script's first line to the first request: imports, the engine's load (weights,
-    # tokenizer, KV cache), and the rest (demo checkpoint, prompts). The media prepared meanwhile on
-    # the prefetch thread are work of the requests, hidden behind the load: wall_s does not hold it.
+    # tokenizer, KV cache), and the rest (demo checkpoint, prompts). The media prepared meanwhile by
+    # the prefetch threads are work of the requests, hidden behind the load: wall_s does not hold it.
     perf["startup_s"] = {"imports": round(IMPORTS_S, 4), "load": round(load_s, 4),
                          "total": round(started - STARTED, 4), "media_prefetched": round(prefetched_s, 4)}
     results = [{"media": media, "prompt_tokens": o.prompt_tokens, "output_token_ids": o.output_ids,
