@@ -1,11 +1,9 @@
 """Int8 quantization ops for W8A8 and W8A16 inference (issue 18; not yet wired into the models).
 
 - `quantize_per_token`: dynamic symmetric int8 per row: scale = max|x| / 127, q = round(x / scale)
-  (halves away from zero), clamped to [-127, 127]. Rows wider than CHUNK go in chunks (two passes:
-  the row's max, then the quantized values). **Not yet compiled for Ascend**: bishengir
-  (triton-ascend 3.2) overflows the unified buffer on its int8 store (~430 B a tile element, the
-  same with a bare store of converted values), so it is left out of `make compile-check`'s launch
-  plan until that is solved; NVIDIA sm_80/sm_90 compile it with no spills.
+  (halves away from zero), clamped to [-127, 127]. Rows wider than the target's int8_store_tile go
+  in chunks (two passes: the row's max, then the quantized values): bishengir plans ~0.5 KB of
+  Ascend's unified buffer a column on this int8 store path, so Ascend works 256 columns at a time.
 - `int8_matmul`: int8 a [M, K] x int8 b [N, K] (weights as F.linear holds them) accumulated in
   int32, plus an optional int32 bias per output column (msModelSlim's quant_bias, which folds its
   activation offset and the float bias), times a per-row scale (dynamic per-token, or one static
@@ -30,7 +28,6 @@ from kernels import _backend
 from kernels.norms import as_rows
 from kernels.target import Target, Work, current_target, rows_per_tile
 
-CHUNK = 4096  # elements of a row handled at once by quantize_per_token
 QMAX = 127.0
 
 
@@ -99,8 +96,8 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty((n_rows, n), dtype=torch.int8, device=x.device)
     scale = _backend.empty_output((n_rows,), torch.float32, x.device)
     if n_rows and n:
-        block = min(triton.next_power_of_2(n), CHUNK)
         target = current_target(x.device)
+        block = min(triton.next_power_of_2(n), target.int8_store_tile)
         block_rows = rows_per_tile(n_rows, block, target)
         grid = (target.grid(triton.cdiv(n_rows, block_rows), Work.ROWS),)
         _quantize_per_token_kernel[grid](rows, q, scale, n_rows, n, rows.stride(0), BLOCK_R=block_rows, BLOCK=block,

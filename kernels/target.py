@@ -55,6 +55,9 @@ class Target:
     key_tile / decode_key_tile: the most keys a prefill / decode attention program scores at
       once (the K/V tile rows); a larger cache block is walked in pieces. With query_rows, sized
       so that a tile of head dim 128 stays in registers (CUDA) or the unified buffer (Ascend).
+    int8_store_tile: the widest row chunk quantize_per_token quantizes and stores as int8 at once:
+      bishengir plans ~0.5 KB of UB a column for that path (127 KB at 256 columns, overflowing at
+      768), so Ascend takes 256; 4096 elsewhere.
     interpret: kernels run in the CPU interpreter: tl.dot operands are fp32 there (it computes
       bf16 dots wrongly), whatever the tile plan.
     """
@@ -70,6 +73,7 @@ class Target:
     query_rows: int = 64
     key_tile: int = 64
     decode_key_tile: int = 64
+    int8_store_tile: int = 4096
     interpret: bool = False
 
     def cores(self, work: Work) -> int:
@@ -130,7 +134,7 @@ def cuda_target(capability: int, sms: int, shared_bytes: int) -> Target:
 def ascend_target(arch: str, ai_cores: int, vector_cores: int) -> Target:
     """An Ascend NPU (arch as bishengir names it, e.g. "Ascend910B3", "Ascend910_9392")."""
     return Target(backend="npu", arch=arch, vector_cores=vector_cores, cube_cores=ai_cores,
-                  on_chip_bytes=ASCEND_UB_BYTES, programs_per_core=_ONE_PER_CORE)
+                  on_chip_bytes=ASCEND_UB_BYTES, programs_per_core=_ONE_PER_CORE, int8_store_tile=256)
 
 
 # The chips the compile check builds for (`make compile-check`); core counts as the devices report.

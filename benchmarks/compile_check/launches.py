@@ -11,9 +11,9 @@ each rank's own heads and MLP share), fp16 and bf16:
         prefill (fresh prompts, prefix hits, chunked prefill), varlen attention (causal);
   ViT   layer_norm / rms_norm, silu_and_mul (Qwen2.5-VL), apply_rope, varlen attention (windows
         of 64 patches and whole images);
-  W8A8 / W8A16 (the LLM's linear layers: qkv with its bias, o, gate_up, down) int8_matmul
-        (dynamic per-token scales; msModelSlim's static scale with its int32 bias) and w8a16_matmul,
-        at decode M = 1/16/64 and prefill M = 2048 (quantize_per_token: not yet, see kernels/quant.py);
+  W8A8 / W8A16 (the LLM's linear layers: qkv with its bias, o, gate_up, down) quantize_per_token,
+        int8_matmul (dynamic per-token scales; msModelSlim's static scale with its int32 bias) and
+        w8a16_matmul, at decode M = 1/16/64 and prefill M = 2048;
 over token counts from 1 to the engine's largest chunks, batch sizes 1 to 256, and cache block
 sizes 16/32/64/128. Sizes are spread over powers of two and odd values between them, since the
 launchers' constexpr choices change at powers of two and Triton specialises integers that are 1
@@ -176,8 +176,10 @@ def quant_launches(model: str, shape: TextShape, world: int, dtype: torch.dtype)
     tag = f"{model} tp{world}"
     layers = (("qkv", (hq + 2 * hk) * d, shape.hidden, True), ("o", shape.hidden, hq * d, False),
               ("gate_up", 2 * inter, shape.hidden, False), ("down", shape.hidden, inter, False))
-    # quantize_per_token is not here yet: bishengir overflows the UB on its int8 store (kernels/quant.py).
     for m in QUANT_ROWS:
+        for k in sorted({shape.hidden, hq * d, inter}):  # the inputs of qkv / gate_up, o, down
+            yield Launch(tag, "quantize_per_token", f"[{m}, {k}]", dtype,
+                         lambda m=m, k=k: kernels.quantize_per_token(_t(m, k, dtype=dtype)))
         for name, n, k, bias in layers:
             w, scale = _t(n, k, dtype=torch.int8), _t(n, dtype=torch.float32)
             float_bias = _t(n, dtype=dtype) if bias else None
