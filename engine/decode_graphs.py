@@ -86,6 +86,7 @@ class DecodeGraphs:
         # Rows of the staging tensor: token, 3 positions, slot, context length (int64, one copy per step).
         self.staging = torch.empty(6, rows, dtype=torch.int64, pin_memory=device.type == "cuda")
         self.inputs = torch.zeros(6, rows, dtype=torch.int64, device=device)
+        self._padding = torch.tensor([0, 0, 0, 0, -1, 1]).unsqueeze(1)  # a padding row's staging column
         self.context_lens = torch.ones(rows, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(rows, max_blocks, dtype=torch.int32, device=device)
         self.cu_seqlens_q = torch.arange(rows + 1, dtype=torch.int32, device=device)  # one query each
@@ -123,13 +124,12 @@ class DecodeGraphs:
         n = len(rows)
         staged = torch.tensor([(r.token, *r.position, r.slot, r.context_len) for r in rows], dtype=torch.int64)
         self.staging[:, :n] = staged.T
-        self.staging[:, n:batch] = torch.tensor([0, 0, 0, 0, -1, 1]).unsqueeze(1)
+        self.staging[:, n:batch] = self._padding
         self.inputs[:, :batch].copy_(self.staging[:, :batch], non_blocking=True)
         self.context_lens[:batch].copy_(self.inputs[5, :batch])
-        tables = torch.zeros(batch, width, dtype=torch.int32)
-        for i, r in enumerate(rows):
-            tables[i, :len(r.table)] = torch.tensor(r.table, dtype=torch.int32)
-        self.block_tables[:batch, :width].copy_(tables, non_blocking=True)
+        # One host tensor for all the tables (padding rows: block 0, never read past slot 0).
+        tables = [r.table + [0] * (width - len(r.table)) for r in rows] + [[0] * width] * (batch - n)
+        self.block_tables[:batch, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
 
     def forward(self, batch: int, width: int) -> torch.Tensor:
         """The forward pass on the buffers' first `batch` rows and `width` table columns: fp32
