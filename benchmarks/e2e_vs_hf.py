@@ -32,6 +32,11 @@ PRESETS = {
     "cpu-small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                       num_key_value_heads=2, vision_embed_dim=256, vision_num_heads=4, vision_intermediate_size=512,
                       vision_depth=4, fullatt_block_indexes=[1, 3]),
+    # The whole-process comparison's (benchmarks/e2e_peers.py): small enough that start-up and per-step
+    # overhead show beside the matmuls.
+    "cpu-peer": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
+                     num_key_value_heads=2, vision_embed_dim=256, vision_num_heads=4, vision_intermediate_size=512,
+                     vision_depth=4, fullatt_block_indexes=[1, 3]),
     # Qwen2.5-VL-7B's shapes (benchmarks/model_shapes.json) with random weights.
     "qwen2.5-vl-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                           num_key_value_heads=4, vision_embed_dim=1280, vision_num_heads=16,
