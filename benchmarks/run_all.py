@@ -24,6 +24,7 @@ FAMILIES = {
     "video": "benchmarks.bench_video",
     "itl": "benchmarks.bench_itl",
     "structured": "benchmarks.bench_structured",
+    "int8": "benchmarks.bench_quant",
     "e2e": "benchmarks.e2e_vs_hf",
 }
 
