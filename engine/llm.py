@@ -119,6 +119,10 @@ class LLM:
     at world size 1, decode-only steps run on static buffers padded to batch buckets, each bucket
     captured as a graph the first time it runs and replayed after (engine/decode_graphs.py).
 
+    quantization: a quantized checkpoint's format, 'ascend' (msModelSlim) or 'compressed-tensors';
+    None (the default) detects it, and a name that does not match the checkpoint is an error
+    (modeling/quantization.py says what is supported).
+
     tp: the tensor-parallel group (see the module docstring); its device is used when world_size
     > 1, and kv_cache_gb is then each rank's budget for its own kv heads.
     """
@@ -130,7 +134,7 @@ class LLM:
                  encoder_cache_gb: float = 1.0, media_limits: MediaLimits = DEFAULT_LIMITS,
                  vision_chunk_patches: int = 16384, vision_step_share: float = 0.25,
                  prefill_step_share: float | None = None, compile: bool = False, enforce_eager: bool = False,
-                 tp: TPGroup = SINGLE_PROCESS):
+                 quantization: str | None = None, tp: TPGroup = SINGLE_PROCESS):
         for name, value in (("block_size", block_size), ("max_batch_size", max_batch_size),
                             ("max_prefill_tokens", max_prefill_tokens), ("max_input_length", max_input_length),
                             ("max_seq_len", max_seq_len), ("num_kv_blocks", num_kv_blocks)):
@@ -149,7 +153,7 @@ class LLM:
         self._pending: list[Command] = []  # rank 0: commands the other ranks apply before the next step
         self._stopped = False
         self._shutdown_lock = threading.Lock()  # the server's engine thread and main thread may both shut down
-        self.model = load_model(self.path, dtype, self.device, tp)
+        self.model = load_model(self.path, dtype, self.device, tp, quantization)
         self.config = self.model.config
         self.tokenizer = load_tokenizer(self.path)  # transformers is not imported for Qwen's (~0.7 s)
         self.image_cfg = ImageProcessorConfig.from_pretrained(self.path)

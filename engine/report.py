@@ -64,6 +64,8 @@ def perf_summary(outputs: Sequence[RequestOutput], wall_s: float, llm: LLM) -> d
         "encoder_cache_hits": llm.encoder_cache.hits,
         "encoder_cache_misses": llm.encoder_cache.misses,
         "peak_memory_gb": round(peak_memory_gb(llm.device), 3),
+        "weights_gb": round(llm.model.weight_bytes / (1 << 30), 4),  # this rank's (int8 layers as stored)
+        "quantization": llm.model.quantization,
     }
 
 
@@ -83,6 +85,7 @@ def format_summary(perf: dict) -> str:
         f"KV blocks peak {perf['kv_blocks_peak_used']} of {perf['kv_blocks_total']}, "
         f"prefix-cache hits {perf['cached_prompt_tokens']} of {perf['prompt_tokens']} prompt tokens, "
         f"preemptions {perf['preemptions']}, peak memory {perf['peak_memory_gb']:.2f} GiB",
+        f"weights {perf['weights_gb']:.3f} GiB per rank (quantization: {perf['quantization']})",
         *([f"start-up {s['total']:.2f} s before the first request (imports {s['imports']:.2f} s, load "
            f"{s['load']:.2f} s; meanwhile {s.get('media_prefetched', 0.0):.2f} s of media prepared)"]
           if (s := perf.get("startup_s")) else []),

@@ -7,7 +7,8 @@ says where each token's K/V goes and what it attends to. Per layer:
     x -> RMSNorm -> qkv (+bias) -> MRoPE(q, k) -> write K/V to cache -> paged attention -> o_proj
       -> (+residual) RMSNorm -> gate_up -> SiLU * up -> down -> (+residual)
 
-The residual add is fused into the next norm (kernels.add_rms_norm).
+The residual add is fused into the next norm (kernels.add_rms_norm). The linear layers go
+through modeling.linear.linear: float weights, or int8 ones of a quantized checkpoint.
 
 Tensor parallelism (tp.world_size > 1; weights sharded by modeling.weights): each rank runs its
 Hq / world query heads and their kv heads (qkv column-parallel), o_proj and down_proj are
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 import kernels
 from modeling.attention_metadata import AttentionMetadata
 from modeling.config import TextConfig
+from modeling.linear import linear
 from modeling.weights import DecoderLayerWeights, LanguageWeights
 from parallel.comm import all_gather, all_reduce
 from parallel.group import SINGLE_PROCESS, TPGroup
@@ -57,7 +59,7 @@ def attention(x: torch.Tensor, w: DecoderLayerWeights, cfg: TextConfig, position
     t = x.shape[0]
     num_heads, num_kv_heads = cfg.num_heads // tp.world_size, local_kv_heads(cfg.num_kv_heads, tp.world_size)
     q_size, kv_size = num_heads * cfg.head_dim, num_kv_heads * cfg.head_dim
-    qkv = F.linear(x, w.qkv_weight, w.qkv_bias)  # [T, (Hq + 2 Hk) D]
+    qkv = linear(x, w.qkv_weight, w.qkv_bias)  # [T, (Hq + 2 Hk) D]
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     q = q.reshape(t, num_heads, cfg.head_dim)  # [T, Hq, D]
     k = k.reshape(t, num_kv_heads, cfg.head_dim)  # [T, Hk, D]
@@ -71,7 +73,7 @@ def attention(x: torch.Tensor, w: DecoderLayerWeights, cfg: TextConfig, position
         out = kernels.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables,
                                               meta.cu_seqlens_q, meta.context_lens)
     # o_proj is row-parallel: this rank's heads give a partial sum over its Hq D inputs.
-    return all_reduce(F.linear(out.reshape(t, q_size), w.o_weight), tp)  # [T, H]
+    return all_reduce(linear(out.reshape(t, q_size), w.o_weight), tp)  # [T, H]
 
 
 def mlp(x: torch.Tensor, w: DecoderLayerWeights, tp: TPGroup = SINGLE_PROCESS) -> torch.Tensor:
@@ -79,8 +81,8 @@ def mlp(x: torch.Tensor, w: DecoderLayerWeights, tp: TPGroup = SINGLE_PROCESS) -
 
     gate/up are column-parallel (this rank's share of I), down row-parallel: one all-reduce.
     """
-    h = kernels.silu_and_mul(F.linear(x, w.gate_up_weight))  # [T, I_rank]
-    return all_reduce(F.linear(h, w.down_weight), tp)  # [T, H]
+    h = kernels.silu_and_mul(linear(x, w.gate_up_weight))  # [T, I_rank]
+    return all_reduce(linear(h, w.down_weight), tp)  # [T, H]
 
 
 def decoder_forward(w: LanguageWeights, cfg: TextConfig, hidden: torch.Tensor, positions: torch.Tensor,

@@ -25,6 +25,7 @@ import torch
 from modeling import language, rope_index, vision
 from modeling.attention_metadata import AttentionMetadata
 from modeling.config import ModelConfig, load_config, parse_dtype
+from modeling.linear import weight_bytes
 from modeling.weights import ModelWeights, load_weights
 from parallel.group import SINGLE_PROCESS, TPGroup
 from parallel.sharding import local_kv_heads
@@ -44,6 +45,17 @@ class QwenVLModel:
     def dtype(self) -> torch.dtype:
         """The model's weights and activations dtype."""
         return self.weights.dtype
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of this rank's weights (int8 layers and their scales counted as stored)."""
+        return weight_bytes(self.weights)
+
+    @property
+    def quantization(self) -> str:
+        """The checkpoint's quantized format in words, or 'none'."""
+        quant = self.weights.quantization
+        return quant.describe() if quant is not None else "none"
 
     @property
     def device(self) -> torch.device:
@@ -117,9 +129,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torch
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto",
-               device: str | torch.device = "cpu", tp: TPGroup = SINGLE_PROCESS) -> QwenVLModel:
+               device: str | torch.device = "cpu", tp: TPGroup = SINGLE_PROCESS,
+               quantization: str | None = None) -> QwenVLModel:
     """Read config.json and the safetensors of a checkpoint directory into a QwenVLModel (only
-    this rank's shards under tensor parallelism)."""
+    this rank's shards under tensor parallelism). quantization: None detects a quantized
+    checkpoint's format; a name ('ascend', 'compressed-tensors') must match it."""
     config = load_config(path)
     resolved = resolve_dtype(dtype, config)
-    return QwenVLModel(config, load_weights(path, config, resolved, device, tp), tp)
+    return QwenVLModel(config, load_weights(path, config, resolved, device, tp, quantization), tp)

@@ -18,6 +18,11 @@ Layout changes made at load time (why: fewer, larger matmuls and the kernels' in
     over the processor's flattened patches (stride == kernel, so the convolution is a matmul).
 Linear weights stay [out, in] (torch.nn.functional.linear's layout).
 
+Quantized checkpoints (msModelSlim W8A8 / W8A16, compressed-tensors int8; the format is detected,
+modeling/quantization.py reads it): each quantized decoder linear layer becomes a
+modeling.linear.Int8Linear in place of its float weight, its parts fused the same way; everything
+else loads as above.
+
 Tensor parallelism (a TPGroup with world_size > 1): every tensor is read as its ShardSpec
 (the table entry's ShardKind, made a slice by parallel/sharding.py) says, through get_slice, so a
 rank reads only its part: q/k/v by heads and gate/up column-parallel (each sliced before fusing, so
@@ -29,15 +34,18 @@ vocabulary rows (padded), everything else replicated.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from modeling import quantization
 from modeling import weight_table as table
 from modeling.config import ModelConfig
+from modeling.linear import Activations, Weight
+from modeling.quantization import QuantizationError, QuantizedFormat
 from modeling.weight_table import WeightEntry, canonical_name
 from parallel import sharding
 from parallel.group import SINGLE_PROCESS, TPGroup
@@ -86,6 +94,15 @@ class CheckpointReader:
         f, original = self._locate(name)
         return list(self._handles[f].get_slice(original).get_shape())
 
+    def dtype_name(self, name: str) -> str:
+        """Tensor `name`'s safetensors dtype ('BF16', 'I8', ...), from the file header."""
+        f, original = self._locate(name)
+        return self._handles[f].get_slice(original).get_dtype()
+
+    def original_name(self, name: str) -> str:
+        """Tensor `name` as the file spells it (e.g. transformers >= 4.52's nested layout)."""
+        return self._locate(name)[1]
+
     def get(self, name: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
         """Read one tensor (or only `index`, a tuple of slices, of it) from the memory map."""
         f, original = self._locate(name)
@@ -111,12 +128,12 @@ class DecoderLayerWeights:
     """
 
     input_norm: torch.Tensor  # [H]
-    qkv_weight: torch.Tensor  # [(Hq + 2 Hk) * D, H]
-    qkv_bias: torch.Tensor  # [(Hq + 2 Hk) * D]
-    o_weight: torch.Tensor  # [H, Hq * D]
+    qkv_weight: Weight  # [(Hq + 2 Hk) * D, H]  (float, or an Int8Linear of that shape)
+    qkv_bias: torch.Tensor | None  # [(Hq + 2 Hk) * D]; None when a quantized layer folds it (msModelSlim W8A8)
+    o_weight: Weight  # [H, Hq * D]
     post_norm: torch.Tensor  # [H]
-    gate_up_weight: torch.Tensor  # [2 I, H]   rows: gate then up
-    down_weight: torch.Tensor  # [H, I]
+    gate_up_weight: Weight  # [2 I, H]   rows: gate then up
+    down_weight: Weight  # [H, I]
 
 
 @dataclass
@@ -168,12 +185,14 @@ class VisionWeights:
 
 @dataclass
 class ModelWeights:
-    """Everything a forward pass reads. `vision` is in `vision_dtype` (see vision_dtype_for)."""
+    """Everything a forward pass reads. `vision` is in `vision_dtype` (see vision_dtype_for).
+    quantization: the checkpoint's quantized format (None: float)."""
 
     language: LanguageWeights
     vision: VisionWeights
     dtype: torch.dtype
     vision_dtype: torch.dtype
+    quantization: QuantizedFormat | None = None
 
 
 def vision_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -193,11 +212,14 @@ class _Loader:
     """Reads tensors by table entry, only this rank's shard of each, casting and moving them."""
 
     def __init__(self, reader: CheckpointReader, device: torch.device | str, config: ModelConfig,
-                 tp: TPGroup):
+                 tp: TPGroup, quant: QuantizedFormat | None = None,
+                 schemes: dict[str, Activations] | None = None):
         self.reader = reader
         self.device = device
         self.config = config
         self.tp = tp
+        self.quant = quant
+        self.schemes = schemes or {}  # canonical weight name -> scheme, for the quantized layers
 
     def _read(self, entry: WeightEntry, dtype: torch.dtype, i: int | None) -> torch.Tensor:
         """This rank's shard of `entry` as read, on the host."""
@@ -219,12 +241,78 @@ class _Loader:
         """This rank's slice of `entry`, or None when the config's checkpoints lack it (optional biases)."""
         return self(entry, dtype, i) if entry.present(self.config) else None
 
+    def linear(self, parts: Sequence[WeightEntry], dtype: torch.dtype, i: int,
+               biases: Sequence[WeightEntry] = ()) -> tuple[Weight, torch.Tensor | None]:
+        """Decoder layer i's linear layer made of `parts` (fused in order) and its bias (None without
+        `biases`): float tensors, or an Int8Linear when the checkpoint quantizes it (every part
+        alike: checked before any data is read)."""
+        scheme = self.schemes.get(parts[0].name(i))
+        if scheme is None:
+            weight: Weight = self.cat(parts, dtype, i)
+        else:
+            assert self.quant is not None
+            weight = quantization.fuse([self.quant.read_part(self.reader, e, i, scheme, self.config, self.tp)
+                                        for e in parts], scheme, self.device)
+        folded = scheme is not None and self.quant is not None and self.quant.folds_bias(scheme)
+        return weight, (self.cat(biases, dtype, i) if biases and not folded else None)
 
-def _check_names(config: ModelConfig, reader: CheckpointReader) -> None:
+
+# The decoder's biases, by the weight they belong to (a folded bias may be absent).
+_BIAS_OF = {table.Q_PROJ: table.Q_PROJ_BIAS, table.K_PROJ: table.K_PROJ_BIAS, table.V_PROJ: table.V_PROJ_BIAS}
+# Parts the loader fuses: they must share a scheme.
+_FUSED = ((table.Q_PROJ, table.K_PROJ, table.V_PROJ), (table.GATE_PROJ, table.UP_PROJ))
+
+
+def _layer_schemes(config: ModelConfig, reader: CheckpointReader, quant: QuantizedFormat | None
+                   ) -> dict[str, Activations]:
+    """Canonical weight name -> scheme of every quantized linear layer, checked against the files:
+    only the decoder's linear layers may be quantized, fused parts alike, and a layer's weight is
+    int8 exactly when its format says it is quantized."""
+    schemes: dict[str, Activations] = {}
+    for entry in table.WEIGHTS:
+        linear_layer = entry.local.endswith("weight") and entry not in (table.EMBED_TOKENS, table.PATCH_EMBED) \
+            and len(entry.shape(config)) == 2
+        for name in entry.names(config) if linear_layer else []:
+            if name not in reader:
+                continue
+            scheme = quant.scheme(name, reader.original_name(name)) if quant is not None else None
+            stored_int8 = reader.dtype_name(name) == "I8"
+            if scheme is not None and entry not in quantization.QUANTIZABLE:
+                raise QuantizationError(f"{name} is quantized ({scheme.value}); only the decoder's linear layers "
+                                        f"may be (the embedding, LM head and vision tower must stay float)")
+            if scheme is not None and not stored_int8:
+                raise QuantizationError(f"{name} is {reader.dtype_name(name)}, but the checkpoint's quantization "
+                                        f"metadata says it is {scheme.value} (an int8 weight)")
+            if scheme is None and stored_int8:
+                raise QuantizationError(f"{name} is int8, but "
+                                        + (f"{quant.describe()} marks it float" if quant else
+                                           "the checkpoint has no quantization metadata (quant_model_description.json "
+                                           "or config.json's quantization_config)"))
+            if scheme is not None:
+                schemes[name] = scheme
+    for group in _FUSED:
+        for i in range(config.text.num_layers):
+            found = {e.name(i): schemes.get(e.name(i)) for e in group}
+            if len(set(found.values())) > 1:
+                raise QuantizationError("parts of one fused layer must share a quantization scheme: " + ", ".join(
+                    f"{n} {s.value if s else 'float'}" for n, s in found.items()))
+    return schemes
+
+
+def _check_names(config: ModelConfig, reader: CheckpointReader, quant: QuantizedFormat | None = None,
+                 schemes: dict[str, Activations] | None = None) -> None:
     """Fail with every missing and unexpected tensor named, before reading any data."""
     expected = set(table.expected_names(config))
     present = {n for n in reader.names() if not n.endswith(table.IGNORED_SUFFIXES)}
     optional = table.optional_names(config)
+    for name, scheme in (schemes or {}).items():
+        assert quant is not None
+        required, extra = quant.tensor_names(name, scheme)
+        expected.update(required)
+        optional.update(extra)
+        bias = _BIAS_OF.get(table.entry_for(name))
+        if bias is not None and bias.present(config) and quant.folds_bias(scheme):
+            optional.add(name[: -len("weight")] + "bias")
     missing = sorted(expected - present - optional)
     unexpected = sorted(present - expected - optional)
     if missing or unexpected:
@@ -248,14 +336,16 @@ def _check_shapes(config: ModelConfig, reader: CheckpointReader) -> None:
 
 def _decoder_layer(get: _Loader, i: int, dtype: torch.dtype) -> DecoderLayerWeights:
     """Decoder layer i, q/k/v and gate/up fused (shapes in DecoderLayerWeights)."""
+    qkv, qkv_bias = get.linear([table.Q_PROJ, table.K_PROJ, table.V_PROJ], dtype, i,
+                               biases=[table.Q_PROJ_BIAS, table.K_PROJ_BIAS, table.V_PROJ_BIAS])
     return DecoderLayerWeights(
         input_norm=get(table.INPUT_NORM, dtype, i),
-        qkv_weight=get.cat([table.Q_PROJ, table.K_PROJ, table.V_PROJ], dtype, i),
-        qkv_bias=get.cat([table.Q_PROJ_BIAS, table.K_PROJ_BIAS, table.V_PROJ_BIAS], dtype, i),
-        o_weight=get(table.O_PROJ, dtype, i),
+        qkv_weight=qkv,
+        qkv_bias=qkv_bias,
+        o_weight=get.linear([table.O_PROJ], dtype, i)[0],
         post_norm=get(table.POST_ATTN_NORM, dtype, i),
-        gate_up_weight=get.cat([table.GATE_PROJ, table.UP_PROJ], dtype, i),
-        down_weight=get(table.DOWN_PROJ, dtype, i),
+        gate_up_weight=get.linear([table.GATE_PROJ, table.UP_PROJ], dtype, i)[0],
+        down_weight=get.linear([table.DOWN_PROJ], dtype, i)[0],
     )
 
 
@@ -293,8 +383,13 @@ def _vision(get: _Loader, config: ModelConfig, dtype: torch.dtype) -> VisionWeig
 
 
 def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", tp: TPGroup = SINGLE_PROCESS) -> ModelWeights:
+                 device: torch.device | str = "cpu", tp: TPGroup = SINGLE_PROCESS,
+                 quantization_method: str | None = None) -> ModelWeights:
     """Load a checkpoint directory's weights for `config`, cast to `dtype`, onto `device`.
+
+    quantization_method: None detects the checkpoint's format (modeling/quantization.py); a
+    method name ('ascend', 'compressed-tensors') must match it, else QuantizationError. Quantized
+    layers keep their int8 weights and scales; `dtype` is their activations' dtype.
 
     The vision tower is cast to vision_dtype_for(dtype) instead (fp16 guard). Raises
     WeightsError naming every missing or unexpected tensor, or a shape that contradicts
@@ -303,10 +398,12 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype,
     divide.
     """
     sharding.check_tp_sizes(config, tp.world_size)
+    quant = quantization.resolve(path, quantization_method)
     reader = CheckpointReader(path)
-    _check_names(config, reader)
+    schemes = _layer_schemes(config, reader, quant)
+    _check_names(config, reader, quant, schemes)
     _check_shapes(config, reader)
-    get = _Loader(reader, device, config, tp)
+    get = _Loader(reader, device, config, tp, quant, schemes)
     embed = get(table.EMBED_TOKENS, dtype)
     language = LanguageWeights(
         embed_tokens=embed,
@@ -316,4 +413,4 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype,
     )
     vdtype = vision_dtype_for(dtype)
     return ModelWeights(language=language, vision=_vision(get, config, vdtype), dtype=dtype,
-                        vision_dtype=vdtype)
+                        vision_dtype=vdtype, quantization=quant)

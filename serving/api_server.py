@@ -88,7 +88,7 @@ def load_llm(cfg: ServeConfig, tp: TPGroup = SINGLE_PROCESS) -> LLM:
                max_seq_len=cfg.max_seq_len, enable_prefix_caching=cfg.enable_prefix_caching,
                media_limits=cfg.media_limits(), vision_chunk_patches=cfg.vision_chunk_patches,
                vision_step_share=cfg.vision_step_share, prefill_step_share=cfg.prefill_step_share,
-               enforce_eager=cfg.enforce_eager, tp=tp)
+               enforce_eager=cfg.enforce_eager, quantization=cfg.quantization, tp=tp)
 
 
 def usage_of(outs: list[RequestOutput]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.media import DEFAULT_LIMITS, MediaLimits
+from modeling.quantization import CHOICES as QUANTIZATION_CHOICES
 
 
 @dataclass
@@ -60,6 +61,7 @@ class ServeConfig:
     max_waiting: int = 1024
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    quantization: str | None = None  # None: detected from the checkpoint
     graceful_timeout: float = 30.0
     preprocess_workers: int = 2
     # 413 past it (serving/limits.py): two 20 MB images fit as base64, or a 48 MB video; larger media
@@ -227,6 +229,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add("--dtype", choices=["auto", "float16", "bfloat16", "float32"],
         help="weights and activations (default: auto = the config's torch_dtype)")
     add("--device", help="cuda, npu, cpu or e.g. cuda:1 (default: the first accelerator found, else cpu)")
+    add("--quantization", choices=QUANTIZATION_CHOICES,
+        help="a quantized checkpoint's format: ascend (msModelSlim W8A8 / W8A8_DYNAMIC / W8A16) or "
+             "compressed-tensors (int8 W8A8 / W8A16); default: detected from the checkpoint, and a flag that "
+             "does not match it is an error")
     add("--max_batch_size", type=int, help=f"running sequences per step (default: {d.max_batch_size})")
     add("--max_input_length", "--max_input_token_len", dest="max_input_length", type=int,
         help="prompt tokens allowed, media included; longer prompts get a 400 (default: the model's)")

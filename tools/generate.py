@@ -33,6 +33,7 @@ from engine.report import format_summary, perf_summary  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from fixtures.tiny_checkpoint import cached_checkpoint  # noqa: E402
 from modeling.processing import SAMPLE_IMAGE_PATH, ImageProcessorConfig, media_kind, probe_media_kind  # noqa: E402
+from modeling.quantization import CHOICES as QUANTIZATION_CHOICES  # noqa: E402
 from parallel import TPGroup, TPSizeError, barrier, destroy, end_process, exit_now, init_from_env  # noqa: E402
 
 IMPORTS_S = time.perf_counter() - STARTED  # torch alone is most of it
@@ -70,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
         help="weights and activations (auto: the config's torch_dtype)")
     add("--device", help="cuda, npu or cpu (default: the first accelerator found, else cpu)")
+    add("--quantization", choices=QUANTIZATION_CHOICES,
+        help="a quantized checkpoint's format: ascend (msModelSlim W8A8 / W8A8_DYNAMIC / W8A16, as MindIE and "
+             "vllm-ascend load) or compressed-tensors (int8 W8A8 / W8A16, as vLLM loads); default: detected from "
+             "the checkpoint, and a flag that does not match it is an error")
     add("--compile", action="store_true",
         help="run the model's forward pass through torch.compile (inductor; the first steps pay its compilation, "
              "tens of seconds on a small CPU)")
@@ -222,7 +227,7 @@ def _run(args: argparse.Namespace, tp: TPGroup) -> dict:
                   enable_prefix_caching=not args.disable_prefix_caching,
                   vision_chunk_patches=args.vision_chunk_patches, vision_step_share=args.vision_step_share,
                   prefill_step_share=args.prefill_step_share, compile=args.compile,
-                  enforce_eager=args.enforce_eager, tp=tp)
+                  enforce_eager=args.enforce_eager, quantization=args.quantization, tp=tp)
     except (ValueError, OSError) as e:  # no or bad checkpoint, bad engine sizes
         for future in prefetched.values():  # the exit need not wait for media nobody will use
             future.cancel()
