@@ -11,7 +11,7 @@ from kernels.attention_paged import paged_attention, paged_prefill_attention
 from kernels.attention_varlen import varlen_attention
 from kernels.kv_cache import write_kv_cache
 from kernels.norms import add_rms_norm, layer_norm, rms_norm
-from kernels.quant import int8_matmul, quantize_per_token, w8a16_matmul
+from kernels.quant import int8_matmul, quantize_per_tensor, quantize_per_token, w8a16_matmul
 from kernels.rotary import apply_mrope, apply_rope
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "layer_norm",
     "paged_attention",
     "paged_prefill_attention",
+    "quantize_per_tensor",
     "quantize_per_token",
     "rms_norm",
     "silu_and_mul",

@@ -11,9 +11,11 @@ each rank's own heads and MLP share), fp16 and bf16:
         prefill (fresh prompts, prefix hits, chunked prefill), varlen attention (causal);
   ViT   layer_norm / rms_norm, silu_and_mul (Qwen2.5-VL), apply_rope, varlen attention (windows
         of 64 patches and whole images);
-  W8A8 / W8A16 (the LLM's linear layers: qkv with its bias, o, gate_up, down) quantize_per_token,
+  W8A8 / W8A16 (the LLM's linear layers: qkv with its bias, o, gate_up, down) quantize_per_token
+        and quantize_per_tensor (msModelSlim's static scale and offset) of each layer's input,
         int8_matmul (dynamic per-token scales; msModelSlim's static scale with its int32 bias) and
-        w8a16_matmul, at decode M = 1/16/64 and prefill M = 2048;
+        w8a16_matmul (symmetric, and with msModelSlim's per-channel w_offset), at decode
+        M = 1/16/64 and prefill M = 2048;
 over token counts from 1 to the engine's largest chunks, batch sizes 1 to 256, and cache block
 sizes 16/32/64/128. Sizes are spread over powers of two and odd values between them, since the
 launchers' constexpr choices change at powers of two and Triton specialises integers that are 1
@@ -166,7 +168,9 @@ QUANT_ROWS = (1, 16, 64, 2048)  # decode batches and a prefill chunk
 
 def quant_launches(model: str, shape: TextShape, world: int, dtype: torch.dtype) -> Iterator[Launch]:
     """The quantized LLM's launches on one rank of `world`: each linear layer's shard (column-
-    parallel qkv and gate_up, row-parallel o and down), its activations quantized per token."""
+    parallel qkv and gate_up, row-parallel o and down), its activations quantized per token
+    (dynamic) or per tensor (static), its weights int8 x int8 or dequantized (with or without
+    an offset)."""
     heads = rank_heads(shape.heads, shape.kv_heads, world)
     if heads is None:
         return
@@ -180,6 +184,9 @@ def quant_launches(model: str, shape: TextShape, world: int, dtype: torch.dtype)
         for k in sorted({shape.hidden, hq * d, inter}):  # the inputs of qkv / gate_up, o, down
             yield Launch(tag, "quantize_per_token", f"[{m}, {k}]", dtype,
                          lambda m=m, k=k: kernels.quantize_per_token(_t(m, k, dtype=dtype)))
+            yield Launch(tag, "quantize_per_tensor", f"[{m}, {k}]", dtype,
+                         lambda m=m, k=k: kernels.quantize_per_tensor(_t(m, k, dtype=dtype), _t(1, dtype=torch.float32),
+                                                                      _t(1, dtype=torch.float32)))
         for name, n, k, bias in layers:
             w, scale = _t(n, k, dtype=torch.int8), _t(n, dtype=torch.float32)
             float_bias = _t(n, dtype=dtype) if bias else None
@@ -194,6 +201,9 @@ def quant_launches(model: str, shape: TextShape, world: int, dtype: torch.dtype)
             yield Launch(tag, "w8a16_matmul", f"{name} [{m}, {k}] x [{n}, {k}]", dtype,
                          lambda m=m, k=k, w=w, scale=scale, float_bias=float_bias: kernels.w8a16_matmul(
                              _t(m, k, dtype=dtype), w, scale, float_bias))
+            yield Launch(tag, "w8a16_matmul", f"{name} w_offset [{m}, {k}] x [{n}, {k}]", dtype,
+                         lambda m=m, k=k, n=n, w=w, scale=scale, float_bias=float_bias: kernels.w8a16_matmul(
+                             _t(m, k, dtype=dtype), w, scale, float_bias, w_offset=_t(n, dtype=torch.float32)))
 
 
 def vision_launches(model: str, shape: VisionShape, world: int, dtype: torch.dtype) -> Iterator[Launch]:

@@ -18,6 +18,11 @@ def _int8(rows: int, cols: int, seed: int) -> torch.Tensor:
     return torch.randint(-127, 128, (rows, cols), generator=g, dtype=torch.int8).to(DEVICE)
 
 
+def _round_away64(y: torch.Tensor) -> torch.Tensor:
+    """round(y) with halves away from zero, in float64."""
+    return torch.where(y >= 0, torch.floor(y + 0.5), -torch.floor(0.5 - y))
+
+
 @settings(max_examples=12, deadline=None)
 @given(rows=st.integers(1, 40), cols=st.sampled_from([1, 7, 64, 1280]) | st.integers(2, 300),
        dtype=st.sampled_from(DTYPES), zero_row=st.booleans(), seed=st.integers(0, 2**31 - 1))
@@ -32,8 +37,7 @@ def test_quantize_per_token(rows, cols, dtype, zero_row, seed):
     amax = x64.abs().amax(-1)
     expected_scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
     torch.testing.assert_close(scale.double(), expected_scale, rtol=1e-6, atol=0)
-    q64 = x64 / expected_scale[:, None]
-    exact = torch.where(q64 >= 0, torch.floor(q64 + 0.5), -torch.floor(0.5 - q64))
+    exact = _round_away64(x64 / expected_scale[:, None])
     # fp32 math may land a value just across a .5 boundary: at most one step off, and the
     # dequantized value stays within half a step (plus that rounding) of x.
     assert (q.double() - exact).abs().max() <= 1
@@ -51,6 +55,73 @@ def test_quantize_per_token_wide_rows_go_in_chunks():
     expected_q, expected_scale = quant.quantize_per_token_reference(x)
     torch.testing.assert_close(scale, expected_scale, rtol=1e-6, atol=0)
     assert (q.int() - expected_q.int()).abs().max() <= 1
+
+
+def _per_tensor64(x: torch.Tensor, scale: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, q): x / scale + offset in float64 and its int8 value (halves away from 0, clamped to
+    [-128, 127]), as msModelSlim's W8A8 defines static activation quantization."""
+    y = x.double().cpu() / scale + offset
+    return y, _round_away64(y).clamp(-128, 127)
+
+
+def _assert_per_tensor(q: torch.Tensor, x: torch.Tensor, scale: float, offset: float) -> None:
+    """q matches float64 math: exactly, except that fp32 math may land a value within rounding of
+    a .5 boundary one step off. Unwritten elements (-128 under the tests' poisoning) fail too."""
+    assert q.dtype == torch.int8 and q.shape == x.shape and q.is_contiguous()
+    y, expected = _per_tensor64(x, scale, offset)
+    diff = (q.double().cpu() - expected).abs()
+    assert diff.max() <= 1
+    near_tie = ((y - y.floor()) - 0.5).abs() <= 1e-5 * y.abs().clamp(min=1)
+    wrong = (diff > 0) & ~near_tie
+    assert not wrong.any(), f"{int(wrong.sum())} values wrong, e.g. q={q.cpu()[wrong][:5].tolist()} " \
+                            f"for x / scale + offset = {y[wrong][:5].tolist()}"
+
+
+@settings(max_examples=14, deadline=None)
+@given(rows=st.integers(1, 24), cols=st.sampled_from([1, 7, 64, 1280, 4097, 5000]) | st.integers(2, 300),
+       layout=st.sampled_from(["contiguous", "strided", "3d"]), dtype=st.sampled_from(DTYPES),
+       scale=st.floats(0.005, 0.2), offset=st.integers(-128, 127), store_tile=st.sampled_from([4096, 256, 64]),
+       seed=st.integers(0, 2**31 - 1))
+def test_quantize_per_tensor(rows, cols, layout, dtype, scale, offset, store_tile, seed):
+    if cols > 4096:
+        rows = min(rows, 3)  # the chunked path at the interpreter's own tile (4096), a few rows
+    if layout == "strided":  # rows strided by 2 * cols
+        x = randn(rows, 2, cols, dtype=dtype, seed=seed, scale=3.0)[:, 1]
+    elif layout == "3d":
+        x = randn(2, rows, cols, dtype=dtype, seed=seed, scale=3.0)
+    else:
+        x = randn(rows, cols, dtype=dtype, seed=seed, scale=3.0)
+    # |x / scale| reaches hundreds to thousands: both clamps, pushed further by the offset.
+    plan = dataclasses.replace(current_target(DEVICE), int8_store_tile=store_tile)  # Ascend's is 256
+    s, o = torch.tensor([scale], dtype=torch.float32), torch.tensor([float(offset)], dtype=torch.float32)
+    with use_target(plan), expect_triton_launch("quantize_per_tensor"):
+        q = quant.quantize_per_tensor(x, s.to(DEVICE), o.to(DEVICE))
+    _assert_per_tensor(q, x, float(s), float(offset))
+
+
+def test_quantize_per_tensor_wide_rows_go_in_chunks():
+    one = torch.ones(1, device=DEVICE)
+    wide = randn(3, 2, 4099, dtype=torch.bfloat16, seed=2, scale=100.0)[:, 1]  # past the tile of 4096, strided
+    with expect_triton_launch("quantize_per_tensor"):
+        q = quant.quantize_per_tensor(wide, one, -one)
+    _assert_per_tensor(q, wide, 1.0, -1.0)
+    x = randn(5, 3, 200, dtype=torch.float16, seed=3, scale=100.0)[:, 1]
+    with use_target(dataclasses.replace(current_target(DEVICE), int8_store_tile=64)):  # as Ascend's 256
+        q = quant.quantize_per_tensor(x, one * 0.75, one * 7)
+    _assert_per_tensor(q, x, 0.75, 7.0)
+
+
+def test_quantize_per_tensor_clamps_and_rounds_halves_away_from_zero():
+    scale, offset = 0.5, -100.0  # 1 / 0.5 is exact: every y below is exact in fp32
+    y = torch.tensor([[-1000.0, -28.5, -28.0, -27.5, -27.4, 0.0, 102.5, 97.5, 226.4, 227.0, 227.5, 1000.0]])
+    x = (y * scale).to(DEVICE)  # y = x / scale; q = round(y + offset)
+    with expect_triton_launch("quantize_per_tensor"):
+        q = quant.quantize_per_tensor(x, torch.tensor([scale], device=DEVICE), torch.tensor([offset], device=DEVICE))
+    # y + offset: -128.5 and -127.5 round to -129 and -128 (away from zero), both -128: the int8
+    # floor a symmetric [-127, 127] clamp would miss; 2.5 / -2.5 go to 3 / -3; 127.5 to 128, then 127.
+    expected = [-128, -128, -128, -128, -127, -100, 3, -3, 126, 127, 127, 127]
+    assert q.cpu().tolist() == [expected]
+    assert quant.quantize_per_tensor.reference(x, torch.tensor([scale]), torch.tensor([offset])).tolist() == [expected]
 
 
 def _matmul64(a, b, row_scale, col_scale, int_bias=None, bias=None):
@@ -78,16 +149,25 @@ def test_int8_matmul(m, n, k, per_token, int_bias, bias, out_dtype, seed):
 
 @settings(max_examples=10, deadline=None)
 @given(m=st.integers(1, 40), n=st.integers(1, 70), k=st.integers(1, 200), bias=st.booleans(),
-       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
-def test_w8a16_matmul(m, n, k, bias, dtype, seed):
+       w_offset=st.sampled_from([None, "whole", "fractional"]), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**31 - 1))
+def test_w8a16_matmul(m, n, k, bias, w_offset, dtype, seed):
     x = randn(m, k, dtype=dtype, seed=seed)
     w = _int8(n, k, seed + 1)
     w_scale = (torch.rand(n, generator=torch.Generator().manual_seed(seed + 2)) / 100 + 1e-4).to(DEVICE)
     fb = randn(n, dtype=dtype, seed=seed + 3) if bias else None
+    off = None
+    if w_offset is not None:  # msModelSlim's asymmetric W8A16: whole numbers in [-128, 127]; any float too
+        off = torch.rand(n, generator=torch.Generator().manual_seed(seed + 4), dtype=torch.float64) * 255 - 128
+        off = (off.round() if w_offset == "whole" else off).float().to(DEVICE)
     with expect_triton_launch("w8a16_matmul"):
-        out = quant.w8a16_matmul(x, w, w_scale, fb)
+        out = quant.w8a16_matmul(x, w, w_scale, fb, w_offset=off)
     assert out.shape == (m, n) and out.dtype == dtype
-    assert_close(out, _matmul64(x, w, torch.ones(1), w_scale, None, fb), dtype, scale=float(max(1, k) ** 0.5))
+    w64 = w.double() - (off.double()[:, None] if off is not None else 0)  # the dequantized weights, unscaled
+    expected = _matmul64(x, w64, torch.ones(1), w_scale, None, fb)
+    assert_close(out, expected, dtype, scale=float(max(1, k) ** 0.5))
+    assert_close(quant.w8a16_matmul.reference(x, w, w_scale, fb, w_offset=off), expected, dtype,
+                 scale=float(max(1, k) ** 0.5))
 
 
 def test_matmul_outputs_are_all_written():
@@ -108,6 +188,8 @@ def test_bad_shapes_are_named():
         (lambda: quant.int8_matmul(a, _int8(5, 8, 3), torch.ones(4), torch.ones(4)), "col_scale"),
         (lambda: quant.w8a16_matmul(a, _int8(5, 8, 3), torch.ones(5)), "float activations"),
         (lambda: quant.w8a16_matmul(a.float(), _int8(5, 8, 3).float(), torch.ones(5)), "must be int8"),
+        (lambda: quant.w8a16_matmul(a.float(), _int8(5, 8, 3), torch.ones(5), w_offset=torch.ones(4)), "w_offset"),
+        (lambda: quant.quantize_per_tensor(a.float(), torch.ones(2), torch.zeros(1)), "per tensor"),
     ]:
         try:
             call()
