@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 
@@ -40,13 +41,16 @@ def post_while_running(url: str, body: dict, procs: list[subprocess.Popen], outp
         pool.shutdown(wait=False)  # on failure the caller kills the ranks, which ends the request
 
 
-def test_two_rank_server_matches_one_process(server, serving_ckpt, tmp_path):
+def start_two_rank_server(ckpt: Path, log_dir: Path, *extra: str
+                          ) -> tuple[str, list[subprocess.Popen], Callable[..., str]]:
+    """tools/serve.py as 2 gloo ranks (rank 0 serving on a free port, rank 1 following), healthy:
+    (its URL, the rank processes, a function of rank indices giving their output's tails)."""
     port, master = free_port(), free_port()
     env = {**server_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master), "WORLD_SIZE": "2",
            "LOCAL_WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "lo"}
-    cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), "--model_path", str(serving_ckpt), "--port", str(port),
-           "--kv_cache_gb", "0.05", "--log_level", "warning"]
-    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), "--model_path", str(ckpt), "--port", str(port),
+           "--kv_cache_gb", "0.05", "--log_level", "warning", *extra]
+    logs = [log_dir / f"rank{r}.log" for r in range(2)]
     procs = []
     for rank in range(2):
         with logs[rank].open("w") as f:
@@ -60,17 +64,35 @@ def test_two_rank_server_matches_one_process(server, serving_ckpt, tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, procs, "the 2-rank server (rank 0 serving, rank 1 following)", tails)
+    except BaseException:
+        kill_all(procs)
+        raise
+    return url, procs, tails
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+def stop_two_rank_server(procs: list[subprocess.Popen], tails: Callable[..., str]) -> None:
+    """SIGTERM to rank 0: both ranks exit 0 (a rank that fails ends the wait at once, one that hangs
+    after SHUTDOWN_TIMEOUT_S)."""
+    procs[0].send_signal(signal.SIGTERM)
+    wait_for_exit(procs, SHUTDOWN_TIMEOUT_S, "the 2-rank server after SIGTERM to rank 0", tails)
+
+
+def test_two_rank_server_matches_one_process(server, serving_ckpt, tmp_path):
+    url, procs, tails = start_two_rank_server(serving_ckpt, tmp_path)
+    try:
         body = {"messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 10,
                 "temperature": 0, "ignore_eos": True, "return_token_ids": True}
         tp = post_while_running(url + "/v1/chat/completions", body, procs, tails)
         one = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S).json()
         assert tp["choices"][0]["token_ids"] == one["choices"][0]["token_ids"]
         assert tp["choices"][0]["message"]["content"] == one["choices"][0]["message"]["content"]
-        procs[0].send_signal(signal.SIGTERM)
-        # Both ranks exit 0; a rank that fails ends the wait at once, one that hangs after SHUTDOWN_TIMEOUT_S.
-        wait_for_exit(procs, SHUTDOWN_TIMEOUT_S, "the 2-rank server after SIGTERM to rank 0", tails)
+        stop_two_rank_server(procs, tails)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
+        kill_all(procs)

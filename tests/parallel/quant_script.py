@@ -1,0 +1,56 @@
+"""One rank of a quantized checkpoint's engine run, launched by tests/parallel/test_tp_quantized.py.
+
+    RANK=r WORLD_SIZE=n ... python quant_script.py CKPT OUT_DIR kernels|dequantized
+
+`dequantized` runs the checkpoint's dequantized float reference (modeling.linear.dequantized)
+instead of its int8 layers. Rank 0 generates REQUESTS greedily and writes OUT_DIR/outputs.json
+(token ids per request); the other ranks follow.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from engine.llm import LLM, Prompt  # noqa: E402
+from engine.media import Media  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
+from modeling.linear import dequantized  # noqa: E402
+from modeling.processing import SAMPLE_IMAGE_PATH  # noqa: E402
+from parallel import SINGLE_PROCESS, TPGroup, destroy, end_process, init_from_env  # noqa: E402
+
+IMAGE_TEXT = "What is shown here?"
+CHAT_TEXT = "Tell me about the sea."
+TOKENS = 8
+REQUESTS = {"image": Prompt(IMAGE_TEXT, [Media(SAMPLE_IMAGE_PATH)]), "text": Prompt(CHAT_TEXT)}
+
+
+def reference_tokens(checkpoint: str | Path, mode: str, tp: TPGroup = SINGLE_PROCESS) -> dict[str, list[int]] | None:
+    """Greedy tokens of REQUESTS on this rank's engine (rank 0; None on the others, which follow)."""
+    llm = LLM(checkpoint, device="cpu", kv_cache_gb=0.05, tp=tp)
+    if mode == "dequantized":
+        llm.model.weights = dequantized(llm.model.weights)
+    if tp.rank != 0:
+        llm.worker_loop()
+        return None
+    try:
+        outputs = llm.generate(list(REQUESTS.values()), SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True))
+    finally:
+        llm.shutdown()
+    return {name: o.output_ids for name, o in zip(REQUESTS, outputs, strict=True)}
+
+
+def main(checkpoint: str, out_dir: str, mode: str) -> None:
+    tp = init_from_env("cpu")
+    tokens = reference_tokens(checkpoint, mode, tp)
+    if tokens is not None:
+        Path(out_dir, "outputs.json").write_text(json.dumps(tokens))
+    destroy(tp)
+    end_process(tp)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
