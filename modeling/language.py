@@ -104,8 +104,12 @@ def decoder_forward(w: LanguageWeights, cfg: TextConfig, hidden: torch.Tensor, p
     for i, layer in enumerate(w.layers):
         if i > 0:
             x, residual = kernels.add_rms_norm(x, residual, layer.input_norm, cfg.rms_norm_eps)
+        if layer.input_norm_bias is not None:  # a quantized checkpoint's anti-outlier shift
+            x = x + layer.input_norm_bias
         x = attention(x, layer, cfg, positions, meta, kv_caches[i], tp)
         x, residual = kernels.add_rms_norm(x, residual, layer.post_norm, cfg.rms_norm_eps)
+        if layer.post_norm_bias is not None:
+            x = x + layer.post_norm_bias
         x = mlp(x, layer, tp)
     x, _ = kernels.add_rms_norm(x, residual, w.norm, cfg.rms_norm_eps)
     return x

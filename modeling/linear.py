@@ -88,6 +88,7 @@ class Int8Linear:
     int_bias: torch.Tensor | None = None  # int32 [N] (W8A8 static)
     weight_offset: torch.Tensor | None = None  # fp32 [N] (W8A16: w = (q - offset) * scale)
     segments: tuple[StaticSegment, ...] = ()  # W8A8 static: the rows of each activation scale
+    bias: torch.Tensor | None = None  # [N] the layer's own float bias, added to a call's
     unit_scale: torch.Tensor | None = None  # fp32 [1] of 1.0: the row scale of a static matmul
 
     def __post_init__(self):
@@ -97,6 +98,8 @@ class Int8Linear:
             self.unit_scale = torch.ones(1, dtype=torch.float32, device=self.weight.device)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.bias is not None:
+            bias = self.bias if bias is None else bias + self.bias
         if self.activations is Activations.FLOAT:
             return kernels.w8a16_matmul(x, self.weight, self.channel_scale, bias, w_offset=self.weight_offset)
         if self.activations is Activations.PER_TOKEN:
@@ -128,25 +131,27 @@ class DequantizedLinear:
 
     weight: torch.Tensor  # fp32 [N, K], dequantized
     activations: Activations
-    bias: torch.Tensor | None  # fp32 [N]: W8A8 static's int bias and offset correction, dequantized
+    bias: torch.Tensor | None  # fp32 [N]: the layer's own (W8A8 static: its int bias and offset
+    # correction, dequantized, added)
     segments: tuple[StaticSegment, ...] = ()
 
     @classmethod
     def of(cls, layer: Int8Linear) -> DequantizedLinear:
         q = layer.weight.float()
+        own_bias = None if layer.bias is None else layer.bias.float()
         if layer.activations is Activations.FLOAT:
             offset = 0.0 if layer.weight_offset is None else layer.weight_offset[:, None]
-            return cls((q - offset) * layer.channel_scale[:, None], layer.activations, None)
+            return cls((q - offset) * layer.channel_scale[:, None], layer.activations, own_bias)
         if layer.activations is Activations.PER_TOKEN:
-            return cls(q * layer.channel_scale[:, None], layer.activations, None)
-        weight, bias = torch.empty_like(q), torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
+            return cls(q * layer.channel_scale[:, None], layer.activations, own_bias)
+        weight, bias = torch.empty_like(q), torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
         int_bias = layer.int_bias.float() if layer.int_bias is not None else torch.zeros_like(bias)
         for seg in layer.segments:
             rows = slice(seg.start, seg.stop)
             deq = layer.channel_scale[rows]
             weight[rows] = q[rows] * (deq / seg.scale)[:, None]
             bias[rows] = (int_bias[rows] + seg.offset * q[rows].sum(1)) * deq
-        return cls(weight, layer.activations, bias, layer.segments)
+        return cls(weight, layer.activations, bias if own_bias is None else bias + own_bias, layer.segments)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.activations is Activations.FLOAT:

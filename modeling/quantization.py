@@ -8,7 +8,9 @@ Two formats, detected from the folder (`--quantization` may name one; a mismatch
     the weights are in quant_model_weight_<type>*.safetensors. Per quantized linear layer `L`:
       W8A16         L.weight int8 [N, K]; L.weight_scale, L.weight_offset [N] or [N, 1], float:
                     w = (q - weight_offset) * weight_scale
-      W8A8_DYNAMIC  L.weight, L.weight_scale (weight_offset zeros): activations per token, symmetric
+      W8A8_DYNAMIC  L.weight, L.weight_scale (weight_offset zeros): activations per token, symmetric;
+                    L.bias float when present
+      W8A8_MIX      both sets of tensors (per token in prefill, per tensor in decode); run per token
       W8A8          L.weight; L.input_scale, L.input_offset [1] (fp16 / bf16; offset a whole number);
                     L.deq_scale [N] (float32, or for fp16 models int64 holding float32 bits);
                     L.quant_bias int32 [N]:
@@ -17,6 +19,9 @@ Two formats, detected from the folder (`--quantization` may name one; a mismatch
                     quant_bias folds the float bias and the offset's correction, so L.bias, when
                     present, is not used (as vllm-ascend); L.weight_scale / L.weight_offset may be
                     present and are not needed.
+    Anti-outlier (smooth quant folded into the norms): a decoder norm N may carry N.bias (fp32 [H]),
+    y = rms_norm(x) * N.weight + N.bias, or, in older versions, N.module.weight / N.module.bias
+    beside the original N.weight, which is then unused; the linears' tensors already compensate.
   compressed-tensors (llm-compressor; loaded by vLLM): config.json's quantization_config with
     quant_method "compressed-tensors", format "int-quantized", config_groups whose targets
     ("Linear", a layer name, or "re:<regex>") and `ignore` say which layers each scheme covers:
@@ -28,7 +33,7 @@ Supported in the decoder's linear layers (q/k/v, o, gate/up, down); the embeddin
 and the vision tower must be float (both tools' Qwen-VL recipes keep them so), else an error
 names them. Fused parts (q/k/v, gate/up) must share a scheme. Not supported, each a clear error:
 KV-cache quantization, sparse or packed int4 formats, group-wise scales, asymmetric weights under
-W8A8, msModelSlim's anti-outlier norm tensors (`*.module.weight`).
+W8A8.
 
 Tensor parallelism: a quantized weight is split like its float one; per-output-channel tensors
 follow the weight's rows where the layer is column-parallel (q/k/v by heads, gate/up) and are
@@ -84,6 +89,7 @@ class PartTensors:
     weight_offset: torch.Tensor | None = None  # fp32 [n]
     input_scale: float | None = None  # W8A8 static
     input_offset: float | None = None
+    bias: torch.Tensor | None = None  # float [n] (zeros off rank 0 for a row-parallel layer)
 
 
 class Reader(Protocol):
@@ -214,6 +220,19 @@ def _int8_weight(reader: Reader, entry: WeightEntry, i: int, config: ModelConfig
     return weight
 
 
+def _float_bias(reader: Reader, prefix: str, entry: WeightEntry, config: ModelConfig, tp: TPGroup
+                ) -> torch.Tensor | None:
+    """A quantized layer's float bias L.bias, when the file has one (Qwen's q/k/v; an anti-outlier
+    norm bias's correction on the others), split like the layer's output channels."""
+    name = prefix + "bias"
+    if name not in reader:
+        return None
+    shape = reader.shape(name)
+    spec = sharding.first_rank(tp) if entry.shard in _SPLITS_INPUT and tp.world_size > 1 else \
+        _channel_spec(entry, shape, config, tp)
+    return _read(reader, name, spec)
+
+
 def _check_offset(value: float, name: str) -> float:
     if value != round(value) or not -128 <= value <= 127:
         raise QuantizationError(f"{name} = {value}: an activation offset must be a whole number in [-128, 127]")
@@ -227,7 +246,10 @@ class MsModelSlimFormat(QuantizedFormat):
     """msModelSlim's W8A8 / W8A8_DYNAMIC / W8A16 (see the module docstring)."""
 
     method = "ascend"
-    SCHEMES = {"W8A8": Activations.PER_TENSOR, "W8A8_DYNAMIC": Activations.PER_TOKEN, "W8A16": Activations.FLOAT}
+    # W8A8_MIX ("PDMIX": per-token activations in prefill, per-tensor in decode) carries both sets of
+    # tensors; it runs per token in both phases here, which its prefill path defines exactly.
+    SCHEMES = {"W8A8": Activations.PER_TENSOR, "W8A8_DYNAMIC": Activations.PER_TOKEN,
+               "W8A8_MIX": Activations.PER_TOKEN, "W8A16": Activations.FLOAT}
     NOT_LAYERS = ("model_quant_type", "kv_cache_type", "version", "group_size", "model_type")
 
     def __init__(self, description: dict[str, Any]):
@@ -243,10 +265,6 @@ class MsModelSlimFormat(QuantizedFormat):
             if kind != "FLOAT" and kind not in self.SCHEMES:
                 raise QuantizationError(f"{DESCRIPTION_FILE}: {name} is {kind}; supported: FLOAT, "
                                         f"{', '.join(self.SCHEMES)}")
-            if ".module." in name:
-                raise QuantizationError(f"{DESCRIPTION_FILE}: {name} is an anti-outlier norm tensor (smooth quant "
-                                        f"folded into the norm), which is not supported; quantize without "
-                                        f"anti-outlier")
             self.types[canonical_name(name)] = kind
 
     def describe(self) -> str:
@@ -261,8 +279,10 @@ class MsModelSlimFormat(QuantizedFormat):
         p = _prefix(weight_name)
         if scheme is Activations.PER_TENSOR:
             return ([p + s for s in ("input_scale", "input_offset", "deq_scale", "quant_bias")],
-                    [p + s for s in ("weight_scale", "weight_offset")])
-        return [p + "weight_scale"], [p + "weight_offset"]
+                    [p + s for s in ("weight_scale", "weight_offset", "bias")])
+        # W8A8_MIX's static tensors are present and not needed here
+        return [p + "weight_scale"], [p + s for s in ("weight_offset", "bias", "input_scale", "input_offset",
+                                                        "deq_scale", "quant_bias")]
 
     def folds_bias(self, scheme: Activations) -> bool:
         return scheme is Activations.PER_TENSOR
@@ -281,7 +301,7 @@ class MsModelSlimFormat(QuantizedFormat):
                 offset = None
             if offset is not None and scheme is Activations.PER_TOKEN:
                 raise QuantizationError(f"{p}weight_offset: asymmetric weights are not supported under W8A8_DYNAMIC")
-            return PartTensors(weight, scale, weight_offset=offset)
+            return PartTensors(weight, scale, weight_offset=offset, bias=_float_bias(reader, p, entry, config, tp))
         deq_name, bias_name = p + "deq_scale", p + "quant_bias"
         deq = _read(reader, deq_name, _channel_spec(entry, reader.shape(deq_name), config, tp)).reshape(-1)
         if deq.dtype == torch.int64:  # fp16 models: float32 bit patterns in int64 (for Ascend's quant matmul)
@@ -389,7 +409,7 @@ class CompressedTensorsFormat(QuantizedFormat):
 
     def tensor_names(self, weight_name: str, scheme: Activations) -> tuple[list[str], list[str]]:
         p = _prefix(weight_name)
-        required, optional = [p + "weight_scale"], [p + "weight_zero_point"]
+        required, optional = [p + "weight_scale"], [p + "weight_zero_point", p + "bias"]
         if scheme is Activations.PER_TENSOR:
             required.append(p + "input_scale")
             optional.append(p + "input_zero_point")
@@ -407,28 +427,35 @@ class CompressedTensorsFormat(QuantizedFormat):
             scale = torch.full((weight.shape[0],), _scalar(reader, p + "weight_scale"))
         else:
             scale = _per_channel(reader, p + "weight_scale", entry, n_full, config, tp)
+        bias = _float_bias(reader, p, entry, config, tp)
         if scheme is not Activations.PER_TENSOR:
-            return PartTensors(weight, scale)
+            return PartTensors(weight, scale, bias=bias)
         input_scale = _scalar(reader, p + "input_scale")
         zero_point = _check_offset(_scalar(reader, p + "input_zero_point"), p + "input_zero_point") \
             if p + "input_zero_point" in reader else 0.0
         # x_q = round(x / s) + zp: the sums carry zp * sum_k q, taken off on each rank for its own k
         int_bias = (-int(zero_point) * weight.sum(1, dtype=torch.int32)).to(torch.int32) if zero_point else None
         return PartTensors(weight, scale * input_scale, int_bias=int_bias, input_scale=input_scale,
-                           input_offset=zero_point)
+                           input_offset=zero_point, bias=bias)
 
 
 # ----------------------------------------------------------------------------- fusing parts
 
 
-def fuse(parts: Sequence[PartTensors], scheme: Activations, device: torch.device | str) -> Int8Linear:
-    """One Int8Linear of a layer's parts (q | k | v, gate | up, or one), their rows in order."""
+def fuse(parts: Sequence[PartTensors], scheme: Activations, device: torch.device | str,
+         dtype: torch.dtype) -> Int8Linear:
+    """One Int8Linear of a layer's parts (q | k | v, gate | up, or one), their rows in order; its
+    float bias (if any part has one) in `dtype`, the model's."""
     weight = torch.cat([p.weight for p in parts]).to(device)
     scale = torch.cat([p.channel_scale for p in parts]).to(device, torch.float32)
     offset = None
     if any(p.weight_offset is not None for p in parts):
         offset = torch.cat([p.weight_offset if p.weight_offset is not None else torch.zeros_like(p.channel_scale)
                             for p in parts]).to(device, torch.float32)
+    bias = None
+    if any(p.bias is not None for p in parts):
+        bias = torch.cat([p.bias.to(dtype) if p.bias is not None else torch.zeros(p.weight.shape[0], dtype=dtype)
+                          for p in parts]).to(device)
     int_bias, segments = None, ()
     if scheme is Activations.PER_TENSOR:
         int_bias = torch.cat([p.int_bias if p.int_bias is not None
@@ -444,4 +471,4 @@ def fuse(parts: Sequence[PartTensors], scheme: Activations, device: torch.device
         segments = tuple(StaticSegment(a, b, torch.tensor([s], dtype=torch.float32, device=device),
                                        torch.tensor([o], dtype=torch.float32, device=device))
                          for a, b, s, o in bounds)
-    return Int8Linear(weight, scale, scheme, int_bias=int_bias, weight_offset=offset, segments=segments)
+    return Int8Linear(weight, scale, scheme, int_bias=int_bias, weight_offset=offset, segments=segments, bias=bias)

@@ -129,11 +129,13 @@ class DecoderLayerWeights:
 
     input_norm: torch.Tensor  # [H]
     qkv_weight: Weight  # [(Hq + 2 Hk) * D, H]  (float, or an Int8Linear of that shape)
-    qkv_bias: torch.Tensor | None  # [(Hq + 2 Hk) * D]; None when a quantized layer folds it (msModelSlim W8A8)
+    qkv_bias: torch.Tensor | None  # [(Hq + 2 Hk) * D]; None when quantized (the Int8Linear holds its own)
     o_weight: Weight  # [H, Hq * D]
     post_norm: torch.Tensor  # [H]
     gate_up_weight: Weight  # [2 I, H]   rows: gate then up
     down_weight: Weight  # [H, I]
+    input_norm_bias: torch.Tensor | None = None  # [H] msModelSlim's anti-outlier norm bias, added after
+    post_norm_bias: torch.Tensor | None = None  # [H] the norm (quantized checkpoints only)
 
 
 @dataclass
@@ -248,13 +250,23 @@ class _Loader:
         alike: checked before any data is read)."""
         scheme = self.schemes.get(parts[0].name(i))
         if scheme is None:
-            weight: Weight = self.cat(parts, dtype, i)
-        else:
-            assert self.quant is not None
-            weight = quantization.fuse([self.quant.read_part(self.reader, e, i, scheme, self.config, self.tp)
-                                        for e in parts], scheme, self.device)
-        folded = scheme is not None and self.quant is not None and self.quant.folds_bias(scheme)
-        return weight, (self.cat(biases, dtype, i) if biases and not folded else None)
+            return self.cat(parts, dtype, i), (self.cat(biases, dtype, i) if biases else None)
+        assert self.quant is not None  # a quantized layer reads its own float bias, if it keeps one
+        return quantization.fuse([self.quant.read_part(self.reader, e, i, scheme, self.config, self.tp)
+                                  for e in parts], scheme, self.device, dtype), None
+
+    def norm(self, entry: WeightEntry, dtype: torch.dtype, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decoder norm `entry` of layer i and its anti-outlier bias, if the checkpoint has one
+        (msModelSlim: y = rms_norm(x) * weight + bias; older versions name the pair module.weight /
+        module.bias beside the original weight, which is then not used)."""
+        name = entry.name(i)
+        stem = name[: -len("weight")]
+        for weight_name, bias_name in ((stem + "module.weight", stem + "module.bias"), (name, stem + "bias")):
+            if weight_name in self.reader:
+                weight = self.reader.get(weight_name).to(self.device, dtype)
+                bias = self.reader.get(bias_name).to(self.device, dtype) if bias_name in self.reader else None
+                return weight, bias
+        raise WeightsError(f"checkpoint has no tensor {name!r}")
 
 
 # The decoder's biases, by the weight they belong to (a folded bias may be absent).
@@ -313,6 +325,11 @@ def _check_names(config: ModelConfig, reader: CheckpointReader, quant: Quantized
         bias = _BIAS_OF.get(table.entry_for(name))
         if bias is not None and bias.present(config) and quant.folds_bias(scheme):
             optional.add(name[: -len("weight")] + "bias")
+    if quant is not None:  # anti-outlier norm biases, and older msModelSlim's module.weight / module.bias
+        for entry in (table.INPUT_NORM, table.POST_ATTN_NORM):
+            for name in entry.names(config):
+                stem = name[: -len("weight")]
+                optional.update({stem + "bias", stem + "module.weight", stem + "module.bias"})
     missing = sorted(expected - present - optional)
     unexpected = sorted(present - expected - optional)
     if missing or unexpected:
@@ -338,12 +355,16 @@ def _decoder_layer(get: _Loader, i: int, dtype: torch.dtype) -> DecoderLayerWeig
     """Decoder layer i, q/k/v and gate/up fused (shapes in DecoderLayerWeights)."""
     qkv, qkv_bias = get.linear([table.Q_PROJ, table.K_PROJ, table.V_PROJ], dtype, i,
                                biases=[table.Q_PROJ_BIAS, table.K_PROJ_BIAS, table.V_PROJ_BIAS])
+    input_norm, input_norm_bias = get.norm(table.INPUT_NORM, dtype, i)
+    post_norm, post_norm_bias = get.norm(table.POST_ATTN_NORM, dtype, i)
     return DecoderLayerWeights(
-        input_norm=get(table.INPUT_NORM, dtype, i),
+        input_norm=input_norm,
+        input_norm_bias=input_norm_bias,
         qkv_weight=qkv,
         qkv_bias=qkv_bias,
         o_weight=get.linear([table.O_PROJ], dtype, i)[0],
-        post_norm=get(table.POST_ATTN_NORM, dtype, i),
+        post_norm=post_norm,
+        post_norm_bias=post_norm_bias,
         gate_up_weight=get.linear([table.GATE_PROJ, table.UP_PROJ], dtype, i)[0],
         down_weight=get.linear([table.DOWN_PROJ], dtype, i)[0],
     )

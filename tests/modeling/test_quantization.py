@@ -309,7 +309,6 @@ ERRORS = [
     ("ascend-w8a8", _describe(lambda d: d.update(kv_cache_type="C8")), "KV-cache quantization"),
     ("ascend-w8a8", _mark("model.layers.0.self_attn.q_proj.weight", "FLOAT"), "is int8, but"),
     ("ascend-w8a8", _mark("model.layers.0.self_attn.k_proj.weight", "W8A16"), "must share a quantization scheme"),
-    ("ascend-w8a8", _mark("model.layers.0.input_layernorm.module.weight", "W8A8"), "anti-outlier"),
     ("ascend-w8a8", _mark("model.layers.0.mlp.down_proj.weight", "W4A16"), "W4A16"),
     ("ascend-w8a8", lambda f: edit_tensors(f, lambda t: t.pop("model.layers.1.mlp.down_proj.deq_scale")),
      "missing 1 tensor(s): model.layers.1.mlp.down_proj.deq_scale"),
@@ -345,3 +344,69 @@ def test_quantization_flag_must_match_the_checkpoint(quantized, float_checkpoint
         load_model(ascend, "float32", quantization="gptq")
     float_copy = float_checkpoints["qwen2_5_vl", "float32"]
     assert load_model(float_copy, "float32").quantization == "none"
+
+
+# ----------------------------------------------------------------------------- msModelSlim variants
+
+
+def anti_outlier_variant(folder: Path, legacy: bool, shift: int = 3) -> None:
+    """Rewrite a W8A8 checkpoint as msModelSlim's anti-outlier output of the same model: each decoder
+    norm's output doubled and shifted by `shift` activation steps (weight * 2, bias = shift * the new
+    scale), its linears' input scales doubled and offsets lowered by `shift`: every int8 activation,
+    and so every output, is unchanged exactly when the loader applies both the norm weight and bias.
+    legacy: the pair as norm.module.weight / norm.module.bias beside the unchanged norm.weight."""
+    followers = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+
+    def change(t: dict[str, torch.Tensor]) -> None:
+        for name in [n for n in t if n.endswith(tuple(f"{norm}.weight" for norm in followers))]:
+            stem, norm = name[: -len("weight")], name.split(".")[-2]
+            layer = stem[: -len(norm) - 2]
+            scale = None
+            for linear in followers[norm]:
+                p = f"{layer}.{linear}."
+                t[p + "input_scale"] = t[p + "input_scale"] * 2
+                assert -128 + shift <= float(t[p + "input_offset"]) <= 127
+                t[p + "input_offset"] = t[p + "input_offset"] - shift
+                scale = t[p + "input_scale"].float()
+            bias = (shift * scale).expand_as(t[name]).to(torch.float32).clone()
+            if legacy:
+                t[stem + "module.weight"], t[stem + "module.bias"] = t[name] * 2, bias
+            else:
+                t[name], t[stem + "bias"] = t[name] * 2, bias
+
+    edit_tensors(folder, change)
+    names = file_names(folder)
+    edit_json(folder / DESCRIPTION_FILE, lambda d: d.update({n: "FLOAT" for n in names if n not in d}))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["norm.bias", "norm.module"])
+def test_anti_outlier_norms_are_applied(legacy: bool, quantized, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("QVL_KERNELS", "torch")  # the arithmetic under test is the loader's, not a kernel's
+    original = quantized("ascend-w8a8", "qwen2_vl")
+    variant = copy_of(original, tmp_path)
+    anti_outlier_variant(variant, legacy)
+    ids = torch.randint(0, 500, (11,), generator=torch.Generator().manual_seed(3))
+    want_logits, want = greedy_generate(load_model(original, "float32"), ids, 5)
+    model = load_model(variant, "float32")
+    assert model.weights.language.layers[1].post_norm_bias is not None
+    logits, got = greedy_generate(model, ids, 5)
+    assert got == want
+    for a, b in zip(logits, want_logits, strict=True):
+        assert_close_to(a.double(), b.double(), "anti-outlier")
+
+
+def test_w8a8_mix_runs_per_token(quantized, tmp_path: Path, monkeypatch) -> None:
+    """msModelSlim's W8A8_MIX (both static and per-token tensors) runs its per-token path: the same
+    outputs as the W8A8_DYNAMIC checkpoint of the same weights (the tool rounds both alike)."""
+    monkeypatch.setenv("QVL_KERNELS", "torch")
+    mix = copy_of(quantized("ascend-w8a8", "qwen2_5_vl"), tmp_path)
+    edit_json(mix / DESCRIPTION_FILE, lambda d: d.update({k: "W8A8_MIX" for k, v in d.items() if v == "W8A8"}))
+    model = load_model(mix, "float32")
+    assert model.weights.language.layers[0].qkv_weight.activations is Activations.PER_TOKEN
+    dynamic = load_model(quantized("ascend-w8a8-dynamic", "qwen2_5_vl"), "float32")
+    ids = torch.randint(0, 500, (9,), generator=torch.Generator().manual_seed(4))
+    (logits, tokens), (want_logits, want) = greedy_generate(model, ids, 3), greedy_generate(dynamic, ids, 3)
+    assert tokens == want
+    for a, b in zip(logits, want_logits, strict=True):
+        assert_close_to(a.double(), b.double(), "W8A8_MIX")
