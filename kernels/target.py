@@ -55,7 +55,7 @@ class Target:
     key_tile / decode_key_tile: the most keys a prefill / decode attention program scores at
       once (the K/V tile rows); a larger cache block is walked in pieces. With query_rows, sized
       so that a tile of head dim 128 stays in registers (CUDA) or the unified buffer (Ascend).
-    int8_store_tile: the widest row chunk quantize_per_token quantizes and stores as int8 at once:
+    int8_store_tile: the widest row chunk the quantize ops (per token, per tensor) store as int8 at once:
       bishengir plans ~0.5 KB of UB a column for that path (127 KB at 256 columns; 1024-column
       tiles overflow), so Ascend takes 256; 4096 elsewhere.
     interpret: kernels run in the CPU interpreter: tl.dot operands are fp32 there (it computes

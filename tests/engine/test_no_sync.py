@@ -98,7 +98,22 @@ def test_the_static_decode_forward_has_no_host_sync(arch, tmp_path, monkeypatch)
     """The forward pass a graph records (engine/decode_graphs.py): on the persistent buffers,
     padded from 3 sequences to the bucket of 4."""
     monkeypatch.setenv("QVL_KERNELS", "triton")
-    llm = LLM(make_tiny_checkpoint(tmp_path / arch, arch), device="cpu", num_kv_blocks=64)
+    assert_static_forward_has_no_host_sync(make_tiny_checkpoint(tmp_path / arch, arch))
+
+
+@pytest.mark.parametrize(("arch", "fmt"), [("qwen2_vl", "ascend-w8a8"), ("qwen2_5_vl", "compressed-tensors-w8a8"),
+                                           ("qwen2_vl", "ascend-w8a16")])
+def test_the_quantized_static_decode_forward_has_no_host_sync(arch, fmt, tmp_path, monkeypatch):
+    """The same on the int8 kernels of a quantized checkpoint (each W8A8 / W8A16 scheme)."""
+    from tools.quantize import quantize_checkpoint
+
+    checkpoint = quantize_checkpoint(make_tiny_checkpoint(tmp_path / arch, arch), tmp_path / fmt, fmt, calib_prompts=1)
+    monkeypatch.setenv("QVL_KERNELS", "triton")
+    assert_static_forward_has_no_host_sync(checkpoint)
+
+
+def assert_static_forward_has_no_host_sync(checkpoint) -> None:
+    llm = LLM(checkpoint, device="cpu", num_kv_blocks=64)
     graphs = DecodeGraphs(llm.model, llm.kv_caches, llm.model.forward, 8, 16, capture=False)
     for i, prompt in enumerate([Prompt("hi"), Prompt("Tell me a story about the sea."), Prompt("Count.")]):
         llm.add_request(f"r{i}", llm.preprocessor.prepare(prompt, SamplingParams(max_tokens=8, ignore_eos=True)))
