@@ -37,6 +37,8 @@ def add_engine_arguments(p: argparse.ArgumentParser, model_path_help: str) -> No
     add("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"], help="--model_path: dtype")
     add("--device", help="--model_path: cuda, npu or cpu (default: the first accelerator found)")
     add("--kv_cache_gb", type=float, help="--model_path: KV cache size in GiB")
+    add("--quantization", help="--model_path: a quantized checkpoint's format, ascend (msModelSlim) or "
+                               "compressed-tensors (default: detected from the checkpoint)")
 
 
 def load_engine(args: argparse.Namespace, samples: list[Sample], max_batch_size: int) -> tuple[LLM, list[Prompt]]:
@@ -45,7 +47,7 @@ def load_engine(args: argparse.Namespace, samples: list[Sample], max_batch_size:
     from engine.media import Media
 
     llm = LLM(args.model_path, dtype=args.dtype, device=args.device, kv_cache_gb=args.kv_cache_gb,
-              max_batch_size=max_batch_size)
+              max_batch_size=max_batch_size, quantization=args.quantization)
     prompts = [Prompt(s.text, [Media(src, kind, media_options(args, kind)) for kind, src in s.media])
                for s in samples]
     return llm, prompts

@@ -410,3 +410,24 @@ def test_w8a8_mix_runs_per_token(quantized, tmp_path: Path, monkeypatch) -> None
     assert tokens == want
     for a, b in zip(logits, want_logits, strict=True):
         assert_close_to(a.double(), b.double(), "W8A8_MIX")
+
+
+def test_quantize_tool_shards_large_outputs_and_refuses_bad_inputs(float_checkpoints, quantized, tmp_path,
+                                                                   monkeypatch, capsys) -> None:
+    from tools import quantize
+
+    monkeypatch.setattr(quantize, "SHARD_BYTES", 64 << 10)
+    src = float_checkpoints["qwen2_vl", "float32"]
+    out = quantize.main(["--model_path", str(src), "--output_path", str(tmp_path / "q"), "--format", "ascend-w8a16"])
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"quant_model_weight_w8a16-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((out / "quant_model_weight_w8a16.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == file_names(out) and set(index["weight_map"].values()) == set(shards)
+    assert isinstance(load_model(out, "float32").weights.language.layers[0].down_weight, Int8Linear)
+    for argv, message in (
+            (["--model_path", str(quantized("ascend-w8a8-dynamic")), "--output_path", str(tmp_path / "x")],
+             "is already quantized (ascend (msModelSlim) W8A8_DYNAMIC)"),
+            (["--model_path", str(src), "--output_path", str(src)], "must differ"),
+            (["--model_path", str(tmp_path / "nothing"), "--output_path", str(tmp_path / "y")], "config.json")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            quantize.main([*argv, "--format", "compressed-tensors-w8a8"])
