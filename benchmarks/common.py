@@ -110,16 +110,25 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_results(ctx: BenchContext, extra: dict) -> Path:
-    """Write results/<device>.json and results/<device>.md; returns the JSON path."""
+    """Write results/<device>.json and results/<device>.md; returns the JSON path.
+
+    extra["families"] names the families this run measured: the rows of other families already in
+    the file are kept (a `--only` run updates its own rows), and meta["families_rerun"] says which
+    rows are this run's."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     name = device_name(ctx.device)
-    meta = {"device": name, "smoke": ctx.smoke, "copy_bandwidth_GBps": round(ctx.copy_gbs, 2),
-            "torch": torch.__version__, **extra}
     path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps({"meta": meta, "rows": ctx.rows}, indent=1) + "\n")
+    rerun = list(extra.get("families", []))
+    previous = json.loads(path.read_text()) if path.is_file() else {"meta": {}, "rows": []}
+    kept = [r for r in previous["rows"] if r.get("family") not in rerun]
+    families = [f for f in previous["meta"].get("families", []) if f not in rerun] + rerun
+    meta = {"device": name, "smoke": ctx.smoke, "copy_bandwidth_GBps": round(ctx.copy_gbs, 2),
+            "torch": torch.__version__, **extra, "families": families, "families_rerun": rerun}
+    rows = kept + ctx.rows
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     header = f"# Benchmarks on {name}\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n"
     if ctx.smoke:
         header += ("**Smoke run on the CPU through Triton's interpreter: these timings prove the "
                    "benchmarks run; they are not performance figures.**\n\n")
-    (RESULTS_DIR / f"{name}.md").write_text(header + markdown_table(ctx.rows) + "\n")
+    (RESULTS_DIR / f"{name}.md").write_text(header + markdown_table(rows) + "\n")
     return path
