@@ -25,6 +25,7 @@ FAMILIES = {
     "itl": "benchmarks.bench_itl",
     "structured": "benchmarks.bench_structured",
     "int8": "benchmarks.bench_quant",
+    "quant_accuracy": "benchmarks.quant_accuracy",
     "e2e": "benchmarks.e2e_vs_hf",
 }
 
