@@ -160,12 +160,7 @@ def teacher_forced_logits(model: QwenVLModel, request: PreparedRequest, tokens: 
     else:
         embeds = model.embed(ids)
     blocks = -(-total // BLOCK_SIZE)
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(total, device=dev),
-        block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
-        context_lens=torch.tensor([total], dtype=torch.int32, device=dev),
-        cu_seqlens_q=torch.tensor([0, total], dtype=torch.int32, device=dev),
-        max_query_len=total)
+    meta = AttentionMetadata.one_sequence(0, total, blocks, dev)
     hidden = model.forward(positions, meta, model.allocate_kv_cache(blocks, BLOCK_SIZE), inputs_embeds=embeds)
     return model.compute_logits(hidden, torch.arange(n - 1, total, device=dev)).float()
 

@@ -30,6 +30,19 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor
     max_query_len: int
 
+    @classmethod
+    def one_sequence(cls, start: int, count: int, max_blocks: int,
+                     device: torch.device | str | None = None) -> AttentionMetadata:
+        """One sequence whose tokens start .. start + count - 1 are new, cached in blocks 0, 1, 2, ...
+        in order (a single prompt, or its decode steps, outside the engine's block manager)."""
+        return cls(
+            slot_mapping=torch.arange(start, start + count, dtype=torch.int64, device=device),
+            block_tables=torch.arange(max_blocks, dtype=torch.int32, device=device)[None],
+            context_lens=torch.tensor([start + count], dtype=torch.int32, device=device),
+            cu_seqlens_q=torch.tensor([0, count], dtype=torch.int32, device=device),
+            max_query_len=count,
+        )
+
     @property
     def is_decode(self) -> bool:
         """True when every sequence brings exactly one new token (the paged decode kernel)."""

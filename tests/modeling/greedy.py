@@ -12,15 +12,7 @@ from modeling.rope_index import decode_positions
 BLOCK_SIZE = 16
 
 
-def one_sequence_metadata(start: int, count: int, max_blocks: int) -> AttentionMetadata:
-    """One sequence whose tokens start..start+count-1 are new, cached in blocks 0, 1, 2, ..."""
-    return AttentionMetadata(
-        slot_mapping=torch.arange(start, start + count, dtype=torch.int64),
-        block_tables=torch.arange(max_blocks, dtype=torch.int32)[None],
-        context_lens=torch.tensor([start + count], dtype=torch.int32),
-        cu_seqlens_q=torch.tensor([0, count], dtype=torch.int32),
-        max_query_len=count,
-    )
+one_sequence_metadata = AttentionMetadata.one_sequence
 
 
 def embed_prompt(model: QwenVLModel, input_ids: torch.Tensor, image: tuple[torch.Tensor, torch.Tensor] | None = None,

@@ -37,7 +37,8 @@ def reference_tokens(checkpoint: str | Path, mode: str, tp: TPGroup = SINGLE_PRO
         llm.worker_loop()
         return None
     try:
-        outputs = llm.generate(list(REQUESTS.values()), SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True))
+        greedy = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
+        outputs = llm.generate(list(REQUESTS.values()), greedy)
     finally:
         llm.shutdown()
     return {name: o.output_ids for name, o in zip(REQUESTS, outputs, strict=True)}
