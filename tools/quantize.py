@@ -19,8 +19,10 @@ the output with the format detected):
 Only the decoder's linear layers (q/k/v, o, gate/up, down) are quantized; the embedding, the LM
 head and the vision tower stay float, as both tools' Qwen-VL recipes keep them. Weights: symmetric
 per output channel, scale = max|w| / 127, q = round(w / scale). Static activation ranges come from
-the float model run (this engine, eagerly) over --calib_prompts prompts about the bundled sample
-image (or --calib_images), their prompts and 16 generated tokens each.
+the float model run (this engine, eagerly, in one process: the float model must fit one device)
+over --calib_prompts prompts about the bundled sample image (or --calib_images), their prompts and
+16 generated tokens each. The other formats need no model run: tensors are streamed from the float
+files to the output's, about 4 GiB at a time.
 """
 
 from __future__ import annotations
