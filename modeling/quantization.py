@@ -210,14 +210,16 @@ def _scalar(reader: Reader, name: str) -> float:
     return float(t.reshape(-1)[0].float())
 
 
-def _int8_weight(reader: Reader, entry: WeightEntry, i: int, config: ModelConfig, tp: TPGroup) -> torch.Tensor:
+def _int8_layer(reader: Reader, entry: WeightEntry, i: int, config: ModelConfig, tp: TPGroup
+                ) -> tuple[str, torch.Tensor, int]:
+    """Layer i of `entry`: (its tensors' name prefix, this rank's int8 weight, its full output channels)."""
     name = entry.name(i)
     shape = reader.shape(name)
     weight = _read(reader, name, entry.shard_spec(shape, config, tp))
     if weight.dtype != torch.int8:
         raise QuantizationError(f"{name} is {weight.dtype}, but the checkpoint's quantization config says it is "
                                 f"an int8 weight")
-    return weight
+    return _prefix(name), weight, shape[0]
 
 
 def _float_bias(reader: Reader, prefix: str, entry: WeightEntry, config: ModelConfig, tp: TPGroup
@@ -289,10 +291,7 @@ class MsModelSlimFormat(QuantizedFormat):
 
     def read_part(self, reader: Reader, entry: WeightEntry, i: int, scheme: Activations,
                   config: ModelConfig, tp: TPGroup) -> PartTensors:
-        name = entry.name(i)
-        p = _prefix(name)
-        weight = _int8_weight(reader, entry, i, config, tp)
-        n_full = reader.shape(name)[0]
+        p, weight, n_full = _int8_layer(reader, entry, i, config, tp)
         if scheme is not Activations.PER_TENSOR:
             scale = _per_channel(reader, p + "weight_scale", entry, n_full, config, tp)
             offset = (_per_channel(reader, p + "weight_offset", entry, n_full, config, tp)
@@ -417,10 +416,7 @@ class CompressedTensorsFormat(QuantizedFormat):
 
     def read_part(self, reader: Reader, entry: WeightEntry, i: int, scheme: Activations,
                   config: ModelConfig, tp: TPGroup) -> PartTensors:
-        name = entry.name(i)
-        p = _prefix(name)
-        weight = _int8_weight(reader, entry, i, config, tp)
-        n_full = reader.shape(name)[0]
+        p, weight, n_full = _int8_layer(reader, entry, i, config, tp)
         if p + "weight_zero_point" in reader and bool(reader.get(p + "weight_zero_point").any()):
             raise QuantizationError(f"{p}weight_zero_point: asymmetric weights are not supported")
         if reader.shape(p + "weight_scale") in ([1], []):  # strategy "tensor": one scale for the layer
