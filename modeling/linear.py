@@ -26,7 +26,7 @@ rows.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
@@ -89,7 +89,8 @@ class Int8Linear:
     weight_offset: torch.Tensor | None = None  # fp32 [N] (W8A16: w = (q - offset) * scale)
     segments: tuple[StaticSegment, ...] = ()  # W8A8 static: the rows of each activation scale
     bias: torch.Tensor | None = None  # [N] the layer's own float bias, added to a call's
-    unit_scale: torch.Tensor | None = None  # fp32 [1] of 1.0: the row scale of a static matmul
+    unit_scale: torch.Tensor | None = field(default=None, init=False, repr=False)  # fp32 [1] of 1.0: a
+    # static matmul's row scale, made once (no allocation in the step: graph capture replays it)
 
     def __post_init__(self):
         if self.activations is Activations.PER_TENSOR:
