@@ -21,7 +21,7 @@ head and the vision tower stay float, as both tools' Qwen-VL recipes keep them. 
 per output channel, scale = max|w| / 127, q = round(w / scale). Static activation ranges come from
 the float model run (this engine, eagerly, in one process: the float model must fit one device)
 over --calib_prompts prompts about the bundled sample image (or --calib_images), their prompts and
-16 generated tokens each. The other formats need no model run: tensors are streamed from the float
+16 greedy tokens each (reproducible). The other formats need no model run: tensors are streamed from the float
 files to the output's, about 4 GiB at a time.
 """
 
@@ -98,7 +98,7 @@ def calibrate(model_path: Path, images: list[Path], prompts: int, device: str | 
                        media=[Media(images[k % len(images)], "image")] if images else [])
                 for k in range(prompts)]
     try:
-        llm.generate(requests, SamplingParams(max_tokens=16, ignore_eos=True), progress=True)
+        llm.generate(requests, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), progress=True)
     finally:
         llm.shutdown()
     return {name: (float(o.low), float(o.high)) for name, o in observers.items()}
