@@ -68,8 +68,8 @@ $(ASCEND_STAMP):
 compile-check: install $(ASCEND_STAMP)
 	$(VPY) -m benchmarks.compile_check --ascend-python $(AVPY)
 
-# On a machine with an NVIDIA GPU: kernel tests on it, a short bench, and the static resource table
-# checked against what the driver loads (benchmarks/results/device-check-<gpu>.md). Under 8 minutes.
+# On a machine with an NVIDIA GPU: kernel tests on it, a short bench (int8 layers too), and the static resource table
+# checked against what the driver loads (benchmarks/results/device-check-<gpu>.md). About 8 minutes.
 # Runs with the machine's own Python (its CUDA torch and Triton; DEVICE_PY=... to choose another):
 # no venv, since a GPU machine may have no package index to install from.
 DEVICE_PY ?= python3

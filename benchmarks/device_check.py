@@ -1,8 +1,10 @@
-"""`make device-check`: the prepared run for the day an NVIDIA GPU is at hand (under 8 minutes).
+"""`make device-check`: the prepared run for the day an NVIDIA GPU is at hand (about 8 minutes).
 
 1. the kernel tests on the GPU (pytest tests/kernels, compiled kernels, no interpreter);
-2. a short `make bench` (the element-wise and attention families at full shapes), then decode
-   steps eager against captured graphs (their test, and benchmarks/bench_decode_graphs.py);
+2. a short `make bench` (the element-wise and attention families at full shapes), the int8 linear
+   layers (family int8: int8_matmul / w8a16_matmul against torch._int_mm, dequantize + matmul and
+   the bf16 GEMM), then decode steps eager against captured graphs (their test, and
+   benchmarks/bench_decode_graphs.py);
 3. the static resource table of `make compile-check` against the device: the launches of two
    checkpoints are compiled by the real CUDA driver (launches recorded, not run), which reports
    each kernel's registers and local (spill) memory as loaded on this GPU; programs per SM follow
@@ -117,6 +119,8 @@ def main() -> int:
                               210, RESULTS / f"device-check-{name}-pytest.log")
     bench_ok, bench_s = _step("short bench", [sys.executable, "benchmarks/run_all.py", "--only", "elementwise",
                                               "--only", "attention"], 150, RESULTS / f"device-check-{name}-bench.log")
+    int8_ok, int8_s = _step("int8 bench", [sys.executable, "benchmarks/run_all.py", "--only", "int8"], 180,
+                            RESULTS / f"device-check-{name}-int8-bench.log")
     graphs_ok, graphs_s = _step("decode graphs", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                                   "tests/engine/test_decode_graphs.py", "-k", "captured"], 120,
                                 RESULTS / f"device-check-{name}-graphs.log")
@@ -131,7 +135,8 @@ def main() -> int:
                 static[(v["kernel"], v["constexprs"])] = v["resources"]
     lines = [f"# Device check: {torch.cuda.get_device_name(0)} ({arch})", "",
              f"Kernel tests on the GPU: {'passed' if tests_ok else 'FAILED'} ({tests_s:.0f} s). "
-             f"Short bench: {'done' if bench_ok else 'FAILED'} ({bench_s:.0f} s). Decode graphs (test, then "
+             f"Short bench: {'done' if bench_ok else 'FAILED'} ({bench_s:.0f} s). Int8 bench: "
+             f"{'done' if int8_ok else 'FAILED'} ({int8_s:.0f} s). Decode graphs (test, then "
              f"bench: device-check-{name}-graphs*.log): {'passed' if graphs_ok else 'FAILED'} ({graphs_s:.0f} s). "
              f"Total {time.time() - started:.0f} s.",
              "", f"Registers and spills as the CUDA driver reports them for the kernels loaded on this GPU, "
@@ -150,7 +155,7 @@ def main() -> int:
     out = RESULTS / f"device-check-{name}.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
-    return 0 if tests_ok and bench_ok and graphs_ok else 1
+    return 0 if tests_ok and bench_ok and int8_ok and graphs_ok else 1
 
 
 if __name__ == "__main__":
