@@ -123,10 +123,6 @@ class QuantizedFormat(ABC):
                   config: ModelConfig, tp: TPGroup) -> PartTensors:
         """This rank's share of layer `i`'s quantized `entry`."""
 
-    def folds_bias(self, scheme: Activations) -> bool:
-        """Whether the layer's float bias is folded into its int32 bias (then L.bias is unused)."""
-        return False
-
 
 # ----------------------------------------------------------------------------- detection
 
@@ -212,27 +208,29 @@ def _scalar(reader: Reader, name: str) -> float:
 
 def _int8_layer(reader: Reader, entry: WeightEntry, i: int, config: ModelConfig, tp: TPGroup
                 ) -> tuple[str, torch.Tensor, int]:
-    """Layer i of `entry`: (its tensors' name prefix, this rank's int8 weight, its full output channels)."""
+    """Layer i of `entry`: (its tensors' name prefix, this rank's int8 weight, its full output channels).
+    That the file stores it as int8 was checked before any data was read (weights._layer_schemes)."""
     name = entry.name(i)
     shape = reader.shape(name)
-    weight = _read(reader, name, entry.shard_spec(shape, config, tp))
-    if weight.dtype != torch.int8:
-        raise QuantizationError(f"{name} is {weight.dtype}, but the checkpoint's quantization config says it is "
-                                f"an int8 weight")
-    return _prefix(name), weight, shape[0]
+    return _prefix(name), _read(reader, name, entry.shard_spec(shape, config, tp)), shape[0]
+
+
+def _bias_spec(entry: WeightEntry, shape: Sequence[int], config: ModelConfig, tp: TPGroup) -> sharding.ShardSpec:
+    """How a bias ([N], float or int32) of `entry`'s layer is split: like the weight's rows for a
+    column-parallel layer; on rank 0 only for a row-parallel one (the ranks' partial sums add up)."""
+    if entry.shard in _SPLITS_INPUT:
+        return sharding.first_rank(tp)
+    return entry.shard_spec(shape, config, tp)
 
 
 def _float_bias(reader: Reader, prefix: str, entry: WeightEntry, config: ModelConfig, tp: TPGroup
                 ) -> torch.Tensor | None:
     """A quantized layer's float bias L.bias, when the file has one (Qwen's q/k/v; an anti-outlier
-    norm bias's correction on the others), split like the layer's output channels."""
+    norm bias's correction on the others), split as _bias_spec says."""
     name = prefix + "bias"
     if name not in reader:
         return None
-    shape = reader.shape(name)
-    spec = sharding.first_rank(tp) if entry.shard in _SPLITS_INPUT and tp.world_size > 1 else \
-        _channel_spec(entry, shape, config, tp)
-    return _read(reader, name, spec)
+    return _read(reader, name, _bias_spec(entry, reader.shape(name), config, tp))
 
 
 def _check_offset(value: float, name: str) -> float:
@@ -286,9 +284,6 @@ class MsModelSlimFormat(QuantizedFormat):
         return [p + "weight_scale"], [p + s for s in ("weight_offset", "bias", "input_scale", "input_offset",
                                                         "deq_scale", "quant_bias")]
 
-    def folds_bias(self, scheme: Activations) -> bool:
-        return scheme is Activations.PER_TENSOR
-
     def read_part(self, reader: Reader, entry: WeightEntry, i: int, scheme: Activations,
                   config: ModelConfig, tp: TPGroup) -> PartTensors:
         p, weight, n_full = _int8_layer(reader, entry, i, config, tp)
@@ -307,10 +302,8 @@ class MsModelSlimFormat(QuantizedFormat):
             deq = deq.to(torch.int32).view(torch.float32)
         if deq.numel() != weight.shape[0]:
             raise QuantizationError(f"{deq_name}: {deq.numel()} values on this rank, expected {weight.shape[0]}")
-        bias_shape = reader.shape(bias_name)
-        bias_spec = (sharding.first_rank(tp) if entry.shard in _SPLITS_INPUT and tp.world_size > 1
-                     else _channel_spec(entry, bias_shape, config, tp))
-        int_bias = _read(reader, bias_name, bias_spec, torch.int32).reshape(-1)
+        int_bias = _read(reader, bias_name, _bias_spec(entry, reader.shape(bias_name), config, tp),
+                         torch.int32).reshape(-1)
         if int_bias.dtype != torch.int32:
             raise QuantizationError(f"{bias_name} is {int_bias.dtype}, expected int32")
         return PartTensors(weight, deq.float(), int_bias=int_bias, input_scale=_scalar(reader, p + "input_scale"),
@@ -326,7 +319,6 @@ class _Group:
 
     targets: tuple[str, ...]
     scheme: Activations
-    weight_per_tensor: bool  # weight strategy "tensor" (one scale) rather than "channel"
 
 
 def _matches(patterns: Sequence[str], names: Sequence[str]) -> bool:
@@ -391,7 +383,7 @@ class CompressedTensorsFormat(QuantizedFormat):
             scheme = Activations.PER_TENSOR
         else:
             raise bad(f"input activations with strategy {a.get('strategy')!r}, dynamic {a.get('dynamic')!r}")
-        return _Group(tuple(group.get("targets") or ()), scheme, w.get("strategy") == "tensor")
+        return _Group(tuple(group.get("targets") or ()), scheme)
 
     def describe(self) -> str:
         return "compressed-tensors int8 " + "/".join(sorted({g.scheme.value for g in self.groups}))
@@ -442,20 +434,17 @@ def fuse(parts: Sequence[PartTensors], scheme: Activations, device: torch.device
          dtype: torch.dtype) -> Int8Linear:
     """One Int8Linear of a layer's parts (q | k | v, gate | up, or one), their rows in order; its
     float bias (if any part has one) in `dtype`, the model's."""
+    def rows_of(field: str, field_dtype: torch.dtype) -> torch.Tensor | None:
+        """The parts' optional per-row tensor `field`, joined (zeros for a part without one), or None."""
+        if all(getattr(p, field) is None for p in parts):
+            return None
+        return torch.cat([getattr(p, field).to(field_dtype) if getattr(p, field) is not None
+                          else torch.zeros(p.weight.shape[0], dtype=field_dtype) for p in parts]).to(device)
+
     weight = torch.cat([p.weight for p in parts]).to(device)
     scale = torch.cat([p.channel_scale for p in parts]).to(device, torch.float32)
-    offset = None
-    if any(p.weight_offset is not None for p in parts):
-        offset = torch.cat([p.weight_offset if p.weight_offset is not None else torch.zeros_like(p.channel_scale)
-                            for p in parts]).to(device, torch.float32)
-    bias = None
-    if any(p.bias is not None for p in parts):
-        bias = torch.cat([p.bias.to(dtype) if p.bias is not None else torch.zeros(p.weight.shape[0], dtype=dtype)
-                          for p in parts]).to(device)
-    int_bias, segments = None, ()
+    segments: tuple[StaticSegment, ...] = ()
     if scheme is Activations.PER_TENSOR:
-        int_bias = torch.cat([p.int_bias if p.int_bias is not None
-                              else torch.zeros(p.weight.shape[0], dtype=torch.int32) for p in parts]).to(device)
         bounds, start = [], 0
         for p in parts:  # merge neighbours that quantize their input alike
             stop = start + p.weight.shape[0]
@@ -467,4 +456,6 @@ def fuse(parts: Sequence[PartTensors], scheme: Activations, device: torch.device
         segments = tuple(StaticSegment(a, b, torch.tensor([s], dtype=torch.float32, device=device),
                                        torch.tensor([o], dtype=torch.float32, device=device))
                          for a, b, s, o in bounds)
-    return Int8Linear(weight, scale, scheme, int_bias=int_bias, weight_offset=offset, segments=segments, bias=bias)
+    return Int8Linear(weight, scale, scheme, int_bias=rows_of("int_bias", torch.int32),
+                      weight_offset=rows_of("weight_offset", torch.float32), segments=segments,
+                      bias=rows_of("bias", dtype))

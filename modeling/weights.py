@@ -269,8 +269,6 @@ class _Loader:
         raise WeightsError(f"checkpoint has no tensor {name!r}")
 
 
-# The decoder's biases, by the weight they belong to (a folded bias may be absent).
-_BIAS_OF = {table.Q_PROJ: table.Q_PROJ_BIAS, table.K_PROJ: table.K_PROJ_BIAS, table.V_PROJ: table.V_PROJ_BIAS}
 # Parts the loader fuses: they must share a scheme.
 _FUSED = ((table.Q_PROJ, table.K_PROJ, table.V_PROJ), (table.GATE_PROJ, table.UP_PROJ))
 
@@ -321,10 +319,7 @@ def _check_names(config: ModelConfig, reader: CheckpointReader, quant: Quantized
         assert quant is not None
         required, extra = quant.tensor_names(name, scheme)
         expected.update(required)
-        optional.update(extra)
-        bias = _BIAS_OF.get(table.entry_for(name))
-        if bias is not None and bias.present(config) and quant.folds_bias(scheme):
-            optional.add(name[: -len("weight")] + "bias")
+        optional.update(extra)  # L.bias among them: a quantized layer reads its own, when the file has one
     if quant is not None:  # anti-outlier norm biases, and older msModelSlim's module.weight / module.bias
         for entry in (table.INPUT_NORM, table.POST_ATTN_NORM):
             for name in entry.names(config):
