@@ -6,7 +6,7 @@ imports kernels (and through them triton).
 
 import os
 
-from parallel.group import detect_device_type  # imports no triton
+from qwen_vl_triton.parallel.group import detect_device_type  # imports no triton
 
 if detect_device_type() == "cpu":  # no GPU and no Ascend NPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -14,7 +14,7 @@ os.environ.setdefault("QVL_KERNELS", "triton")
 
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
-from kernels import _backend  # noqa: E402
+from qwen_vl_triton.kernels import _backend  # noqa: E402
 
 _backend.poison_outputs = True  # every kernel output starts as NaN
 

@@ -8,8 +8,8 @@ import dataclasses
 import torch
 from hypothesis import strategies as st
 
-from kernels import _backend
-from kernels.target import Target, current_target
+from qwen_vl_triton.kernels import _backend
+from qwen_vl_triton.kernels.target import Target, current_target
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from benchmarks.compile_check.ascend import planned_ub_bytes, uses_cube
-from benchmarks.compile_check.launches import BLOCK_SIZES, all_launches, rank_heads, released_models
-from benchmarks.compile_check.report import KernelResources, TargetReport, Variant, programs_per_sm
+from qwen_vl_triton import kernels
+from qwen_vl_triton.benchmarks.compile_check.ascend import planned_ub_bytes, uses_cube
+from qwen_vl_triton.benchmarks.compile_check.launches import BLOCK_SIZES, all_launches, rank_heads, released_models
+from qwen_vl_triton.benchmarks.compile_check.report import KernelResources, TargetReport, Variant, programs_per_sm
 
 REPO = Path(__file__).resolve().parents[1]
 ASCEND_PYTHON = REPO / ".venv-ascend" / "bin" / "python"
@@ -98,9 +98,9 @@ def _compile_in_subprocess(script: str, python: Path | str = sys.executable) -> 
 
 _PREFILL_BS128 = """
     import dataclasses, json
-    from benchmarks.compile_check.check import run_target
-    from benchmarks.compile_check.launches import all_launches
-    from kernels.target import KNOWN_TARGETS
+    from qwen_vl_triton.benchmarks.compile_check.check import run_target
+    from qwen_vl_triton.benchmarks.compile_check.launches import all_launches
+    from qwen_vl_triton.kernels.target import KNOWN_TARGETS
     launches = [l for l in all_launches(["Qwen2.5-VL-7B"], ["paged_prefill_attention"])
                 if l.model.endswith("tp1") and str(l.dtype) == "torch.bfloat16" and l.shape == "{shape}"]
     assert len(launches) == 1, launches

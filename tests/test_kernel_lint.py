@@ -37,7 +37,7 @@ GOOD = textwrap.dedent('''
     import triton
     import triton.language as tl
 
-    from kernels.target import Work, current_target
+    from qwen_vl_triton.kernels.target import Work, current_target
 
 
     @triton.jit
@@ -68,7 +68,7 @@ def test_a_persistent_kernel_keeping_the_rules_passes():
 
 
 def test_the_project_kernels_pass():
-    run = subprocess.run([sys.executable, "tools/kernel_lint.py", "kernels"], cwd=REPO, capture_output=True,
-                         text=True, timeout=120, check=False)
+    run = subprocess.run([sys.executable, "tools/kernel_lint.py", "qwen_vl_triton/kernels"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stdout
     assert "0 blockers" in run.stdout

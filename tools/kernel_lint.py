@@ -1,7 +1,7 @@
 """Read the Triton kernels for what triton-ascend cannot compile or the project's device rules forbid
 (docs/DESIGN.md, "Device rules"). No compiler, no device: it parses the sources.
 
-    python tools/kernel_lint.py kernels        # what `make lint` runs
+    python tools/kernel_lint.py qwen_vl_triton/kernels   # what `make lint` runs
 
 Prints one line per finding (`path:line: BLOCK|warn rule: why`) and a summary; exits 1 on a
 blocker, on a file that does not parse, or when it finds no @triton.jit function at all (a wrong
@@ -188,10 +188,13 @@ def lint(paths: list[Path]) -> tuple[list[Finding], int, int]:
     return findings, kernels, len(files)
 
 
+KERNELS = Path(__file__).resolve().parents[1] / "qwen_vl_triton" / "kernels"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="*", type=Path, default=[Path("kernels")],
-                        help="kernel files or folders (default: kernels)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("paths", nargs="*", type=Path, default=[KERNELS],
+                        help="kernel files or folders (default: the package's, qwen_vl_triton/kernels)")
     args = parser.parse_args(argv)
     findings, kernels, files = lint(args.paths)
     for f in findings:

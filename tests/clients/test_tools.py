@@ -11,11 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from clients.datasets import Sample, load_textvqa, load_videobench
-from clients.eval import extract_choice, final_answer, normalize_answer, score_samples, textvqa_prediction, vqa_score
+from qwen_vl_triton.cli import benchmark
+from qwen_vl_triton.cli import eval as qvl_eval
+from qwen_vl_triton.clients.datasets import Sample, load_textvqa, load_videobench
+from qwen_vl_triton.clients.eval import (
+    extract_choice,
+    final_answer,
+    normalize_answer,
+    score_samples,
+    textvqa_prediction,
+    vqa_score,
+)
 from tests.serving.conftest import free_port
-from tools import benchmark
-from tools import eval as qvl_eval
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,9 +30,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_clients_import_nothing_of_the_server_engine_or_model():
-    code = ("import sys, clients.benchmark, clients.eval; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'serving', 'engine', 'modeling', 'kernels', 'parallel', 'tools', 'torch', 'triton'}))")
+    layers = {"serving", "engine", "modeling", "kernels", "parallel", "cli", "testing", "benchmarks"}
+    code = ("import sys, qwen_vl_triton.clients.benchmark, qwen_vl_triton.clients.eval; "
+            "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('qwen_vl_triton.')} "
+            f"& {layers!r} | {{m.split('.')[0] for m in sys.modules}} & {{'torch', 'triton'}}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           check=True)  # a hang guard only
     assert done.stdout.strip() == "[]"

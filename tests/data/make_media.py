@@ -17,10 +17,9 @@ import shutil
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
+from qwen_vl_triton.modeling.processing import synthetic_frame, write_synthetic_video
 
-from modeling.processing import synthetic_frame, write_synthetic_video  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 
 def make_media(out: str | Path) -> Path:

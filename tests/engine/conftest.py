@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.llm import Prompt
-from engine.media import Media
-from fixtures.tiny_checkpoint import make_tiny_checkpoint
-from modeling.processing import SAMPLE_IMAGE_PATH, SAMPLE_VIDEO_PATH
+from qwen_vl_triton.engine.llm import Prompt
+from qwen_vl_triton.engine.media import Media
+from qwen_vl_triton.modeling.processing import SAMPLE_IMAGE_PATH, SAMPLE_VIDEO_PATH
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 
 # Small media keep the interpreted kernels cheap: 4..16 merged tokens per image.
 SMALL_IMAGE = {"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28}

@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from engine.block_manager import BlockManager, Salt, block_digest, root_digest
-from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from qwen_vl_triton.engine.block_manager import BlockManager, Salt, block_digest, root_digest
+from qwen_vl_triton.engine.sampling import SamplingParams
+from qwen_vl_triton.engine.scheduler import Scheduler
+from qwen_vl_triton.engine.sequence import Sequence
 
 BS = 4
 

@@ -4,8 +4,8 @@ kernels' PyTorch references (the CPU path it compiles); the first call pays the 
 
 from __future__ import annotations
 
-from engine.llm import LLM, Prompt
-from engine.sampling import SamplingParams
+from qwen_vl_triton.engine.llm import LLM, Prompt
+from qwen_vl_triton.engine.sampling import SamplingParams
 
 
 def test_compiled_forward_gives_the_eager_tokens(tiny_checkpoint, monkeypatch):

@@ -11,10 +11,10 @@ import re
 import jsonschema
 import pytest
 
-from engine.llm import LLM, Prompt, RequestOutput
-from engine.media import Media
-from engine.sampling import SamplingParams
-from engine.structured import StructuredOutput
+from qwen_vl_triton.engine.llm import LLM, Prompt, RequestOutput
+from qwen_vl_triton.engine.media import Media
+from qwen_vl_triton.engine.sampling import SamplingParams
+from qwen_vl_triton.engine.structured import StructuredOutput
 from tests.engine.conftest import SMALL_IMAGE, random_image
 
 SCHEMA = {

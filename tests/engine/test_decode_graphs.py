@@ -12,10 +12,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.decode_graphs import DecodeGraphs, batch_buckets, width_bucket
-from engine.llm import LLM, Prompt
-from engine.media import Media
-from engine.sampling import SamplingParams
+from qwen_vl_triton.engine.decode_graphs import DecodeGraphs, batch_buckets, width_bucket
+from qwen_vl_triton.engine.llm import LLM, Prompt
+from qwen_vl_triton.engine.media import Media
+from qwen_vl_triton.engine.sampling import SamplingParams
 from tests.engine.conftest import SMALL_IMAGE, random_image
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.errors import RequestFault, RequestMediaError, StepFailed
-from engine.llm import LLM, Prompt
-from engine.media import Media
-from engine.sampling import SamplingParams
-from modeling.processing import write_synthetic_video
+from qwen_vl_triton.engine.errors import RequestFault, RequestMediaError, StepFailed
+from qwen_vl_triton.engine.llm import LLM, Prompt
+from qwen_vl_triton.engine.media import Media
+from qwen_vl_triton.engine.sampling import SamplingParams
+from qwen_vl_triton.modeling.processing import write_synthetic_video
 from tests.engine.conftest import SMALL_VIDEO, mixed_requests
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import kv_budget
-from engine.llm import LLM
-from engine.media import MediaLimits
+from qwen_vl_triton.engine import kv_budget
+from qwen_vl_triton.engine.llm import LLM
+from qwen_vl_triton.engine.media import MediaLimits
 
 GIB = 1 << 30
 BYTES_PER_PATCH = 3000  # what the stand-in says a vision call allocates at its peak, per patch
@@ -51,7 +51,7 @@ class FakeDeviceMemory:
 def device(monkeypatch, tiny_checkpoint):
     fake = FakeDeviceMemory(free=2 * GIB, held=GIB)
     monkeypatch.setattr(kv_budget, "device_memory_api", lambda device: fake)
-    from modeling.model import QwenVLModel
+    from qwen_vl_triton.modeling.model import QwenVLModel
 
     encode = QwenVLModel.encode_media
 

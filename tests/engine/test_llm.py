@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.llm import LLM, Prompt
-from engine.sampling import SamplingParams
+from qwen_vl_triton.engine.llm import LLM, Prompt
+from qwen_vl_triton.engine.sampling import SamplingParams
 from tests.engine.conftest import mixed_requests
 
 
@@ -158,7 +158,7 @@ def test_a_prompt_may_carry_media_prepared_ahead(tiny_checkpoint, requests):
     gives the request its plain media give; media prepared for another image config are refused."""
     import dataclasses
 
-    from engine.media import prepare_media
+    from qwen_vl_triton.engine.media import prepare_media
 
     llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=32)
     for prompt, _ in requests:

@@ -11,12 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from engine import media as media_module
-from engine.frame_stream import FrameStream
-from engine.llm import LLM, Prompt
-from engine.media import Media
-from engine.sampling import SamplingParams
-from modeling.processing import write_synthetic_video
+from qwen_vl_triton.engine import media as media_module
+from qwen_vl_triton.engine.frame_stream import FrameStream
+from qwen_vl_triton.engine.llm import LLM, Prompt
+from qwen_vl_triton.engine.media import Media
+from qwen_vl_triton.engine.sampling import SamplingParams
+from qwen_vl_triton.modeling.processing import write_synthetic_video
 
 # 24 frames -> 12 temporal slices of 4 x 4 patches (16 patches, 4 merged tokens) each.
 CLIP_OPTIONS = {"nframes": 24, "min_pixels": 4 * 784, "max_pixels": 4 * 784}
@@ -163,7 +163,7 @@ def test_an_aborted_request_stops_its_decoding(tiny_checkpoint, clip):
 
 
 def test_step_cost_estimates_from_the_steps_seen():
-    from engine.stats import StepCost
+    from qwen_vl_triton.engine.stats import StepCost
 
     cost = StepCost()
     assert cost.prompt_tokens_within(1.0) is None  # nothing known yet

@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine.decode_graphs import DecodeGraphs, width_bucket
-from engine.llm import LLM, Prompt
-from engine.media import Media
-from engine.sampling import SamplingParams
-from engine.scheduler import Batch
-from fixtures.tiny_checkpoint import make_tiny_checkpoint
+from qwen_vl_triton.engine.decode_graphs import DecodeGraphs, width_bucket
+from qwen_vl_triton.engine.llm import LLM, Prompt
+from qwen_vl_triton.engine.media import Media
+from qwen_vl_triton.engine.sampling import SamplingParams
+from qwen_vl_triton.engine.scheduler import Batch
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 from tests.engine.conftest import SMALL_IMAGE, random_image
 
 # Ops that copy a value to the host (and so wait for the device), or whose output shape depends on
@@ -105,7 +105,7 @@ def test_the_static_decode_forward_has_no_host_sync(arch, tmp_path, monkeypatch)
                                            ("qwen2_vl", "ascend-w8a16")])
 def test_the_quantized_static_decode_forward_has_no_host_sync(arch, fmt, tmp_path, monkeypatch):
     """The same on the int8 kernels of a quantized checkpoint (each W8A8 / W8A16 scheme)."""
-    from tools.quantize import quantize_checkpoint
+    from qwen_vl_triton.cli.quantize import quantize_checkpoint
 
     checkpoint = quantize_checkpoint(make_tiny_checkpoint(tmp_path / arch, arch), tmp_path / fmt, fmt, calib_prompts=1)
     monkeypatch.setenv("QVL_KERNELS", "triton")

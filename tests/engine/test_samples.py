@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.llm import LLM, Prompt, RequestOutput
-from engine.media import Media
-from engine.sampling import SamplingParams
+from qwen_vl_triton.engine.llm import LLM, Prompt, RequestOutput
+from qwen_vl_triton.engine.media import Media
+from qwen_vl_triton.engine.sampling import SamplingParams
 from tests.engine.conftest import SMALL_IMAGE, random_image
 
 BLOCK = 16

@@ -12,8 +12,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.sampling import SamplingParams, apply_penalties, find_stop, make_generator, mask_disallowed, sample
-from engine.structured import StructuredOutput
+from qwen_vl_triton.engine.sampling import (
+    SamplingParams,
+    apply_penalties,
+    find_stop,
+    make_generator,
+    mask_disallowed,
+    sample,
+)
+from qwen_vl_triton.engine.structured import StructuredOutput
 from tests.helpers import DEVICE
 
 V = 50

@@ -23,9 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from engine.sampling import SamplingParams, make_generator, sample
-from engine.structured import Matcher, StructuredDecoder, StructuredOutput, llguidance_tokenizer_json
-from modeling.config import load_config
+from qwen_vl_triton.engine.sampling import SamplingParams, make_generator, sample
+from qwen_vl_triton.engine.structured import Matcher, StructuredDecoder, StructuredOutput, llguidance_tokenizer_json
+from qwen_vl_triton.modeling.config import load_config
 from tests.engine.test_sampling import allowed_tokens
 
 

@@ -13,11 +13,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.llm import LLM, Prompt
-from engine.media import Media, MediaLimits, prepare_media
-from engine.sampling import SamplingParams
-from fixtures.tiny_checkpoint import make_tiny_checkpoint
-from modeling.processing import ImageProcessorConfig, MediaError, plan_video, write_synthetic_video
+from qwen_vl_triton.engine.llm import LLM, Prompt
+from qwen_vl_triton.engine.media import Media, MediaLimits, prepare_media
+from qwen_vl_triton.engine.sampling import SamplingParams
+from qwen_vl_triton.modeling.processing import ImageProcessorConfig, MediaError, plan_video, write_synthetic_video
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 
 CFG = ImageProcessorConfig(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
 
@@ -153,7 +153,7 @@ def test_video_start_end_select_the_right_frames(clip):
     """The streamed (seeking) decode returns exactly the planned frames of a full decode."""
     from PIL import Image
 
-    from modeling.processing import iter_video_frames
+    from qwen_vl_triton.modeling.processing import iter_video_frames
 
     frames = all_frames(clip)
     for start, end in [(1.0, 3.0), (0.0, 1.5), (2.35, None), (None, 0.9)]:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.tiny_checkpoint import make_tiny_checkpoint
-from modeling.processing import write_synthetic_video
+from qwen_vl_triton.modeling.processing import write_synthetic_video
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 # Few merged tokens a frame pair keep the prompt short; 256 patches per vision call; the prefill runs

@@ -25,7 +25,7 @@ def rss_kib(field: str) -> int:
 
 
 def main() -> None:
-    from tools import generate
+    from qwen_vl_triton.cli import generate
 
     checkpoint, clip, *flags = sys.argv[1:]
     argv = ["--model_path", checkpoint, "--input_image", clip, "--max_output_length", "1", "--quiet",

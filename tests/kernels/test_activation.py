@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
+from qwen_vl_triton import kernels
 from tests.helpers import DTYPES, assert_close, expect_triton_launch, randn
 
 

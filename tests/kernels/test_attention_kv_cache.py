@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
+from qwen_vl_triton import kernels
 from tests.helpers import DEVICE, DTYPES, expect_triton_launch, nan_filled, randn
 
 

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels import attention_paged, attention_varlen
+from qwen_vl_triton import kernels
+from qwen_vl_triton.kernels import attention_paged, attention_varlen
 from tests.helpers import assert_close, randn
 from tests.kernels.attention_oracle import ATTENTION_SCALE, attention64, build_paged_cache, cu_seqlens, varlen64
 

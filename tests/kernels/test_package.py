@@ -5,22 +5,22 @@ import importlib
 import pkgutil
 import types
 
-import kernels
+from qwen_vl_triton import kernels
 
 MODULES = sorted(m.name for m in pkgutil.iter_modules(kernels.__path__))
 
 
 def test_no_export_shadows_a_module():
     for name in MODULES:
-        module = importlib.import_module(f"kernels.{name}")
-        assert getattr(kernels, name) is module, f"kernels.{name} is not the module"
+        module = importlib.import_module(f"qwen_vl_triton.kernels.{name}")
+        assert getattr(kernels, name) is module, f"qwen_vl_triton.kernels.{name} is not the module"
     assert not set(kernels.__all__) & set(MODULES)
 
 
 def test_public_names_are_defined_once_across_the_package():
     owner: dict[str, str] = {}
     for name in MODULES:
-        module = importlib.import_module(f"kernels.{name}")
+        module = importlib.import_module(f"qwen_vl_triton.kernels.{name}")
         for attr, value in vars(module).items():
             # a @triton.jit kernel is a JITFunction wrapping the Python function `fn`
             defined_here = getattr(getattr(value, "fn", value), "__module__", None) == module.__name__

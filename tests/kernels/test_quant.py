@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels.quant as quant
-from kernels.target import current_target, use_target
+import qwen_vl_triton.kernels.quant as quant
+from qwen_vl_triton.kernels.target import current_target, use_target
 from tests.helpers import DEVICE, DTYPES, assert_close, expect_triton_launch, randn
 
 

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
+from qwen_vl_triton import kernels
 from tests.helpers import DEVICE, DTYPES, assert_close, expect_triton_launch, randn, tolerance
 
 HEAD_DIMS = st.sampled_from([64, 80, 128]) | st.integers(1, 40).map(lambda h: 2 * h)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import triton.language as tl
 
-from kernels.attention_paged import cache_key_tile, decode_splits
-from kernels.target import (
+from qwen_vl_triton.kernels.attention_paged import cache_key_tile, decode_splits
+from qwen_vl_triton.kernels.target import (
     A100,
     ASCEND_910B3,
     ASCEND_A3,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from modeling.attention_metadata import AttentionMetadata
-from modeling.model import QwenVLModel
-from modeling.rope_index import decode_positions
+from qwen_vl_triton.modeling.attention_metadata import AttentionMetadata
+from qwen_vl_triton.modeling.model import QwenVLModel
+from qwen_vl_triton.modeling.rope_index import decode_positions
 
 BLOCK_SIZE = 16
 

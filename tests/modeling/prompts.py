@@ -8,12 +8,12 @@ import functools
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.media import PreparedMedia
-from engine.preprocess import Preprocessor
-from engine.sampling import SamplingParams
-from modeling.config import load_config
-from modeling.processing import ImageProcessorConfig, MediaKind
-from modeling.prompt import user_message
+from qwen_vl_triton.engine.media import PreparedMedia
+from qwen_vl_triton.engine.preprocess import Preprocessor
+from qwen_vl_triton.engine.sampling import SamplingParams
+from qwen_vl_triton.modeling.config import load_config
+from qwen_vl_triton.modeling.processing import ImageProcessorConfig, MediaKind
+from qwen_vl_triton.modeling.prompt import user_message
 
 
 @functools.lru_cache(maxsize=8)

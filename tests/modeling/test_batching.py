@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fixtures.tiny_checkpoint import make_tiny_checkpoint
-from modeling.attention_metadata import AttentionMetadata
-from modeling.model import QwenVLModel, load_model
-from modeling.rope_index import decode_positions
+from qwen_vl_triton.modeling.attention_metadata import AttentionMetadata
+from qwen_vl_triton.modeling.model import QwenVLModel, load_model
+from qwen_vl_triton.modeling.rope_index import decode_positions
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 from tests.modeling.greedy import BLOCK_SIZE, embed_prompt, greedy_generate
 
 TOL = dict(atol=1e-5, rtol=1e-4)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fixtures.tiny_checkpoint import CHAT_TEMPLATE, TOOL_TOKENS, TOOLS_CHAT_TEMPLATE, build_tokenizer
+from qwen_vl_triton.testing.tiny_checkpoint import CHAT_TEMPLATE, TOOL_TOKENS, TOOLS_CHAT_TEMPLATE, build_tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()
@@ -100,10 +100,10 @@ def test_tools_reach_the_prompt_or_are_refused(tmp_path, arch):
     no tools section, and offering tools to it is an error rather than a prompt that omits them."""
     from transformers import AutoTokenizer
 
-    from engine.preprocess import Preprocessor, ToolsNotRendered
-    from fixtures.tiny_checkpoint import make_tiny_checkpoint
-    from modeling.config import load_config
-    from modeling.processing import ImageProcessorConfig
+    from qwen_vl_triton.engine.preprocess import Preprocessor, ToolsNotRendered
+    from qwen_vl_triton.modeling.config import load_config
+    from qwen_vl_triton.modeling.processing import ImageProcessorConfig
+    from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 
     path = make_tiny_checkpoint(tmp_path / arch, arch)
     tok = AutoTokenizer.from_pretrained(path)

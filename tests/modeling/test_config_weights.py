@@ -13,14 +13,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from fixtures.tiny_checkpoint import make_tiny_checkpoint, special_token_ids
-from modeling import weight_table
-from modeling.config import ConfigError, load_config, parse_config
-from modeling.weight_table import canonical_name
-from modeling.weights import CheckpointReader, WeightsError, load_weights
+from qwen_vl_triton.benchmarks.compile_check.launches import SHAPES_FILE
+from qwen_vl_triton.modeling import weight_table
+from qwen_vl_triton.modeling.config import ConfigError, load_config, parse_config
+from qwen_vl_triton.modeling.weight_table import canonical_name
+from qwen_vl_triton.modeling.weights import CheckpointReader, WeightsError, load_weights
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint, special_token_ids
 
 # The released checkpoints' shapes, kept in the repo for the compile check and the benchmarks.
-SHAPES = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "model_shapes.json").read_text())
+SHAPES = json.loads(SHAPES_FILE.read_text())
 
 
 def hub_config(shape: dict) -> dict:

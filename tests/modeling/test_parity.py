@@ -19,10 +19,10 @@ import dataclasses
 import pytest
 import torch
 
-from fixtures.tiny_checkpoint import make_tiny_checkpoint
-from kernels import _backend
-from modeling import vision
-from modeling.model import QwenVLModel, load_model
+from qwen_vl_triton.kernels import _backend
+from qwen_vl_triton.modeling import vision
+from qwen_vl_triton.modeling.model import QwenVLModel, load_model
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 from tests.modeling.greedy import greedy_generate, one_sequence_metadata
 
 STEPS = 16

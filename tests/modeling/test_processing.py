@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from engine.media import Media, prepare_media
-from modeling.processing import (
+from qwen_vl_triton.engine.media import Media, prepare_media
+from qwen_vl_triton.modeling.processing import (
     FPS_MAX_FRAMES,
     SAMPLE_IMAGE_PATH,
     SAMPLE_VIDEO_PATH,
@@ -326,6 +326,42 @@ def test_probe_media_kind_tells_media_from_other_files(tmp_path):
     assert probe_media_kind(tmp_path / "notes.txt") is None and probe_media_kind(tmp_path / "empty.jpg") is None
     # A broken file is still taken for what its extension says, so that its error names the right kind.
     assert media_kind(tmp_path / "empty.jpg") == "image" and media_kind(renamed) == "video"
+
+
+def test_a_file_neither_image_nor_video_is_named_as_such(tmp_path):
+    """A script, a note or junk bytes given as media of unknown kind: the error says it is neither
+    an image nor a video and what is supported (it said "cannot open video", from PyAV's attempt)."""
+    script = tmp_path / "run.py"
+    script.write_text("print('hello')\n")
+    note = tmp_path / "notes.txt"
+    note.write_text("this is not an image\n")
+    blank = tmp_path / "blank.dat"
+    blank.write_bytes(b"")
+    cfg = ImageProcessorConfig()
+    for path in (script, note):
+        with pytest.raises(MediaError, match="neither an image nor a video") as told:
+            media_kind(path)
+        with pytest.raises(MediaError, match="neither an image nor a video") as prepared:
+            prepare_media(Media(path), cfg)
+        for message in (str(told.value), str(prepared.value)):
+            assert str(path) in message and "supported: images" in message and ".mp4" in message
+            assert "cannot open video" not in message
+    with pytest.raises(MediaError, match=r"blank.dat: neither an image nor a video \(it is empty\)"):
+        media_kind(blank)
+    with pytest.raises(MediaError, match=r"<media bytes>: neither an image nor a video"):
+        prepare_media(Media(b"#!/bin/sh\necho not media\n"), cfg)
+    with pytest.raises(MediaError, match="no such file"):
+        media_kind(tmp_path / "missing.bin")
+    # Real media keep their kind, from a path or from bytes, whatever the file's name.
+    renamed = tmp_path / "clip.bin"
+    renamed.write_bytes(SAMPLE_VIDEO_PATH.read_bytes())
+    assert media_kind(renamed) == "video" and prepare_media(Media(renamed), cfg).kind == "video"
+    assert media_kind(SAMPLE_VIDEO_PATH.read_bytes()) == "video"
+    assert media_kind(SAMPLE_IMAGE_PATH.read_bytes()) == "image"
+    assert prepare_media(Media(SAMPLE_IMAGE_PATH.read_bytes()), cfg).kind == "image"
+    # Explicit kinds are not second-guessed: the reader of that kind says what failed.
+    with pytest.raises(MediaError, match="cannot read image"):
+        prepare_media(Media(note, "image"), cfg)
 
 
 def test_unreadable_media_errors(tmp_path, clip):

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fixtures.tiny_checkpoint import make_tiny_checkpoint
-from modeling.prompt import expand_media_pads, num_media_tokens
+from qwen_vl_triton.modeling.prompt import expand_media_pads, num_media_tokens
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 from tests.modeling.prompts import mm_token_type_ids, prompt_ids
 
 transformers = pytest.importorskip("transformers")

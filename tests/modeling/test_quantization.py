@@ -14,19 +14,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fixtures.tiny_checkpoint import make_tiny_checkpoint
-from kernels import _backend
-from modeling import weight_table as table
-from modeling.config import load_config
-from modeling.linear import Activations, Int8Linear, dequantized, weight_bytes
-from modeling.model import load_model
-from modeling.quantization import DESCRIPTION_FILE, QuantizationError
-from modeling.weight_table import canonical_name
-from modeling.weights import CheckpointReader
-from parallel import TPGroup
+from qwen_vl_triton.cli.quantize import FORMATS, quantize_checkpoint
+from qwen_vl_triton.kernels import _backend
+from qwen_vl_triton.modeling import weight_table as table
+from qwen_vl_triton.modeling.config import load_config
+from qwen_vl_triton.modeling.linear import Activations, Int8Linear, dequantized, weight_bytes
+from qwen_vl_triton.modeling.model import load_model
+from qwen_vl_triton.modeling.quantization import DESCRIPTION_FILE, QuantizationError
+from qwen_vl_triton.modeling.weight_table import canonical_name
+from qwen_vl_triton.modeling.weights import CheckpointReader
+from qwen_vl_triton.parallel import TPGroup
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 from tests.modeling.greedy import greedy_generate
 from tests.parallel.test_tp_engine import TP_SIZES
-from tools.quantize import FORMATS, quantize_checkpoint
 
 STATIC = {"ascend-w8a8", "compressed-tensors-w8a8-static"}
 
@@ -414,7 +414,7 @@ def test_w8a8_mix_runs_per_token(quantized, tmp_path: Path, monkeypatch) -> None
 
 def test_quantize_tool_shards_large_outputs_and_refuses_bad_inputs(float_checkpoints, quantized, tmp_path,
                                                                    monkeypatch, capsys) -> None:
-    from tools import quantize
+    from qwen_vl_triton.cli import quantize
 
     monkeypatch.setattr(quantize, "SHARD_BYTES", 64 << 10)
     src = float_checkpoints["qwen2_vl", "float32"]
@@ -431,3 +431,34 @@ def test_quantize_tool_shards_large_outputs_and_refuses_bad_inputs(float_checkpo
             (["--model_path", str(tmp_path / "nothing"), "--output_path", str(tmp_path / "y")], "config.json")):
         with pytest.raises(SystemExit, match=re.escape(message)):
             quantize.main([*argv, "--format", "compressed-tensors-w8a8"])
+
+
+def test_quantize_tool_refuses_a_folder_holding_another_checkpoint_unless_overwrite(float_checkpoints,
+                                                                                   tmp_path) -> None:
+    """The issue's run: --output_path held another checkpoint (its model.safetensors, config,
+    tokenizer). Written into as it was, the loader found lm_head.weight in both weight files.
+    Refused without --overwrite (nothing touched); with it, the folder holds the new checkpoint
+    alone, which loads; the float input is never what --overwrite deletes."""
+    from qwen_vl_triton.cli import quantize
+
+    src = float_checkpoints["qwen2_vl", "float32"]
+    out = copy_of(float_checkpoints["qwen2_5_vl", "float32"], tmp_path)  # the other checkpoint
+    (out / "notes").mkdir()
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    argv = ["--model_path", str(src), "--output_path", str(out), "--format", "ascend-w8a16"]
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(out))} is not empty .*pass --overwrite"):
+        quantize.main(argv)
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
+
+    assert quantize.main([*argv, "--overwrite"]) == out
+    fresh = quantize.main([*argv[:3], str(tmp_path / "fresh"), *argv[4:]])
+    assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in fresh.iterdir())  # nothing stale
+    assert load_config(out).model_type == "qwen2_vl"  # the new checkpoint's config, not the other's
+    assert isinstance(load_model(out, "float32").weights.language.layers[0].down_weight, Int8Linear)
+
+    nested = tmp_path / "holder"  # the float checkpoint inside the output folder: never deleted
+    shutil.copytree(src, nested / "float")
+    with pytest.raises(SystemExit, match=r"--overwrite would delete the float checkpoint"):
+        quantize.main(["--model_path", str(nested / "float"), "--output_path", str(nested), "--format",
+                       "ascend-w8a16", "--overwrite"])
+    assert load_config(nested / "float").text.num_layers == load_config(src).text.num_layers

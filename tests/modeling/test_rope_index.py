@@ -10,9 +10,9 @@ from functools import partial
 import pytest
 import torch
 
-from fixtures.tiny_checkpoint import make_tiny_checkpoint
-from modeling.config import load_config
-from modeling.rope_index import decode_positions, get_rope_index
+from qwen_vl_triton.modeling.config import load_config
+from qwen_vl_triton.modeling.rope_index import decode_positions, get_rope_index
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])

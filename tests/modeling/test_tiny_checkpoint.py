@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,9 +10,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine.media import Media, prepare_media
-from fixtures import tiny_checkpoint
-from fixtures.tiny_checkpoint import (
+from qwen_vl_triton.cli import make_tiny_checkpoint as make_tiny_checkpoint_cli
+from qwen_vl_triton.engine.media import Media, prepare_media
+from qwen_vl_triton.modeling.processing import (
+    SAMPLE_IMAGE_PATH,
+    SAMPLE_VIDEO_PATH,
+    ImageProcessorConfig,
+    process_image,
+)
+from qwen_vl_triton.testing import tiny_checkpoint
+from qwen_vl_triton.testing.tiny_checkpoint import (
     CHAT_TEMPLATE,
     CHECKPOINT_VERSION,
     MANIFEST,
@@ -27,12 +33,6 @@ from fixtures.tiny_checkpoint import (
     rename_weights,
     special_token_ids,
     tool_token_ids,
-)
-from modeling.processing import (
-    SAMPLE_IMAGE_PATH,
-    SAMPLE_VIDEO_PATH,
-    ImageProcessorConfig,
-    process_image,
 )
 from tests.modeling.prompts import mm_token_type_ids, prompt_ids
 
@@ -322,18 +322,14 @@ def test_rename_weights_both_ways():
 
 
 def test_cli_writes_a_checkpoint(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "make_tiny_checkpoint_cli", Path(__file__).resolve().parents[2] / "tools" / "make_tiny_checkpoint.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    out = cli.main([str(tmp_path / "ck"), "--arch", "qwen2_5_vl", "--layout", "flat", "--sharded",
+    out = make_tiny_checkpoint_cli.main([str(tmp_path / "ck"), "--arch", "qwen2_5_vl", "--layout", "flat", "--sharded",
                     "--weight_names", "legacy", "--seed", "3", "--dtype", "bfloat16"])
     meta = json.loads((out / "tiny_checkpoint.json").read_text())
     assert meta["arch"] == "qwen2_5_vl" and meta["layout"] == "flat" and meta["sharded"] and meta["seed"] == 3
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert (out / "model.safetensors.index.json").exists()
     with pytest.raises(SystemExit):
-        cli.parse_args([str(tmp_path), "--arch", "llama"])
+        make_tiny_checkpoint_cli.parse_args([str(tmp_path), "--arch", "llama"])
 
 
 def test_bad_arguments(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fixtures.tiny_checkpoint import make_tiny_checkpoint
-from modeling.tokenizer import QwenTokenizer, load_tokenizer
+from qwen_vl_triton.modeling.tokenizer import QwenTokenizer, load_tokenizer
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()

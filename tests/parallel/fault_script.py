@@ -19,11 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from engine.llm import LLM, Prompt  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
-from parallel import destroy, end_process, init_from_env  # noqa: E402
+from qwen_vl_triton.engine.llm import LLM, Prompt
+from qwen_vl_triton.engine.sampling import SamplingParams
+from qwen_vl_triton.parallel import destroy, end_process, init_from_env
 
 READY_AFTER_STEPS = 3
 

@@ -14,14 +14,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from engine.commands import Add, StepPlan  # noqa: E402
-from engine.llm import LLM, Prompt  # noqa: E402
-from engine.media_encoder import EncodeWork  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
-from parallel import destroy, end_process, init_from_env  # noqa: E402
-from tests.engine.test_no_sync import guarded_forward  # noqa: E402
+from qwen_vl_triton.engine.commands import Add, StepPlan
+from qwen_vl_triton.engine.llm import LLM, Prompt
+from qwen_vl_triton.engine.media_encoder import EncodeWork
+from qwen_vl_triton.engine.sampling import SamplingParams
+from qwen_vl_triton.parallel import destroy, end_process, init_from_env
+from tests.engine.test_no_sync import guarded_forward
 
 
 def main(checkpoint: str, out_dir: str) -> None:

@@ -13,14 +13,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from engine.llm import LLM, Prompt  # noqa: E402
-from engine.media import Media  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
-from modeling.linear import dequantized  # noqa: E402
-from modeling.processing import SAMPLE_IMAGE_PATH  # noqa: E402
-from parallel import SINGLE_PROCESS, TPGroup, destroy, end_process, init_from_env  # noqa: E402
+from qwen_vl_triton.engine.llm import LLM, Prompt
+from qwen_vl_triton.engine.media import Media
+from qwen_vl_triton.engine.sampling import SamplingParams
+from qwen_vl_triton.modeling.linear import dequantized
+from qwen_vl_triton.modeling.processing import SAMPLE_IMAGE_PATH
+from qwen_vl_triton.parallel import SINGLE_PROCESS, TPGroup, destroy, end_process, init_from_env
 
 IMAGE_TEXT = "What is shown here?"
 CHAT_TEXT = "Tell me about the sea."

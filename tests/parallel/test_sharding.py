@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.tiny_checkpoint import make_tiny_checkpoint
-from modeling.config import load_config
-from modeling.weight_table import IGNORED_SUFFIXES, entry_for, shard_spec
-from modeling.weights import CheckpointReader, load_weights
-from parallel import SINGLE_PROCESS, TPGroup, TPSizeError, check_tp_sizes
-from parallel.comm import all_gather, all_gather_object, all_reduce, barrier, broadcast_object
-from parallel.group import init_from_env
-from parallel.sharding import ShardKind, balanced_range, kv_head_range, local_kv_heads, read_shard
+from qwen_vl_triton.modeling.config import load_config
+from qwen_vl_triton.modeling.weight_table import IGNORED_SUFFIXES, entry_for, shard_spec
+from qwen_vl_triton.modeling.weights import CheckpointReader, load_weights
+from qwen_vl_triton.parallel import SINGLE_PROCESS, TPGroup, TPSizeError, check_tp_sizes
+from qwen_vl_triton.parallel.comm import all_gather, all_gather_object, all_reduce, barrier, broadcast_object
+from qwen_vl_triton.parallel.group import init_from_env
+from qwen_vl_triton.parallel.sharding import ShardKind, balanced_range, kv_head_range, local_kv_heads, read_shard
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 from tests.parallel.test_tp_engine import TP_SIZES
 
 WORLDS = (2, 4)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.tiny_checkpoint import make_tiny_checkpoint
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 from tests.parallel.launch import run_ranks
 
 SCRIPT = Path(__file__).with_name("tp_script.py")

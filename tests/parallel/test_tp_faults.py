@@ -21,8 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.tiny_checkpoint import make_tiny_checkpoint
-from parallel.group import DEFAULT_TIMEOUT_S, MAX_HEARTBEAT_S, SINGLE_PROCESS, TIMEOUT_ENV, TPGroup, init_from_env
+from qwen_vl_triton.parallel.group import (
+    DEFAULT_TIMEOUT_S,
+    MAX_HEARTBEAT_S,
+    SINGLE_PROCESS,
+    TIMEOUT_ENV,
+    TPGroup,
+    init_from_env,
+)
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 from tests.parallel.launch import ROOT, free_port, run_ranks
 from tests.serving.conftest import server_env, wait_healthy
 

@@ -18,15 +18,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fixtures.tiny_checkpoint import make_tiny_checkpoint
-from modeling.processing import SAMPLE_IMAGE_PATH
+from qwen_vl_triton.cli import generate
+from qwen_vl_triton.cli.quantize import quantize_checkpoint
+from qwen_vl_triton.modeling.processing import SAMPLE_IMAGE_PATH
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 from tests.parallel.launch import ROOT, run_ranks
 from tests.parallel.quant_script import CHAT_TEXT, IMAGE_TEXT, TOKENS, reference_tokens
 from tests.parallel.test_tp_engine import TIMEOUT_S, TP_SIZES
 from tests.serving.conftest import REQUEST_TIMEOUT_S, start_server, stop_server
 from tests.serving.test_tp import kill_all, post_while_running, start_two_rank_server, stop_two_rank_server
-from tools import generate
-from tools.quantize import quantize_checkpoint
 
 SCRIPT = Path(__file__).with_name("quant_script.py")
 COMBOS = [("qwen2_vl", "ascend-w8a8"), ("qwen2_5_vl", "ascend-w8a8"), ("qwen2_vl", "compressed-tensors-w8a8"),

@@ -19,15 +19,13 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from engine.llm import LLM, Prompt, RequestOutput  # noqa: E402
-from engine.media import Media  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
-from engine.structured import StructuredOutput  # noqa: E402
-from modeling import processing  # noqa: E402
-from modeling.processing import SAMPLE_IMAGE_PATH, SAMPLE_VIDEO_PATH  # noqa: E402
-from parallel import destroy, end_process, init_from_env  # noqa: E402
+from qwen_vl_triton.engine.llm import LLM, Prompt, RequestOutput
+from qwen_vl_triton.engine.media import Media
+from qwen_vl_triton.engine.sampling import SamplingParams
+from qwen_vl_triton.engine.structured import StructuredOutput
+from qwen_vl_triton.modeling import processing
+from qwen_vl_triton.modeling.processing import SAMPLE_IMAGE_PATH, SAMPLE_VIDEO_PATH
+from qwen_vl_triton.parallel import destroy, end_process, init_from_env
 
 IMAGE = {"min_pixels": 16 * 28 * 28, "max_pixels": 36 * 28 * 28}  # 4x4 .. 6x6 merged tokens: 1-4 windows
 VIDEO = {"nframes": 8, "min_pixels": 16 * 28 * 28, "max_pixels": 24 * 28 * 28}  # 4 temporal slices

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fixtures.tiny_checkpoint import make_tiny_checkpoint
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 from tests.data.make_media import make_media
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,7 +138,7 @@ def server(serving_ckpt, media_dir, tmp_path_factory) -> Iterator[LiveServer]:
 
 
 def metrics(url: str) -> dict[str, float]:
-    from serving.metrics import parse_metrics
+    from qwen_vl_triton.serving.metrics import parse_metrics
 
     return parse_metrics(httpx.get(url + "/metrics", timeout=REQUEST_TIMEOUT_S).text)
 

@@ -1,13 +1,9 @@
 """tools/serve.py with every forward pass of the engine failing: fault injection for
 tests/serving/test_isolation.py (the engine must stop itself and the server exit non-zero)."""
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from engine.llm import LLM  # noqa: E402
-from tools.serve import main  # noqa: E402
+from qwen_vl_triton.cli.serve import main
+from qwen_vl_triton.engine.llm import LLM
 
 
 def _failing_forward(self: LLM, batch: object) -> None:

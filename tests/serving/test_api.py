@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.llm import LLM, Prompt
-from engine.media import Media
-from engine.sampling import SamplingParams
-from modeling.processing import synthetic_frame
+from qwen_vl_triton.engine.llm import LLM, Prompt
+from qwen_vl_triton.engine.media import Media
+from qwen_vl_triton.engine.sampling import SamplingParams
+from qwen_vl_triton.modeling.processing import synthetic_frame
 from tests.serving.conftest import MAX_INPUT, REQUEST_TIMEOUT_S, SMALL_IMAGE
 
 

@@ -21,11 +21,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from engine.media import Media, MediaOptionError, prepare_media
-from engine.preprocess import ContextLengthError, Preprocessor, Prompt
-from engine.sampling import SamplingParams
-from modeling.config import load_config
-from modeling.processing import (
+from qwen_vl_triton.engine.media import Media, MediaOptionError, prepare_media
+from qwen_vl_triton.engine.preprocess import ContextLengthError, Preprocessor, Prompt
+from qwen_vl_triton.engine.sampling import SamplingParams
+from qwen_vl_triton.modeling.config import load_config
+from qwen_vl_triton.modeling.processing import (
     DECODE_MAX_PIXELS,
     SAMPLE_VIDEO_PATH,
     ImageProcessorConfig,
@@ -36,8 +36,8 @@ from modeling.processing import (
     plan_video,
     synthetic_frame,
 )
-from serving.config import ServeConfig, add_serve_arguments, build_config
-from serving.limits import BodyLimitMiddleware
+from qwen_vl_triton.serving.config import ServeConfig, add_serve_arguments, build_config
+from qwen_vl_triton.serving.limits import BodyLimitMiddleware
 from tests.serving.conftest import (
     MAX_INPUT,
     MAX_SEQ,
@@ -236,7 +236,7 @@ def test_body_limit_refuses_by_content_length_and_by_running_count():
 
 
 def test_limit_flags_reach_the_config():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     add_serve_arguments(parser)
 
     def config(*flags: str) -> ServeConfig:

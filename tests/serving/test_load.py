@@ -13,9 +13,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from engine.llm import LLM
-from serving.api_server import create_app
-from serving.config import ServeConfig
+from qwen_vl_triton.engine.llm import LLM
+from qwen_vl_triton.serving.api_server import create_app
+from qwen_vl_triton.serving.config import ServeConfig
 from tests.serving.conftest import (
     IDLE_TIMEOUT_S,
     IMAGE_LIMIT,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from serving.tool_calls import (
+from qwen_vl_triton.serving.tool_calls import (
     CLOSE,
     OPEN,
     NamedCallStream,
@@ -319,7 +319,7 @@ def test_required_streaming_sends_the_calls_when_finished():
 
 @pytest.fixture(scope="module")
 def qwen25_tokenizer():
-    from fixtures.tiny_checkpoint import build_tokenizer
+    from qwen_vl_triton.testing.tiny_checkpoint import build_tokenizer
 
     return build_tokenizer(tools=True)
 

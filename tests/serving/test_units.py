@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from serving.api_server import TextDelta
-from serving.config import ServeConfig, read_mindie_config, strip_json_comments
+from qwen_vl_triton.serving.api_server import TextDelta
+from qwen_vl_triton.serving.config import ServeConfig, read_mindie_config, strip_json_comments
 
 # ------------------------------------------------------------------------------------- MindIE config
 
@@ -81,7 +81,7 @@ def test_text_delta_holds_back_partial_characters_and_stop_prefixes():
 
 
 def _output(n: int, finished: bool = False):
-    from engine.llm import RequestOutput
+    from qwen_vl_triton.engine.llm import RequestOutput
 
     return RequestOutput("r", 3, list(range(n)), [0.0] * n, [None] * n, "x" * n, finished,
                          "length" if finished else None, 0, 0.1, 0.2, [0.1] * n)
@@ -90,7 +90,7 @@ def _output(n: int, finished: bool = False):
 def test_request_stream_keeps_the_newest_output_and_raises_errors():
     import asyncio
 
-    from serving.async_engine import EngineError, RequestStream
+    from qwen_vl_triton.serving.async_engine import EngineError, RequestStream
 
     class FakeEngine:
         aborted: list[str] = []
@@ -138,7 +138,7 @@ def _user(*parts):
 def test_mindie_bodies_parse():
     """MindIE's curl examples: /generate with a list prompt (image_url a plain string, no Content-Type
     needed: parse_json_body takes bytes), and the OpenAI-style chat body with a plain-string image_url."""
-    from serving.protocol import MediaRef, parse_chat_request, parse_generate_request, parse_json_body
+    from qwen_vl_triton.serving.protocol import MediaRef, parse_chat_request, parse_generate_request, parse_json_body
 
     raw = (b'{"prompt": [{"type": "image_url", "image_url": "/path/img.jpg"}, {"type": "text", '
            b'"text": "Describe it."}], "max_tokens": 512, "stream": false, "do_sample": false}')
@@ -160,7 +160,7 @@ def test_mindie_bodies_parse():
 
 
 def test_part_shapes_and_media_options():
-    from serving.protocol import parse_chat_request
+    from qwen_vl_triton.serving.protocol import parse_chat_request
 
     parts = parse_chat_request(_user(
         {"type": "image_url", "image_url": {"url": "a.png", "max_pixels": 3136, "detail": "high"}, "min_pixels": 784},
@@ -339,7 +339,12 @@ BAD_BODIES += [
 
 @pytest.mark.parametrize("name,parser,body,param,code", BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
 def test_bad_bodies_get_openai_400s(name, parser, body, param, code):
-    from serving.protocol import APIError, parse_chat_request, parse_completion_request, parse_generate_request
+    from qwen_vl_triton.serving.protocol import (
+        APIError,
+        parse_chat_request,
+        parse_completion_request,
+        parse_generate_request,
+    )
 
     parse = {"chat": parse_chat_request, "completions": parse_completion_request,
              "generate": parse_generate_request}[parser]
@@ -351,7 +356,7 @@ def test_bad_bodies_get_openai_400s(name, parser, body, param, code):
 
 
 def test_field_rules():
-    from serving.protocol import parse_chat_request, parse_completion_request
+    from qwen_vl_triton.serving.protocol import parse_chat_request, parse_completion_request
 
     req = parse_chat_request(_chat(temperature=1, top_k=0, max_tokens=7, max_completion_tokens=9, stop="END",
                                    stop_token_ids=[3, 4], seed=2**63 - 1, cache_salt="tenant", ignore_eos=True,
@@ -374,8 +379,8 @@ def test_field_rules():
 def test_n_and_structured_outputs():
     import json
 
-    from engine.structured import StructuredOutput
-    from serving.protocol import parse_chat_request, parse_completion_request, parse_generate_request
+    from qwen_vl_triton.engine.structured import StructuredOutput
+    from qwen_vl_triton.serving.protocol import parse_chat_request, parse_completion_request, parse_generate_request
 
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     assert parse_chat_request(_chat(n=16, best_of=16)).params.n == 16
@@ -399,7 +404,7 @@ def test_n_and_structured_outputs():
 
 
 def test_tools_and_tool_messages():
-    from serving.protocol import ChatMessage, parse_chat_request
+    from qwen_vl_triton.serving.protocol import ChatMessage, parse_chat_request
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
                 {"role": "assistant", "content": None, "tool_calls": [CALL]},
@@ -427,7 +432,7 @@ def test_tools_and_tool_messages():
 
 
 def test_json_body_errors():
-    from serving.protocol import APIError, parse_json_body
+    from qwen_vl_triton.serving.protocol import APIError, parse_json_body
 
     assert parse_json_body(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}  # a surrogate pair is one character
     bad = {b"": ("invalid_json", None), b'{"messages": [': ("invalid_json", None), b"[1, 2]": ("invalid_json", None),
@@ -447,8 +452,8 @@ def test_openapi_documents_the_request_bodies():
     import jsonschema
     from fastapi.testclient import TestClient
 
-    from serving.api_server import create_app
-    from serving.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+    from qwen_vl_triton.serving.api_server import create_app
+    from qwen_vl_triton.serving.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
     client = TestClient(create_app(ServeConfig(model_path="/models/tiny"), llm=object()))  # no lifespan: no model
     spec = client.get("/openapi.json").json()

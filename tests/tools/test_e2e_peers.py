@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks import e2e_peers
+from qwen_vl_triton.benchmarks import e2e_peers
 
 
 def test_the_cli_and_transformers_agree_and_a_missing_vllm_is_skipped(monkeypatch, capsys):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.stats import STEP_PHASES
-from fixtures.tiny_checkpoint import make_tiny_checkpoint
-from modeling.processing import SAMPLE_IMAGE_PATH, SAMPLE_VIDEO_PATH
-from tools import generate
+from qwen_vl_triton.cli import generate
+from qwen_vl_triton.engine.stats import STEP_PHASES
+from qwen_vl_triton.modeling.processing import SAMPLE_IMAGE_PATH, SAMPLE_VIDEO_PATH
+from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 
 STEPS = 10
 TEXT = "What is shown here?"
@@ -86,6 +86,19 @@ def test_generate_reports_bad_input_clearly(checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="no such file"):
         generate.main(["--model_path", str(checkpoint), "--input_image", str(tmp_path / "missing.jpg"),
                        "--device", "cpu"])
+
+
+@pytest.mark.parametrize("name,content", [("script.py", "print('not media')\n"), ("notes.txt", "just words\n")])
+def test_generate_names_a_file_that_is_neither_image_nor_video(checkpoint, tmp_path, name, content):
+    """It was reported as "cannot open video" (PyAV's try at it); refused before the model loads."""
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--model_path", str(checkpoint), "--input_image", str(SAMPLE_IMAGE_PATH), "--input_image",
+                       str(path), "--device", "cpu"])
+    message = str(e.value.code)
+    assert message.startswith(f"error: --input_image {path}: neither an image nor a video")
+    assert "supported: images" in message and "cannot open video" not in message
 
 
 def test_dataset_path_runs_each_image_and_video_and_skips_other_files(checkpoint, tmp_path, capsys):

@@ -1,0 +1,685 @@
+"""The HTTP server: OpenAI-compatible and vLLM/MindIE-style endpoints over one AsyncEngine.
+
+    POST /v1/chat/completions   OpenAI chat (text, image_url, video_url parts; stream with SSE)
+    POST /v1/completions        OpenAI completions (raw text prompt)
+    POST /generate              vLLM / MindIE seed API: {"prompt": str | [parts], ...} -> {"text": [...]}
+    GET  /v1/models, /health, /metrics
+
+`create_app(cfg)` builds the FastAPI app; the model loads in its lifespan (so /health answers
+only once it is loaded) unless an LLM is passed in. `run_server(cfg)` runs it with uvicorn;
+SIGTERM stops accepting requests (new ones get 503), lets in-flight ones finish for up to
+`graceful_timeout` seconds, aborts the rest and exits 0. `serve(cfg)` adds tensor parallelism:
+under `torchrun --nproc-per-node N`, every rank loads its shard, rank 0 serves HTTP and drives the
+engine (its engine thread broadcasts each step's commands), the other ranks follow in
+`LLM.worker_loop()` until rank 0 shuts the engine down.
+
+Client disconnects abort the request in the engine: a streaming response aborts when the ASGI
+server reports the disconnect (or a send fails), a non-streaming one watches the connection
+while it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qwen_vl_triton.engine.errors import RequestMediaError
+from qwen_vl_triton.engine.llm import LLM, RequestOutput
+from qwen_vl_triton.engine.preprocess import PreparedRequest
+from qwen_vl_triton.engine.structured import StructuredOutput
+from qwen_vl_triton.parallel import SINGLE_PROCESS, TPGroup
+from qwen_vl_triton.serving import tool_calls
+from qwen_vl_triton.serving.async_engine import (
+    AsyncEngine,
+    EngineError,
+    EngineFull,
+    EngineStopped,
+    RequestStream,
+)
+from qwen_vl_triton.serving.config import ServeConfig
+from qwen_vl_triton.serving.limits import BodyLimitMiddleware
+from qwen_vl_triton.serving.metrics import CONTENT_TYPE, Metrics
+from qwen_vl_triton.serving.middleware import HTTPMiddleware
+from qwen_vl_triton.serving.prompting import Preparer
+from qwen_vl_triton.serving.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    GenerationRequest,
+    chat_logprobs,
+    completion_logprobs,
+    now,
+    openapi_request_body,
+    parse_chat_request,
+    parse_completion_request,
+    parse_generate_request,
+    parse_json_body,
+    server_busy,
+    usage,
+    validate_params,
+)
+
+log = logging.getLogger("serving.api")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of streams
+CLIENT_CLOSED = 499  # nginx's "client closed request": the response is never delivered
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/generate", "/v1/models", "/health", "/ready", "/metrics")
+
+
+def load_llm(cfg: ServeConfig, tp: TPGroup = SINGLE_PROCESS) -> LLM:
+    """The engine as the config describes it (this rank's shard under tensor parallelism)."""
+    return LLM(cfg.model_path, dtype=cfg.dtype, device=cfg.device, kv_cache_gb=cfg.kv_cache_gb,
+               block_size=cfg.block_size, max_batch_size=cfg.max_batch_size,
+               max_prefill_tokens=cfg.max_prefill_tokens, max_input_length=cfg.max_input_length,
+               max_seq_len=cfg.max_seq_len, enable_prefix_caching=cfg.enable_prefix_caching,
+               media_limits=cfg.media_limits(), vision_chunk_patches=cfg.vision_chunk_patches,
+               vision_step_share=cfg.vision_step_share, prefill_step_share=cfg.prefill_step_share,
+               enforce_eager=cfg.enforce_eager, quantization=cfg.quantization, tp=tp)
+
+
+def usage_of(outs: list[RequestOutput]) -> dict[str, Any]:
+    """The usage block of a finished request, the final outputs of its samples: the prompt counted
+    once, the completion tokens of every sample (videos shrunk to fit the context are reported)."""
+    first = outs[0]
+    u = usage(first.prompt_tokens, sum(len(o.output_ids) for o in outs), first.cached_prompt_tokens)
+    if first.media_adjustments:
+        u["media_adjustments"] = list(first.media_adjustments)
+    return u
+
+
+def constrain_tool_output(req: GenerationRequest) -> None:
+    """tool_choice "required" or a named function: the output is constrained to what the server
+    then parses as calls (vLLM's approach): a JSON array of {name, arguments} objects, or the named
+    function's arguments object."""
+    if req.tool_choice == "required":
+        schema = tool_calls.required_schema(req.tools or [], req.parallel_tool_calls)
+    elif req.tool_choice == "function":
+        schema = tool_calls.named_schema(req.tools or [], req.tool_name or "")
+    else:
+        return
+    req.params.structured = StructuredOutput("json_schema", json.dumps(schema))
+
+
+def tool_calls_of(req: GenerationRequest, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, tool calls) of a finished chat output under the request's tool_choice."""
+    if req.tool_choice == "function":
+        return None, [tool_calls.named_call(req.tool_name or "", text)]
+    if req.tool_choice == "required":
+        try:
+            return None, tool_calls.parse_required(text)
+        except ValueError:  # cut short (max_tokens): not a complete array of calls
+            return text, []
+    return tool_calls.parse_tool_calls(text)
+
+
+def finish_reason_of(req: GenerationRequest, out: RequestOutput, made_calls: bool) -> str | None:
+    """A choice's finish_reason: "tool_calls" when the output ended on its own after the model chose
+    to call (tool_choice auto or required; a named function keeps "stop", as vLLM and OpenAI do)."""
+    chose = made_calls and req.tool_choice in ("auto", "required")
+    return "tool_calls" if chose and out.finish_reason == "stop" else out.finish_reason
+
+
+class ChoiceStream:
+    """One choice of a streamed chat or completion: the delta bodies to send for each newer output
+    of its sample. Text goes through TextDelta (held-back stop strings and partial characters);
+    under tools, through the tool-call parser of the request's tool_choice."""
+
+    def __init__(self, req: GenerationRequest, api: OpenAIEndpoint):
+        self.api = api
+        self.req = req
+        self.text = TextDelta(req.params.stop)
+        self.sent_tokens = 0
+        choice = req.tool_choice if api is CHAT else "none"
+        self.calls: tool_calls.ToolCallStream | tool_calls.NamedCallStream | tool_calls.RequiredCallStream | None = (
+            tool_calls.ToolCallStream() if choice == "auto" else
+            tool_calls.NamedCallStream(req.tool_name or "") if choice == "function" else
+            tool_calls.RequiredCallStream() if choice == "required" else None)
+
+    def update(self, out: RequestOutput) -> list[dict[str, Any]]:
+        """The bodies ({"delta": ...} or {"text": ...}) to send for this output, possibly none."""
+        delta = self.text.update(out.text, out.finished)
+        if self.calls is None:
+            return [self.api.delta(delta)] if delta else []
+        return [{"delta": p} for p in self.calls.update(self.text.sent, out.finished)]
+
+    def finish_reason(self, out: RequestOutput) -> str | None:
+        """This choice's finish_reason (finish_reason_of)."""
+        return finish_reason_of(self.req, out, getattr(self.calls, "has_calls", False))
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class TextDelta:
+    """What to send of a growing output text: holds back a trailing partial UTF-8 character
+    (decoded as U+FFFD) and, with stop strings, the last len(longest stop) - 1 characters, which
+    the engine may still cut away when a stop string completes."""
+
+    def __init__(self, stop: list[str]):
+        self.sent = ""
+        self.hold = max((len(s) for s in stop), default=1) - 1
+
+    def update(self, text: str, finished: bool) -> str:
+        visible = text
+        if not finished:
+            if self.hold:
+                visible = visible[:max(len(visible) - self.hold, 0)]
+            visible = visible.rstrip("\ufffd")
+        if visible.startswith(self.sent):
+            delta = visible[len(self.sent):]
+        elif self.sent.startswith(visible):
+            return ""
+        else:  # earlier text decoded differently now: send the new tail (a stream cannot retract)
+            delta = visible[len(os.path.commonprefix([visible, self.sent])):]
+        self.sent = visible
+        return delta
+
+
+@dataclass(frozen=True)
+class OpenAIEndpoint:
+    """What differs between /v1/chat/completions and /v1/completions; the rest is one code path."""
+    id_prefix: str  # of the response id
+    object: str  # of the response ...
+    chunk_object: str  # ... and of its streamed chunks
+    body: Callable[[str], dict[str, Any]]  # a choice's text part: the whole output ...
+    delta: Callable[[str], dict[str, Any]]  # ... or a streamed piece
+    last_chunk: dict[str, Any]  # the text part of the chunk that carries finish_reason
+    first_chunk: dict[str, Any] | None  # the text part of a chunk streamed before any output
+    logprobs: Callable[[list[dict[str, Any]], int], dict[str, Any]]  # (entries, text offset)
+
+
+CHAT = OpenAIEndpoint(
+    "chatcmpl", "chat.completion", "chat.completion.chunk",
+    body=lambda text: {"message": {"role": "assistant", "content": text}},
+    delta=lambda text: {"delta": {"content": text}},
+    last_chunk={"delta": {}}, first_chunk={"delta": {"role": "assistant", "content": ""}},
+    logprobs=lambda entries, offset: chat_logprobs(entries))
+COMPLETION = OpenAIEndpoint(
+    "cmpl", "text_completion", "text_completion",
+    body=lambda text: {"text": text}, delta=lambda text: {"text": text},
+    last_chunk={"text": ""}, first_chunk=None, logprobs=completion_logprobs)
+
+
+class DisconnectingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that calls `on_close` however it ends (done, client gone, cancelled)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+class HTTPMetricsMiddleware(HTTPMiddleware):
+    """Counts requests by route and status code."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        super().__init__(app)
+        self.metrics = metrics
+
+    async def handle(self, scope: Any, receive: Any, send: Any) -> None:
+        status = {"code": 500}
+
+        async def send_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope.get("path", "")
+            self.metrics.http_requests.labels(endpoint=path if path in ROUTES else "other",
+                                              status=str(status["code"])).inc()
+
+
+class Server:
+    """The app's state: config, engine, preparer, metrics, and the request handlers."""
+
+    def __init__(self, cfg: ServeConfig, llm: LLM | None, on_fatal: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.on_fatal = on_fatal  # told, from the engine thread, why the engine stopped itself
+        self.names = cfg.model_names()
+        self.metrics = Metrics(self.names[0] if self.names else "model")
+        self.llm = llm
+        self.engine: AsyncEngine | None = None
+        self.preparer: Preparer | None = None
+        self.pool = ThreadPoolExecutor(max_workers=cfg.preprocess_workers, thread_name_prefix="qvl-prepare")
+        self.created = now()
+
+    # ---------------------------------------------------------------------------- lifecycle
+
+    async def startup(self) -> None:
+        if self.llm is None:
+            log.info("loading %s", self.cfg.model_path)
+            self.llm = await asyncio.to_thread(load_llm, self.cfg)
+        self.preparer = await asyncio.to_thread(Preparer.for_llm, self.llm, self.cfg.allowed_media_dir)
+        self.engine = AsyncEngine(self.llm, max_waiting=self.cfg.max_waiting, metrics=self.metrics,
+                                  on_fatal=self.on_fatal)
+        self.engine.start()
+        log.info("serving %s as %s: %d KV blocks of %d tokens (sized by %s), max_seq_len %d, max_input_length %d",
+                 self.llm.path, self.names, self.llm.blocks.num_blocks, self.llm.blocks.block_size,
+                 self.llm.kv_budget_note, self.llm.max_seq_len, self.llm.max_input_length)
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            await self.engine.stop(timeout=max(self.cfg.graceful_timeout, 5.0))
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def ready_engine(self) -> AsyncEngine:
+        if self.engine is None or not self.engine.is_healthy():
+            raise server_busy("the model is not loaded yet or the server is shutting down")
+        return self.engine
+
+    # ---------------------------------------------------------------------------- requests
+
+    def check_model(self, req: GenerationRequest) -> str:
+        if req.model is not None and req.model not in self.names:
+            raise APIError(f"model {req.model!r} is not served here; available: {self.names}", param="model",
+                           code="model_not_found")
+        return req.model or self.names[0]
+
+    def _prepare(self, req: GenerationRequest) -> PreparedRequest:
+        assert self.preparer is not None
+        if req.messages is not None:
+            tools = req.tools if req.tool_choice != "none" else None  # "none": the model is not told of them
+            prepared = self.preparer.prepare_chat(req.messages, req.params, tools)
+        else:
+            prepared = self.preparer.prepare_raw(req.raw_prompt or "", req.params)
+        prepared.cache_salt = req.cache_salt
+        return prepared
+
+    def _fit_max_tokens(self, req: GenerationRequest, prompt_len: int) -> None:
+        """max_tokens defaulted to the room left under max_seq_len (and max_iter_times), or checked
+        against it when the request gives it (the prompt's own length is checked by the Preprocessor)."""
+        llm = self.llm
+        assert llm is not None
+        room = llm.max_seq_len - prompt_len
+        if req.max_tokens_given:
+            if req.params.max_tokens > room:
+                raise APIError(f"prompt has {prompt_len} tokens and max_tokens is {req.params.max_tokens}: "
+                               f"together over max_seq_len {llm.max_seq_len}", param="max_tokens",
+                               code="context_length_exceeded")
+            req.params.max_tokens = min(req.params.max_tokens, self.cfg.max_iter_times)
+        else:
+            req.params.max_tokens = max(1, min(self.cfg.max_iter_times, room))
+
+    async def start_request(self, req: GenerationRequest, prefix: str) -> tuple[str, RequestStream]:
+        """Validate, prepare (in a worker thread) and submit; the request's id and stream."""
+        engine = self.ready_engine()
+        assert self.llm is not None
+        validate_params(req.params, self.llm.config.text.vocab_size)
+        with engine.reserve():
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(self.pool, self._prepare, req)
+            self._fit_max_tokens(req, len(prepared.ids))  # prepared.params is req.params
+            request_id = f"{prefix}-{uuid.uuid4().hex}"
+            stream = engine.submit(request_id, prepared)
+        return request_id, stream
+
+    @staticmethod
+    async def _disconnected(request: Request) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    async def wait_output(self, request: Request, stream: RequestStream, final: bool) -> list[RequestOutput] | None:
+        """The request's first output (final=False: [it]; a stream then goes on from it) or the
+        finished output of each of its n samples, by index; None (the request aborted) if the client
+        goes away first. Raises the request's error, so that one failing before its first token (a
+        medium that does not decode) is answered with its own status code, not inside a 200 stream."""
+        async def wanted() -> list[RequestOutput]:
+            finals: dict[int, RequestOutput] = {}
+            while True:
+                out = await stream.next()
+                if not final:
+                    return [out]
+                if out.finished:
+                    finals[out.index] = out
+                if stream.finished:
+                    return [finals[i] for i in sorted(finals)]
+
+        result = asyncio.ensure_future(wanted())
+        gone = asyncio.ensure_future(self._disconnected(request))
+        got = False
+        try:
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+            got = result.done()
+            return result.result() if got else None
+        except RequestMediaError:
+            raise
+        except ValueError as e:  # the engine refused the request (a constraint that does not compile, ...): a 400
+            raise APIError(str(e), code="invalid_value") from None
+        finally:
+            gone.cancel()
+            result.cancel()
+            if final or not got:  # a first output hands the stream on to the response
+                stream.close()
+
+    def logprob_entries(self, out: RequestOutput, start: int, end: int) -> list[dict[str, Any]]:
+        """OpenAI-style logprob entries for output tokens start..end-1."""
+        assert self.preparer is not None
+        ids = out.output_ids[start:end]
+        tops = [t or [] for t in out.top_logprobs[start:end]]
+        all_ids = ids + [tid for top in tops for tid, _ in top]
+        text_of = dict(zip(all_ids, self.preparer.decode_tokens(all_ids), strict=True))
+
+        def entry(tid: int, logprob: float) -> dict[str, Any]:
+            text, raw = text_of[tid]
+            return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+        entries = []
+        for tid, lp, top in zip(ids, out.output_logprobs[start:end], tops, strict=True):
+            entries.append({**entry(tid, lp), "top_logprobs": [entry(t, v) for t, v in top]})
+        return entries
+
+    # ---------------------------------------------------------------------------- chat, completions
+
+    async def chat(self, request: Request, req: GenerationRequest) -> Response:
+        return await self._openai_response(request, req, CHAT)
+
+    async def completion(self, request: Request, req: GenerationRequest) -> Response:
+        return await self._openai_response(request, req, COMPLETION)
+
+    async def _openai_response(self, request: Request, req: GenerationRequest, api: OpenAIEndpoint) -> Response:
+        model = self.check_model(req)
+        constrain_tool_output(req)
+        request_id, stream = await self.start_request(req, api.id_prefix)
+        created = now()
+        if req.stream:
+            first = await self.wait_output(request, stream, final=False)
+            if first is None:
+                return Response(status_code=CLIENT_CLOSED)
+            return DisconnectingStreamingResponse(
+                self._openai_events(req, stream, first[0], request_id, created, model, api), stream.close,
+                media_type="text/event-stream", headers=SSE_HEADERS)
+        outs = await self.wait_output(request, stream, final=True)
+        if outs is None:
+            return Response(status_code=CLIENT_CLOSED)
+        choices = []
+        for out in outs:
+            choice: dict[str, Any] = {"index": out.index, **api.body(out.text), "logprobs": None,
+                                      "finish_reason": out.finish_reason}
+            if api is CHAT and req.tool_choice != "none":
+                content, calls = tool_calls_of(req, out.text)
+                if calls:
+                    choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+                choice["finish_reason"] = finish_reason_of(req, out, bool(calls))
+            if req.logprobs:
+                choice["logprobs"] = api.logprobs(self.logprob_entries(out, 0, len(out.output_ids)), 0)
+            if req.return_token_ids:
+                choice["token_ids"] = out.output_ids
+            choices.append(choice)
+        return JSONResponse({"id": request_id, "object": api.object, "created": created, "model": model,
+                             "choices": choices, "usage": usage_of(outs)})
+
+    async def _openai_events(self, req: GenerationRequest, stream: RequestStream, first: RequestOutput,
+                             request_id: str, created: int, model: str, api: OpenAIEndpoint) -> AsyncIterator[str]:
+        """The SSE events of a streamed response: each chunk carries one choice (its index), as the
+        outputs of the request's n samples arrive; the usage chunk after the last one finishes."""
+        def chunk(index: int, body: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+            c = {"id": request_id, "object": api.chunk_object, "created": created, "model": model,
+                 "choices": [{"index": index, **body, "logprobs": None, "finish_reason": finish, **extra}]}
+            if req.include_usage:
+                c["usage"] = None
+            return c
+
+        choices = [ChoiceStream(req, api) for _ in range(req.params.n)]
+        finals: list[RequestOutput] = []
+        if api.first_chunk is not None:
+            for index in range(req.params.n):
+                yield sse(chunk(index, api.first_chunk))
+        out = first
+        try:
+            while True:
+                state = choices[out.index]
+                offset = len(state.text.sent)
+                bodies = state.update(out)
+                extra: dict[str, Any] = {}
+                if req.logprobs and len(out.output_ids) > state.sent_tokens:
+                    extra["logprobs"] = api.logprobs(
+                        self.logprob_entries(out, state.sent_tokens, len(out.output_ids)), offset)
+                if req.return_token_ids and len(out.output_ids) > state.sent_tokens:
+                    extra["token_ids"] = out.output_ids[state.sent_tokens:]
+                state.sent_tokens = len(out.output_ids)
+                if extra and not bodies:
+                    bodies = [api.delta("")]
+                for i, body in enumerate(bodies):
+                    yield sse(chunk(out.index, body, **(extra if i == 0 else {})))
+                if out.finished:
+                    finals.append(out)
+                    yield sse(chunk(out.index, api.last_chunk, state.finish_reason(out)))
+                if stream.finished:
+                    if req.include_usage:
+                        yield sse({"id": request_id, "object": api.chunk_object, "created": created,
+                                   "model": model, "choices": [], "usage": usage_of(finals)})
+                    break
+                out = await stream.next()
+        except (EngineError, EngineStopped, ValueError) as e:
+            yield sse(error_body(e))
+        yield "data: [DONE]\n\n"
+
+    # ---------------------------------------------------------------------------- /generate
+
+    async def generate(self, request: Request, req: GenerationRequest) -> Response:
+        self.check_model(req)
+        _, stream = await self.start_request(req, "gen")
+        prefix = req.raw_prompt or ""  # vLLM's api_server returns prompt + output for text prompts
+        outs = await self.wait_output(request, stream, final=not req.stream)
+        if outs is None:
+            return Response(status_code=CLIENT_CLOSED)
+        if req.stream:
+            return DisconnectingStreamingResponse(self._generate_events(req, stream, outs[0], prefix), stream.close,
+                                                  media_type="application/x-ndjson")
+        return JSONResponse({"text": [prefix + out.text for out in outs]})
+
+    async def _generate_events(self, req: GenerationRequest, stream: RequestStream, first: RequestOutput,
+                               prefix: str) -> AsyncIterator[str]:
+        texts = [TextDelta(req.params.stop) for _ in range(req.params.n)]
+        out = first
+        try:
+            while True:
+                # Each chunk carries the whole text so far of every sample (vLLM's /generate, which
+                # lists the n texts); one whose text did not grow (a token ending inside a UTF-8
+                # character, held-back stop text) is not sent.
+                if texts[out.index].update(out.text, out.finished) or out.finished:
+                    yield json.dumps({"text": [prefix + t.sent for t in texts]}, ensure_ascii=False) + "\0"
+                if stream.finished:
+                    break
+                out = await stream.next()
+        except (EngineError, EngineStopped, ValueError) as e:
+            yield json.dumps(error_body(e), ensure_ascii=False) + "\0"
+
+
+def error_body(e: BaseException) -> dict[str, Any]:
+    """The OpenAI error body for an exception raised while a request runs."""
+    if isinstance(e, APIError):
+        return e.body()
+    if isinstance(e, RequestMediaError):
+        return media_error(e).body()
+    if isinstance(e, EngineStopped):
+        return server_busy(str(e)).body()
+    if isinstance(e, ValueError):
+        return APIError(str(e)).body()
+    return APIError(str(e), status=500, type="internal_error", code="engine_error").body()
+
+
+def media_error(e: RequestMediaError) -> APIError:
+    """A 400 naming the part whose medium the engine could not decode."""
+    where = f"'{e.label}': " if e.label else ""
+    return APIError(f"{where}{e}", param=e.label, code="invalid_media")
+
+
+def create_app(cfg: ServeConfig, llm: LLM | None = None, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """The FastAPI app. Loads the model at startup unless `llm` is given. on_fatal is called (from
+    the engine thread) if the engine stops itself after steps that keep failing."""
+    server = Server(cfg, llm, on_fatal)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await server.startup()
+        try:
+            yield
+        finally:
+            await server.shutdown()
+
+    app = FastAPI(title="qwen-vl-triton", lifespan=lifespan, redoc_url=None)  # /docs: Swagger UI of /openapi.json
+    app.state.server = server
+    app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_request_bytes)  # inside the metrics: 413s counted
+    app.add_middleware(HTTPMetricsMiddleware, metrics=server.metrics)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(EngineFull)
+    @app.exception_handler(EngineStopped)
+    async def busy(_: Request, e: Exception) -> JSONResponse:
+        return JSONResponse(server_busy(str(e)).body(), status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(EngineError)
+    async def engine_error(_: Request, e: EngineError) -> JSONResponse:
+        return JSONResponse(error_body(e), status_code=500)
+
+    @app.exception_handler(RequestMediaError)
+    async def undecodable_media(_: Request, e: RequestMediaError) -> JSONResponse:
+        return JSONResponse(media_error(e).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(str(e.detail), status=e.status_code, type=kind).body(),
+                            status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(APIError(f"internal error: {type(e).__name__}: {e}", status=500,
+                                     type="internal_error").body(), status_code=500)
+
+    # The handlers read the body themselves, so that it is parsed whatever its Content-Type (MindIE's
+    # curl examples send none) and errors get OpenAI's body; openapi_extra documents what they accept.
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": openapi_request_body(ChatCompletionRequest)})
+    async def chat_completions(request: Request) -> Response:
+        """OpenAI chat completions: text, image and video parts; tools; streaming with SSE."""
+        return await server.chat(request, parse_chat_request(parse_json_body(await request.body())))
+
+    @app.post("/v1/completions", openapi_extra={"requestBody": openapi_request_body(CompletionRequest)})
+    async def completions(request: Request) -> Response:
+        """OpenAI completions: a raw text prompt, no chat template."""
+        return await server.completion(request, parse_completion_request(parse_json_body(await request.body())))
+
+    @app.post("/generate", openapi_extra={"requestBody": openapi_request_body(GenerateRequest)})
+    async def generate(request: Request) -> Response:
+        """vLLM's / MindIE's generate: a text prompt (answered as prompt + output) or a list of parts."""
+        return await server.generate(request, parse_generate_request(parse_json_body(await request.body())))
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        max_len = server.llm.max_seq_len if server.llm is not None else None
+        data = [{"id": name, "object": "model", "created": server.created, "owned_by": "qwen-vl-triton",
+                 "root": str(cfg.model_path), "max_model_len": max_len} for name in server.names]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """Liveness: the model is loaded and the engine thread runs."""
+        if server.engine is None or not server.engine.is_healthy():
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: healthy, and the engine's last step did not fail (503 with why otherwise)."""
+        engine = server.engine
+        if engine is None or not engine.is_ready():
+            why = "not loaded" if engine is None else engine.fatal or (
+                f"the last {engine.failed_steps} engine step(s) failed" if engine.failed_steps else "not running")
+            return JSONResponse({"status": "unavailable", "reason": why}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def run_server(cfg: ServeConfig, llm: LLM | None = None, access_log: bool = False) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests get `graceful_timeout` seconds to finish.
+    If the engine stops itself (its steps keep failing), the server stops too and this raises
+    SystemExit(1) with why."""
+    import uvicorn
+
+    fatal: list[str] = []
+
+    def engine_stopped(why: str) -> None:  # engine thread: uvicorn polls should_exit
+        fatal.append(why)
+        uv.should_exit = True
+
+    app = create_app(cfg, llm, engine_stopped)
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            engine = app.state.server.engine
+            if engine is not None:
+                engine.stop_accepting()  # requests arriving on open connections now get 503
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=access_log,
+                            timeout_graceful_shutdown=int(cfg.graceful_timeout), lifespan="on")
+    started = time.perf_counter()
+    uv = _Server(config)
+    uv.run()
+    log.info("server stopped after %.1f s", time.perf_counter() - started)
+    if fatal:
+        raise SystemExit(f"error: the server stopped because its engine did: {fatal[0]}")
+
+
+def serve(cfg: ServeConfig, access_log: bool = False) -> None:
+    """Serve on one process, or tensor-parallel under torchrun (rank 0 serves, the others follow)."""
+    from qwen_vl_triton.parallel import destroy, end_process, init_from_env
+
+    tp = init_from_env(cfg.device)  # world size 1 unless launched by torchrun
+    try:
+        if cfg.world_size is not None and cfg.world_size != tp.world_size:
+            raise SystemExit(f"error: the config asks for worldSize {cfg.world_size} but this is a world of "
+                             f"{tp.world_size} process(es); launch with torchrun --nproc-per-node {cfg.world_size}")
+        where = f"rank {tp.rank} of {tp.world_size}: " if tp.world_size > 1 else ""
+        log.info("%sloading %s", where, cfg.model_path)
+        llm = load_llm(cfg, tp)
+        if tp.rank != 0:
+            llm.worker_loop()  # follow rank 0's requests and steps until its engine stops
+        else:
+            try:
+                run_server(cfg, llm, access_log)
+            finally:
+                # The engine thread releases the other ranks as it stops (the server's shutdown asks it
+                # to and joins it); then this is a no-op. It acts if no engine thread ever ran (the
+                # server failed to start), and if one outlived the join it waits for that thread's step
+                # to end (LLM.shutdown and LLM.step share a lock): collectives never interleave. A rank
+                # 0 that dies instead ends the others through their collectives' timeout.
+                llm.shutdown()
+    finally:
+        destroy(tp)
+    end_process(tp)  # tensor parallel: exit 0 here (parallel.group.end_process says why)

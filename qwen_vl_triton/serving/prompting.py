@@ -1,0 +1,247 @@
+"""Turning a parsed HTTP request into the engine's input: a `PreparedRequest`.
+
+What is HTTP's lives here: where media come from (URLs, data URIs, the allowed folder, byte
+limits) and how a failure is reported (an APIError naming the part). Rendering, media
+preparation, fitting and the length check are the engine's one `Preprocessor`
+(engine/preprocess.py), the same that offline generation uses.
+
+Runs in the server's worker threads, off both the event loop and the engine thread, so that
+decoding a large image or video never stalls streaming or the forward passes. It never touches
+the LLM's state.
+
+Media sources (`MediaRef.url`):
+  * `data:<mime>;base64,<data>`: the bytes, decoded here (invalid base64 is a 400);
+  * a path or `file://` URL: read only inside `--allowed_media_dir` (symlinks resolved first;
+    relative paths are taken from that folder); anything else is a 400;
+  * a bare base64 string of 512+ characters (MindIE accepts base64 images this way);
+  * `http://` / `https://`: refused with a 400; this server does not fetch URLs.
+
+Work is bounded before it is done: the media count (max_media_per_prompt) is checked before any
+medium is read, the text's length before it is tokenized (the Preprocessor's `check_text`), a
+data URI's size before it is decoded and an image's or video frame's pixels from the file's header
+before it is decoded (decode_max_pixels); each is a 400 naming the limit.
+
+Chat messages are rendered with the tokenizer's chat template, parts in the order given (for one
+user message of media then text this is exactly what `LLM.generate` builds offline). Videos that
+would push a prompt over max_input_token_len are shrunk to fit (the response reports it in
+usage.media_adjustments). Videos are only planned here: the engine decodes their frames chunk by
+chunk when it encodes them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import urllib.parse
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from qwen_vl_triton.engine.media import Media, MediaOptionError, PreparedMedia
+from qwen_vl_triton.engine.preprocess import (
+    ContextLengthError,
+    PreparedRequest,
+    Preprocessor,
+    PromptMediaMismatch,
+    ToolsNotRendered,
+)
+from qwen_vl_triton.engine.sampling import SamplingParams
+from qwen_vl_triton.engine.structured import byte_level_chars
+from qwen_vl_triton.modeling.processing import MediaError, MediaKind, MediaTooLarge, is_image
+from qwen_vl_triton.serving import tool_calls
+from qwen_vl_triton.serving.protocol import APIError, ChatMessage, MediaRef
+
+_BASE64 = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")
+MAX_IMAGE_BYTES = 20 << 20     # MindIE's limits: 20 MB per image, 512 MB per video
+MAX_VIDEO_BYTES = 512 << 20
+
+
+def _media_error(ref: MediaRef, message: str, code: str = "invalid_media") -> APIError:
+    return APIError(f"'{ref.param}': {message}", param=ref.param, code=code)
+
+
+def _check_bytes(ref: MediaRef, size: int) -> None:
+    """400 (media_too_large) when a part's file or decoded data is over its kind's byte limit."""
+    limit = MAX_IMAGE_BYTES if ref.kind == MediaKind.IMAGE else MAX_VIDEO_BYTES
+    if size > limit:
+        raise _media_error(ref, f"{ref.kind} of {size} bytes is over the {limit >> 20} MB limit", "media_too_large")
+
+
+def _b64decode(ref: MediaRef, data: str) -> bytes:
+    _check_bytes(ref, len(data.rstrip("=")) * 3 // 4)  # the decoded size, known before decoding
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raw = None
+    if not raw:
+        raise _media_error(ref, "invalid base64 data" if raw is None else "empty base64 data", "invalid_base64")
+    return raw
+
+
+def resolve_source(ref: MediaRef, allowed_dir: Path | None) -> str | bytes:
+    """A file path (checked to lie inside allowed_dir) or the decoded bytes of a data URI, within
+    the byte limit of the part's kind (data URIs checked before they are decoded)."""
+    url = ref.url.strip()
+    lower = url[:16].lower()
+    if lower.startswith("data:"):
+        header, sep, data = url.partition(",")
+        if not sep or not header.lower().endswith(";base64"):
+            raise _media_error(ref, "a data URI must be data:<mime type>;base64,<data>", "invalid_base64")
+        return _b64decode(ref, data)
+    if lower.startswith(("http://", "https://")):
+        raise _media_error(ref, "fetching media over http(s) is not supported by this server; send the file "
+                                "as a data: URI (base64) or as a path under the server's --allowed_media_dir",
+                           "unsupported_url")
+    if lower.startswith("file://"):
+        try:
+            parsed = urllib.parse.urlparse(url)
+        except ValueError as e:  # e.g. "file://[::1/x": an unclosed IPv6 host
+            raise _media_error(ref, f"not a valid file:// URL: {e}", "unsupported_url") from None
+        if parsed.netloc not in ("", "localhost"):
+            raise _media_error(ref, f"file:// URL with host {parsed.netloc!r}: only local files are read",
+                               "unsupported_url")
+        path_text = urllib.parse.unquote(parsed.path)
+    elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
+        raise _media_error(ref, f"unsupported URL scheme in {url[:40]!r}: use data:, file:// or a path",
+                           "unsupported_url")
+    elif len(url) >= 512 and _BASE64.match(url[:4096]) and not Path(url[:255]).exists():
+        return _b64decode(ref, url)
+    else:
+        path_text = url
+    if allowed_dir is None:
+        raise _media_error(ref, "local files are not served: start the server with --allowed_media_dir DIR "
+                                "to allow paths inside DIR, or send a data: URI", "local_media_disabled")
+    path = Path(path_text)
+    if not path.is_absolute():
+        path = allowed_dir / path
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # ValueError: an embedded NUL
+        raise _media_error(ref, f"cannot resolve path ({e})") from None
+    if not real.is_relative_to(allowed_dir):
+        raise _media_error(ref, "path is outside the server's --allowed_media_dir", "path_not_allowed")
+    if real.is_dir():
+        raise _media_error(ref, f"a directory, not a file: {path_text}", "file_not_found")
+    if not real.is_file():
+        raise _media_error(ref, f"no such file: {path_text}", "file_not_found")
+    _check_bytes(ref, real.stat().st_size)
+    return str(real)
+
+
+_BYTE_DECODER = {c: b for b, c in byte_level_chars().items()}  # a token piece's characters -> its bytes
+
+
+class Preparer:
+    """Builds the PreparedRequest of an HTTP request. Thread-safe (the Preprocessor's tokenizer
+    calls hold its lock; media decoding runs outside it)."""
+
+    def __init__(self, preprocessor: Preprocessor, allowed_media_dir: str | Path | None):
+        self.preprocessor = preprocessor
+        self.allowed_dir = Path(allowed_media_dir).resolve() if allowed_media_dir else None
+
+    @classmethod
+    def for_llm(cls, llm: Any, allowed_media_dir: str | Path | None) -> Preparer:
+        """A Preparer whose Preprocessor has its own tokenizer (the engine thread keeps the LLM's)."""
+        return cls(llm.preprocessor.with_own_tokenizer(llm.path, "max_input_token_len"), allowed_media_dir)
+
+    # ---------------------------------------------------------------------------- media
+
+    def prepare_one(self, ref: MediaRef) -> PreparedMedia:
+        """Resolve, size-check and prepare one media part; APIError (400) naming the part otherwise."""
+        source = resolve_source(ref, self.allowed_dir)
+        if ref.kind == MediaKind.VIDEO and is_image(source):
+            raise _media_error(ref, "this is an image, not a video: send it as an image_url part", "invalid_media")
+        try:
+            # label: the engine names the part if the medium fails later, while it decodes it
+            return replace(self.preprocessor.prepare_media(Media(source, ref.kind, dict(ref.options))), label=ref.param)
+        except MediaOptionError as e:
+            raise _media_error(ref, str(e), "invalid_value") from None
+        except MediaTooLarge as e:  # its header declares more pixels than decode_max_pixels
+            raise _media_error(ref, str(e), "media_too_large") from None
+        except Exception as e:  # noqa: BLE001 - any decoder failure is the file's fault: a 400
+            article = "an" if ref.kind == MediaKind.IMAGE else "a"
+            raise _media_error(ref, f"cannot read it as {article} {ref.kind}: {e}"[:500], "invalid_media") from None
+
+    # ---------------------------------------------------------------------------- prompts
+
+    @staticmethod
+    def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+        """The chat-template input: media parts as {"type": "image"|"video"}, text as text parts;
+        system and tool messages, and assistant messages with tool calls, as one string (what
+        templates expect of them), tool calls with their arguments as objects (tool_calls.py)."""
+        out: list[dict[str, Any]] = []
+        for m in messages:
+            text = "".join(p for p in m.parts if isinstance(p, str))
+            if m.role == "tool":
+                out.append({"role": "tool", "content": text, "tool_call_id": m.tool_call_id})
+            elif m.tool_calls:
+                out.append({"role": m.role, "content": text, "tool_calls": m.tool_calls})
+            elif m.role == "system":
+                out.append({"role": "system", "content": text})
+            else:
+                out.append({"role": m.role, "content": [{"type": p.kind} if isinstance(p, MediaRef)
+                                                         else {"type": "text", "text": p} for p in m.parts]})
+        return tool_calls.template_messages(out)
+
+    def prepare_chat(self, messages: list[ChatMessage], params: SamplingParams,
+                     tools: list[dict[str, Any]] | None = None) -> PreparedRequest:
+        """The rendered conversation (generation prompt appended, `tools` offered in the template's
+        system turn) with its media. What bounds the work is checked before any is done: the media
+        count first, then (as the template is rendered, before tokenizing) the text's length; media
+        are read last."""
+        refs = [p for m in messages for p in m.parts if isinstance(p, MediaRef)]
+        try:
+            self.preprocessor.limits.check_count(len(refs))
+        except MediaOptionError as e:
+            raise APIError(str(e), param="messages", code="too_many_media") from None
+        try:
+            ids = self.preprocessor.render(self.template_messages(messages), tools)
+        except ContextLengthError as e:
+            raise APIError(str(e), param="messages", code="context_length_exceeded") from None
+        except ToolsNotRendered as e:
+            raise APIError(str(e), param="tools", code="unsupported_parameter") from None
+        except Exception as e:  # noqa: BLE001 - templates raise their own errors for odd conversations
+            raise APIError(f"the model's chat template cannot render these messages: {e}", param="messages",
+                           code="invalid_value") from None
+        media = [self.prepare_one(p) for p in refs]
+        return self._build(ids, media, params, "messages")
+
+    def prepare_raw(self, text: str, params: SamplingParams) -> PreparedRequest:
+        """Raw prompt text (no chat template, no media); text that cannot fit is refused before it
+        is tokenized."""
+        try:
+            ids = self.preprocessor.tokenize(text)
+        except ContextLengthError as e:
+            raise APIError(str(e), param="prompt", code="context_length_exceeded") from None
+        if not ids:
+            raise APIError("prompt is empty after tokenization", param="prompt", code="invalid_value")
+        return self._build(ids, [], params, "prompt")
+
+    def _build(self, ids: list[int], media: list[PreparedMedia], params: SamplingParams, param: str
+               ) -> PreparedRequest:
+        try:
+            return self.preprocessor.build(ids, media, params)
+        except PromptMediaMismatch as e:  # e.g. the text itself contains <|image_pad|>
+            raise APIError(str(e), param=param, code="invalid_value") from None
+        except (ContextLengthError, MediaError) as e:  # a MediaError here: videos too long even shrunk
+            raise APIError(str(e), param=param, code="context_length_exceeded") from None
+
+    def decode_tokens(self, ids: list[int]) -> list[tuple[str, bytes]]:
+        """Each token's own text and its exact bytes (logprobs' 'token' and 'bytes' fields; the
+        text of a token holding part of a UTF-8 character is U+FFFD, its bytes are the real ones)."""
+        tokenizer = self.preprocessor.tokenizer
+        with self.preprocessor.lock:
+            texts = [tokenizer.decode([t]) for t in ids]
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            special = set(getattr(tokenizer, "added_tokens_decoder", {}))
+        out = []
+        for tid, text, piece in zip(ids, texts, pieces, strict=True):
+            if piece is None:
+                raw = b""
+            elif tid not in special and all(c in _BYTE_DECODER for c in piece):
+                raw = bytes(_BYTE_DECODER[c] for c in piece)  # byte-level BPE (Qwen2's tokenizer)
+            else:
+                raw = text.encode("utf-8")
+            out.append((text, raw))
+        return out
