@@ -103,23 +103,6 @@ def h200(**match: object) -> dict:
     return row(H200, **match)
 
 
-ITL_RUNS = {  # README row label -> the itl family's impl
-    "no clip": "no clip",
-    "clip, `--prefill_step_share 0.25` (and the default `--vision_step_share 0.25`)": "clip, --prefill_step_share 0.25",
-    "clip, default flags (prompt chunks of 256 tokens)": "clip, default flags",
-    "clip, `--prefill_step_share 0.25`, no vision budget (`--vision_step_share 1e9`)":
-        "clip, prefill budget, no vision budget",
-}
-
-
-def itl(label: str) -> tuple[object, ...]:
-    """ITL p50 and p99, p99 against the no-clip run's, and the window (the clip's admission), of one run."""
-    r = cpu(family="itl", impl=ITL_RUNS[label])
-    base = cpu(family="itl", impl="no clip")["median_ms"]
-    window = "—" if label == "no clip" else format(note(r, r"window ([\d.]+) s"), ".1f") + " s"
-    return note(r, r"p50 ([\d.]+) ms"), r["median_ms"], r["median_ms"] / base, window
-
-
 def structured_cpu(vocabulary: str, impl: str) -> dict:
     logits = "576" if vocabulary == "tiny" else "151936"
     return cpu(family="structured", shape=f"cpu-small, {vocabulary} vocabulary ({logits} logits)", impl=impl)
@@ -243,10 +226,6 @@ FIGURES: list[Figure] = [
     Figure("stays within {}x (plus {} MiB) of what a 30-second clip adds", "tests/engine/test_video_memory.py",
            lambda: search("tests/engine/test_video_memory.py",
                           r"assert beyond_long <= ([\d.]+) \* beyond_short \+ (\d+) \* 2\*\*20")),
-    # "Controlling the cost of video": inter-token latency while a clip is admitted
-    *[Figure(f"| {label} | {{:.1f}} ms | {{:.1f}} ms | {bold}{{:.2f}}x{bold} | {{}} |", f"{CPU} itl",
-             lambda label=label: itl(label))
-      for label, bold in zip(ITL_RUNS, ("", "**", "", ""), strict=True)],
     # Structured outputs
     Figure("({} of 2048 tokens at the Qwen size)", f"{CPU} structured",
            lambda: [int(note(structured_cpu("qwen-sized", "16 of 32 constrained"), r"(\d+) tokens in"))]),
@@ -410,15 +389,15 @@ NOT_MEASURED = [
     "by 64 steps",
     # video
     "a 5-minute clip (600 sampled frames)",
-    "a 30-second clip",
     "(at most 8 frame pairs held ahead)",
     "(0.25) of a decode step's time",
     "so an 8192-token chunk stalls every stream",
-    "Inter-token latency of 8 greedy streams while a 5-minute clip (3,000 frames decoded, 600 sampled, 1,200 video "
-    "tokens) is admitted",
-    "2 CPU cores, fp32,",
+    "the inter-token latency of 8 greedy streams while a 5-minute clip (3,000 frames decoded, 600 sampled, 1,200 "
+    "video tokens)",
+    "(prompt chunks of 256 tokens)",
     "medians of 3 runs",
-    "(nice 10), so on these 2 cores",
+    "the default flags' 256-token chunks",
+    "(nice 10)",
     "the clip's own 1,200 tokens",
     # structured outputs
     "32 greedy requests of 64 tokens on the cpu-small random-weight model (fp32), none or 16 of them",
@@ -449,11 +428,8 @@ NOT_MEASURED = [
     "at the 7B and 72B (TP 1/4/8) layer shapes, decode M = 1-64 and prefill 2048",
     "| CPU, 2 cores (Triton interpreter",
     "Triton 3.6)",
-    "decode attention B=64",
     "**below the 75% goal at 4k**",
-    "**below the 85% goal**",
     "(Triton 3.9)",
-    "| Ascend 910B |",
     "End to end on the 2-core CPU",
     "hidden 1024, 8 layers, random weights, 16 requests with one 224x224..640x480 image each",
     "64 output tokens each",
