@@ -20,7 +20,7 @@ def decode_step_ms(device: str, batch: int, enforce_eager: bool) -> float:
     """Median decode-step milliseconds of `batch` text requests."""
     import time
 
-    from qwen_vl_triton.benchmarks.e2e_vs_hf import checkpoint_for
+    from qwen_vl_triton.benchmarks.workloads import checkpoint_for
     from qwen_vl_triton.engine.llm import LLM, Prompt
     from qwen_vl_triton.engine.sampling import SamplingParams
 

@@ -45,7 +45,7 @@ RUNS = [("no clip", 0.25, None),
 
 
 def _clip() -> Path:
-    from qwen_vl_triton.modeling.processing import write_synthetic_video
+    from qwen_vl_triton.testing.media import write_synthetic_video
     from qwen_vl_triton.testing.tiny_checkpoint import cache_dir
 
     path = cache_dir() / "bench-itl-5min.mp4"
@@ -65,7 +65,7 @@ def run_window(llm, clip: Path | None, window_s: float | None) -> dict:
     from qwen_vl_triton.engine.report import percentiles
     from qwen_vl_triton.engine.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)  # run until aborted
     ids = [f"stream{i}" for i in range(STREAMS)]
     for i, request_id in enumerate(ids):
         llm.add_request(request_id, llm.preprocessor.prepare(Prompt(f"Tell me story number {i} about the sea."),
@@ -104,7 +104,7 @@ def run_window(llm, clip: Path | None, window_s: float | None) -> dict:
 
 def measure(device: str, repeats: int = REPEATS) -> dict:
     """The four runs, `repeats` times each, interleaved; medians of their statistics."""
-    from qwen_vl_triton.benchmarks.e2e_vs_hf import checkpoint_for
+    from qwen_vl_triton.benchmarks.workloads import checkpoint_for
     from qwen_vl_triton.engine.llm import LLM
 
     clip = _clip()

@@ -185,7 +185,7 @@ def qwen_sized_checkpoint() -> Path:
     template) and TinySizes.extra's text-config override vocab_size=151,936 (the embedding and
     lm_head get that many rows; the config's token ids are the tokenizer's). Its tokenizer is trained
     on `qwen_sized_corpus` (the built-in text holds ~500 merges' worth)."""
-    from qwen_vl_triton.benchmarks.e2e_vs_hf import PRESETS
+    from qwen_vl_triton.benchmarks.workloads import PRESETS
     from qwen_vl_triton.testing import tiny_checkpoint
 
     name = f"bench-cpu-small-qwen-vocab-c{CORPUS_VERSION}-float32"
@@ -205,7 +205,7 @@ def qwen_sized_checkpoint() -> Path:
 
 def vocabularies() -> dict[str, Callable[[], Path]]:
     """Each vocabulary's name and how to get its checkpoint."""
-    from qwen_vl_triton.benchmarks.e2e_vs_hf import checkpoint_for
+    from qwen_vl_triton.benchmarks.workloads import checkpoint_for
 
     return {"tiny": lambda: checkpoint_for("cpu-small", "float32"), "qwen-sized": qwen_sized_checkpoint}
 

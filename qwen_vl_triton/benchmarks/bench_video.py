@@ -75,7 +75,7 @@ def _point_in_fresh_process(*args) -> dict:
 
 def _assets(device: str) -> tuple[Path, Path, int]:
     """(checkpoint, clip of 800 frames, merged tokens per frame pair) for this device."""
-    from qwen_vl_triton.modeling.processing import write_synthetic_video
+    from qwen_vl_triton.testing.media import write_synthetic_video
     from qwen_vl_triton.testing.tiny_checkpoint import cache_dir, cached_checkpoint
 
     root = cache_dir()

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from qwen_vl_triton.benchmarks import CHECKOUT
-from qwen_vl_triton.benchmarks.e2e_vs_hf import checkpoint_for, make_requests
+from qwen_vl_triton.benchmarks.workloads import checkpoint_for, make_requests
 
 VLLM_PYTHON = CHECKOUT / ".venv-vllm" / "bin" / "python"
 PEERS = Path(__file__).resolve().parent / "peers"

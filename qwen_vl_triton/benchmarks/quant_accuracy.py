@@ -34,6 +34,9 @@ the int8 rounding error. Random weights are far from a trained model: their top-
 are near ties and their layers amplify small errors, so lines per checkpoint set the float
 model's margins beside the errors, give the agreement where the float model is decided (its
 margin more than twice the error at that position) and, where top-1 is below 95%, say why.
+
+A benchmark script read top to bottom (cases, the teacher-forced runs, the control rows, the
+table): splitting it would scatter one measurement over files.
 """
 
 from __future__ import annotations
@@ -206,14 +209,17 @@ class Compare:
 
 def quantized_path(source: Path, fmt: str, cache: Path, device: str | None) -> Path:
     """`fmt`'s quantized copy of `source`, made by tools/quantize.py once and cached under `cache`,
-    keyed by the source folder (path, weight files' sizes and times), the format and the tool's code."""
+    keyed by the source folder (path, weight files' sizes and times), the format and the writer's
+    code (the tool, the format tables and the rounding)."""
     from qwen_vl_triton.cli import quantize
+    from qwen_vl_triton.modeling import quant_formats, quant_rounding
 
     source = source.resolve()
     key = hashlib.sha256(str(source).encode())
     for f in sorted(source.glob("*.safetensors*")):
         key.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-    key.update(Path(quantize.__file__).read_bytes())
+    for module in (quantize, quant_formats, quant_rounding):
+        key.update(Path(module.__file__).read_bytes())
     out = cache / f"{source.name}-{fmt}-{key.hexdigest()[:12]}"
     if (out / "config.json").is_file():
         return out
@@ -263,8 +269,8 @@ def noisy_weights(model: QwenVLModel, seed: int = 0) -> tuple[QwenVLModel, float
     adds the activations' rounding)."""
     import dataclasses
 
-    from qwen_vl_triton.cli.quantize import channel_scales, round_weight
     from qwen_vl_triton.modeling.model import QwenVLModel
+    from qwen_vl_triton.modeling.quant_rounding import channel_scales, round_weight
 
     gen = torch.Generator().manual_seed(seed)
     layers, errors = [], []
@@ -520,7 +526,7 @@ def explain(case: Case, results: list[Result], facts: Facts) -> list[str]:
 def default_cases(tiny_requests: int, tiny_tokens: int, requests: int, tokens: int) -> list[Case]:
     """The tiny test checkpoint (fp32, as the tests run it) and the cpu-small bench checkpoint
     (benchmarks/e2e_vs_hf.py's preset for this CPU) in bf16."""
-    from qwen_vl_triton.benchmarks.e2e_vs_hf import checkpoint_for
+    from qwen_vl_triton.benchmarks.workloads import checkpoint_for
     from qwen_vl_triton.testing.tiny_checkpoint import cached_checkpoint
 
     return [Case("tiny-qwen2_5_vl", cached_checkpoint("tiny-qwen2_5_vl", "qwen2_5_vl", seed=0), "float32",
@@ -553,7 +559,7 @@ def run_cases(cases: list[Case], formats: list[str], device: torch.device, cache
 def run(ctx: BenchContext) -> None:
     """`make bench` entry: the tiny checkpoint and the cpu-small bench checkpoint, 16 requests x
     128 tokens each, in every format of tools/quantize.py, on ctx.device."""
-    from qwen_vl_triton.cli.quantize import FORMATS
+    from qwen_vl_triton.modeling.quant_formats import FORMATS
 
     started = time.perf_counter()
     rows, _ = run_cases(default_cases(16, 128, 16, 128), list(FORMATS), ctx.device, cache_root(), [1, 2])
@@ -568,7 +574,7 @@ def run(ctx: BenchContext) -> None:
 
 
 def main() -> None:
-    from qwen_vl_triton.cli.quantize import FORMATS
+    from qwen_vl_triton.modeling.quant_formats import FORMATS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
@@ -594,7 +600,7 @@ def main() -> None:
         p.error("--requests, --tokens, --tiny_requests, --tiny_tokens and --tp must be >= 1")
 
     from qwen_vl_triton.benchmarks.common import markdown_table
-    from qwen_vl_triton.engine.llm import default_device
+    from qwen_vl_triton.engine.model_runner import default_device
 
     device = torch.device(a.device) if a.device else default_device()
     if a.checkpoint is not None:

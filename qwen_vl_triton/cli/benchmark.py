@@ -21,29 +21,26 @@ from qwen_vl_triton.clients import benchmark as clients_benchmark
 from qwen_vl_triton.clients.benchmark import add_benchmark_arguments, measure, media_options, run_benchmark
 from qwen_vl_triton.clients.client import RequestRecord
 from qwen_vl_triton.clients.datasets import Sample
+from qwen_vl_triton.engine.config import EngineConfig, add_engine_args
 
 if TYPE_CHECKING:
     from qwen_vl_triton.engine.llm import LLM, Prompt
 
 
-def add_engine_arguments(p: argparse.ArgumentParser, model_path_help: str) -> None:
-    """--model_path (the engine in this process instead of a server) and the engine's flags."""
-    add = p.add_argument
-    add("--model_path", help=model_path_help)
-    add("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"], help="--model_path: dtype")
-    add("--device", help="--model_path: cuda, npu or cpu (default: the first accelerator found)")
-    add("--kv_cache_gb", type=float, help="--model_path: KV cache size in GiB")
-    add("--quantization", help="--model_path: a quantized checkpoint's format, ascend (msModelSlim) or "
-                               "compressed-tensors (default: detected from the checkpoint)")
+def add_engine_arguments(p: argparse.ArgumentParser, model_path_help: str, max_batch_size_help: str) -> None:
+    """--model_path (the engine in this process instead of a server) and the engine's flags, which
+    apply with --model_path only (a server has its own)."""
+    p.add_argument("--model_path", help=model_path_help)
+    add_engine_args(p, max_batch_size=max_batch_size_help)
 
 
 def load_engine(args: argparse.Namespace, samples: list[Sample], max_batch_size: int) -> tuple[LLM, list[Prompt]]:
-    """The engine on --model_path, and the samples as its prompts (the media controls of the flags)."""
+    """The engine on --model_path (max_batch_size unless --max_batch_size is given), and the samples
+    as its prompts (the media controls of the flags)."""
     from qwen_vl_triton.engine.llm import LLM, Prompt
     from qwen_vl_triton.engine.media import Media
 
-    llm = LLM(args.model_path, dtype=args.dtype, device=args.device, kv_cache_gb=args.kv_cache_gb,
-              max_batch_size=max_batch_size, quantization=args.quantization)
+    llm = LLM(args.model_path, EngineConfig.from_args(args, max_batch_size=max_batch_size))
     prompts = [Prompt(s.text, [Media(src, kind, media_options(args, kind)) for kind, src in s.media])
                for s in samples]
     return llm, prompts
@@ -77,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_benchmark_arguments(p)
     add_engine_arguments(p, "no server: drive the engine in this process (LLM.generate) on the same requests, "
-                            "with max_batch_size = --concurrency: the offline baseline for the server's numbers")
+                            "with max_batch_size = --concurrency: the offline baseline for the server's numbers",
+                         "--concurrency")
     args = p.parse_args(argv)
     return measure(args, run_offline if args.model_path else run_benchmark)
 

@@ -20,12 +20,14 @@ from qwen_vl_triton.clients import eval as clients_eval
 from qwen_vl_triton.clients.datasets import Sample
 from qwen_vl_triton.clients.eval import add_eval_arguments, evaluate, outputs_from_server
 
+EVAL_MAX_BATCH_SIZE = 16  # --model_path's running sequences unless --max_batch_size says otherwise
+
 
 def outputs_from_engine(args: argparse.Namespace, samples: list[Sample]) -> list[str]:
     """Greedy outputs of each sample from the engine in this process."""
     from qwen_vl_triton.engine.sampling import SamplingParams
 
-    llm, prompts = load_engine(args, samples, args.max_batch_size)
+    llm, prompts = load_engine(args, samples, EVAL_MAX_BATCH_SIZE)
     outs = llm.generate(prompts, SamplingParams(max_tokens=args.max_output_len, temperature=0.0), progress=True)
     return [o.text for o in outs]
 
@@ -35,9 +37,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=clients_eval.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     add_eval_arguments(p)
-    add_engine_arguments(p, "no server: run the engine in this process on this checkpoint instead of --url")
-    p.add_argument("--max_batch_size", type=int, default=16,
-                   help="--model_path: running sequences (default: %(default)s)")
+    add_engine_arguments(p, "no server: run the engine in this process on this checkpoint instead of --url",
+                         str(EVAL_MAX_BATCH_SIZE))
     args = p.parse_args(argv)
     if (args.url is None) == (args.model_path is None):
         p.error("give one of --url (a running server) and --model_path (the engine in this process)")

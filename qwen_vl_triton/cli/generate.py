@@ -25,6 +25,7 @@ import sys  # noqa: E402
 from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from qwen_vl_triton.engine.config import EngineConfig, add_engine_args  # noqa: E402
 from qwen_vl_triton.engine.llm import LLM, Prompt  # noqa: E402
 from qwen_vl_triton.engine.media import IMAGE_OPTIONS, VIDEO_OPTIONS, Media, PreparedMedia, prepare_media  # noqa: E402
 from qwen_vl_triton.engine.report import format_summary, perf_summary  # noqa: E402
@@ -36,7 +37,6 @@ from qwen_vl_triton.modeling.processing import (  # noqa: E402
     media_kind,
     probe_media_kind,
 )
-from qwen_vl_triton.modeling.quantization import CHOICES as QUANTIZATION_CHOICES  # noqa: E402
 from qwen_vl_triton.parallel import TPGroup, TPSizeError, barrier, destroy, end_process, exit_now, init_from_env  # noqa: E402
 from qwen_vl_triton.testing.tiny_checkpoint import cached_checkpoint  # noqa: E402
 
@@ -63,34 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a folder: one request per image/video file in it (with --input_text), sorted by name")
     add("--num_copies", type=int,
         help="send N copies of each request (throughput tests; default: 1, or --max_batch_size when that is "
-             "given for one --input_image/--input_text request, as MindIE's run_pa.py does)")
-    add("--max_batch_size", type=int,
-        help=f"running sequences per step (default: {DEFAULT_MAX_BATCH_SIZE}); given with a single request and "
-             "no --num_copies, it is also the number of copies run, like MindIE's performance runs")
-    add("--max_input_length", type=int, help="prompt tokens allowed, media included (default: the model's)")
+             "given for one --input_image/--input_text request, as MindIE's run_pa.py does: its performance runs "
+             "repeat one input a batch's worth of times)")
     add("--max_output_length", type=int, default=256, help="new tokens per request (default: %(default)s)")
-    add("--max_prefill_tokens", type=int, default=8192, help="prompt tokens computed per step (default: %(default)s)")
-    add("--prefill_step_share", type=float,
-        help="while requests are decoding, each step takes only the prompt tokens that add at most this share of "
-             "a decode step's time (inter-token latency first; default: off, --max_prefill_tokens alone)")
-    add("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
-        help="weights and activations (auto: the config's torch_dtype)")
-    add("--device", help="cuda, npu or cpu (default: the first accelerator found, else cpu)")
-    add("--quantization", choices=QUANTIZATION_CHOICES,
-        help="a quantized checkpoint's format: ascend (msModelSlim W8A8 / W8A8_DYNAMIC / W8A16, as MindIE and "
-             "vllm-ascend load) or compressed-tensors (int8 W8A8 / W8A16, as vLLM loads); default: detected from "
-             "the checkpoint, and a flag that does not match it is an error")
-    add("--compile", action="store_true",
-        help="run the model's forward pass through torch.compile (inductor; the first steps pay its compilation, "
-             "tens of seconds on a small CPU)")
-    add("--enforce_eager", action="store_true",
-        help="decode steps run eagerly, never as captured graphs (default: on a CUDA or NPU device at world size 1, "
-             "each batch bucket's decode step is captured as a graph the first time it runs and replayed after)")
-    add("--kv_cache_gb", type=float,
-        help="KV cache size in GiB, per rank under torchrun (default: on a GPU/NPU 85%% of the memory free after "
-             "the weights, less the vision tower's measured peak and the encoder cache; 4 on CPU)")
-    add("--block_size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
-    add("--disable_prefix_caching", action="store_true", help="never share KV blocks between requests")
     add("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     add("--top_p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
     add("--top_k", type=int, default=-1, help="sample among the k most likely (-1: off)")
@@ -112,19 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "(default: 90%% of a 128k-token context)")
     media.add_argument("--video_start", type=float, help="first second of each video to use")
     media.add_argument("--video_end", type=float, help="last second of each video to use")
-    media.add_argument("--vision_chunk_patches", type=int, default=16384,
-                       help="patches per vision-encoder call: a video is decoded and encoded this many patches' "
-                            "worth of frames at a time, bounding memory (default: %(default)s)")
-    media.add_argument("--vision_step_share", type=float, default=0.25,
-                       help="while requests are running, each step spends at most this share of a forward pass's "
-                            "time on vision encoding (at least one image or frame pair), so a long video does not "
-                            "stall the others (default: %(default)s)")
     add("--output_json", "--results_save_path", type=Path, dest="output_json",
         help="write results and the perf summary here (--results_save_path: MindIE's name)")
     add("--shm_name_save_path", type=Path,
         help="MindIE's shared-memory file-name list: accepted for compatibility and unused (media are read "
              "in this process)")
     add("--quiet", action="store_true", help="print only the perf summary")
+    add_engine_args(p, max_batch_size=DEFAULT_MAX_BATCH_SIZE)
     return p.parse_args(argv)
 
 
@@ -237,13 +206,7 @@ def _run(args: argparse.Namespace, tp: TPGroup) -> dict:
             prefetched = prefetch_media([prompt for _, prompt in requests], model_path)
     load_started = time.perf_counter()
     try:
-        llm = LLM(model_path, dtype=args.dtype, device=args.device, kv_cache_gb=args.kv_cache_gb,
-                  block_size=args.block_size, max_batch_size=args.max_batch_size,
-                  max_prefill_tokens=args.max_prefill_tokens, max_input_length=args.max_input_length,
-                  enable_prefix_caching=not args.disable_prefix_caching,
-                  vision_chunk_patches=args.vision_chunk_patches, vision_step_share=args.vision_step_share,
-                  prefill_step_share=args.prefill_step_share, compile=args.compile,
-                  enforce_eager=args.enforce_eager, quantization=args.quantization, tp=tp)
+        llm = LLM(model_path, EngineConfig.from_args(args), tp=tp)
     except (ValueError, OSError) as e:  # no or bad checkpoint, bad engine sizes
         for future in prefetched.values():  # the exit need not wait for media nobody will use
             future.cancel()

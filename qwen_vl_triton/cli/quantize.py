@@ -8,16 +8,9 @@ built-in prompts to set W8A8-static activation ranges).
 OUT must be a new or empty folder; --overwrite deletes what a non-empty one holds first (the loader
 reads every weight file in a folder, so another checkpoint's would be loaded beside the new ones).
 
-Formats (modeling/quantization.py documents each tensor; tools/generate.py and tools/serve.py load
-the output with the format detected):
-  ascend-w8a8               msModelSlim W8A8, as MindIE and vllm-ascend load it: static per-tensor
-                            asymmetric activations (input_scale / input_offset from calibration),
-                            deq_scale, quant_bias (the float bias folded in)
-  ascend-w8a8-dynamic       msModelSlim W8A8_DYNAMIC: activations quantized per token at run time
-  ascend-w8a16              msModelSlim W8A16: int8 weights, float activations
-  compressed-tensors-w8a8   llm-compressor's W8A8 int8 preset, as vLLM loads it: per-channel weights,
-                            dynamic per-token symmetric activations
-  compressed-tensors-w8a8-static  the same with static per-tensor symmetric activations (calibrated)
+The formats (--format, listed below) and each one's tensors are modeling/quant_formats.py's
+tables, the rounding modeling/quant_rounding.py's; tools/generate.py and tools/serve.py load the
+output with the format detected. This tool reads, calibrates and writes.
 
 Only the decoder's linear layers (q/k/v, o, gate/up, down) are quantized; the embedding, the LM
 head and the vision tower stay float, as both tools' Qwen-VL recipes keep them. Weights: symmetric
@@ -33,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,18 +39,14 @@ from tqdm import tqdm
 from qwen_vl_triton.modeling import quantization
 from qwen_vl_triton.modeling import weight_table as table
 from qwen_vl_triton.modeling.config import load_config
+from qwen_vl_triton.modeling.quant_formats import DESCRIPTION_FILE, FLOAT, FORMATS, OUTPUT_FORMATS, OutputFormat
+from qwen_vl_triton.modeling.quant_rounding import quantize_layer
 from qwen_vl_triton.modeling.weights import CheckpointReader
 
-FORMATS = ("ascend-w8a8", "ascend-w8a8-dynamic", "ascend-w8a16", "compressed-tensors-w8a8",
-           "compressed-tensors-w8a8-static")
-STATIC = ("ascend-w8a8", "compressed-tensors-w8a8-static")  # need calibrated activation ranges
-MS_TYPES = {"ascend-w8a8": "W8A8", "ascend-w8a8-dynamic": "W8A8_DYNAMIC", "ascend-w8a16": "W8A16"}
 SHARD_BYTES = 4 << 30  # output files of at most about this size
 CALIB_QUESTIONS = ("Describe this image.", "What colours are in the picture?", "Count the objects you see.",
                    "Write a short poem about it.", "What is written here?", "Where might this be?",
                    "Summarise the scene in one sentence.", "What happens next?")
-# llm-compressor's Qwen-VL recipes: the LM head and the vision tower stay float.
-CT_IGNORE = ["lm_head", "re:visual.*", "re:model.visual.*"]
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -104,70 +94,14 @@ def calibrate(model_path: Path, images: list[Path], prompts: int, device: str | 
     return {name: (float(o.low), float(o.high)) for name, o in observers.items()}
 
 
-# ----------------------------------------------------------------------------- quantizing one layer
-
-
-def channel_scales(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Symmetric per-output-channel scales [N] of w [N, K], as stored (`dtype`), never zero."""
-    amax = w.float().abs().amax(dim=1)
-    return (torch.where(amax > 0, amax, torch.ones_like(amax)) / 127.0).to(dtype)
-
-
-def round_weight(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] = round(w / scale) with the scales as stored (so dequantizing gives them back)."""
-    return torch.round(w.float() / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
-
-
-def asymmetric_range(low: float, high: float) -> tuple[float, float]:
-    """msModelSlim's activation scale and offset for inputs in [low, high] (0 always inside):
-    x_q = round(x / scale + offset) spans [-128, 127]."""
-    low, high = min(low, 0.0), max(high, 0.0)
-    scale = max(high - low, 1e-8) / 255.0
-    return scale, float(min(max(round(-128.0 - low / scale), -128), 127))
-
-
-def ascend_layer(prefix: str, w: torch.Tensor, bias: torch.Tensor | None, kind: str,
-                 value_range: tuple[float, float] | None) -> dict[str, torch.Tensor]:
-    """msModelSlim's tensors of one linear layer `prefix` ('...q_proj.') of type `kind`."""
-    dtype = w.dtype
-    scale = channel_scales(w, torch.float32)
-    q = round_weight(w, scale)
-    out = {prefix + "weight": q, prefix + "weight_scale": scale[:, None],
-           prefix + "weight_offset": torch.zeros_like(scale)[:, None]}
-    if kind != "W8A8":
-        return out | ({prefix + "bias": bias} if bias is not None else {})
-    assert value_range is not None
-    input_scale, input_offset = asymmetric_range(*value_range)
-    stored_scale = torch.tensor([input_scale], dtype=dtype)  # the model's dtype, as msModelSlim stores it
-    deq = stored_scale.float() * scale  # fp32 [N]
-    float_bias = bias.float() if bias is not None else torch.zeros_like(deq)
-    quant_bias = torch.round(float_bias / deq) - input_offset * q.sum(1, dtype=torch.int64)
-    out |= {prefix + "input_scale": stored_scale, prefix + "input_offset": torch.tensor([input_offset], dtype=dtype),
-            prefix + "quant_bias": quant_bias.to(torch.int32),
-            # fp16 models: float32 bit patterns in int64, what Ascend's quant matmul takes
-            prefix + "deq_scale": deq.view(torch.int32).to(torch.int64) if dtype == torch.float16 else deq}
-    return out | ({prefix + "bias": bias} if bias is not None else {})
-
-
-def compressed_tensors_layer(prefix: str, w: torch.Tensor, value_range: tuple[float, float] | None
-                             ) -> dict[str, torch.Tensor]:
-    """compressed-tensors' tensors of one linear layer: weight, weight_scale [N, 1] (the model's
-    dtype, as llm-compressor stores it), input_scale [1] for static activations."""
-    scale = channel_scales(w, w.dtype)
-    out = {prefix + "weight": round_weight(w, scale), prefix + "weight_scale": scale[:, None]}
-    if value_range is not None:
-        amax = max(abs(value_range[0]), abs(value_range[1]), 1e-8)
-        out[prefix + "input_scale"] = torch.tensor([amax / 127.0], dtype=w.dtype)
-    return out
-
-
 # ----------------------------------------------------------------------------- the checkpoint
 
 
-def quantized_tensors(reader: CheckpointReader, num_layers: int, fmt: str,
+def quantized_tensors(reader: CheckpointReader, num_layers: int, fmt: OutputFormat,
                       ranges: dict[str, tuple[float, float]] | None) -> Iterator[tuple[dict[str, torch.Tensor], str]]:
-    """(tensors under their names in the file, 'FLOAT' or the msModelSlim type) per source tensor;
-    a quantized layer yields all of its tensors at once, its bias with them."""
+    """(tensors under their names in the file, their type: FLOAT or the layer's kind, as msModelSlim's
+    description lists it) per source tensor; a quantized layer yields all of its tensors at once, its
+    bias with them."""
     layers = {e.name(i) for e in quantization.QUANTIZABLE for i in range(num_layers)}
     biases = {n[: -len("weight")] + "bias" for n in layers}
     for name in tqdm(sorted(reader.names()), desc="quantizing", unit="tensor"):
@@ -175,18 +109,14 @@ def quantized_tensors(reader: CheckpointReader, num_layers: int, fmt: str,
         if name in biases:
             continue  # written with its layer
         if name not in layers:
-            yield {original: reader.get(name)}, "FLOAT"
+            yield {original: reader.get(name)}, FLOAT
             continue
         prefix_canon = name[: -len("weight")]
         prefix = original[: -len("weight")]
-        w = reader.get(name)
         bias = reader.get(prefix_canon + "bias") if prefix_canon + "bias" in reader else None
         value_range = ranges.get(name) if ranges is not None else None
-        if fmt.startswith("ascend"):
-            yield ascend_layer(prefix, w, bias, MS_TYPES[fmt], value_range), MS_TYPES[fmt]
-        else:
-            out = compressed_tensors_layer(prefix, w, value_range)
-            yield out | ({prefix + "bias": bias} if bias is not None else {}), "FLOAT"
+        tensors = quantize_layer(fmt.layer, reader.get(name), bias, value_range)
+        yield {prefix + s: t for s, t in tensors.items()}, fmt.layer.kind
 
 
 def write_shards(out: Path, stem: str, pieces: Iterator[tuple[dict[str, torch.Tensor], str]]
@@ -227,20 +157,6 @@ def write_shards(out: Path, stem: str, pieces: Iterator[tuple[dict[str, torch.Te
     return types
 
 
-def compressed_tensors_config(static: bool) -> dict:
-    """quantization_config of llm-compressor's int8 W8A8 (per-token dynamic, or static per tensor)."""
-    weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False,
-               "group_size": None, "block_structure": None, "actorder": None, "observer": "minmax",
-               "observer_kwargs": {}}
-    acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor" if static else "token",
-            "dynamic": not static, "group_size": None, "block_structure": None, "actorder": None,
-            "observer": "minmax" if static else None, "observer_kwargs": {}}
-    return {"quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
-                                          "output_activations": None, "format": "int-quantized"}},
-            "ignore": CT_IGNORE, "kv_cache_scheme": None, "sparsity_config": {}, "global_compression_ratio": None}
-
-
 def check_output_folder(model_path: Path, output_path: Path, overwrite: bool) -> None:
     """ValueError unless `output_path` may receive the checkpoint: a new or empty folder, or (with
     `overwrite`) a non-empty one whose clearing leaves `model_path` alone. The loader reads every
@@ -279,15 +195,16 @@ def quantize_checkpoint(model_path: Path, output_path: Path, fmt: str, calib_ima
     """Write `fmt`'s quantized copy of float checkpoint `model_path` to `output_path` (see the module
     docstring); the non-weight files (config, tokenizer, processor, chat template) are copied.
     `output_path` must be new or empty; `overwrite` deletes what a non-empty one holds first."""
-    if fmt not in FORMATS:
+    if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    output = OUTPUT_FORMATS[fmt]
     model_path, output_path = Path(model_path), Path(output_path)
     num_layers = load_config(model_path).text.num_layers  # a clear error for a folder that is not a Qwen-VL one
     if (found := quantization.detect(model_path)) is not None:
         raise ValueError(f"{model_path} is already quantized ({found.describe()})")
     check_output_folder(model_path, output_path, overwrite)  # before calibration: a refusal costs nothing
     ranges = None
-    if fmt in STATIC:
+    if output.calibrated:
         from qwen_vl_triton.modeling.processing import SAMPLE_IMAGE_PATH
 
         ranges = calibrate(model_path, list(calib_images or [SAMPLE_IMAGE_PATH]), calib_prompts, device)
@@ -299,29 +216,25 @@ def quantize_checkpoint(model_path: Path, output_path: Path, fmt: str, calib_ima
             shutil.copy2(f, output_path / f.name)
     reader = CheckpointReader(model_path)
     config = json.loads((model_path / "config.json").read_text())
-    tensors = quantized_tensors(reader, num_layers, fmt, ranges)
-    if fmt.startswith("ascend"):
-        kind = MS_TYPES[fmt]
-        types = write_shards(output_path, f"quant_model_weight_{kind.lower()}", tensors)
-        description = {"model_quant_type": kind, **types}
-        (output_path / quantization.DESCRIPTION_FILE).write_text(json.dumps(description, indent=1) + "\n")
-        config["quantize"] = kind.lower()  # MindIE's switch
-    else:
-        write_shards(output_path, "model", tensors)
-        config["quantization_config"] = compressed_tensors_config(static=fmt in STATIC)
+    types = write_shards(output_path, output.weight_stem, quantized_tensors(reader, num_layers, output, ranges))
+    if (description := output.description(types)) is not None:
+        (output_path / DESCRIPTION_FILE).write_text(json.dumps(description, indent=1) + "\n")
+    config.update(output.config_entries())
     (output_path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return output_path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    formats = "\n".join(textwrap.fill(f"{f.summary}; out = {f.layer.formula}", 100, initial_indent=f"  {f.name:<32}",
+                                       subsequent_indent=" " * 34) for f in OUTPUT_FORMATS.values())
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+                                epilog=f"formats:\n{formats}", allow_abbrev=False)
     p.add_argument("--model_path", type=Path, required=True, help="the float checkpoint folder")
     p.add_argument("--output_path", type=Path, required=True,
                    help="where the quantized checkpoint goes: a new or empty folder (created if missing)")
     p.add_argument("--overwrite", action="store_true",
                    help="--output_path may be a non-empty folder: everything in it is deleted first")
-    p.add_argument("--format", choices=FORMATS, required=True, help="output format (see above)")
+    p.add_argument("--format", choices=FORMATS, required=True, help="output format (see the formats below)")
     p.add_argument("--calib_images", type=Path, nargs="+",
                    help="images the static formats' calibration prompts ask about (default: the bundled sample)")
     p.add_argument("--calib_prompts", type=int, default=8, help="calibration requests (static formats)")

@@ -5,8 +5,8 @@ video work; done on the engine thread it would stall every running stream for as
 takes. A `FrameStream` runs it on its own thread, below the engine thread's priority (on Linux),
 one temporal slice (temporal_patch_size frames, uint8 [tp, H, W, 3]) at a time, into a queue of
 at most `max_slices` slices: the engine takes slices as the vision tower is ready for them, and
-the thread waits while the queue is full, so a stream holds at most max_slices slices of frames,
-however long the clip.
+the thread waits while the queue is full (`waiting_for_room` says so), so a stream holds at most
+max_slices slices of frames, plus the one decoded slice waiting for room, however long the clip.
 
 A failure to decode (a corrupt file) is the request's: `take` raises it as RequestMediaError.
 `close` stops the thread (an aborted request, a finished one) and drops what it held.
@@ -44,6 +44,9 @@ class FrameStream:
         self.slices_left = media.grid[0]  # temporal slices not yet taken
         self._queue: queue.Queue = queue.Queue(maxsize=max_slices)
         self._closed = threading.Event()
+        # Set while the thread holds its next item and the queue has no room for it: decoding is as
+        # far ahead of the encoder as the stream allows, and stays there until a slice is taken.
+        self.waiting_for_room = threading.Event()
         self._thread = threading.Thread(target=self._decode, name=f"qvl-frames-{media.content_hash[:8]}",
                                         daemon=True)
         self._thread.start()
@@ -64,14 +67,18 @@ class FrameStream:
             self._put(RequestMediaError(str(e) or type(e).__name__, self.media.label))
 
     def _put(self, item: object) -> bool:
-        """Queue an item, waiting while the queue is full; False once the stream is closed."""
-        while not self._closed.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        """Queue an item, waiting while the queue is full (waiting_for_room set meanwhile); False
+        once the stream is closed."""
+        try:
+            while not self._closed.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    self.waiting_for_room.set()
+            return False
+        finally:
+            self.waiting_for_room.clear()
 
     def take(self, max_slices: int, timeout: float = 0.0) -> np.ndarray | None:
         """Up to max_slices decoded slices, in order, as uint8 frames [n * tp, H, W, 3]; waits up to
@@ -95,11 +102,6 @@ class FrameStream:
         if not taken:
             return None
         return taken[0] if len(taken) == 1 else np.concatenate(taken)
-
-    @property
-    def ready_slices(self) -> int:
-        """Slices decoded and waiting to be taken (approximate: the thread may be adding one)."""
-        return self._queue.qsize()
 
     def close(self) -> None:
         """Stop decoding and drop the queued frames (idempotent); the thread ends within ~0.1 s of

@@ -22,6 +22,10 @@ Faults end the world, never hang it: a step that fails on any rank, or a collect
 (a peer exited) or times out (tp.timeout_s), ends that rank with status 1 and a line naming it,
 and its peers' next collectives fail in turn. An idle driver must still step every
 tp.heartbeat_s (an empty step) so that the waiting ranks do not time out; the server does.
+
+Its length is the request lifecycle as one reading: commands and tensor-parallel lockstep, the
+step (vision work, scheduling, the runner's StepResult applied to sequences, forks, stop checks,
+incremental detokenizing) and offline batches; the device side is engine/model_runner.py's.
 """
 
 from __future__ import annotations
@@ -32,33 +36,32 @@ import time
 import uuid
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from qwen_vl_triton.engine.block_manager import BlockManager
 from qwen_vl_triton.engine.commands import Abort, Add, Command, StepPlan, Stop
-from qwen_vl_triton.engine.decode_graphs import DecodeGraphs, DecodeRow
+from qwen_vl_triton.engine.config import EngineConfig
 from qwen_vl_triton.engine.encoder_cache import EncoderCache
 from qwen_vl_triton.engine.errors import RequestFault, StepFailed
-from qwen_vl_triton.engine.kv_budget import kv_cache_budget
-from qwen_vl_triton.engine.media import DEFAULT_LIMITS, MediaLimits, PreparedMedia
+from qwen_vl_triton.engine.media import PreparedMedia
 from qwen_vl_triton.engine.media_encoder import EncodeWork, MediaEncoder
+from qwen_vl_triton.engine.model_runner import ModelRunner
 from qwen_vl_triton.engine.preprocess import PreparedRequest, Preprocessor, Prompt
-from qwen_vl_triton.engine.sampling import SampleOutput, SamplingParams, find_stop, make_generator, sample
-from qwen_vl_triton.engine.scheduler import Batch, Scheduler
+from qwen_vl_triton.engine.sampling import SamplingParams, find_stop, make_generator
+from qwen_vl_triton.engine.scheduler import Scheduler
 from qwen_vl_triton.engine.sequence import Sequence
 from qwen_vl_triton.engine.stats import EngineStats, StepCost
 from qwen_vl_triton.engine.structured import StructuredDecoder
-from qwen_vl_triton.modeling.attention_metadata import AttentionMetadata
-from qwen_vl_triton.modeling.model import load_model
 from qwen_vl_triton.modeling.processing import ImageProcessorConfig, MediaKind
 from qwen_vl_triton.modeling.tokenizer import load_tokenizer
-from qwen_vl_triton.parallel.comm import all_gather_object, broadcast_object, exit_rank
-from qwen_vl_triton.parallel.group import SINGLE_PROCESS, TPGroup, detect_device_type
-from qwen_vl_triton.parallel.sharding import local_kv_heads
+from qwen_vl_triton.parallel.comm import broadcast_object, exit_rank
+from qwen_vl_triton.parallel.group import SINGLE_PROCESS, TPGroup
 
 __all__ = ["LLM", "Prompt", "RequestOutput"]  # Prompt: the offline input, from engine.preprocess
 
@@ -86,139 +89,63 @@ class RequestOutput:
     index: int = 0  # which of the request's params.n samples this is
 
 
-def default_device() -> torch.device:
-    """CUDA if present, then an Ascend NPU (torch_npu), else the CPU."""
-    return torch.device(detect_device_type())
-
-
 class LLM:
     """Qwen2-VL / Qwen2.5-VL / QVQ generation with a paged KV cache and continuous batching.
 
-    kv_cache_gb (MindIE's npuMemSize) or num_kv_blocks sizes the cache; max_batch_size bounds the
-    running sequences, max_prefill_tokens the prompt tokens computed per step (longer prompts are
-    prefilled in chunks); max_input_length bounds a prompt's tokens (media included), max_seq_len
-    prompt + output. Prefix caching shares the KV of equal prompt prefixes (media by content).
+    Its settings are an EngineConfig (engine/config.py says what each one does, its default and its
+    limits), given whole (`LLM(path, config)`), as keyword arguments (`LLM(path, kv_cache_gb=8)`),
+    or both (the keywords replace the config's values).
 
-    media_limits: defaults and hard limits for requests' media controls (engine/media.py), applied
-    by `self.preprocessor`, which makes the PreparedRequests that add_request takes;
-    vision_chunk_patches: patches per vision-encoder call: videos are decoded and encoded that many
-    temporal slices at a time, so the encoder's activations do not grow with a clip's length.
-    vision_step_share: while other requests are running, each step's vision encoding is held to
-    this share of a decode step's time (at least one image or temporal slice), so a long clip is
-    encoded over many steps and the running streams keep their inter-token latency; videos are
-    decoded ahead on background threads (engine/media_encoder.py).
-    prefill_step_share: while requests are decoding, the prompt tokens of a step are held to what
-    adds this share of a decode step's time (estimated from the steps seen; at least one token),
-    so a long prompt is prefilled in chunks small enough for the decoding streams' inter-token
-    latency. None (the default): only max_prefill_tokens bounds them (throughput first).
-
-    compile: run the model's forward pass through torch.compile (inductor, dynamic shapes, so one
-    compilation serves every batch; on the CPU the kernels' PyTorch references are what it fuses).
-    The first steps pay the compilation.
-    enforce_eager: never run decode steps as captured graphs. By default, on a CUDA or NPU device
-    at world size 1, decode-only steps run on static buffers padded to batch buckets, each bucket
-    captured as a graph the first time it runs and replayed after (engine/decode_graphs.py).
-
-    quantization: a quantized checkpoint's format, 'ascend' (msModelSlim) or 'compressed-tensors';
-    None (the default) detects it, and a name that does not match the checkpoint is an error
-    (modeling/quantization.py says what is supported).
+    The LLM owns the requests: their lifecycle (add_request / step / abort), the scheduler's plan,
+    the vision work spread over steps (engine/media_encoder.py) and the outputs. The device side of
+    a step, its inputs, forward pass, decode graphs, sampling and KV copies, is the ModelRunner's
+    (engine/model_runner.py): each step hands it the scheduled Batch and reads a StepResult.
 
     tp: the tensor-parallel group (see the module docstring); its device is used when world_size
     > 1, and kv_cache_gb is then each rank's budget for its own kv heads.
     """
 
-    def __init__(self, model_path: str | Path, *, dtype: str = "auto", device: str | torch.device | None = None,
-                 kv_cache_gb: float | None = None, num_kv_blocks: int | None = None, block_size: int = 16,
-                 max_batch_size: int = 64, max_prefill_tokens: int = 8192, max_input_length: int | None = None,
-                 max_seq_len: int | None = None, enable_prefix_caching: bool = True,
-                 encoder_cache_gb: float = 1.0, media_limits: MediaLimits = DEFAULT_LIMITS,
-                 vision_chunk_patches: int = 16384, vision_step_share: float = 0.25,
-                 prefill_step_share: float | None = None, compile: bool = False, enforce_eager: bool = False,
-                 quantization: str | None = None, tp: TPGroup = SINGLE_PROCESS):
-        for name, value in (("block_size", block_size), ("max_batch_size", max_batch_size),
-                            ("max_prefill_tokens", max_prefill_tokens), ("max_input_length", max_input_length),
-                            ("max_seq_len", max_seq_len), ("num_kv_blocks", num_kv_blocks)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if kv_cache_gb is not None and not kv_cache_gb > 0:
-            raise ValueError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
+    def __init__(self, model_path: str | Path, config: EngineConfig | None = None, *, tp: TPGroup = SINGLE_PROCESS,
+                 **settings: Any):
+        """`config` (default: EngineConfig()) with `settings` (EngineConfig fields) replacing its values."""
+        cfg = dataclasses.replace(config or EngineConfig(), **settings)
+        self.engine_config = cfg
         self.path = Path(model_path)
         self.tp = tp
-        if tp.world_size > 1:
-            if device is not None and torch.device(device).type != tp.device.type:
-                raise ValueError(f"device {device} differs from the tensor-parallel group's {tp.device}")
-            self.device = tp.device
-        else:
-            self.device = torch.device(device) if device is not None else default_device()
         self._pending: list[Command] = []  # rank 0: commands the other ranks apply before the next step
         self._stopped = False
         self._shutdown_lock = threading.Lock()  # the server's engine thread and main thread may both shut down
-        self.model = load_model(self.path, dtype, self.device, tp, quantization)
+        self.stats = EngineStats()
+        self.runner = ModelRunner(self.path, cfg, tp, self.stats)
+        self.device, self.model = self.runner.device, self.runner.model
         self.config = self.model.config
         self.tokenizer = load_tokenizer(self.path)  # transformers is not imported for Qwen's (~0.7 s)
         self.image_cfg = ImageProcessorConfig.from_pretrained(self.path)
         self.eos_ids = set(self.config.eos_token_ids)  # config.json + generation_config.json
         self.pad_ids = (self.config.image_token_id, self.config.video_token_id)
 
-        self.max_seq_len = min(max_seq_len or self.config.text.max_position_embeddings,
-                               self.config.text.max_position_embeddings)
-        self.max_input_length = min(max_input_length or self.max_seq_len - 1, self.max_seq_len - 1)
-        if vision_chunk_patches < 1:
-            raise ValueError(f"vision_chunk_patches must be >= 1, got {vision_chunk_patches}")
-        encoder_cache_bytes = int(encoder_cache_gb * (1 << 30))
-        self.kv_budget_note = f"num_kv_blocks {num_kv_blocks}"  # how the cache was sized (for logs and errors)
-        if num_kv_blocks is None:
-            if kv_cache_gb is None:  # what the device has left beside the vision tower's peak and the encoder cache
-                budget, self.kv_budget_note = kv_cache_budget(self.model, chunk_patches=vision_chunk_patches,
-                                                              image_max_pixels=media_limits.image_max_pixels,
-                                                              encoder_cache_bytes=encoder_cache_bytes)
-            else:
-                budget, self.kv_budget_note = kv_cache_gb * (1 << 30), f"kv_cache_gb {kv_cache_gb}"
-            num_kv_blocks = self._blocks_for_budget(budget, block_size, max_batch_size)
-        num_blocks = num_kv_blocks
-        # Every rank schedules the same blocks: take the smallest cache any rank can hold.
-        num_blocks = min(all_gather_object(num_blocks, tp))
+        model_len = self.config.text.max_position_embeddings
+        max_seq_len = min(cfg.max_seq_len or model_len, model_len)
+        num_blocks, self.kv_budget_note = self.runner.num_kv_blocks(max_seq_len)
         # A lone sequence must always fit, so that preemption can never deadlock.
-        self.max_seq_len = min(self.max_seq_len, num_blocks * block_size)
-        self.max_input_length = min(self.max_input_length, self.max_seq_len - 1)
-        self.kv_caches = self.model.allocate_kv_cache(num_blocks, block_size)
-        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens)
-        self.encoder_cache = EncoderCache(encoder_cache_bytes)
+        self.max_seq_len = min(max_seq_len, num_blocks * cfg.block_size)
+        self.max_input_length = min(cfg.max_input_length or self.max_seq_len - 1, self.max_seq_len - 1)
+        self.runner.allocate(num_blocks, self.max_seq_len)
+        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, cfg.max_batch_size, cfg.max_prefill_tokens)
+        self.encoder_cache = EncoderCache(int(cfg.encoder_cache_gb * (1 << 30)))
         self.preprocessor = Preprocessor(self.tokenizer, self.config, self.image_cfg, self.max_input_length,
-                                         media_limits)
-        for name, share in (("vision_step_share", vision_step_share), ("prefill_step_share", prefill_step_share)):
-            if share is not None and not share > 0:
-                raise ValueError(f"{name} must be > 0, got {share}")
-        self.vision_step_share = vision_step_share
-        self.prefill_step_share = prefill_step_share
+                                         cfg.media_limits, max_seq_len=self.max_seq_len)
+        self.vision_step_share = cfg.vision_step_share
+        self.prefill_step_share = cfg.prefill_step_share
         self.sequences: dict[str, Sequence] = {}  # each unfinished request's first sample (its group: all n)
         self._structured: StructuredDecoder | None = None  # built at the first constrained request
         self._next_seq_id = 0
-        self.stats = EngineStats()
-        self.encoder = MediaEncoder(self.model, self.encoder_cache, self.stats, chunk_patches=vision_chunk_patches,
+        self.encoder = MediaEncoder(self.model, self.encoder_cache, self.stats, chunk_patches=cfg.vision_chunk_patches,
                                     driver=tp.rank == 0, isolate_failures=tp.world_size == 1)
         self.step_cost = StepCost()  # what the vision and prefill shares are shares of
-        self._model_forward = torch.compile(self.model.forward, dynamic=True) if compile else self.model.forward
-        graphs = not enforce_eager and self.device.type in ("cuda", "npu") and tp.world_size == 1
-        self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, self._model_forward, max_batch_size,
-                                          -(-self.max_seq_len // block_size), capture=True) if graphs else None
 
     # ------------------------------------------------------------------ set-up
-
-    def _blocks_for_budget(self, budget: float, block_size: int, max_batch_size: int) -> int:
-        """KV blocks that `budget` bytes hold on this rank (its share of the kv heads), at most what
-        every running sequence at full length could use."""
-        t = self.config.text
-        kv_heads = local_kv_heads(t.num_kv_heads, self.tp.world_size)  # this rank's share of the cache
-        bytes_per_block = 2 * t.num_layers * block_size * kv_heads * t.head_dim * self.model.dtype.itemsize
-        blocks = int(budget // bytes_per_block)
-        useful = max_batch_size * -(-self.max_seq_len // block_size)
-        blocks = min(blocks, useful)
-        if blocks < 2:
-            raise ValueError(f"KV cache budget {budget / (1 << 30):.3f} GiB ({self.kv_budget_note}) holds {blocks} "
-                             f"blocks of {bytes_per_block} bytes; raise kv_cache_gb")
-        return blocks
 
     @property
     def structured(self) -> StructuredDecoder:
@@ -227,6 +154,12 @@ class LLM:
         if self._structured is None:
             self._structured = StructuredDecoder(self.tokenizer, self.config.text.vocab_size, self.eos_ids)
         return self._structured
+
+    def _start_masks(self, rows: list[Sequence]) -> Future | None:
+        """The structured-output masks of the rows about to be sampled, computing on llguidance's
+        threads (None when no row is constrained)."""
+        matchers = [seq.matcher for seq in rows]
+        return self.structured.masks_async(matchers) if any(m is not None for m in matchers) else None
 
     # ------------------------------------------------------------------ requests
 
@@ -237,6 +170,9 @@ class LLM:
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
         request.params.validate(self.config.text.vocab_size)
+        if request.params.max_tokens is None:
+            raise ValueError("the request's max_tokens is unresolved: make the PreparedRequest with the "
+                             "Preprocessor (llm.preprocessor.prepare / build), which sets the output budget")
         if request.params.structured is not None:
             self.structured.check(request.params.structured)  # compiled (cached) now: a bad schema is its error
         if len(request.ids) >= self.max_seq_len:  # the engine's own invariant, not the length policy (preprocess)
@@ -446,7 +382,7 @@ class LLM:
             return results
         started = time.perf_counter()
         try:
-            rows, out = self._forward_and_sample(batch, results)
+            result = self.runner.execute(batch, self.blocks.block_table, self.pad_ids, self._start_masks)
         except Exception as e:  # noqa: BLE001 - whatever failed, it ends only the requests in this step
             fault = RequestFault(f"the engine step this request was part of failed: {type(e).__name__}: {e}")
             raise StepFailed(results + [o for r in batch.runs for o in self._fail(r.seq, fault)], e) from e
@@ -459,6 +395,10 @@ class LLM:
             if not run.seq.is_finished:  # a request whose logits were not finite has ended
                 run.seq.num_computed = run.start + run.count
                 self.blocks.commit(run.seq.seq_id, run.seq.all_keys, run.seq.num_computed)
+        for seq in result.not_finite:
+            results.extend(self._fail(seq, RequestFault("the model's logits for this request are not finite "
+                                                        "(NaN or inf)")))
+        rows, out = result.sampled, result.output
         self._fork([seq for seq in rows if seq.forks])
         for i, seq in enumerate(rows):
             token = out.token_ids[i]
@@ -500,48 +440,7 @@ class LLM:
                 child.num_computed = parent.num_computed
                 self.scheduler.add_running(child)
             parent.forks = []
-        if copies:
-            src, dst = (torch.tensor(c, device=self.device) for c in zip(*copies, strict=True))
-            for k_cache, v_cache in self.kv_caches:
-                k_cache[dst] = k_cache[src]
-                v_cache[dst] = v_cache[src]
-
-    def _forward_and_sample(self, batch: Batch, results: list[RequestOutput]) -> tuple[list[Sequence], SampleOutput]:
-        """The forward pass, then one token for each run that reaches its sequence's end, and for
-        the samples waiting to fork off it (their first tokens come from the same logits row). A row
-        of logits that is not finite ends its request (its output goes to `results`) and is not
-        sampled. Structured outputs mask their rows: the masks depend only on the tokens accepted so
-        far, so llguidance computes them on its own threads while the forward pass runs. Returns the
-        sampled sequences and their tokens."""
-        sampling_runs = [r for r in batch.runs if r.samples]
-        candidates = [(i, seq) for i, r in enumerate(sampling_runs) for seq in (r.seq, *r.seq.forks)]
-        matchers = [seq.matcher for _, seq in candidates]
-        masks = self.structured.masks_async(matchers) if any(m is not None for m in matchers) else None
-        try:
-            logits = self._forward(batch)
-            with self.stats.timed("forward"):
-                # Logits are all-gathered: every rank agrees. The .tolist() waits for the device, which
-                # the masks' threads overlap too.
-                finite = torch.isfinite(logits).all(dim=-1).tolist()
-        finally:
-            with self.stats.timed("sampling"):
-                bitmask = masks.result() if masks is not None else None  # never left computing past the step
-        for run, ok in zip(sampling_runs, finite, strict=True):
-            if not ok:
-                results.extend(self._fail(run.seq, RequestFault(
-                    "the model's logits for this request are not finite (NaN or inf)")))
-        kept = [j for j, (i, _) in enumerate(candidates) if finite[i]]
-        if not kept:
-            return [], SampleOutput([], [], [])
-        rows = [candidates[j][1] for j in kept]
-        logit_rows = [candidates[j][0] for j in kept]
-        if logit_rows != list(range(len(sampling_runs))):
-            logits = logits[torch.tensor(logit_rows, device=logits.device)]
-        if bitmask is not None and len(kept) != len(candidates):
-            bitmask = bitmask[kept]
-        with self.stats.timed("sampling"):
-            return rows, sample(logits, [s.params for s in rows], [s.prompt_ids for s in rows],
-                                [s.output_ids for s in rows], [s.generator for s in rows], token_bitmask=bitmask)
+        self.runner.copy_blocks(copies)
 
     def _fail(self, seq: Sequence, error: BaseException) -> list[RequestOutput]:
         """End a sequence that cannot go on (its blocks freed), with the samples still waiting to
@@ -560,72 +459,6 @@ class LLM:
         """Forget a finished sample's request once all its samples have finished."""
         if all(s.is_finished for s in seq.group):
             self.sequences.pop(seq.request_id, None)
-
-    def _forward(self, batch: Batch) -> torch.Tensor:
-        """Run the model over the batch's runs; fp32 logits [n sampling runs, V]. A decode-only
-        batch runs on the static buffers (and graphs) of self.decode_graphs when there is one."""
-        if self.decode_graphs is not None and all(r.count == 1 and r.samples and r.start >= len(r.seq.prompt_ids)
-                                                  for r in batch.runs):
-            with self.stats.timed("inputs"):
-                rows = self._decode_rows(batch)
-            with self.stats.timed("forward"):
-                return self.decode_graphs.run(rows)
-        with self.stats.timed("inputs"):
-            ids, positions, meta, media_at, media_embeds, logit_rows = self._inputs(batch)
-        with self.stats.timed("forward"):
-            embeds = self.model.embed(ids, media_at, media_embeds)
-            hidden = self._model_forward(positions, meta, self.kv_caches, inputs_embeds=embeds)
-            return self.model.compute_logits(hidden, logit_rows)
-
-    def _decode_rows(self, batch: Batch) -> list[DecodeRow]:
-        """The inputs of a decode-only batch (every run one generated token), one row per run."""
-        bs = self.blocks.block_size
-        rows = []
-        for run in batch.runs:
-            seq, at = run.seq, run.start
-            table = self.blocks.block_table(seq.seq_id)
-            position = at + seq.rope_delta  # the same on all three rope axes after the prompt
-            rows.append(DecodeRow(seq.output_ids[at - len(seq.prompt_ids)], (position,) * 3,
-                                  table[at // bs] * bs + at % bs, at + 1, table))
-        return rows
-
-    def _inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None,
-                                              torch.Tensor | None, torch.Tensor]:
-        """The forward pass's inputs for the batch's runs: token ids [T] (CPU), rope positions [3, T],
-        attention metadata, the rows of media pads among the T tokens and their embeddings (or None),
-        and the rows whose logits are sampled (on the device)."""
-        bs = self.blocks.block_size
-        ids, positions, slots, q_lens, ctx_lens, tables = [], [], [], [], [], []
-        media_at, media_embeds = [], []  # rows among the step's tokens, and what goes there
-        offset = 0
-        for run in batch.runs:
-            seq, start, end = run.seq, run.start, run.start + run.count
-            ids.extend(seq.all_ids[start:end])
-            positions.append(seq.positions_of(start, end))
-            table = torch.tensor(self.blocks.block_table(seq.seq_id), dtype=torch.int64)
-            index = torch.arange(start, end)
-            slots.append(table[index // bs] * bs + index % bs)
-            if seq.media and start < len(seq.prompt_ids):
-                at, rows = seq.media_rows(start, end, self.pad_ids)
-                media_at.append(at + offset)
-                media_embeds.append(seq.media_embeds[rows.to(seq.media_embeds.device)])
-            offset += run.count
-            q_lens.append(run.count)
-            ctx_lens.append(end)
-            tables.append(table)
-        ends = torch.tensor(q_lens).cumsum(0)  # end of each run among the step's tokens
-        width = max(len(t) for t in tables)
-        block_tables = torch.stack([torch.nn.functional.pad(t, (0, width - len(t))) for t in tables])
-        meta = AttentionMetadata(
-            slot_mapping=torch.cat(slots).to(self.device),
-            block_tables=block_tables.to(self.device, torch.int32),
-            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=self.device),
-            cu_seqlens_q=torch.tensor([0, *ends.tolist()], dtype=torch.int32, device=self.device),
-            max_query_len=max(q_lens),
-        )
-        sampling = torch.tensor([r.samples for r in batch.runs])
-        return (torch.tensor(ids), torch.cat(positions, dim=1), meta, torch.cat(media_at) if media_at else None,
-                torch.cat(media_embeds) if media_embeds else None, (ends - 1)[sampling].to(self.device))
 
     def _check_finished(self, seq: Sequence, now: float) -> None:
         params, token = seq.params, seq.output_ids[-1]

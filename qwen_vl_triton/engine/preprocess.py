@@ -14,7 +14,11 @@ the server (serving/prompting.py turns HTTP bodies into chat messages and `Media
 
 `build` is where the prompt is fitted and checked, once: videos that would push it over
 max_input_length are shrunk (`media.fit_videos`), then a prompt still over the limit is refused
-with a `ContextLengthError` naming the limit. Before that, and before any tokenizing, `render`
+with a `ContextLengthError` naming the limit. It also sets the output budget, the one policy for
+offline runs and the server alike: a max_tokens of None becomes the room the prompt leaves under
+max_seq_len (capped by max_output_tokens, the server's max_iter_times), and a max_tokens the
+prompt leaves no room for is an `OutputLengthError`; a given max_tokens is capped the same way.
+The PreparedRequest it returns is frozen, its cache_salt included. Before that, and before any tokenizing, `render`
 and `tokenize` refuse text that cannot fit whatever it tokenizes to: more characters than
 max_input_length tokens can hold (`check_text`), so an absurd prompt costs no tokenizer work.
 
@@ -26,6 +30,7 @@ own tokenizer) so the engine thread's detokenizing never waits on it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import threading
 from dataclasses import dataclass, field
@@ -47,6 +52,10 @@ _NORMALIZATION_FACTOR = 4
 
 class ContextLengthError(ValueError):
     """A prompt that does not fit max_input_length, even with its videos shrunk."""
+
+
+class OutputLengthError(ContextLengthError):
+    """A prompt and its max_tokens that together do not fit max_seq_len."""
 
 
 def max_chars_per_token(tokenizer: Any) -> int | None:
@@ -95,10 +104,10 @@ class Prompt:
     media: list[Media | PreparedMedia] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PreparedRequest:
     """What the engine takes: ids [L] (media pads expanded, so L counts the media's tokens), the
-    prepared media in prompt order, and the sampling parameters."""
+    prepared media in prompt order, and the sampling parameters (max_tokens resolved: an int)."""
 
     ids: list[int]
     media: list[PreparedMedia] = field(default_factory=list)
@@ -112,27 +121,30 @@ class Preprocessor:
     max_input_length: the most prompt tokens (media included); limit_name: how error messages
     name it (the server says MindIE's max_input_token_len). max_chars: the most characters of text
     that can fit max_input_length tokens (None: no bound), from the tokenizer's longest token,
-    computed once here.
+    computed once here. max_seq_len: prompt + output tokens (None: no bound, then max_tokens must
+    be given); max_output_tokens: output tokens at most, whatever max_tokens asks (None: no cap).
     """
 
     def __init__(self, tokenizer: Any, config: ModelConfig, image_cfg: ImageProcessorConfig, max_input_length: int,
-                 limits: MediaLimits = DEFAULT_LIMITS, limit_name: str = "max_input_length"):
-        self.tokenizer = tokenizer
-        self.config = config
-        self.image_cfg = image_cfg
+                 limits: MediaLimits = DEFAULT_LIMITS, limit_name: str = "max_input_length",
+                 max_seq_len: int | None = None, max_output_tokens: int | None = None):
+        self.tokenizer, self.config, self.image_cfg, self.limits = tokenizer, config, image_cfg, limits
         self.max_input_length = max_input_length
-        self.limits = limits
+        self.max_seq_len, self.max_output_tokens = max_seq_len, max_output_tokens  # the output budget
         self.limit_name = f"{limit_name} {max_input_length}"
         self.chars_per_token = max_chars_per_token(tokenizer)
         self.max_chars = None if self.chars_per_token is None else self.chars_per_token * max_input_length
         self.lock = threading.Lock()
 
-    def with_own_tokenizer(self, path: str | Path, limit_name: str) -> Preprocessor:
-        """A copy with a tokenizer of its own, for use from other threads. The same checkpoint's
-        tokenizer: the characters-per-token bound is reused, not computed again over the vocabulary."""
+    def with_own_tokenizer(self, path: str | Path, limit_name: str,
+                           max_output_tokens: int | None = None) -> Preprocessor:
+        """A copy with a tokenizer of its own, for use from other threads (and, for the server, its
+        output cap). The same checkpoint's tokenizer: the characters-per-token bound is reused, not
+        computed again over the vocabulary."""
         twin = copy.copy(self)
         twin.tokenizer = load_tokenizer(path)
         twin.limit_name = f"{limit_name} {self.max_input_length}"
+        twin.max_output_tokens = max_output_tokens
         twin.lock = threading.Lock()
         return twin
 
@@ -181,12 +193,14 @@ class Preprocessor:
         with self.lock:
             return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def build(self, ids: list[int], media: list[PreparedMedia], params: SamplingParams) -> PreparedRequest:
-        """The request: pads expanded, videos fitted to max_input_length, the length checked.
+    def build(self, ids: list[int], media: list[PreparedMedia], params: SamplingParams,
+              cache_salt: str | None = None) -> PreparedRequest:
+        """The request: pads expanded, videos fitted to max_input_length, the length checked, the
+        output budget set (the module docstring says how).
 
         Raises PromptMediaMismatch when pads and media disagree; ContextLengthError when the
         prompt does not fit (its text alone, or its images); MediaError (from fit_videos) when its
-        videos do not fit even at their smallest sizes.
+        videos do not fit even at their smallest sizes; OutputLengthError when max_tokens does not.
         """
         expanded = self._expand(ids, media)
         limit = self.max_input_length
@@ -199,7 +213,25 @@ class Preprocessor:
             expanded = self._expand(ids, media)
         if len(expanded) > limit:
             raise ContextLengthError(f"prompt has {len(expanded)} tokens (media included), over {self.limit_name}")
-        return PreparedRequest(expanded, media, params)
+        max_tokens = self.output_budget(len(expanded), params.max_tokens)
+        return PreparedRequest(expanded, media, dataclasses.replace(params, max_tokens=max_tokens), cache_salt)
+
+    def output_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """The output tokens a prompt of `prompt_tokens` may generate for `max_tokens` (None: all the
+        room left), within max_seq_len and max_output_tokens; OutputLengthError when the prompt
+        leaves no room for the max_tokens asked."""
+        cap = self.max_output_tokens
+        if self.max_seq_len is None:
+            if max_tokens is None:
+                raise ValueError("max_tokens must be given where no max_seq_len bounds the output")
+            return max_tokens if cap is None else min(max_tokens, cap)
+        room = self.max_seq_len - prompt_tokens
+        if max_tokens is None:
+            return max(1, room if cap is None else min(cap, room))
+        if max_tokens > room:
+            raise OutputLengthError(f"prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: together "
+                                    f"over max_seq_len {self.max_seq_len}")
+        return max_tokens if cap is None else min(max_tokens, cap)
 
     def _expand(self, ids: list[int], media: list[PreparedMedia]) -> list[int]:
         try:
@@ -210,7 +242,8 @@ class Preprocessor:
 
     # ---------------------------------------------------------------------------- offline prompts
 
-    def prepare(self, prompt: Prompt | str, params: SamplingParams | None = None) -> PreparedRequest:
+    def prepare(self, prompt: Prompt | str, params: SamplingParams | None = None,
+                cache_salt: str | None = None) -> PreparedRequest:
         """An offline prompt as one user message (media then text, the template's default system
         message), exactly what transformers' Qwen2-VL processor builds for it. The media count and
         the text's length are checked before any medium is read."""
@@ -219,4 +252,4 @@ class Preprocessor:
         self.check_text(len(prompt.text))
         media = [self._prepared(m) for m in prompt.media]
         ids = self.render([user_message([m.kind for m in media], prompt.text)])
-        return self.build(ids, media, params or SamplingParams())
+        return self.build(ids, media, params or SamplingParams(), cache_salt)

@@ -21,9 +21,13 @@ MAX_N = 16  # samples per request
 
 @dataclass
 class SamplingParams:
-    """Per-request sampling settings (OpenAI / vLLM semantics)."""
+    """Per-request sampling settings (OpenAI / vLLM semantics).
 
-    max_tokens: int = 16
+    max_tokens: output tokens at most; None: all the room the prompt leaves under max_seq_len (and
+    under the server's max_iter_times). Preprocessor.build resolves it, and refuses a max_tokens
+    that the prompt leaves no room for."""
+
+    max_tokens: int | None = 16
     temperature: float = 1.0          # 0 (< 1e-5): greedy
     top_p: float = 1.0
     top_k: int = -1                   # <= 0: off
@@ -48,8 +52,8 @@ class SamplingParams:
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise bad("max_tokens", "an integer >= 1")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise bad("max_tokens", "an integer >= 1 (or None: the room left under max_seq_len)")
         if not self.temperature >= 0:
             raise bad("temperature", ">= 0")
         if not 0 < self.top_p <= 1:

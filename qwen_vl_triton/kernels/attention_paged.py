@@ -21,6 +21,10 @@ partial max / sum / normalised output in fp32 to scratch and a second kernel com
 split count comes from the table width (block_tables.shape[1]), B * Hk and the core count: no
 host sync (an engine builds the table per step as wide as its longest sequence, so the width
 tracks the longest context; a much wider table only makes some splits empty, not wrong).
+
+One module for both paged kernels (decode and prefill over cached prefixes), their launchers and
+references: they share the block-table walk and the split-KV plan, and the compile check and the
+tests read them as one family. Its length is those two kernels, not unrelated code.
 """
 
 from __future__ import annotations

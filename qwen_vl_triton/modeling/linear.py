@@ -4,7 +4,7 @@ A weight is either a float tensor [N, K] (torch.nn.functional.linear's layout) o
 layer object called as `weight(x, bias)`:
 
   Int8Linear         int8 weights [N, K] with per-output-channel scales, in one of three schemes
-                     (checkpoint formats: modeling/quantization.py):
+                     (checkpoint formats: modeling/quant_formats.py):
                        W8A16         activations stay float; weights dequantized in the kernel
                                      (kernels.w8a16_matmul), optionally asymmetric (weight_offset);
                        W8A8 dynamic  activations quantized per token, symmetric

@@ -1,33 +1,18 @@
 """Quantized checkpoints: which format a folder is in, which layers it quantizes and how, and one
 layer's tensors read (this rank's shard) into the modeling.linear.Int8Linear the forward pass calls.
+Each format's tensors (names, dtypes, shapes) and formulas are modeling/quant_formats.py's tables;
+every tensor a layer reads is checked against its entry (file header) before any data is read.
 
 Two formats, detected from the folder (`--quantization` may name one; a mismatch is an error):
 
   ascend (msModelSlim, Huawei's tool; loaded by MindIE and vllm-ascend): quant_model_description.json
-    maps every tensor name to "FLOAT", "W8A8", "W8A8_DYNAMIC" or "W8A16" (and "model_quant_type");
-    the weights are in quant_model_weight_<type>*.safetensors. Per quantized linear layer `L`:
-      W8A16         L.weight int8 [N, K]; L.weight_scale, L.weight_offset [N] or [N, 1], float:
-                    w = (q - weight_offset) * weight_scale
-      W8A8_DYNAMIC  L.weight, L.weight_scale (weight_offset zeros): activations per token, symmetric;
-                    L.bias float when present
-      W8A8_MIX      both sets of tensors (per token in prefill, per tensor in decode); run per token
-      W8A8          L.weight; L.input_scale, L.input_offset [1] (fp16 / bf16; offset a whole number);
-                    L.deq_scale [N] (float32, or for fp16 models int64 holding float32 bits);
-                    L.quant_bias int32 [N]:
-                      x_q = clamp(round(x / input_scale + input_offset), -128, 127)
-                      out = (x_q @ q.T + quant_bias) * deq_scale
-                    quant_bias folds the float bias and the offset's correction, so L.bias, when
-                    present, is not used (as vllm-ascend); L.weight_scale / L.weight_offset may be
-                    present and are not needed.
-    Anti-outlier (smooth quant folded into the norms): a decoder norm N may carry N.bias (fp32 [H]),
-    y = rms_norm(x) * N.weight + N.bias, or, in older versions, N.module.weight / N.module.bias
-    beside the original N.weight, which is then unused; the linears' tensors already compensate.
+    maps every tensor name to "FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A8_MIX" or "W8A16" (and
+    "model_quant_type"); the weights are in quant_model_weight_<type>*.safetensors.
   compressed-tensors (llm-compressor; loaded by vLLM): config.json's quantization_config with
     quant_method "compressed-tensors", format "int-quantized", config_groups whose targets
     ("Linear", a layer name, or "re:<regex>") and `ignore` say which layers each scheme covers:
-      weights     int8, symmetric, strategy "channel" (L.weight_scale [N, 1]) or "tensor" ([1])
-      activations none (W8A16), int8 per token dynamic symmetric (W8A8), or int8 per tensor
-                  static (L.input_scale [1], L.input_zero_point [1] when asymmetric); L.bias float.
+    weights int8 symmetric per channel or per tensor; activations none (W8A16), int8 per token
+    dynamic symmetric (W8A8), or int8 per tensor static, with or without a zero point.
 
 Supported in the decoder's linear layers (q/k/v, o, gate/up, down); the embedding, the LM head
 and the vision tower must be float (both tools' Qwen-VL recipes keep them so), else an error
@@ -56,16 +41,26 @@ import torch
 from qwen_vl_triton.modeling import weight_table as table
 from qwen_vl_triton.modeling.config import ModelConfig
 from qwen_vl_triton.modeling.linear import Activations, Int8Linear, StaticSegment
+from qwen_vl_triton.modeling.quant_formats import (
+    ASCEND,
+    COMPRESSED_TENSORS,
+    COMPRESSED_TENSORS_LAYERS,
+    DESCRIPTION_FILE,
+    FLOAT,
+    MODEL_QUANT_TYPE,
+    MSMODELSLIM_LAYERS,
+    LayerFormat,
+    TensorSpec,
+)
 from qwen_vl_triton.modeling.weight_table import WeightEntry, canonical_name
 from qwen_vl_triton.parallel import sharding
 from qwen_vl_triton.parallel.group import TPGroup
 from qwen_vl_triton.parallel.sharding import ShardKind
 
 # --quantization values (vLLM's names); msmodelslim is accepted for ascend.
-METHODS = ("ascend", "compressed-tensors")
-ALIASES = {"msmodelslim": "ascend", "compressed_tensors": "compressed-tensors"}
+METHODS = (ASCEND, COMPRESSED_TENSORS)
+ALIASES = {"msmodelslim": ASCEND, "compressed_tensors": COMPRESSED_TENSORS}
 CHOICES = (*METHODS, *ALIASES)  # what --quantization accepts
-DESCRIPTION_FILE = "quant_model_description.json"
 
 # The decoder's linear layers: the only ones a quantized checkpoint may quantize.
 QUANTIZABLE = (table.Q_PROJ, table.K_PROJ, table.V_PROJ, table.O_PROJ, table.GATE_PROJ, table.UP_PROJ,
@@ -96,6 +91,7 @@ class Reader(Protocol):
     """What a format reads tensors through (modeling.weights.CheckpointReader)."""
 
     def shape(self, name: str) -> list[int]: ...
+    def dtype_name(self, name: str) -> str: ...
     def get(self, name: str, index: tuple[slice, ...] | None = None) -> torch.Tensor: ...
     def __contains__(self, name: str) -> bool: ...
 
@@ -115,8 +111,12 @@ class QuantizedFormat(ABC):
         as the file spells it): None when the layer is float."""
 
     @abstractmethod
+    def layout(self, weight_name: str, scheme: Activations) -> LayerFormat:
+        """The table of the quantized layer whose weight is `weight_name` (canonical), of `scheme`."""
+
     def tensor_names(self, weight_name: str, scheme: Activations) -> tuple[list[str], list[str]]:
         """(required, optional) canonical names of a quantized layer's tensors besides its weight."""
+        return self.layout(weight_name, scheme).names(_prefix(weight_name))
 
     @abstractmethod
     def read_part(self, reader: Reader, entry: WeightEntry, i: int, scheme: Activations,
@@ -137,7 +137,7 @@ def detect(path: str | Path) -> QuantizedFormat | None:
     quant_config = config.get("quantization_config")
     if quant_config:
         method = quant_config.get("quant_method")
-        if method == "compressed-tensors":
+        if method == COMPRESSED_TENSORS:
             return CompressedTensorsFormat(quant_config)
         raise QuantizationError(f"config.json's quantization_config.quant_method {method!r} is not supported: "
                                 f"this loader reads msModelSlim (quant_model_description.json) and "
@@ -189,30 +189,36 @@ def _channel_spec(entry: WeightEntry, shape: Sequence[int], config: ModelConfig,
     return entry.shard_spec(shape, config, tp)
 
 
-def _per_channel(reader: Reader, name: str, entry: WeightEntry, n_full: int, config: ModelConfig,
+def _per_channel(reader: Reader, prefix: str, spec: TensorSpec, entry: WeightEntry, config: ModelConfig,
                  tp: TPGroup) -> torch.Tensor:
-    """A per-output-channel tensor as fp32 [n] (this rank's rows), from [N] or [N, 1]."""
-    shape = reader.shape(name)
-    if len(shape) not in (1, 2) or shape[0] != n_full or (len(shape) == 2 and shape[1] != 1):
-        raise QuantizationError(f"{name}: shape {shape}, expected [{n_full}] or [{n_full}, 1] (one per output channel)")
-    return _read(reader, name, _channel_spec(entry, shape, config, tp)).reshape(-1).float()
+    """Per-output-channel tensor `prefix` + spec.suffix ([N] or [N, 1], checked by _int8_layer) as its
+    fp32 values [n], this rank's rows."""
+    name = prefix + spec.suffix
+    stored = _read(reader, name, _channel_spec(entry, reader.shape(name), config, tp))
+    return spec.dtype.decode(stored).reshape(-1).float()
 
 
 def _scalar(reader: Reader, name: str) -> float:
-    """A per-tensor value ([1] or []) as a Python float."""
-    t = reader.get(name)
-    if t.numel() != 1:
-        raise QuantizationError(f"{name}: shape {list(t.shape)}, expected one value per tensor ([1])")
-    return float(t.reshape(-1)[0].float())
+    """A per-tensor value (one value, checked by _int8_layer) as a Python float."""
+    return float(reader.get(name).reshape(-1)[0].float())
 
 
-def _int8_layer(reader: Reader, entry: WeightEntry, i: int, config: ModelConfig, tp: TPGroup
-                ) -> tuple[str, torch.Tensor, int]:
-    """Layer i of `entry`: (its tensors' name prefix, this rank's int8 weight, its full output channels).
-    That the file stores it as int8 was checked before any data was read (weights._layer_schemes)."""
+def _int8_layer(reader: Reader, entry: WeightEntry, i: int, layout: LayerFormat, config: ModelConfig,
+                tp: TPGroup) -> tuple[str, torch.Tensor]:
+    """Layer i of `entry`: (its tensors' name prefix, this rank's int8 weight). First, from the file
+    headers, every tensor of it the format reads against `layout`'s dtype and shape (that the
+    weight is int8 was checked before any data was read: weights._layer_schemes)."""
     name = entry.name(i)
-    shape = reader.shape(name)
-    return _prefix(name), _read(reader, name, entry.shard_spec(shape, config, tp)), shape[0]
+    shape, p = reader.shape(name), _prefix(name)
+    for spec in layout.extra:
+        if not spec.read or p + spec.suffix not in reader:
+            continue
+        dtype, got = reader.dtype_name(p + spec.suffix), reader.shape(p + spec.suffix)
+        if dtype not in spec.dtype.accepted:
+            raise QuantizationError(f"{p}{spec.suffix} is {dtype}, expected {spec.dtype.what}")
+        if not spec.fits(got, *shape):
+            raise QuantizationError(f"{p}{spec.suffix}: shape {got}, expected {spec.expected(*shape)}")
+    return p, _read(reader, name, entry.shard_spec(shape, config, tp))
 
 
 def _bias_spec(entry: WeightEntry, shape: Sequence[int], config: ModelConfig, tp: TPGroup) -> sharding.ShardSpec:
@@ -243,70 +249,55 @@ def _check_offset(value: float, name: str) -> float:
 
 
 class MsModelSlimFormat(QuantizedFormat):
-    """msModelSlim's W8A8 / W8A8_DYNAMIC / W8A16 (see the module docstring)."""
+    """msModelSlim's description: every tensor's type, each quantized one's layer table
+    quant_formats.MSMODELSLIM_LAYERS[type]."""
 
-    method = "ascend"
-    # W8A8_MIX ("PDMIX": per-token activations in prefill, per-tensor in decode) carries both sets of
-    # tensors; it runs per token in both phases here, which its prefill path defines exactly.
-    SCHEMES = {"W8A8": Activations.PER_TENSOR, "W8A8_DYNAMIC": Activations.PER_TOKEN,
-               "W8A8_MIX": Activations.PER_TOKEN, "W8A16": Activations.FLOAT}
-    NOT_LAYERS = ("model_quant_type", "kv_cache_type", "version", "group_size", "model_type")
+    method = ASCEND
+    NOT_LAYERS = (MODEL_QUANT_TYPE, "kv_cache_type", "version", "group_size", "model_type")
 
     def __init__(self, description: dict[str, Any]):
         if description.get("kv_cache_type"):
             raise QuantizationError(f"{DESCRIPTION_FILE}: KV-cache quantization "
                                     f"(kv_cache_type {description['kv_cache_type']!r}) is not supported")
-        self.model_quant_type = str(description.get("model_quant_type", "")).upper()
+        self.model_quant_type = str(description.get(MODEL_QUANT_TYPE, "")).upper()
         self.types: dict[str, str] = {}  # canonical tensor name -> its type
         for name, kind in description.items():
             if name in self.NOT_LAYERS or not isinstance(kind, str):
                 continue
             kind = kind.upper()
-            if kind != "FLOAT" and kind not in self.SCHEMES:
-                raise QuantizationError(f"{DESCRIPTION_FILE}: {name} is {kind}; supported: FLOAT, "
-                                        f"{', '.join(self.SCHEMES)}")
+            if kind != FLOAT and kind not in MSMODELSLIM_LAYERS:
+                raise QuantizationError(f"{DESCRIPTION_FILE}: {name} is {kind}; supported: {FLOAT}, "
+                                        f"{', '.join(MSMODELSLIM_LAYERS)}")
             self.types[canonical_name(name)] = kind
 
     def describe(self) -> str:
-        kinds = sorted({k for k in self.types.values() if k != "FLOAT"})
-        return f"ascend (msModelSlim) {self.model_quant_type or '/'.join(kinds) or 'FLOAT'}"
+        kinds = sorted({k for k in self.types.values() if k != FLOAT})
+        return f"ascend (msModelSlim) {self.model_quant_type or '/'.join(kinds) or FLOAT}"
 
     def scheme(self, weight_name: str, original_name: str) -> Activations | None:
-        kind = self.types.get(weight_name, "FLOAT")
-        return None if kind == "FLOAT" else self.SCHEMES[kind]
+        kind = self.types.get(weight_name, FLOAT)
+        return None if kind == FLOAT else MSMODELSLIM_LAYERS[kind].scheme
 
-    def tensor_names(self, weight_name: str, scheme: Activations) -> tuple[list[str], list[str]]:
-        p = _prefix(weight_name)
-        if scheme is Activations.PER_TENSOR:
-            return ([p + s for s in ("input_scale", "input_offset", "deq_scale", "quant_bias")],
-                    [p + s for s in ("weight_scale", "weight_offset", "bias")])
-        # W8A8_MIX's static tensors are present and not needed here
-        return [p + "weight_scale"], [p + s for s in ("weight_offset", "bias", "input_scale", "input_offset",
-                                                        "deq_scale", "quant_bias")]
+    def layout(self, weight_name: str, scheme: Activations) -> LayerFormat:
+        return MSMODELSLIM_LAYERS[self.types[weight_name]]
 
     def read_part(self, reader: Reader, entry: WeightEntry, i: int, scheme: Activations,
                   config: ModelConfig, tp: TPGroup) -> PartTensors:
-        p, weight, n_full = _int8_layer(reader, entry, i, config, tp)
+        layout = self.layout(entry.name(i), scheme)
+        p, weight = _int8_layer(reader, entry, i, layout, config, tp)
         if scheme is not Activations.PER_TENSOR:
-            scale = _per_channel(reader, p + "weight_scale", entry, n_full, config, tp)
-            offset = (_per_channel(reader, p + "weight_offset", entry, n_full, config, tp)
+            scale = _per_channel(reader, p, layout.spec("weight_scale"), entry, config, tp)
+            offset = (_per_channel(reader, p, layout.spec("weight_offset"), entry, config, tp)
                       if p + "weight_offset" in reader else None)
             if offset is not None and not bool(offset.any()):
                 offset = None
             if offset is not None and scheme is Activations.PER_TOKEN:
-                raise QuantizationError(f"{p}weight_offset: asymmetric weights are not supported under W8A8_DYNAMIC")
+                raise QuantizationError(f"{p}weight_offset: asymmetric weights are not supported under {layout.kind}")
             return PartTensors(weight, scale, weight_offset=offset, bias=_float_bias(reader, p, entry, config, tp))
-        deq_name, bias_name = p + "deq_scale", p + "quant_bias"
-        deq = _read(reader, deq_name, _channel_spec(entry, reader.shape(deq_name), config, tp)).reshape(-1)
-        if deq.dtype == torch.int64:  # fp16 models: float32 bit patterns in int64 (for Ascend's quant matmul)
-            deq = deq.to(torch.int32).view(torch.float32)
-        if deq.numel() != weight.shape[0]:
-            raise QuantizationError(f"{deq_name}: {deq.numel()} values on this rank, expected {weight.shape[0]}")
-        int_bias = _read(reader, bias_name, _bias_spec(entry, reader.shape(bias_name), config, tp),
+        int_bias = _read(reader, p + "quant_bias", _bias_spec(entry, reader.shape(p + "quant_bias"), config, tp),
                          torch.int32).reshape(-1)
-        if int_bias.dtype != torch.int32:
-            raise QuantizationError(f"{bias_name} is {int_bias.dtype}, expected int32")
-        return PartTensors(weight, deq.float(), int_bias=int_bias, input_scale=_scalar(reader, p + "input_scale"),
+        return PartTensors(weight, _per_channel(reader, p, layout.spec("deq_scale"), entry, config, tp),
+                           int_bias=int_bias, input_scale=_scalar(reader, p + "input_scale"),
                            input_offset=_check_offset(_scalar(reader, p + "input_offset"), p + "input_offset"))
 
 
@@ -334,9 +325,10 @@ def _matches(patterns: Sequence[str], names: Sequence[str]) -> bool:
 
 
 class CompressedTensorsFormat(QuantizedFormat):
-    """compressed-tensors int8 ("int-quantized"), see the module docstring."""
+    """compressed-tensors int8 ("int-quantized"): each layer's scheme from the config groups, its
+    table quant_formats.COMPRESSED_TENSORS_LAYERS[scheme]."""
 
-    method = "compressed-tensors"
+    method = COMPRESSED_TENSORS
 
     def __init__(self, quant_config: dict[str, Any]):
         fmt = quant_config.get("format")
@@ -398,23 +390,19 @@ class CompressedTensorsFormat(QuantizedFormat):
         group = self._group_of(weight_name, original_name)
         return None if group is None else group.scheme
 
-    def tensor_names(self, weight_name: str, scheme: Activations) -> tuple[list[str], list[str]]:
-        p = _prefix(weight_name)
-        required, optional = [p + "weight_scale"], [p + "weight_zero_point", p + "bias"]
-        if scheme is Activations.PER_TENSOR:
-            required.append(p + "input_scale")
-            optional.append(p + "input_zero_point")
-        return required, optional
+    def layout(self, weight_name: str, scheme: Activations) -> LayerFormat:
+        return COMPRESSED_TENSORS_LAYERS[scheme]
 
     def read_part(self, reader: Reader, entry: WeightEntry, i: int, scheme: Activations,
                   config: ModelConfig, tp: TPGroup) -> PartTensors:
-        p, weight, n_full = _int8_layer(reader, entry, i, config, tp)
+        layout = self.layout(entry.name(i), scheme)
+        p, weight = _int8_layer(reader, entry, i, layout, config, tp)
         if p + "weight_zero_point" in reader and bool(reader.get(p + "weight_zero_point").any()):
             raise QuantizationError(f"{p}weight_zero_point: asymmetric weights are not supported")
         if reader.shape(p + "weight_scale") in ([1], []):  # strategy "tensor": one scale for the layer
             scale = torch.full((weight.shape[0],), _scalar(reader, p + "weight_scale"))
         else:
-            scale = _per_channel(reader, p + "weight_scale", entry, n_full, config, tp)
+            scale = _per_channel(reader, p, layout.spec("weight_scale"), entry, config, tp)
         bias = _float_bias(reader, p, entry, config, tp)
         if scheme is not Activations.PER_TENSOR:
             return PartTensors(weight, scale, bias=bias)

@@ -9,7 +9,8 @@ Each checkpoint tensor is one `WeightEntry` below, holding
   - which configs have it (Qwen2-VL's LayerNorm biases and fc1 / fc2 MLP, Qwen2.5-VL's gated MLP)
     and which may omit it (lm_head when the embeddings are tied).
 The loader (modeling/weights.py) reads tensors by entry; the name check, the shape check, each
-rank's shard and the tiny checkpoint's renaming (fixtures/tiny_checkpoint.py) read this table too.
+rank's shard and the tiny checkpoint's renaming (testing/tiny_checkpoint.py) read this table too.
+`check_tp_sizes` says which world sizes a config's head and MLP sizes can be split over.
 """
 
 from __future__ import annotations
@@ -238,3 +239,34 @@ def optional_names(config: ModelConfig) -> set[str]:
 def shard_spec(name: str, shape: Sequence[int], config: ModelConfig, tp: TPGroup) -> ShardSpec:
     """The part of checkpoint tensor `name` (full shape `shape`) that rank tp.rank holds."""
     return entry_for(name).shard_spec(shape, config, tp)
+
+
+def _tp_size_problems(config: ModelConfig, world_size: int) -> list[str]:
+    """The sizes (named, with their values) that tensor parallelism over `world_size` cannot split."""
+    t, v = config.text, config.vision
+    heads = {"text num_attention_heads": t.num_heads, "vision num_heads": v.num_heads}
+    problems = [f"{name} {n}" for name, n in heads.items() if n % world_size]
+    mlps = {"text intermediate_size": t.intermediate_size, "vision MLP intermediate size": v.intermediate_size,
+            "vision merger width": v.hidden_size * v.merge_unit}
+    problems += [f"{name} {n} (fewer features than ranks)" for name, n in mlps.items() if n < world_size]
+    hk = t.num_kv_heads
+    if (hk >= world_size and hk % world_size) or (hk < world_size and world_size % hk):
+        problems.append(f"text num_key_value_heads {hk} (with fewer kv heads than ranks, the world size must "
+                        f"be a multiple of them)")
+    return problems
+
+
+def check_tp_sizes(config: ModelConfig, world_size: int) -> None:
+    """Raise parallel.sharding.TPSizeError naming every size `world_size` must divide and does not.
+
+    Attention heads (text and vision) and kv heads (or, with fewer kv heads than ranks, the world
+    size must be a multiple of them). MLP intermediate sizes are split in balanced shares and the
+    vocabulary is padded, so neither needs to divide (they only need one feature per rank).
+    """
+    if world_size < 1:
+        raise sharding.TPSizeError(f"world size must be >= 1, got {world_size}")
+    problems = _tp_size_problems(config, world_size)
+    if problems:
+        fits = [str(w) for w in (1, 2, 4, 8) if not _tp_size_problems(config, w)]
+        raise sharding.TPSizeError(f"tensor parallelism over {world_size} processes: the world size must divide "
+                                   + "; ".join(problems) + f". Use a world size that does (e.g. {', '.join(fits)}).")

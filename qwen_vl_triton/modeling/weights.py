@@ -413,7 +413,7 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype,
     read (see the module docstring); parallel.TPSizeError names the sizes the world size does not
     divide.
     """
-    sharding.check_tp_sizes(config, tp.world_size)
+    table.check_tp_sizes(config, tp.world_size)
     quant = quantization.resolve(path, quantization_method)
     reader = CheckpointReader(path)
     schemes = _layer_schemes(config, reader, quant)

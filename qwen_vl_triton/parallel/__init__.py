@@ -4,8 +4,7 @@ at load time (parallel.sharding). See README.md ("Tensor parallelism")."""
 
 from qwen_vl_triton.parallel.comm import all_gather, all_gather_object, all_reduce, barrier, broadcast_object, exit_rank
 from qwen_vl_triton.parallel.group import SINGLE_PROCESS, TPGroup, destroy, end_process, exit_now, init_from_env
-from qwen_vl_triton.parallel.sharding import TPSizeError, check_tp_sizes, local_kv_heads
+from qwen_vl_triton.parallel.sharding import TPSizeError, local_kv_heads
 
 __all__ = ["SINGLE_PROCESS", "TPGroup", "TPSizeError", "all_gather", "all_gather_object", "all_reduce", "barrier",
-           "broadcast_object", "check_tp_sizes", "destroy", "end_process", "exit_now", "exit_rank", "init_from_env",
-           "local_kv_heads"]
+           "broadcast_object", "destroy", "end_process", "exit_now", "exit_rank", "init_from_env", "local_kv_heads"]

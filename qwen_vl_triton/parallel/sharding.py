@@ -30,14 +30,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from qwen_vl_triton.parallel.group import TPGroup
-
-if TYPE_CHECKING:
-    from qwen_vl_triton.modeling.config import ModelConfig
 
 Index = tuple[slice, ...]
 
@@ -213,33 +210,3 @@ def read_shard(get: Callable[[Index | None], torch.Tensor], shape: Sequence[int]
         parts.append(torch.zeros(pad_shape, dtype=parts[0].dtype if parts else dtype or torch.float32))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.dim)
 
-
-def tp_size_problems(config: ModelConfig, world_size: int) -> list[str]:
-    """The sizes (named, with their values) that tensor parallelism over `world_size` cannot split."""
-    t, v = config.text, config.vision
-    heads = {"text num_attention_heads": t.num_heads, "vision num_heads": v.num_heads}
-    problems = [f"{name} {n}" for name, n in heads.items() if n % world_size]
-    mlps = {"text intermediate_size": t.intermediate_size, "vision MLP intermediate size": v.intermediate_size,
-            "vision merger width": v.hidden_size * v.merge_unit}
-    problems += [f"{name} {n} (fewer features than ranks)" for name, n in mlps.items() if n < world_size]
-    hk = t.num_kv_heads
-    if (hk >= world_size and hk % world_size) or (hk < world_size and world_size % hk):
-        problems.append(f"text num_key_value_heads {hk} (with fewer kv heads than ranks, the world size must "
-                        f"be a multiple of them)")
-    return problems
-
-
-def check_tp_sizes(config: ModelConfig, world_size: int) -> None:
-    """Raise TPSizeError naming every size `world_size` must divide and does not.
-
-    Attention heads (text and vision) and kv heads (or, with fewer kv heads than ranks, the world
-    size must be a multiple of them). MLP intermediate sizes are split in balanced shares and the
-    vocabulary is padded, so neither needs to divide (they only need one feature per rank).
-    """
-    if world_size < 1:
-        raise TPSizeError(f"world size must be >= 1, got {world_size}")
-    problems = tp_size_problems(config, world_size)
-    if problems:
-        fits = [str(w) for w in (1, 2, 4, 8) if not tp_size_problems(config, w)]
-        raise TPSizeError(f"tensor parallelism over {world_size} processes: the world size must divide "
-                          + "; ".join(problems) + f". Use a world size that does (e.g. {', '.join(fits)}).")

@@ -16,6 +16,10 @@ engine (its engine thread broadcasts each step's commands), the other ranks foll
 Client disconnects abort the request in the engine: a streaming response aborts when the ASGI
 server reports the disconnect (or a send fails), a non-streaming one watches the connection
 while it waits.
+
+Its length is the routes: each endpoint's handler, streamed and not, with its OpenAPI declaration;
+requests are parsed in protocol.py, responses built from responses.py, media and prompts in
+prompting.py, the engine thread in async_engine.py.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -60,17 +63,38 @@ from qwen_vl_triton.serving.protocol import (
     CompletionRequest,
     GenerateRequest,
     GenerationRequest,
-    chat_logprobs,
-    completion_logprobs,
-    now,
     openapi_request_body,
     parse_chat_request,
     parse_completion_request,
     parse_generate_request,
     parse_json_body,
     server_busy,
-    usage,
     validate_params,
+)
+from qwen_vl_triton.serving.responses import (
+    CHAT,
+    COMPLETION,
+    NDJSON,
+    SSE,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    ChatLogprobEntry,
+    CompletionResponse,
+    CompletionStreamResponse,
+    DeltaMessage,
+    ErrorResponse,
+    GenerateResponse,
+    HealthStatus,
+    ModelCard,
+    ModelList,
+    OpenAIBodies,
+    ResponseBody,
+    ResponseToolCall,
+    TopLogprob,
+    Usage,
+    now,
+    openapi_json,
+    openapi_responses,
 )
 
 log = logging.getLogger("serving.api")
@@ -82,23 +106,15 @@ ROUTES = ("/v1/chat/completions", "/v1/completions", "/generate", "/v1/models", 
 
 def load_llm(cfg: ServeConfig, tp: TPGroup = SINGLE_PROCESS) -> LLM:
     """The engine as the config describes it (this rank's shard under tensor parallelism)."""
-    return LLM(cfg.model_path, dtype=cfg.dtype, device=cfg.device, kv_cache_gb=cfg.kv_cache_gb,
-               block_size=cfg.block_size, max_batch_size=cfg.max_batch_size,
-               max_prefill_tokens=cfg.max_prefill_tokens, max_input_length=cfg.max_input_length,
-               max_seq_len=cfg.max_seq_len, enable_prefix_caching=cfg.enable_prefix_caching,
-               media_limits=cfg.media_limits(), vision_chunk_patches=cfg.vision_chunk_patches,
-               vision_step_share=cfg.vision_step_share, prefill_step_share=cfg.prefill_step_share,
-               enforce_eager=cfg.enforce_eager, quantization=cfg.quantization, tp=tp)
+    return LLM(cfg.model_path, cfg.engine, tp=tp)
 
 
-def usage_of(outs: list[RequestOutput]) -> dict[str, Any]:
+def usage_of(outs: list[RequestOutput]) -> Usage:
     """The usage block of a finished request, the final outputs of its samples: the prompt counted
     once, the completion tokens of every sample (videos shrunk to fit the context are reported)."""
     first = outs[0]
-    u = usage(first.prompt_tokens, sum(len(o.output_ids) for o in outs), first.cached_prompt_tokens)
-    if first.media_adjustments:
-        u["media_adjustments"] = list(first.media_adjustments)
-    return u
+    return Usage.of(first.prompt_tokens, sum(len(o.output_ids) for o in outs), first.cached_prompt_tokens,
+                    first.media_adjustments)
 
 
 def constrain_tool_output(req: GenerationRequest) -> None:
@@ -114,16 +130,18 @@ def constrain_tool_output(req: GenerationRequest) -> None:
     req.params.structured = StructuredOutput("json_schema", json.dumps(schema))
 
 
-def tool_calls_of(req: GenerationRequest, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+def tool_calls_of(req: GenerationRequest, text: str) -> tuple[str | None, list[ResponseToolCall]]:
     """(content, tool calls) of a finished chat output under the request's tool_choice."""
     if req.tool_choice == "function":
-        return None, [tool_calls.named_call(req.tool_name or "", text)]
-    if req.tool_choice == "required":
+        content, calls = None, [tool_calls.named_call(req.tool_name or "", text)]
+    elif req.tool_choice == "required":
         try:
-            return None, tool_calls.parse_required(text)
+            content, calls = None, tool_calls.parse_required(text)
         except ValueError:  # cut short (max_tokens): not a complete array of calls
-            return text, []
-    return tool_calls.parse_tool_calls(text)
+            content, calls = text, []
+    else:
+        content, calls = tool_calls.parse_tool_calls(text)
+    return content, [ResponseToolCall.model_validate(call) for call in calls]
 
 
 def finish_reason_of(req: GenerationRequest, out: RequestOutput, made_calls: bool) -> str | None:
@@ -138,8 +156,7 @@ class ChoiceStream:
     of its sample. Text goes through TextDelta (held-back stop strings and partial characters);
     under tools, through the tool-call parser of the request's tool_choice."""
 
-    def __init__(self, req: GenerationRequest, api: OpenAIEndpoint):
-        self.api = api
+    def __init__(self, req: GenerationRequest, api: OpenAIBodies):
         self.req = req
         self.text = TextDelta(req.params.stop)
         self.sent_tokens = 0
@@ -149,20 +166,21 @@ class ChoiceStream:
             tool_calls.NamedCallStream(req.tool_name or "") if choice == "function" else
             tool_calls.RequiredCallStream() if choice == "required" else None)
 
-    def update(self, out: RequestOutput) -> list[dict[str, Any]]:
-        """The bodies ({"delta": ...} or {"text": ...}) to send for this output, possibly none."""
+    def update(self, out: RequestOutput) -> list[DeltaMessage]:
+        """The pieces to send for this output, possibly none."""
         delta = self.text.update(out.text, out.finished)
         if self.calls is None:
-            return [self.api.delta(delta)] if delta else []
-        return [{"delta": p} for p in self.calls.update(self.text.sent, out.finished)]
+            return [DeltaMessage(content=delta)] if delta else []
+        return [DeltaMessage.model_validate(p) for p in self.calls.update(self.text.sent, out.finished)]
 
     def finish_reason(self, out: RequestOutput) -> str | None:
         """This choice's finish_reason (finish_reason_of)."""
         return finish_reason_of(self.req, out, getattr(self.calls, "has_calls", False))
 
 
-def sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+def sse(body: ResponseBody) -> str:
+    """A server-sent event carrying `body`."""
+    return f"data: {json.dumps(body.wire(), ensure_ascii=False)}\n\n"
 
 
 class TextDelta:
@@ -188,31 +206,6 @@ class TextDelta:
             delta = visible[len(os.path.commonprefix([visible, self.sent])):]
         self.sent = visible
         return delta
-
-
-@dataclass(frozen=True)
-class OpenAIEndpoint:
-    """What differs between /v1/chat/completions and /v1/completions; the rest is one code path."""
-    id_prefix: str  # of the response id
-    object: str  # of the response ...
-    chunk_object: str  # ... and of its streamed chunks
-    body: Callable[[str], dict[str, Any]]  # a choice's text part: the whole output ...
-    delta: Callable[[str], dict[str, Any]]  # ... or a streamed piece
-    last_chunk: dict[str, Any]  # the text part of the chunk that carries finish_reason
-    first_chunk: dict[str, Any] | None  # the text part of a chunk streamed before any output
-    logprobs: Callable[[list[dict[str, Any]], int], dict[str, Any]]  # (entries, text offset)
-
-
-CHAT = OpenAIEndpoint(
-    "chatcmpl", "chat.completion", "chat.completion.chunk",
-    body=lambda text: {"message": {"role": "assistant", "content": text}},
-    delta=lambda text: {"delta": {"content": text}},
-    last_chunk={"delta": {}}, first_chunk={"delta": {"role": "assistant", "content": ""}},
-    logprobs=lambda entries, offset: chat_logprobs(entries))
-COMPLETION = OpenAIEndpoint(
-    "cmpl", "text_completion", "text_completion",
-    body=lambda text: {"text": text}, delta=lambda text: {"text": text},
-    last_chunk={"text": ""}, first_chunk=None, logprobs=completion_logprobs)
 
 
 class DisconnectingStreamingResponse(StreamingResponse):
@@ -272,7 +265,8 @@ class Server:
         if self.llm is None:
             log.info("loading %s", self.cfg.model_path)
             self.llm = await asyncio.to_thread(load_llm, self.cfg)
-        self.preparer = await asyncio.to_thread(Preparer.for_llm, self.llm, self.cfg.allowed_media_dir)
+        self.preparer = await asyncio.to_thread(Preparer.for_llm, self.llm, self.cfg.allowed_media_dir,
+                                                self.cfg.max_iter_times)
         self.engine = AsyncEngine(self.llm, max_waiting=self.cfg.max_waiting, metrics=self.metrics,
                                   on_fatal=self.on_fatal)
         self.engine.start()
@@ -299,29 +293,12 @@ class Server:
         return req.model or self.names[0]
 
     def _prepare(self, req: GenerationRequest) -> PreparedRequest:
+        """The request as the engine takes it: the Preprocessor's (lengths, output budget, cache salt)."""
         assert self.preparer is not None
         if req.messages is not None:
             tools = req.tools if req.tool_choice != "none" else None  # "none": the model is not told of them
-            prepared = self.preparer.prepare_chat(req.messages, req.params, tools)
-        else:
-            prepared = self.preparer.prepare_raw(req.raw_prompt or "", req.params)
-        prepared.cache_salt = req.cache_salt
-        return prepared
-
-    def _fit_max_tokens(self, req: GenerationRequest, prompt_len: int) -> None:
-        """max_tokens defaulted to the room left under max_seq_len (and max_iter_times), or checked
-        against it when the request gives it (the prompt's own length is checked by the Preprocessor)."""
-        llm = self.llm
-        assert llm is not None
-        room = llm.max_seq_len - prompt_len
-        if req.max_tokens_given:
-            if req.params.max_tokens > room:
-                raise APIError(f"prompt has {prompt_len} tokens and max_tokens is {req.params.max_tokens}: "
-                               f"together over max_seq_len {llm.max_seq_len}", param="max_tokens",
-                               code="context_length_exceeded")
-            req.params.max_tokens = min(req.params.max_tokens, self.cfg.max_iter_times)
-        else:
-            req.params.max_tokens = max(1, min(self.cfg.max_iter_times, room))
+            return self.preparer.prepare_chat(req.messages, req.params, tools, cache_salt=req.cache_salt)
+        return self.preparer.prepare_raw(req.raw_prompt or "", req.params, cache_salt=req.cache_salt)
 
     async def start_request(self, req: GenerationRequest, prefix: str) -> tuple[str, RequestStream]:
         """Validate, prepare (in a worker thread) and submit; the request's id and stream."""
@@ -331,7 +308,6 @@ class Server:
         with engine.reserve():
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(self.pool, self._prepare, req)
-            self._fit_max_tokens(req, len(prepared.ids))  # prepared.params is req.params
             request_id = f"{prefix}-{uuid.uuid4().hex}"
             stream = engine.submit(request_id, prepared)
         return request_id, stream
@@ -376,7 +352,7 @@ class Server:
             if final or not got:  # a first output hands the stream on to the response
                 stream.close()
 
-    def logprob_entries(self, out: RequestOutput, start: int, end: int) -> list[dict[str, Any]]:
+    def logprob_entries(self, out: RequestOutput, start: int, end: int) -> list[ChatLogprobEntry]:
         """OpenAI-style logprob entries for output tokens start..end-1."""
         assert self.preparer is not None
         ids = out.output_ids[start:end]
@@ -384,14 +360,12 @@ class Server:
         all_ids = ids + [tid for top in tops for tid, _ in top]
         text_of = dict(zip(all_ids, self.preparer.decode_tokens(all_ids), strict=True))
 
-        def entry(tid: int, logprob: float) -> dict[str, Any]:
+        def token(tid: int, logprob: float) -> dict[str, Any]:  # TopLogprob's fields
             text, raw = text_of[tid]
             return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
-        entries = []
-        for tid, lp, top in zip(ids, out.output_logprobs[start:end], tops, strict=True):
-            entries.append({**entry(tid, lp), "top_logprobs": [entry(t, v) for t, v in top]})
-        return entries
+        return [ChatLogprobEntry(**token(tid, lp), top_logprobs=[TopLogprob(**token(t, v)) for t, v in top])
+                for tid, lp, top in zip(ids, out.output_logprobs[start:end], tops, strict=True)]
 
     # ---------------------------------------------------------------------------- chat, completions
 
@@ -401,7 +375,7 @@ class Server:
     async def completion(self, request: Request, req: GenerationRequest) -> Response:
         return await self._openai_response(request, req, COMPLETION)
 
-    async def _openai_response(self, request: Request, req: GenerationRequest, api: OpenAIEndpoint) -> Response:
+    async def _openai_response(self, request: Request, req: GenerationRequest, api: OpenAIBodies) -> Response:
         model = self.check_model(req)
         constrain_tool_output(req)
         request_id, stream = await self.start_request(req, api.id_prefix)
@@ -412,67 +386,66 @@ class Server:
                 return Response(status_code=CLIENT_CLOSED)
             return DisconnectingStreamingResponse(
                 self._openai_events(req, stream, first[0], request_id, created, model, api), stream.close,
-                media_type="text/event-stream", headers=SSE_HEADERS)
+                media_type=SSE, headers=SSE_HEADERS)
         outs = await self.wait_output(request, stream, final=True)
         if outs is None:
             return Response(status_code=CLIENT_CLOSED)
         choices = []
         for out in outs:
-            choice: dict[str, Any] = {"index": out.index, **api.body(out.text), "logprobs": None,
-                                      "finish_reason": out.finish_reason}
+            content: str | None = out.text
+            calls: list[ResponseToolCall] = []
+            finish = out.finish_reason
             if api is CHAT and req.tool_choice != "none":
-                content, calls = tool_calls_of(req, out.text)
-                if calls:
-                    choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
-                choice["finish_reason"] = finish_reason_of(req, out, bool(calls))
-            if req.logprobs:
-                choice["logprobs"] = api.logprobs(self.logprob_entries(out, 0, len(out.output_ids)), 0)
+                parsed, calls = tool_calls_of(req, out.text)
+                if calls:  # else the whole text is the content
+                    content = parsed
+                finish = finish_reason_of(req, out, bool(calls))
+            logprobs = self.logprob_entries(out, 0, len(out.output_ids)) if req.logprobs else None
+            choice = api.choice(out.index, content, calls, logprobs, finish)
             if req.return_token_ids:
-                choice["token_ids"] = out.output_ids
+                choice.token_ids = out.output_ids
             choices.append(choice)
-        return JSONResponse({"id": request_id, "object": api.object, "created": created, "model": model,
-                             "choices": choices, "usage": usage_of(outs)})
+        return JSONResponse(api.response(request_id, created, model, choices, usage_of(outs)).wire())
 
     async def _openai_events(self, req: GenerationRequest, stream: RequestStream, first: RequestOutput,
-                             request_id: str, created: int, model: str, api: OpenAIEndpoint) -> AsyncIterator[str]:
+                             request_id: str, created: int, model: str, api: OpenAIBodies) -> AsyncIterator[str]:
         """The SSE events of a streamed response: each chunk carries one choice (its index), as the
         outputs of the request's n samples arrive; the usage chunk after the last one finishes."""
-        def chunk(index: int, body: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
-            c = {"id": request_id, "object": api.chunk_object, "created": created, "model": model,
-                 "choices": [{"index": index, **body, "logprobs": None, "finish_reason": finish, **extra}]}
-            if req.include_usage:
-                c["usage"] = None
-            return c
+        def chunk(choices: list[Any], usage: Usage | None = None) -> str:
+            body = api.chunk(request_id, created, model, choices)
+            if req.include_usage:  # every chunk has usage then: null but in the last one
+                body.usage = usage
+            return sse(body)
 
         choices = [ChoiceStream(req, api) for _ in range(req.params.n)]
         finals: list[RequestOutput] = []
-        if api.first_chunk is not None:
+        if api.opening is not None:
             for index in range(req.params.n):
-                yield sse(chunk(index, api.first_chunk))
+                yield chunk([api.stream_choice(index, api.opening)])
         out = first
         try:
             while True:
                 state = choices[out.index]
                 offset = len(state.text.sent)
-                bodies = state.update(out)
-                extra: dict[str, Any] = {}
-                if req.logprobs and len(out.output_ids) > state.sent_tokens:
-                    extra["logprobs"] = api.logprobs(
-                        self.logprob_entries(out, state.sent_tokens, len(out.output_ids)), offset)
-                if req.return_token_ids and len(out.output_ids) > state.sent_tokens:
-                    extra["token_ids"] = out.output_ids[state.sent_tokens:]
+                pieces = state.update(out)
+                new_tokens = len(out.output_ids) > state.sent_tokens
+                logprobs = self.logprob_entries(out, state.sent_tokens, len(out.output_ids)) \
+                    if req.logprobs and new_tokens else None
+                token_ids = out.output_ids[state.sent_tokens:] if req.return_token_ids and new_tokens else None
                 state.sent_tokens = len(out.output_ids)
-                if extra and not bodies:
-                    bodies = [api.delta("")]
-                for i, body in enumerate(bodies):
-                    yield sse(chunk(out.index, body, **(extra if i == 0 else {})))
+                if (logprobs or token_ids) and not pieces:
+                    pieces = [DeltaMessage(content="")]
+                for i, piece in enumerate(pieces):  # the first piece carries the new tokens' logprobs and ids
+                    choice = api.stream_choice(out.index, piece, logprobs if i == 0 else None, offset)
+                    if token_ids and i == 0:
+                        choice.token_ids = token_ids
+                    yield chunk([choice])
                 if out.finished:
                     finals.append(out)
-                    yield sse(chunk(out.index, api.last_chunk, state.finish_reason(out)))
+                    yield chunk([api.stream_choice(out.index, DeltaMessage(), finish_reason=state.finish_reason(out))])
                 if stream.finished:
                     if req.include_usage:
-                        yield sse({"id": request_id, "object": api.chunk_object, "created": created,
-                                   "model": model, "choices": [], "usage": usage_of(finals)})
+                        yield chunk([], usage_of(finals))
                     break
                 out = await stream.next()
         except (EngineError, EngineStopped, ValueError) as e:
@@ -490,8 +463,8 @@ class Server:
             return Response(status_code=CLIENT_CLOSED)
         if req.stream:
             return DisconnectingStreamingResponse(self._generate_events(req, stream, outs[0], prefix), stream.close,
-                                                  media_type="application/x-ndjson")
-        return JSONResponse({"text": [prefix + out.text for out in outs]})
+                                                  media_type=NDJSON)
+        return JSONResponse(GenerateResponse(text=[prefix + out.text for out in outs]).wire())
 
     async def _generate_events(self, req: GenerationRequest, stream: RequestStream, first: RequestOutput,
                                prefix: str) -> AsyncIterator[str]:
@@ -503,25 +476,30 @@ class Server:
                 # lists the n texts); one whose text did not grow (a token ending inside a UTF-8
                 # character, held-back stop text) is not sent.
                 if texts[out.index].update(out.text, out.finished) or out.finished:
-                    yield json.dumps({"text": [prefix + t.sent for t in texts]}, ensure_ascii=False) + "\0"
+                    yield ndjson(GenerateResponse(text=[prefix + t.sent for t in texts]))
                 if stream.finished:
                     break
                 out = await stream.next()
         except (EngineError, EngineStopped, ValueError) as e:
-            yield json.dumps(error_body(e), ensure_ascii=False) + "\0"
+            yield ndjson(error_body(e))
 
 
-def error_body(e: BaseException) -> dict[str, Any]:
+def ndjson(body: ResponseBody) -> str:
+    """A chunk of a /generate stream carrying `body` (vLLM's: JSON, then a NUL)."""
+    return json.dumps(body.wire(), ensure_ascii=False) + "\0"
+
+
+def error_body(e: BaseException) -> ErrorResponse:
     """The OpenAI error body for an exception raised while a request runs."""
     if isinstance(e, APIError):
-        return e.body()
+        return e.response()
     if isinstance(e, RequestMediaError):
-        return media_error(e).body()
+        return media_error(e).response()
     if isinstance(e, EngineStopped):
-        return server_busy(str(e)).body()
+        return server_busy(str(e)).response()
     if isinstance(e, ValueError):
-        return APIError(str(e)).body()
-    return APIError(str(e), status=500, type="internal_error", code="engine_error").body()
+        return APIError(str(e)).response()
+    return APIError(str(e), status=500, type="internal_error", code="engine_error").response()
 
 
 def media_error(e: RequestMediaError) -> APIError:
@@ -559,7 +537,7 @@ def create_app(cfg: ServeConfig, llm: LLM | None = None, on_fatal: Callable[[str
 
     @app.exception_handler(EngineError)
     async def engine_error(_: Request, e: EngineError) -> JSONResponse:
-        return JSONResponse(error_body(e), status_code=500)
+        return JSONResponse(error_body(e).wire(), status_code=500)
 
     @app.exception_handler(RequestMediaError)
     async def undecodable_media(_: Request, e: RequestMediaError) -> JSONResponse:
@@ -578,48 +556,62 @@ def create_app(cfg: ServeConfig, llm: LLM | None = None, on_fatal: Callable[[str
                                      type="internal_error").body(), status_code=500)
 
     # The handlers read the body themselves, so that it is parsed whatever its Content-Type (MindIE's
-    # curl examples send none) and errors get OpenAI's body; openapi_extra documents what they accept.
-    @app.post("/v1/chat/completions", openapi_extra={"requestBody": openapi_request_body(ChatCompletionRequest)})
+    # curl examples send none) and errors get OpenAI's body; openapi_extra documents what they accept,
+    # and responses= what they answer (serving.responses: the models every body is built from).
+    failures = (400, 413, 500, 503)
+
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": openapi_request_body(ChatCompletionRequest)},
+              responses=openapi_responses(ChatCompletionResponse, "the chat completion",
+                                          (SSE, ChatCompletionStreamResponse), failures))
     async def chat_completions(request: Request) -> Response:
         """OpenAI chat completions: text, image and video parts; tools; streaming with SSE."""
         return await server.chat(request, parse_chat_request(parse_json_body(await request.body())))
 
-    @app.post("/v1/completions", openapi_extra={"requestBody": openapi_request_body(CompletionRequest)})
+    @app.post("/v1/completions", openapi_extra={"requestBody": openapi_request_body(CompletionRequest)},
+              responses=openapi_responses(CompletionResponse, "the completion", (SSE, CompletionStreamResponse),
+                                          failures))
     async def completions(request: Request) -> Response:
         """OpenAI completions: a raw text prompt, no chat template."""
         return await server.completion(request, parse_completion_request(parse_json_body(await request.body())))
 
-    @app.post("/generate", openapi_extra={"requestBody": openapi_request_body(GenerateRequest)})
+    @app.post("/generate", openapi_extra={"requestBody": openapi_request_body(GenerateRequest)},
+              responses=openapi_responses(GenerateResponse, "the texts", (NDJSON, GenerateResponse), failures))
     async def generate(request: Request) -> Response:
         """vLLM's / MindIE's generate: a text prompt (answered as prompt + output) or a list of parts."""
         return await server.generate(request, parse_generate_request(parse_json_body(await request.body())))
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=openapi_responses(ModelList, "the served model names"))
     async def models() -> JSONResponse:
+        """The served model names (the first is the default)."""
         max_len = server.llm.max_seq_len if server.llm is not None else None
-        data = [{"id": name, "object": "model", "created": server.created, "owned_by": "qwen-vl-triton",
-                 "root": str(cfg.model_path), "max_model_len": max_len} for name in server.names]
-        return JSONResponse({"object": "list", "data": data})
+        data = [ModelCard(id=name, object="model", created=server.created, owned_by="qwen-vl-triton",
+                          root=str(cfg.model_path), max_model_len=max_len) for name in server.names]
+        return JSONResponse(ModelList(object="list", data=data).wire())
 
-    @app.get("/health")
+    health_responses = {200: openapi_json(HealthStatus, "ok"),
+                        503: openapi_json(HealthStatus, "unavailable (/ready: with the reason)")}
+
+    @app.get("/health", responses=health_responses)
     async def health() -> JSONResponse:
         """Liveness: the model is loaded and the engine thread runs."""
         if server.engine is None or not server.engine.is_healthy():
-            return JSONResponse({"status": "unavailable"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+            return JSONResponse(HealthStatus(status="unavailable").wire(), status_code=503)
+        return JSONResponse(HealthStatus(status="ok").wire())
 
-    @app.get("/ready")
+    @app.get("/ready", responses=health_responses)
     async def ready() -> JSONResponse:
         """Readiness: healthy, and the engine's last step did not fail (503 with why otherwise)."""
         engine = server.engine
         if engine is None or not engine.is_ready():
             why = "not loaded" if engine is None else engine.fatal or (
                 f"the last {engine.failed_steps} engine step(s) failed" if engine.failed_steps else "not running")
-            return JSONResponse({"status": "unavailable", "reason": why}, status_code=503)
-        return JSONResponse({"status": "ok"})
+            return JSONResponse(HealthStatus(status="unavailable", reason=why).wire(), status_code=503)
+        return JSONResponse(HealthStatus(status="ok").wire())
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {
+        "description": "Prometheus metrics", "content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
+        """Prometheus metrics (text exposition format)."""
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
     return app
@@ -660,7 +652,7 @@ def serve(cfg: ServeConfig, access_log: bool = False) -> None:
     """Serve on one process, or tensor-parallel under torchrun (rank 0 serves, the others follow)."""
     from qwen_vl_triton.parallel import destroy, end_process, init_from_env
 
-    tp = init_from_env(cfg.device)  # world size 1 unless launched by torchrun
+    tp = init_from_env(cfg.engine.device)  # world size 1 unless launched by torchrun
     try:
         if cfg.world_size is not None and cfg.world_size != tp.world_size:
             raise SystemExit(f"error: the config asks for worldSize {cfg.world_size} but this is a world of "

@@ -33,57 +33,29 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from qwen_vl_triton.engine.media import DEFAULT_LIMITS, MediaLimits
-from qwen_vl_triton.modeling.quantization import CHOICES as QUANTIZATION_CHOICES
+from qwen_vl_triton.engine.config import EngineConfig, add_engine_args
 
 
 @dataclass
 class ServeConfig:
-    """Everything `tools/serve.py` needs to build the engine and the HTTP app."""
+    """Everything `tools/serve.py` needs: the HTTP server's settings, and the engine's (one
+    EngineConfig, the same settings and flags as every other command's)."""
 
     model_path: str | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
     host: str = "127.0.0.1"
     port: int = 1025
     served_model_name: list[str] = field(default_factory=list)
     allowed_media_dir: str | None = None
-    dtype: str = "auto"
-    device: str | None = None
-    max_batch_size: int = 64
-    max_input_length: int | None = None
-    max_seq_len: int | None = None
-    max_prefill_tokens: int = 8192
-    vision_chunk_patches: int = 16384
-    vision_step_share: float = 0.25
-    prefill_step_share: float | None = None
     max_iter_times: int = 1024
-    kv_cache_gb: float | None = None
-    block_size: int = 16
     max_waiting: int = 1024
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    quantization: str | None = None  # None: detected from the checkpoint
     graceful_timeout: float = 30.0
     preprocess_workers: int = 2
     # 413 past it (serving/limits.py): two 20 MB images fit as base64, or a 48 MB video; larger media
     # go by path under --allowed_media_dir. Each request in flight buffers at most this much.
     max_request_bytes: int = 64 << 20
     log_level: str = "info"
-    image_max_pixels: int | None = None        # engine.media.MediaLimits fields (None: its defaults)
-    video_max_pixels: int | None = None
-    video_max_total_pixels: int | None = None
-    video_max_frames: int | None = None
-    video_max_fps: float | None = None
-    decode_max_pixels: int | None = None
-    max_media_per_prompt: int | None = None
     world_size: int | None = None  # MindIE's worldSize: must equal the torchrun world size when given
-
-    def media_limits(self) -> MediaLimits:
-        """The server-wide media policy: hard limits on what requests' media controls may ask."""
-        given = {name: getattr(self, name) for name in ("image_max_pixels", "video_max_pixels",
-                                                         "video_max_total_pixels", "video_max_frames",
-                                                         "video_max_fps", "decode_max_pixels",
-                                                         "max_media_per_prompt") if getattr(self, name) is not None}
-        return MediaLimits(**given)
 
     def model_names(self) -> list[str]:
         """Names the server answers to: --served_model_name, else the checkpoint folder's name
@@ -226,43 +198,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
              "checkpoint folder's name, and 'qwen2_vl' as MindIE's examples send)")
     add("--allowed_media_dir", help="local folder whose files requests may name as media (paths and file:// "
                                     "URLs; anything outside it is refused); without it only data: URIs are read")
-    add("--dtype", choices=["auto", "float16", "bfloat16", "float32"],
-        help="weights and activations (default: auto = the config's torch_dtype)")
-    add("--device", help="cuda, npu, cpu or e.g. cuda:1 (default: the first accelerator found, else cpu)")
-    add("--quantization", choices=QUANTIZATION_CHOICES,
-        help="a quantized checkpoint's format: ascend (msModelSlim W8A8 / W8A8_DYNAMIC / W8A16) or "
-             "compressed-tensors (int8 W8A8 / W8A16); default: detected from the checkpoint, and a flag that "
-             "does not match it is an error")
-    add("--max_batch_size", type=int, help=f"running sequences per step (default: {d.max_batch_size})")
-    add("--max_input_length", "--max_input_token_len", dest="max_input_length", type=int,
-        help="prompt tokens allowed, media included; longer prompts get a 400 (default: the model's)")
-    add("--max_seq_len", type=int, help="prompt + output tokens per sequence (default: the model's)")
-    add("--max_prefill_tokens", type=int,
-        help=f"prompt tokens computed per step; longer prompts are chunked (default: {d.max_prefill_tokens})")
-    add("--vision_chunk_patches", type=int,
-        help=f"patches per vision-encoder call: a video is decoded and encoded this many patches' worth of "
-             f"frames at a time, bounding memory (default: {d.vision_chunk_patches})")
-    add("--vision_step_share", type=float,
-        help=f"while requests are running, each step spends at most this share of a forward pass's time on "
-             f"vision encoding (at least one image or frame pair), so a long video does not stall the running "
-             f"streams (default: {d.vision_step_share})")
-    add("--prefill_step_share", type=float,
-        help="while requests are decoding, each step takes only the prompt tokens that add at most this share of "
-             "a decode step's time (estimated as it runs; at least one), so a long prompt does not stall them: "
-             "inter-token latency first (default: off, --max_prefill_tokens alone: throughput first)")
     add("--max_iter_times", type=int,
         help=f"output tokens per request at most; also the max_tokens default (default: {d.max_iter_times})")
-    add("--kv_cache_gb", type=float, help="KV cache size in GiB, MindIE's npuMemSize (default: on a GPU/NPU 85%% of "
-                                          "the memory free after the weights, less the vision tower's measured "
-                                          "peak and the encoder cache; 4 GiB on CPU)")
-    add("--block_size", type=int, help=f"tokens per KV block (default: {d.block_size})")
     add("--max_waiting", type=int, help=f"requests accepted but not yet running before new ones get 503 "
                                         f"(default: {d.max_waiting})")
-    add("--disable_prefix_caching", action="store_true", default=None,
-        help="never share KV blocks between requests")
-    add("--enforce_eager", action="store_true", default=None,
-        help="decode steps run eagerly, never as captured graphs (default: on a CUDA or NPU device at world size 1, "
-             "each batch bucket's decode step is captured as a graph the first time it runs and replayed after)")
     add("--graceful_timeout", type=float,
         help=f"seconds SIGTERM waits for in-flight requests before aborting them (default: {d.graceful_timeout})")
     add("--preprocess_workers", type=int,
@@ -271,44 +210,27 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help=f"request body size in bytes; larger bodies get a 413 before they are read whole (default: "
              f"{d.max_request_bytes}, 64 MiB: send larger media as paths under --allowed_media_dir)")
     add("--log_level", choices=["debug", "info", "warning", "error"], help=f"(default: {d.log_level})")
-    limits = p.add_argument_group("media limits (a request asking for more gets a 400 naming the limit)")
-    lim = DEFAULT_LIMITS
-    limits.add_argument("--image_max_pixels", type=int, help=f"an image's area (default: {lim.image_max_pixels})")
-    limits.add_argument("--video_max_pixels", type=int, help=f"a video frame's area (default: {lim.video_max_pixels})")
-    limits.add_argument("--video_max_total_pixels", type=int,
-                        help=f"all frames of one video (default: {lim.video_max_total_pixels})")
-    limits.add_argument("--video_max_frames", type=int, help=f"frames sampled (default: {lim.video_max_frames})")
-    limits.add_argument("--video_max_fps", type=float, help=f"sampling rate (default: {lim.video_max_fps})")
-    limits.add_argument("--decode_max_pixels", type=int,
-                        help=f"an image's or a video frame's size as the file declares it, checked before decoding "
-                             f"(default: {lim.decode_max_pixels}, PIL's decompression-bomb threshold)")
-    limits.add_argument("--max_media_per_prompt", type=int,
-                        help=f"images and videos in one request (default: {lim.max_media_per_prompt})")
+    add_engine_args(p)
 
 
 def build_config(args: argparse.Namespace) -> tuple[ServeConfig, list[str]]:
-    """ServeConfig from parsed flags (and --config); also the MindIE keys that were ignored."""
+    """ServeConfig from parsed flags (and --config); also the MindIE keys that were ignored. A value
+    out of its limits raises ValueError naming the setting."""
     values: dict[str, Any] = {}
     ignored: list[str] = []
     if getattr(args, "config", None) is not None:
         values, ignored = read_mindie_config(args.config)
-    names = {f.name for f in fields(ServeConfig)}
-    for name, value in vars(args).items():
-        if name in names and value is not None:
-            values[name] = value
-    if getattr(args, "disable_prefix_caching", None):
-        values["enable_prefix_caching"] = False
-    cfg = ServeConfig(**values)
+    engine_names = {f.name for f in fields(EngineConfig)}
+    engine = EngineConfig.from_args(args, **{k: v for k, v in values.items() if k in engine_names})
+    serve_names = {f.name for f in fields(ServeConfig)} - {"engine"}
+    values = {k: v for k, v in values.items() if k in serve_names}
+    values.update({name: value for name, value in vars(args).items() if name in serve_names and value is not None})
+    cfg = ServeConfig(engine=engine, **values)
     if not cfg.model_path:
         raise ValueError("no model: pass --model_path, or --config with ModelConfig.modelWeightPath")
-    for name in ("max_batch_size", "max_prefill_tokens", "vision_chunk_patches", "max_iter_times", "block_size",
-                 "max_waiting", "preprocess_workers", "max_request_bytes"):
+    for name in ("max_iter_times", "max_waiting", "preprocess_workers", "max_request_bytes"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("vision_step_share", "prefill_step_share"):
-        share = getattr(cfg, name)
-        if share is not None and not share > 0:
-            raise ValueError(f"{name} must be > 0, got {share}")
     if cfg.allowed_media_dir is not None and not Path(cfg.allowed_media_dir).is_dir():
         raise ValueError(f"--allowed_media_dir {cfg.allowed_media_dir}: not a directory")
     return cfg, ignored

@@ -78,16 +78,3 @@ class Metrics:
         """The registry in Prometheus' text format (the /metrics body)."""
         return generate_latest(self.registry)
 
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """A flat {"name{labels}": value} view of the text exposition (tests, benchmark summaries)."""
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        try:
-            values[key] = float(value)
-        except ValueError:
-            continue
-    return values

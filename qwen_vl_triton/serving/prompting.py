@@ -41,6 +41,7 @@ from typing import Any
 from qwen_vl_triton.engine.media import Media, MediaOptionError, PreparedMedia
 from qwen_vl_triton.engine.preprocess import (
     ContextLengthError,
+    OutputLengthError,
     PreparedRequest,
     Preprocessor,
     PromptMediaMismatch,
@@ -141,9 +142,12 @@ class Preparer:
         self.allowed_dir = Path(allowed_media_dir).resolve() if allowed_media_dir else None
 
     @classmethod
-    def for_llm(cls, llm: Any, allowed_media_dir: str | Path | None) -> Preparer:
-        """A Preparer whose Preprocessor has its own tokenizer (the engine thread keeps the LLM's)."""
-        return cls(llm.preprocessor.with_own_tokenizer(llm.path, "max_input_token_len"), allowed_media_dir)
+    def for_llm(cls, llm: Any, allowed_media_dir: str | Path | None, max_output_tokens: int | None = None
+                ) -> Preparer:
+        """A Preparer whose Preprocessor has its own tokenizer (the engine thread keeps the LLM's),
+        with the server's output cap (max_iter_times)."""
+        return cls(llm.preprocessor.with_own_tokenizer(llm.path, "max_input_token_len", max_output_tokens),
+                   allowed_media_dir)
 
     # ---------------------------------------------------------------------------- media
 
@@ -185,7 +189,7 @@ class Preparer:
         return tool_calls.template_messages(out)
 
     def prepare_chat(self, messages: list[ChatMessage], params: SamplingParams,
-                     tools: list[dict[str, Any]] | None = None) -> PreparedRequest:
+                     tools: list[dict[str, Any]] | None = None, cache_salt: str | None = None) -> PreparedRequest:
         """The rendered conversation (generation prompt appended, `tools` offered in the template's
         system turn) with its media. What bounds the work is checked before any is done: the media
         count first, then (as the template is rendered, before tokenizing) the text's length; media
@@ -205,9 +209,9 @@ class Preparer:
             raise APIError(f"the model's chat template cannot render these messages: {e}", param="messages",
                            code="invalid_value") from None
         media = [self.prepare_one(p) for p in refs]
-        return self._build(ids, media, params, "messages")
+        return self._build(ids, media, params, "messages", cache_salt)
 
-    def prepare_raw(self, text: str, params: SamplingParams) -> PreparedRequest:
+    def prepare_raw(self, text: str, params: SamplingParams, cache_salt: str | None = None) -> PreparedRequest:
         """Raw prompt text (no chat template, no media); text that cannot fit is refused before it
         is tokenized."""
         try:
@@ -216,14 +220,16 @@ class Preparer:
             raise APIError(str(e), param="prompt", code="context_length_exceeded") from None
         if not ids:
             raise APIError("prompt is empty after tokenization", param="prompt", code="invalid_value")
-        return self._build(ids, [], params, "prompt")
+        return self._build(ids, [], params, "prompt", cache_salt)
 
-    def _build(self, ids: list[int], media: list[PreparedMedia], params: SamplingParams, param: str
-               ) -> PreparedRequest:
+    def _build(self, ids: list[int], media: list[PreparedMedia], params: SamplingParams, param: str,
+               cache_salt: str | None) -> PreparedRequest:
         try:
-            return self.preprocessor.build(ids, media, params)
+            return self.preprocessor.build(ids, media, params, cache_salt)
         except PromptMediaMismatch as e:  # e.g. the text itself contains <|image_pad|>
             raise APIError(str(e), param=param, code="invalid_value") from None
+        except OutputLengthError as e:  # the prompt fits, its max_tokens does not
+            raise APIError(str(e), param="max_tokens", code="context_length_exceeded") from None
         except (ContextLengthError, MediaError) as e:  # a MediaError here: videos too long even shrunk
             raise APIError(str(e), param=param, code="context_length_exceeded") from None
 

@@ -1,4 +1,4 @@
-"""Request parsing and validation (JSON in, typed requests out) and OpenAI-shaped responses.
+"""Request parsing and validation (JSON in, typed requests out) and the errors they raise.
 
 Three request bodies are declared as pydantic models (their JSON schemas are what /openapi.json
 and /docs show, see `openapi_request_body`) and parsed into one `GenerationRequest`:
@@ -26,7 +26,11 @@ the tools, roles and their content) as they build the GenerationRequest. Every p
 `APIError` carrying the HTTP status and OpenAI's error body `{"error": {"message", "type",
 "param", "code"}}`, param a path such as `messages[0].content[1].image_url`. Bodies are parsed
 whatever the Content-Type (MindIE's curl examples send none): the handlers read the raw body and
-call these functions, FastAPI never parses it.
+call these functions, FastAPI never parses it. Response bodies are in responses.py.
+
+Its length is the request surface: OpenAI chat and completions, vLLM's and MindIE's /generate, the
+content parts (images, videos, their per-part controls), tools and structured outputs, each a
+pydantic model with its parser and its 400s; they share the validation and error helpers here.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
@@ -60,6 +63,7 @@ from qwen_vl_triton.engine.media import IMAGE_OPTIONS, VIDEO_OPTIONS
 from qwen_vl_triton.engine.sampling import MAX_N, SamplingParams
 from qwen_vl_triton.engine.structured import StructuredOutput
 from qwen_vl_triton.modeling.processing import MediaKind
+from qwen_vl_triton.serving.responses import ErrorInfo, ErrorResponse, ErrorType, json_schema
 
 MAX_LOGPROBS = 20
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
@@ -67,7 +71,7 @@ TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 class APIError(Exception):
     """An error answered as OpenAI does: status + {"error": {message, type, param, code}}."""
 
-    def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
+    def __init__(self, message: str, *, status: int = 400, type: ErrorType = "invalid_request_error",
                  param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
@@ -76,9 +80,13 @@ class APIError(Exception):
         self.param = param
         self.code = code
 
+    def response(self) -> ErrorResponse:
+        """The OpenAI-style error body."""
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
+
     def body(self) -> dict[str, Any]:
-        """The OpenAI-style error object."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        """The OpenAI-style error body as sent."""
+        return self.response().wire()
 
 
 def server_busy(message: str) -> APIError:
@@ -119,7 +127,6 @@ class GenerationRequest:
     messages: list[ChatMessage] | None
     raw_prompt: str | None
     params: SamplingParams
-    max_tokens_given: bool
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False                 # return per-token logprobs (how many top ones: params.logprobs)
@@ -130,6 +137,11 @@ class GenerationRequest:
     tool_choice: str = "none"              # "none" | "auto" | "required" | "function" (then tool_name says which)
     tool_name: str | None = None
     parallel_tool_calls: bool = True       # False: at most one call (enforced where the output is constrained)
+
+    @property
+    def max_tokens_given(self) -> bool:
+        """Whether the request set max_tokens (else it gets the room its prompt leaves)."""
+        return self.params.max_tokens is not None
 
 
 # ------------------------------------------------------------------------------------- body
@@ -697,24 +709,8 @@ def _validate(model: type[M], body: dict[str, Any]) -> M:
 
 def openapi_request_body(model: type[BaseModel]) -> dict[str, Any]:
     """The OpenAPI requestBody for a route whose handler reads and validates the body itself: the
-    model's JSON schema, its $defs inlined (a route's openapi_extra cannot add components)."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node: Any, seen: tuple[str, ...]) -> Any:
-        if isinstance(node, list):
-            return [inline(v, seen) for v in node]
-        if not isinstance(node, dict):
-            return node
-        if "$ref" in node:
-            name = node["$ref"].rsplit("/", 1)[1]
-            if name in seen:
-                raise ValueError(f"{model.__name__}'s schema is recursive at {name}: it cannot be inlined")
-            rest = {k: inline(v, seen) for k, v in node.items() if k != "$ref"}
-            return {**inline(defs[name], (*seen, name)), **rest}
-        return {k: inline(v, seen) for k, v in node.items()}
-
-    return {"required": True, "content": {"application/json": {"schema": inline(schema, ())}}}
+    model's JSON schema, inlined."""
+    return {"required": True, "content": {"application/json": {"schema": json_schema(model)}}}
 
 
 # ------------------------------------------------------------------------------------- semantics
@@ -829,15 +825,15 @@ def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def _sampling(r: _GenerationFields) -> tuple[SamplingParams, bool]:
-    """SamplingParams from the OpenAI / vLLM fields; (params, whether max_tokens was given)."""
+def _sampling(r: _GenerationFields) -> SamplingParams:
+    """SamplingParams from the OpenAI / vLLM fields (max_tokens None when not given: the
+    Preprocessor gives the request the room its prompt leaves)."""
     max_tokens = _or(r.max_completion_tokens, r.max_tokens)
-    given = max_tokens is not None
     n = _or(r.n, 1)
     if r.best_of is not None and r.best_of != n:
         raise APIError(f"best_of other than n ({n}) is not supported", param="best_of", code="unsupported_parameter")
     params = SamplingParams(
-        max_tokens=max_tokens if given else 1,  # placeholder: the server fills the default per prompt
+        max_tokens=max_tokens,
         temperature=_or(r.temperature, 1.0),
         top_p=_or(r.top_p, 1.0),
         top_k=-1 if r.top_k in (None, 0) else r.top_k,
@@ -851,7 +847,7 @@ def _sampling(r: _GenerationFields) -> tuple[SamplingParams, bool]:
         n=n,
         structured=_structured(r),
     )
-    return params, given
+    return params
 
 
 def validate_params(params: SamplingParams, vocab_size: int | None) -> None:
@@ -905,7 +901,7 @@ def parse_chat_request(body: dict[str, Any]) -> GenerationRequest:
     """POST /v1/chat/completions."""
     r = _validate(ChatCompletionRequest, body)
     messages = _messages(r.messages)
-    params, given = _sampling(r)
+    params = _sampling(r)
     logprobs = bool(r.logprobs)
     top = _or(r.top_logprobs, 0)
     if top and not logprobs:
@@ -913,7 +909,7 @@ def parse_chat_request(body: dict[str, Any]) -> GenerationRequest:
     params.logprobs = top if logprobs else None
     stream, include_usage = _stream_flags(r)
     tools, tool_choice, tool_name = _tools(r, params.structured)
-    return GenerationRequest(r.model, messages, None, params, given, stream, include_usage, logprobs,
+    return GenerationRequest(r.model, messages, None, params, stream, include_usage, logprobs,
                              bool(r.return_token_ids), r.cache_salt, tools, tool_choice, tool_name,
                              r.parallel_tool_calls is not False)
 
@@ -921,10 +917,10 @@ def parse_chat_request(body: dict[str, Any]) -> GenerationRequest:
 def parse_completion_request(body: dict[str, Any]) -> GenerationRequest:
     """POST /v1/completions: a raw text prompt."""
     r = _validate(CompletionRequest, body)
-    params, given = _sampling(r)
+    params = _sampling(r)
     params.logprobs = r.logprobs
     stream, include_usage = _stream_flags(r)
-    return GenerationRequest(r.model, None, r.prompt, params, given, stream, include_usage, r.logprobs is not None,
+    return GenerationRequest(r.model, None, r.prompt, params, stream, include_usage, r.logprobs is not None,
                              bool(r.return_token_ids), r.cache_salt)
 
 
@@ -936,39 +932,7 @@ def parse_generate_request(body: dict[str, Any]) -> GenerationRequest:
         raw = r.prompt
     else:
         messages = [ChatMessage("user", _parts(r.prompt, "prompt"))]
-    params, given = _sampling(r)
+    params = _sampling(r)
     if r.do_sample is False:
         params.temperature = 0.0
-    return GenerationRequest(r.model, messages, raw, params, given, bool(r.stream), cache_salt=r.cache_salt)
-
-
-# ------------------------------------------------------------------------------------- responses
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    """An OpenAI usage object."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-
-def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """OpenAI chat logprobs: {"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}."""
-    return {"content": entries}
-
-
-def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
-    """OpenAI completions logprobs: tokens, token_logprobs, top_logprobs ({token: logprob}), offsets."""
-    tokens = [e["token"] for e in entries]
-    offsets, at = [], offset
-    for t in tokens:
-        offsets.append(at)
-        at += len(t)
-    return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-            "text_offset": offsets}
-
-
-def now() -> int:
-    """Unix time in seconds (OpenAI's `created`)."""
-    return int(time.time())
+    return GenerationRequest(r.model, messages, raw, params, bool(r.stream), cache_salt=r.cache_salt)

@@ -20,6 +20,10 @@ Pieces:
   chooses between the classic names (`model.layers.*`, `visual.*`) and the nested ones
   (`model.language_model.*`, `model.visual.*`), `sharded=True` writes several safetensors files
   plus model.safetensors.index.json.
+
+One module because one function writes every variant the tests and the demo need (both
+architectures, both weight layouts, both config layouts, sharding, dtypes): the variants are
+branches of one writer, and each must stay loadable by transformers.
 """
 
 from __future__ import annotations

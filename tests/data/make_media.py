@@ -1,7 +1,7 @@
 """Materialise the hand-made TextVQA / VideoBench sets with synthetic media.
 
 The question files under tests/data are written by hand in the datasets' formats; the images and
-clips they name are generated here (deterministic pictures from modeling.processing), so the
+clips they name are generated here (deterministic pictures from qwen_vl_triton.testing.media), so the
 repository holds no binary media:
 
     python tests/data/make_media.py OUT      # copies textvqa/ and videobench/ to OUT, adds media
@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from qwen_vl_triton.modeling.processing import synthetic_frame, write_synthetic_video
+from qwen_vl_triton.testing.media import synthetic_frame, write_synthetic_video
 
 HERE = Path(__file__).resolve().parent
 

@@ -39,9 +39,9 @@ def test_table_width_is_a_power_of_two_within_the_limit(blocks, max_blocks):
 
 def test_the_cpu_has_nothing_to_capture(tiny_checkpoint):
     llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=32)
-    assert llm.decode_graphs is None  # graphs are for CUDA / NPU devices
+    assert llm.runner.decode_graphs is None  # graphs are for CUDA / NPU devices
     with pytest.raises(ValueError, match="CUDA or NPU"):
-        DecodeGraphs(llm.model, llm.kv_caches, llm.model.forward, 4, 8, capture=True)
+        DecodeGraphs(llm.model, llm.runner.kv_caches, llm.model.forward, 4, 8, capture=True)
 
 
 def _requests() -> tuple[list[Prompt], list[SamplingParams]]:
@@ -62,10 +62,11 @@ def test_static_decode_gives_the_plain_paths_tokens(tiny_checkpoint):
     expected = plain.generate(prompts, params)
 
     llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=64, block_size=16, max_batch_size=8)
-    llm.decode_graphs = DecodeGraphs(llm.model, llm.kv_caches, llm.model.forward, 8, 64 // 16 * 4, capture=False)
+    llm.runner.decode_graphs = DecodeGraphs(llm.model, llm.runner.kv_caches, llm.model.forward, 8, 64 // 16 * 4,
+                                            capture=False)
     shapes = []
-    forward = llm.decode_graphs.forward
-    llm.decode_graphs.forward = lambda batch, width: shapes.append((batch, width)) or forward(batch, width)
+    forward = llm.runner.decode_graphs.forward
+    llm.runner.decode_graphs.forward = lambda batch, width: shapes.append((batch, width)) or forward(batch, width)
     got = llm.generate(prompts, params)
 
     assert [o.output_ids for o in got] == [o.output_ids for o in expected]
@@ -78,18 +79,18 @@ def test_static_decode_gives_the_plain_paths_tokens(tiny_checkpoint):
 
 def test_padding_rows_write_nothing_to_the_cache(tiny_checkpoint):
     llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=16, block_size=16)
-    graphs = DecodeGraphs(llm.model, llm.kv_caches, llm.model.forward, 8, 4, capture=False)
+    graphs = DecodeGraphs(llm.model, llm.runner.kv_caches, llm.model.forward, 8, 4, capture=False)
     llm.add_request("r", llm.preprocessor.prepare(Prompt("hi"), SamplingParams(max_tokens=4, ignore_eos=True)))
     while len(llm.sequences["r"].output_ids) < 2:
         llm.step()
-    before = [k.clone() for k, _ in llm.kv_caches]
+    before = [k.clone() for k, _ in llm.runner.kv_caches]
     batch = llm.scheduler.schedule()
-    rows = llm._decode_rows(batch)
+    rows = llm.runner.decode_rows(batch, llm.blocks.block_table)
     logits = graphs.run(rows)  # one real row padded to 1: then the same row three times, padded to 4
     assert logits.shape[0] == 1 and torch.isfinite(logits).all()
     written = rows[0].slot
     for layer, k in enumerate(before):
-        after = llm.kv_caches[layer][0]
+        after = llm.runner.kv_caches[layer][0]
         same = (after == k) | (after.isnan() & k.isnan())  # unwritten slots may hold NaN (torch.empty)
         changed = (~same).flatten(0, 1).any(dim=(1, 2)).nonzero().flatten().tolist()
         assert changed in ([], [written])  # only the real row's slot (unchanged if written before)
@@ -105,5 +106,6 @@ def test_captured_graphs_give_the_eager_tokens(tiny_checkpoint):
     eager = LLM(tiny_checkpoint, device="cuda", num_kv_blocks=64, enforce_eager=True).generate(prompts, params)
     llm = LLM(tiny_checkpoint, device="cuda", num_kv_blocks=64)
     got = llm.generate(prompts, params)
-    assert llm.decode_graphs is not None and llm.decode_graphs.capture and len(llm.decode_graphs.graphs) >= 3
+    graphs = llm.runner.decode_graphs
+    assert graphs is not None and graphs.capture and len(graphs.graphs) >= 3
     assert [o.output_ids for o in got] == [o.output_ids for o in eager]

@@ -13,7 +13,7 @@ from qwen_vl_triton.engine.errors import RequestFault, RequestMediaError, StepFa
 from qwen_vl_triton.engine.llm import LLM, Prompt
 from qwen_vl_triton.engine.media import Media
 from qwen_vl_triton.engine.sampling import SamplingParams
-from qwen_vl_triton.modeling.processing import write_synthetic_video
+from qwen_vl_triton.testing.media import write_synthetic_video
 from tests.engine.conftest import SMALL_VIDEO, mixed_requests
 
 
@@ -61,16 +61,16 @@ def test_a_video_that_does_not_decode_fails_alone(tiny_checkpoint, alone, tmp_pa
 def test_non_finite_logits_end_only_their_request(tiny_checkpoint, alone, monkeypatch):
     requests = mixed_requests()[:4]
     llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128)
-    real = llm._forward
+    real = llm.runner.forward
 
-    def forward(batch):
-        logits = real(batch)  # a row per run that samples, in run order
+    def forward(batch, *context):
+        logits = real(batch, *context)  # a row per run that samples, in run order
         for row, run in enumerate(r for r in batch.runs if r.samples):
             if run.seq.request_id.endswith("-1") and run.seq.output_ids:  # the second prompt, after 1 token
                 logits[row, 3] = float("nan")
         return logits
 
-    monkeypatch.setattr(llm, "_forward", forward)
+    monkeypatch.setattr(llm.runner, "forward", forward)
     outs = llm.generate([p for p, _ in requests], [greedy(m) for _, m in requests])
     for i, ((prompt, max_tokens), out) in enumerate(zip(requests, outs, strict=True)):
         if i == 1:
@@ -88,16 +88,16 @@ def test_a_failed_forward_ends_the_requests_in_it_only(tiny_checkpoint, alone, m
     (first, _), (second, tokens) = mixed_requests()[0], mixed_requests()[3]
     llm.add_request("first", llm.preprocessor.prepare(first, greedy(4)))
     llm.add_request("second", llm.preprocessor.prepare(second, greedy(tokens)))
-    real = llm._forward
+    real = llm.runner.forward
     calls = []
 
-    def forward(batch):
+    def forward(batch, *context):
         calls.append([r.seq.request_id for r in batch.runs])
         if len(calls) == 1:
             raise RuntimeError("injected fault")
-        return real(batch)
+        return real(batch, *context)
 
-    monkeypatch.setattr(llm, "_forward", forward)
+    monkeypatch.setattr(llm.runner, "forward", forward)
     with pytest.raises(StepFailed, match="injected fault") as failed:
         llm.step()
     (out,) = failed.value.outputs

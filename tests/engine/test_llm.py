@@ -11,7 +11,7 @@ from qwen_vl_triton.engine.sampling import SamplingParams
 from tests.engine.conftest import mixed_requests
 
 
-def greedy(max_tokens: int) -> SamplingParams:
+def greedy(max_tokens: int | None) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
@@ -126,9 +126,12 @@ def test_limits_are_enforced_with_clear_errors(tiny_checkpoint):
     with pytest.raises(ValueError, match="max_tokens"):
         llm.add_request("bad", llm.preprocessor.prepare("hi", SamplingParams(max_tokens=0)))
     assert not llm.has_unfinished()
-    # A sequence reaching the cache's capacity (8 blocks x 16) finishes with "length".
-    out = llm.generate(["hi"], [greedy(1000)])[0]
+    # The cache's capacity (8 blocks x 16) is max_seq_len: max_tokens=None fills it and finishes with
+    # "length"; a max_tokens it cannot hold is refused up front, naming both (the output budget).
+    out = llm.generate(["hi"], [greedy(None)])[0]
     assert out.finish_reason == "length" and out.prompt_tokens + len(out.output_ids) == 8 * 16
+    with pytest.raises(ValueError, match="max_tokens is 1000: together over max_seq_len 128"):
+        llm.generate(["hi"], [greedy(1000)])
 
 
 def test_cache_salt_keeps_prefixes_apart(tiny_checkpoint, requests):
@@ -137,9 +140,7 @@ def test_cache_salt_keeps_prefixes_apart(tiny_checkpoint, requests):
     prompt = requests[0][0]
 
     def cached_tokens(request_id: str, salt: str | None) -> int:
-        request = llm.preprocessor.prepare(prompt, greedy(2))
-        request.cache_salt = salt
-        llm.add_request(request_id, request)
+        llm.add_request(request_id, llm.preprocessor.prepare(prompt, greedy(2), cache_salt=salt))
         done = []
         while llm.has_unfinished():
             done += [o for o in llm.step() if o.finished]

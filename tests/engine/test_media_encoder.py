@@ -6,7 +6,6 @@ encoding the clip at once; an aborted request stops its decoding and frees what 
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from qwen_vl_triton.engine.frame_stream import FrameStream
 from qwen_vl_triton.engine.llm import LLM, Prompt
 from qwen_vl_triton.engine.media import Media
 from qwen_vl_triton.engine.sampling import SamplingParams
-from qwen_vl_triton.modeling.processing import write_synthetic_video
+from qwen_vl_triton.testing.media import write_synthetic_video
 
 # 24 frames -> 12 temporal slices of 4 x 4 patches (16 patches, 4 merged tokens) each.
 CLIP_OPTIONS = {"nframes": 24, "min_pixels": 4 * 784, "max_pixels": 4 * 784}
@@ -107,12 +106,10 @@ def test_frames_are_decoded_off_the_calling_thread_in_bounded_memory(tiny_checkp
 
     monkeypatch.setattr(media_module.processing, "iter_video_frames", watched)
     stream = FrameStream(prepared, max_slices=3)
-    deadline = time.monotonic() + 30
-    while len(decoded) < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.3)
-    # 3 slices queued and one decoded, waiting for room: nothing more while nobody takes.
-    assert len(decoded) == 4 and stream.ready_slices == 3
+    # The thread holds a decoded slice the full queue has no room for: it decodes nothing more until
+    # a slice is taken, and by then it has decoded the 3 queued slices and the one it holds.
+    assert stream.waiting_for_room.wait(30)
+    assert len(decoded) == 4
     assert set(decoded) == {decoded[0]} and decoded[0] != threading.current_thread().name
     taken: list[np.ndarray] = []  # frames, 2 (temporal_patch_size) per slice
     while len(taken) < 2 * SLICES:
@@ -129,9 +126,7 @@ def test_the_budget_sets_the_slices_of_a_step(tiny_checkpoint, clip):
     llm.add_request("video", llm.preprocessor.prepare(video_prompt(clip), greedy(2)))
     llm.scheduler.schedule()  # admitted (its blocks held), no run until its media are encoded
     (job,) = llm.encoder.jobs.values()
-    deadline = time.monotonic() + 30
-    while job.stream.ready_slices < 5 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert job.stream.waiting_for_room.wait(30)  # decoded as far ahead as the stream holds (8 of 12 slices)
     llm.encoder.seconds_per_patch = 0.001
     work = llm.encoder.plan(budget_s=0.001 * (3 * SLICE_PATCHES + 5))  # room for 3 slices, not 4
     assert slices_of(work, llm) == 3

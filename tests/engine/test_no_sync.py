@@ -68,11 +68,12 @@ class HostSyncGuard(TorchDispatchMode):
 def guarded_forward(llm: LLM, batch: Batch) -> tuple[int, torch.Tensor]:
     """The batch's inputs built (outside the check: the engine prepares them on the host), then its
     model forward under HostSyncGuard; (aten ops seen, logits)."""
-    ids, positions, meta, media_at, media_embeds, logit_rows = llm._inputs(batch)
+    ids, positions, meta, media_at, media_embeds, logit_rows = llm.runner.inputs(batch, llm.blocks.block_table,
+                                                                                 llm.pad_ids)
     guard = HostSyncGuard()
     with guard:
         embeds = llm.model.embed(ids, media_at, media_embeds)
-        hidden = llm.model.forward(positions, meta, llm.kv_caches, inputs_embeds=embeds)
+        hidden = llm.model.forward(positions, meta, llm.runner.kv_caches, inputs_embeds=embeds)
         logits = llm.model.compute_logits(hidden, logit_rows)
     return guard.ops, logits
 
@@ -114,12 +115,12 @@ def test_the_quantized_static_decode_forward_has_no_host_sync(arch, fmt, tmp_pat
 
 def assert_static_forward_has_no_host_sync(checkpoint) -> None:
     llm = LLM(checkpoint, device="cpu", num_kv_blocks=64)
-    graphs = DecodeGraphs(llm.model, llm.kv_caches, llm.model.forward, 8, 16, capture=False)
+    graphs = DecodeGraphs(llm.model, llm.runner.kv_caches, llm.model.forward, 8, 16, capture=False)
     for i, prompt in enumerate([Prompt("hi"), Prompt("Tell me a story about the sea."), Prompt("Count.")]):
         llm.add_request(f"r{i}", llm.preprocessor.prepare(prompt, SamplingParams(max_tokens=8, ignore_eos=True)))
     while not all(len(s.output_ids) >= 2 for s in llm.sequences.values()):
         llm.step()
-    rows = llm._decode_rows(llm.scheduler.schedule())
+    rows = llm.runner.decode_rows(llm.scheduler.schedule(), llm.blocks.block_table)
     batch, width = graphs.bucket(len(rows)), width_bucket(max(len(r.table) for r in rows), 16)
     graphs._load(rows, batch, width)
     guard = HostSyncGuard()

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from qwen_vl_triton.engine.llm import LLM, Prompt
 from qwen_vl_triton.engine.media import Media, MediaLimits, prepare_media
 from qwen_vl_triton.engine.sampling import SamplingParams
-from qwen_vl_triton.modeling.processing import ImageProcessorConfig, MediaError, plan_video, write_synthetic_video
+from qwen_vl_triton.modeling.processing import ImageProcessorConfig, MediaError, plan_video
+from qwen_vl_triton.testing.media import write_synthetic_video
 from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 
 CFG = ImageProcessorConfig(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_vl_triton.modeling.processing import write_synthetic_video
+from qwen_vl_triton.testing.media import write_synthetic_video
 from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]

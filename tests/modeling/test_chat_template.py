@@ -4,12 +4,12 @@ nothing for conversations without tools."""
 from __future__ import annotations
 
 import pytest
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen_vl_triton.testing.tiny_checkpoint import CHAT_TEMPLATE, TOOL_TOKENS, TOOLS_CHAT_TEMPLATE, build_tokenizer
 
-transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()
 
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -36,14 +37,12 @@ from qwen_vl_triton.modeling.processing import (
     process_image,
     smart_nframes,
     smart_resize,
-    synthetic_frame,
     video_frame_indices,
     video_frame_range,
     video_max_pixels,
-    write_synthetic_video,
 )
+from qwen_vl_triton.testing.media import synthetic_frame, write_synthetic_video
 
-transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()
 HFImageProcessor = transformers.Qwen2VLImageProcessorPil  # the PIL backend; the default one needs torchvision
 

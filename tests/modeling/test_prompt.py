@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,7 +13,6 @@ from qwen_vl_triton.modeling.prompt import expand_media_pads, num_media_tokens
 from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 from tests.modeling.prompts import mm_token_type_ids, prompt_ids
 
-transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()
 
 

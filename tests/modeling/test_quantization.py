@@ -14,12 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen_vl_triton.cli.quantize import FORMATS, quantize_checkpoint
+from qwen_vl_triton.cli.quantize import quantize_checkpoint
 from qwen_vl_triton.kernels import _backend
+from qwen_vl_triton.modeling import quantization
 from qwen_vl_triton.modeling import weight_table as table
 from qwen_vl_triton.modeling.config import load_config
 from qwen_vl_triton.modeling.linear import Activations, Int8Linear, dequantized, weight_bytes
 from qwen_vl_triton.modeling.model import load_model
+from qwen_vl_triton.modeling.quant_formats import FORMATS, OUTPUT_FORMATS
 from qwen_vl_triton.modeling.quantization import DESCRIPTION_FILE, QuantizationError
 from qwen_vl_triton.modeling.weight_table import canonical_name
 from qwen_vl_triton.modeling.weights import CheckpointReader
@@ -130,6 +132,29 @@ def test_quantize_tool_writes_the_format(fmt: str, quantized, float_checkpoints)
     w = load_files(float_checkpoints["qwen2_5_vl", dtype])[q + "weight"].float()
     scale = files[q + "weight_scale"].float().reshape(-1, 1)
     assert ((files[q + "weight"].float() * scale - w).abs() <= scale / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize(("fmt", "arch", "dtype"), [*((f, "qwen2_5_vl", "float32") for f in FORMATS),
+                                                    ("ascend-w8a8", "qwen2_5_vl", "float16"),
+                                                    ("compressed-tensors-w8a8", "qwen2_vl", "bfloat16")])
+def test_quantize_tool_writes_the_table_the_loader_reads(fmt: str, arch: str, dtype: str, quantized) -> None:
+    """Every decoder linear layer of the tool's output has the tensors of the table the loader maps
+    it to (the required ones, others only from the table), each in the table's dtype and shape, which
+    the loader's checks take. (Checkpoints the other tests make: fp16 gives deq_scale's int64 bits.)"""
+    ckpt, layer = quantized(fmt, arch, dtype), OUTPUT_FORMATS[fmt].layer
+    files, reader, quant = load_files(ckpt), CheckpointReader(ckpt), quantization.detect(ckpt)
+    for name in (e.name(i) for e in quantization.QUANTIZABLE for i in range(load_config(ckpt).text.num_layers)):
+        scheme = quant.scheme(name, reader.original_name(name))
+        assert quant.layout(name, scheme) is layer
+        prefix, (n, k) = name[: -len("weight")], files[name].shape
+        written = {f for f in files if f.startswith(prefix)}
+        required, optional = quant.tensor_names(name, scheme)
+        assert {name, *required} <= written <= {name, *required, *optional}
+        for f in written:
+            spec = layer.spec(f[len(prefix):])
+            assert files[f].dtype == spec.dtype.dtype_for(getattr(torch, dtype)), f
+            assert tuple(files[f].shape) == spec.size(n, k), f
+            assert reader.dtype_name(f) in spec.dtype.accepted and spec.fits(reader.shape(f), n, k), f
 
 
 # ----------------------------------------------------------------------------- each format's formula
@@ -294,8 +319,6 @@ def _describe(change):
 
 def _mark(name: str, kind: str):
     return _describe(lambda d: d.update({name: kind}))
-
-
 
 
 def _ct(change):

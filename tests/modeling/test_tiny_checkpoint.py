@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 
 from qwen_vl_triton.cli import make_tiny_checkpoint as make_tiny_checkpoint_cli
@@ -36,7 +37,6 @@ from qwen_vl_triton.testing.tiny_checkpoint import (
 )
 from tests.modeling.prompts import mm_token_type_ids, prompt_ids
 
-transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 

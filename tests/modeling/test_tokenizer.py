@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen_vl_triton.modeling.tokenizer import QwenTokenizer, load_tokenizer
 from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 
-transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|image_pad|>", "<|video_pad|>",

@@ -50,7 +50,7 @@ def main(checkpoint: str, out_dir: str, mode: str) -> None:
         Path(out_dir, "ready").write_text("idle")
         time.sleep(3600)  # no step: rank 1 waits for one (it gets killed long before its timeout)
         raise AssertionError("nobody ended the idle rank 0")
-    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)  # ends at max_seq_len
+    params = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)  # all the room: ends at max_seq_len
     if mode == "race":
         race(llm, prompt, params)
         destroy(tp)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from qwen_vl_triton.modeling.config import load_config
-from qwen_vl_triton.modeling.weight_table import IGNORED_SUFFIXES, entry_for, shard_spec
+from qwen_vl_triton.modeling.weight_table import IGNORED_SUFFIXES, check_tp_sizes, entry_for, shard_spec
 from qwen_vl_triton.modeling.weights import CheckpointReader, load_weights
-from qwen_vl_triton.parallel import SINGLE_PROCESS, TPGroup, TPSizeError, check_tp_sizes
+from qwen_vl_triton.parallel import SINGLE_PROCESS, TPGroup, TPSizeError
 from qwen_vl_triton.parallel.comm import all_gather, all_gather_object, all_reduce, barrier, broadcast_object
 from qwen_vl_triton.parallel.group import init_from_env
 from qwen_vl_triton.parallel.sharding import ShardKind, balanced_range, kv_head_range, local_kv_heads, read_shard

@@ -98,7 +98,7 @@ def main(checkpoint: str, out_dir: str, tight: bool) -> None:
                     for k, o in sorted(finished.items())},
         "all_blocks_free": llm.blocks.num_free_blocks == llm.blocks.num_blocks == num_blocks,
         "preemptions": llm.scheduler.num_preemptions,
-        "kv_cache_shape": list(llm.kv_caches[0][0].shape),
+        "kv_cache_shape": list(llm.runner.kv_caches[0][0].shape),
         "embed_rows": llm.model.weights.language.embed_tokens.shape[0],
     }
     Path(out_dir, f"rank{tp.rank}.json").write_text(json.dumps(report))

@@ -138,9 +138,17 @@ def server(serving_ckpt, media_dir, tmp_path_factory) -> Iterator[LiveServer]:
 
 
 def metrics(url: str) -> dict[str, float]:
-    from qwen_vl_triton.serving.metrics import parse_metrics
-
-    return parse_metrics(httpx.get(url + "/metrics", timeout=REQUEST_TIMEOUT_S).text)
+    """The server's /metrics as a flat {"name{labels}": value} dict (comments and non-numbers skipped)."""
+    values: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=REQUEST_TIMEOUT_S).text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        try:
+            values[key] = float(value)
+        except ValueError:
+            continue
+    return values
 
 
 def wait_idle(server: LiveServer, timeout: float = IDLE_TIMEOUT_S) -> dict[str, float]:

@@ -3,14 +3,14 @@ tests/serving/test_isolation.py (the engine must stop itself and the server exit
 
 
 from qwen_vl_triton.cli.serve import main
-from qwen_vl_triton.engine.llm import LLM
+from qwen_vl_triton.engine.model_runner import ModelRunner
 
 
-def _failing_forward(self: LLM, batch: object) -> None:
+def _failing_forward(self: ModelRunner, *args: object) -> None:
     raise RuntimeError("injected fault: every forward pass fails")
 
 
-LLM._forward = _failing_forward
+ModelRunner.forward = _failing_forward
 
 if __name__ == "__main__":
     main()

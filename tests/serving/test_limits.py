@@ -34,10 +34,10 @@ from qwen_vl_triton.modeling.processing import (
     is_image,
     open_image,
     plan_video,
-    synthetic_frame,
 )
 from qwen_vl_triton.serving.config import ServeConfig, add_serve_arguments, build_config
 from qwen_vl_triton.serving.limits import BodyLimitMiddleware
+from qwen_vl_triton.testing.media import synthetic_frame
 from tests.serving.conftest import (
     MAX_INPUT,
     MAX_SEQ,
@@ -244,11 +244,11 @@ def test_limit_flags_reach_the_config():
 
     default = config()
     assert default.max_request_bytes == 64 * MiB
-    limits = default.media_limits()
+    limits = default.engine.media_limits
     assert (limits.decode_max_pixels, limits.max_media_per_prompt) == (DECODE_MAX_PIXELS, 32)
     given = config("--max_request_bytes", "1000", "--decode_max_pixels", "5000", "--max_media_per_prompt", "3")
     assert given.max_request_bytes == 1000
-    assert (given.media_limits().decode_max_pixels, given.media_limits().max_media_per_prompt) == (5000, 3)
+    assert (given.engine.media_limits.decode_max_pixels, given.engine.media_limits.max_media_per_prompt) == (5000, 3)
     with pytest.raises(ValueError, match="max_request_bytes must be >= 1"):
         config("--max_request_bytes", "0")
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from qwen_vl_triton.engine.config import EngineConfig
 from qwen_vl_triton.engine.llm import LLM
 from qwen_vl_triton.serving.api_server import create_app
 from qwen_vl_triton.serving.config import ServeConfig
@@ -310,7 +311,8 @@ def test_full_waiting_queue_gets_503(serving_ckpt, monkeypatch):
     runs while the second is queued and the third sent."""
     monkeypatch.setenv("QVL_KERNELS", "torch")  # references: fast (the Triton path is tested elsewhere)
     llm = LLM(serving_ckpt, kv_cache_gb=0.02, max_batch_size=1)
-    app = create_app(ServeConfig(model_path=str(serving_ckpt), max_waiting=1, max_batch_size=1), llm)
+    cfg = ServeConfig(model_path=str(serving_ckpt), engine=EngineConfig(max_batch_size=1), max_waiting=1)
+    app = create_app(cfg, llm)
     server = app.state.server
     long_body = {"messages": [{"role": "user", "content": "a long one"}], "ignore_eos": True}
 
