@@ -297,9 +297,6 @@ FIGURES: list[Figure] = [
            lambda: [one(compile_report(t)["launches"] for t in NVIDIA_TARGETS + ASCEND_TARGETS),
                     min(len(compile_report(t)["variants"]) for t in NVIDIA_TARGETS + ASCEND_TARGETS),
                     max(len(compile_report(t)["variants"]) for t in NVIDIA_TARGETS + ASCEND_TARGETS)]),
-    Figure("{} s for each NVIDIA target and {} s for each Ascend one", "compile-<target>.json seconds",
-           lambda: [span((compile_report(t)["seconds"] for t in NVIDIA_TARGETS), ".0f", " to "),
-                    span((compile_report(t)["seconds"] for t in ASCEND_TARGETS), ".0f", " to ")]),
     Figure("planned UB (of {:.0f} KB)", "compile-Ascend*.json limit_ub",
            lambda: [one(r["limit_ub"] for r in quantize_ub()) / 1024]),
     # Kernels
@@ -423,7 +420,6 @@ NOT_MEASURED = [
     "| triton-ascend 3.2 +",
     "each ViT (head dim 80) and LLM (head dim 128), each rank of tensor parallelism 1/2/4/8",
     "cache blocks of 16/32/64/128 slots, 1 to 32768 tokens a step (decode batches 1 to 256,",
-    "(on 2 cores, two targets at a time)",
     # benchmark results
     "at the 7B and 72B (TP 1/4/8) layer shapes, decode M = 1-64 and prefill 2048",
     "| CPU, 2 cores (Triton interpreter",
