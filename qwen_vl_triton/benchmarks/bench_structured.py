@@ -178,9 +178,9 @@ def qwen_sized_corpus(seed: int = 0) -> str:
 
 def qwen_sized_checkpoint() -> Path:
     """The cpu-small random checkpoint (float32) with the Qwen-sized tokenizer and 151,936-wide
-    logits, made once under fixtures' cache_dir() and reused while it is `checkpoint_complete`.
+    logits, made once under testing.tiny_checkpoint's cache_dir() and reused while it is `checkpoint_complete`.
 
-    fixtures.tiny_checkpoint writes everything: make_tiny_checkpoint with bpe_vocab_size=151,643
+    testing.tiny_checkpoint writes everything: make_tiny_checkpoint with bpe_vocab_size=151,643
     (its tokenizer builder appends the special and tool tokens, checks their ids and sets the chat
     template) and TinySizes.extra's text-config override vocab_size=151,936 (the embedding and
     lm_head get that many rows; the config's token ids are the tokenizer's). Its tokenizer is trained

@@ -3,7 +3,7 @@
     python tools/make_tiny_checkpoint.py OUT --arch qwen2_vl|qwen2_5_vl [--seed N] [--dtype ...]
         [--layout nested|flat] [--weight_names transformers|legacy|language_model] [--sharded]
 
-The logic lives in fixtures/tiny_checkpoint.py.
+The logic lives in qwen_vl_triton/testing/tiny_checkpoint.py.
 """
 
 from __future__ import annotations
