@@ -22,6 +22,7 @@ sampled at 2 fps into 4 merged tokens a frame pair (1,200 video tokens).
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import statistics
 import sys
@@ -114,7 +115,9 @@ def measure(device: str, repeats: int = REPEATS) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in RUNS}
     for _ in range(repeats):
         for name, vision_share, prefill_share in RUNS[1:]:
-            llm.vision_step_share, llm.prefill_step_share = vision_share, prefill_share
+            # the step budgets are the engine config's: _plan_step reads them at every step
+            llm.engine_config = dataclasses.replace(llm.engine_config, vision_step_share=vision_share,
+                                                    prefill_step_share=prefill_share)
             runs[name].append(run_window(llm, clip, None))
         runs["no clip"].append(run_window(llm, None, runs[RUNS[1][0]][-1]["window_s"]))
     return {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}

@@ -105,6 +105,11 @@ class EngineConfig:
             if meta.get("positive") and not value > 0:
                 raise ValueError(f"{f.name} must be > 0, got {value}")
 
+    @property
+    def encoder_cache_bytes(self) -> int:
+        """encoder_cache_gb in bytes: the encoder cache's size, and what the KV budget leaves it."""
+        return int(self.encoder_cache_gb * (1 << 30))
+
     @classmethod
     def from_args(cls, args: argparse.Namespace, **defaults: Any) -> EngineConfig:
         """The config of parsed `add_engine_args` flags: each flag given, else `defaults` (a tool's

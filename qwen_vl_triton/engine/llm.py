@@ -133,11 +133,9 @@ class LLM:
         self.runner.allocate(num_blocks, self.max_seq_len)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_batch_size, cfg.max_prefill_tokens)
-        self.encoder_cache = EncoderCache(int(cfg.encoder_cache_gb * (1 << 30)))
+        self.encoder_cache = EncoderCache(cfg.encoder_cache_bytes)
         self.preprocessor = Preprocessor(self.tokenizer, self.config, self.image_cfg, self.max_input_length,
                                          cfg.media_limits, max_seq_len=self.max_seq_len)
-        self.vision_step_share = cfg.vision_step_share
-        self.prefill_step_share = cfg.prefill_step_share
         self.sequences: dict[str, Sequence] = {}  # each unfinished request's first sample (its group: all n)
         self._structured: StructuredDecoder | None = None  # built at the first constrained request
         self._next_seq_id = 0
@@ -358,11 +356,12 @@ class LLM:
             return StepPlan(self.encoder.plan(None, wait_s=0.05), None)
         decode_s = self.step_cost.decode_s or 0.0
         budget = None
-        if self.prefill_step_share is not None:
+        shares = self.engine_config
+        if shares.prefill_step_share is not None:
             # One decode-only step in DECODE_REFRESH_STEPS keeps the decode time it is a share of current.
             refresh = self.step_cost.mixed_steps >= DECODE_REFRESH_STEPS
-            budget = 0 if refresh else self.step_cost.prompt_tokens_within(self.prefill_step_share * decode_s)
-        return StepPlan(self.encoder.plan(self.vision_step_share * decode_s), budget)
+            budget = 0 if refresh else self.step_cost.prompt_tokens_within(shares.prefill_step_share * decode_s)
+        return StepPlan(self.encoder.plan(shares.vision_step_share * decode_s), budget)
 
     def _step(self, plan: StepPlan) -> list[RequestOutput]:
         """The step itself, the same on every rank: the plan's vision work, then one forward pass

@@ -82,7 +82,7 @@ class ModelRunner:
             if cfg.kv_cache_gb is None:  # what the device has left beside the vision tower's peak and encoder cache
                 budget, note = kv_cache_budget(self.model, chunk_patches=cfg.vision_chunk_patches,
                                                image_max_pixels=cfg.media_limits.image_max_pixels,
-                                               encoder_cache_bytes=int(cfg.encoder_cache_gb * (1 << 30)))
+                                               encoder_cache_bytes=cfg.encoder_cache_bytes)
             else:
                 budget, note = cfg.kv_cache_gb * (1 << 30), f"kv_cache_gb {cfg.kv_cache_gb}"
             blocks = self._blocks_for_budget(budget, max_seq_len, note)
