@@ -4,6 +4,14 @@ built-in prompts to set W8A8-static activation ranges).
 
     python tools/quantize.py --model_path FLOAT_CKPT --output_path OUT --format ascend-w8a8
     python tools/quantize.py --model_path FLOAT_CKPT --output_path OUT --format compressed-tensors-w8a8
+    python tools/quantize.py --model_path FLOAT_CKPT --output_path OUT --format ascend-w8a16 --layout typed
+
+The ascend formats write msModelSlim's files in one of its two namings (--layout): `description`
+(the default, what msModelSlim's current saver writes: quant_model_description.json and
+quant_model_weights*.safetensors) or `typed` (its older saver's, which MindIE reads:
+quant_model_description_<type>.json and quant_model_weight_<type>*.safetensors); the description
+lists every tensor's type and model_quant_type, nothing else (the tool has no msModelSlim
+arguments to record). config.json gets "quantize": "<type>" either way.
 
 OUT must be a new or empty folder; --overwrite deletes what a non-empty one holds first (the loader
 reads every weight file in a folder, so another checkpoint's would be loaded beside the new ones).
@@ -39,7 +47,15 @@ from tqdm import tqdm
 from qwen_vl_triton.modeling import quantization
 from qwen_vl_triton.modeling import weight_table as table
 from qwen_vl_triton.modeling.config import load_config
-from qwen_vl_triton.modeling.quant_formats import DESCRIPTION_FILE, FLOAT, FORMATS, OUTPUT_FORMATS, OutputFormat
+from qwen_vl_triton.modeling.quant_formats import (
+    ASCEND,
+    ASCEND_LAYOUTS,
+    DEFAULT_LAYOUT,
+    FLOAT,
+    FORMATS,
+    OUTPUT_FORMATS,
+    OutputFormat,
+)
 from qwen_vl_triton.modeling.quant_rounding import quantize_layer
 from qwen_vl_triton.modeling.weights import CheckpointReader
 
@@ -191,13 +207,20 @@ def clear_folder(folder: Path) -> None:
 
 
 def quantize_checkpoint(model_path: Path, output_path: Path, fmt: str, calib_images: list[Path] | None = None,
-                        calib_prompts: int = 8, device: str | None = None, overwrite: bool = False) -> Path:
+                        calib_prompts: int = 8, device: str | None = None, overwrite: bool = False,
+                        layout: str | None = None) -> Path:
     """Write `fmt`'s quantized copy of float checkpoint `model_path` to `output_path` (see the module
     docstring); the non-weight files (config, tokenizer, processor, chat template) are copied.
-    `output_path` must be new or empty; `overwrite` deletes what a non-empty one holds first."""
+    `output_path` must be new or empty; `overwrite` deletes what a non-empty one holds first.
+    layout: the ascend formats' file names (an ASCEND_LAYOUTS key; None: DEFAULT_LAYOUT)."""
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     output = OUTPUT_FORMATS[fmt]
+    if layout is not None and output.layer.method != ASCEND:
+        raise ValueError(f"--layout names msModelSlim's files; --format {fmt} writes compressed-tensors' "
+                         f"(model*.safetensors, config.json's quantization_config): drop --layout")
+    if layout is not None and layout not in ASCEND_LAYOUTS:
+        raise ValueError(f"--layout {layout!r} is not one of {', '.join(ASCEND_LAYOUTS)}")
     model_path, output_path = Path(model_path), Path(output_path)
     num_layers = load_config(model_path).text.num_layers  # a clear error for a folder that is not a Qwen-VL one
     if (found := quantization.detect(model_path)) is not None:
@@ -216,9 +239,10 @@ def quantize_checkpoint(model_path: Path, output_path: Path, fmt: str, calib_ima
             shutil.copy2(f, output_path / f.name)
     reader = CheckpointReader(model_path)
     config = json.loads((model_path / "config.json").read_text())
-    types = write_shards(output_path, output.weight_stem, quantized_tensors(reader, num_layers, output, ranges))
-    if (description := output.description(types)) is not None:
-        (output_path / DESCRIPTION_FILE).write_text(json.dumps(description, indent=1) + "\n")
+    description_file, stem = output.files(layout or DEFAULT_LAYOUT)
+    types = write_shards(output_path, stem, quantized_tensors(reader, num_layers, output, ranges))
+    if description_file is not None:
+        (output_path / description_file).write_text(json.dumps(output.description(types), indent=1) + "\n")
     config.update(output.config_entries())
     (output_path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return output_path
@@ -235,6 +259,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="--output_path may be a non-empty folder: everything in it is deleted first")
     p.add_argument("--format", choices=FORMATS, required=True, help="output format (see the formats below)")
+    p.add_argument("--layout", choices=tuple(ASCEND_LAYOUTS),
+                   help="the ascend formats' file names (not for compressed-tensors): "
+                        + "; ".join(f"{lay.name}: {lay.summary}" for lay in ASCEND_LAYOUTS.values())
+                        + f". Default: {DEFAULT_LAYOUT}. The loader reads both")
     p.add_argument("--calib_images", type=Path, nargs="+",
                    help="images the static formats' calibration prompts ask about (default: the bundled sample)")
     p.add_argument("--calib_prompts", type=int, default=8, help="calibration requests (static formats)")
@@ -246,7 +274,7 @@ def main(argv: list[str] | None = None) -> Path:
     a = parse_args(argv)
     try:
         out = quantize_checkpoint(a.model_path, a.output_path, a.format, a.calib_images, a.calib_prompts, a.device,
-                                  a.overwrite)
+                                  a.overwrite, a.layout)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {out} ({a.format})")

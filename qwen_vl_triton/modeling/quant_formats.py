@@ -5,11 +5,13 @@ and checks each one's dtype and shape before reading it; the writer (tools/quant
 modeling/quant_rounding.py) writes each layer through them, so what it writes is what the loader
 reads. A layer has N output channels and K input features; its weight is int8 [N, K].
 
-  ascend (msModelSlim, Huawei's tool; loaded by MindIE and vllm-ascend): quant_model_description.json
-    gives every tensor its type (FLOAT, or a key of MSMODELSLIM_LAYERS); MODEL_QUANT_TYPE names the
-    model's. Anti-outlier norms (smooth quant folded into a decoder norm N: y = rms_norm(x) *
-    N.weight + N.bias, N.bias fp32 [H]; in older versions N.module.weight / N.module.bias beside an
-    unused N.weight) are read by modeling/weights.py: they belong to no linear layer.
+  ascend (msModelSlim, Huawei's tool; loaded by MindIE and vllm-ascend): a description (JSON) gives
+    every tensor its type (FLOAT, or a key of MSMODELSLIM_LAYERS); MODEL_QUANT_TYPE names the
+    model's; its other keys are metadata (modeling/quantization.py says which). ASCEND_LAYOUTS are
+    the two file namings msModelSlim's savers use. Anti-outlier norms (smooth quant folded into a
+    decoder norm N: y = rms_norm(x) * N.weight + N.bias, N.bias fp32 [H]; in older versions
+    N.module.weight / N.module.bias beside an unused N.weight) are read by modeling/weights.py: they
+    belong to no linear layer.
   compressed-tensors (llm-compressor; loaded by vLLM): config.json's quantization_config gives each
     layer its scheme (modeling/quantization.py parses it); the layer's tensors are those of
     COMPRESSED_TENSORS_LAYERS[scheme].
@@ -30,7 +32,7 @@ import torch
 from qwen_vl_triton.modeling.linear import Activations
 
 ASCEND, COMPRESSED_TENSORS = "ascend", "compressed-tensors"  # the methods: --quantization values (vLLM's names)
-DESCRIPTION_FILE = "quant_model_description.json"  # msModelSlim's: tensor name -> type
+DESCRIPTION_FILE = "quant_model_description.json"  # msModelSlim's (the untyped name): tensor name -> type
 MODEL_QUANT_TYPE = "model_quant_type"  # the description's key for the model's type
 FLOAT = "FLOAT"  # the description's type of a tensor that is not quantized
 N, K = "N", "K"  # in shapes: the layer's output channels, input features
@@ -210,6 +212,33 @@ CT_IGNORE = ["lm_head", "re:visual.*", "re:model.visual.*"]
 
 
 @dataclass(frozen=True)
+class AscendLayout:
+    """One of msModelSlim's file namings: its description file and its weight files' stem (the
+    weights are <stem>.safetensors, or shards <stem>-00001-of-0000n.safetensors listed by
+    <stem>.safetensors.index.json). `{type}` stands for the model's type in lower case (w8a8, ...)."""
+
+    name: str  # the tool's --layout choice
+    description: str  # the description file's name
+    weight_stem: str
+    summary: str  # one line for --help
+
+    def files(self, kind: str) -> tuple[str, str]:
+        """(description file, weight stem) for a model of type `kind` (a MSMODELSLIM_LAYERS key)."""
+        return self.description.format(type=kind.lower()), self.weight_stem.format(type=kind.lower())
+
+
+ASCEND_LAYOUTS: dict[str, AscendLayout] = {layout.name: layout for layout in (
+    AscendLayout("description", DESCRIPTION_FILE, "quant_model_weights",
+                 "quant_model_description.json + quant_model_weights*.safetensors: what msModelSlim's current "
+                 "saver writes and vllm-ascend reads"),
+    AscendLayout("typed", "quant_model_description_{type}.json", "quant_model_weight_{type}",
+                 "quant_model_description_<type>.json + quant_model_weight_<type>*.safetensors: the older saver's "
+                 "names, which MindIE reads (config.json's quantize picks the description)"),
+)}
+DEFAULT_LAYOUT = "description"
+
+
+@dataclass(frozen=True)
 class OutputFormat:
     """A format tools/quantize.py writes (its --format): every decoder linear layer as `layer`."""
 
@@ -222,10 +251,12 @@ class OutputFormat:
         """Static activations: their ranges come from running the float model."""
         return self.layer.scheme is Activations.PER_TENSOR
 
-    @property
-    def weight_stem(self) -> str:
-        """The weight files' name without '.safetensors' (and a shard's -0000i-of-0000n)."""
-        return f"quant_model_weight_{self.layer.kind.lower()}" if self.layer.method == ASCEND else "model"
+    def files(self, layout: str = DEFAULT_LAYOUT) -> tuple[str | None, str]:
+        """(the description file's name, None for compressed-tensors; the weight files' name without
+        '.safetensors' and a shard's -0000i-of-0000n) in `layout`, an ASCEND_LAYOUTS key (ascend only)."""
+        if self.layer.method != ASCEND:
+            return None, "model"
+        return ASCEND_LAYOUTS[layout].files(self.layer.kind)
 
     def config_entries(self) -> dict[str, Any]:
         """What the format adds to config.json: MindIE's "quantize" switch, or compressed-tensors'
@@ -247,7 +278,8 @@ class OutputFormat:
             "ignore": CT_IGNORE, "kv_cache_scheme": None, "sparsity_config": {}, "global_compression_ratio": None}}
 
     def description(self, types: dict[str, str]) -> dict[str, str] | None:
-        """msModelSlim's DESCRIPTION_FILE, given every written tensor's type; None for compressed-tensors."""
+        """msModelSlim's description (every written tensor's type, given, and model_quant_type); None for
+        compressed-tensors."""
         return {MODEL_QUANT_TYPE: self.layer.kind, **types} if self.layer.method == ASCEND else None
 
 

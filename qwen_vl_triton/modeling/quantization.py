@@ -5,9 +5,25 @@ every tensor a layer reads is checked against its entry (file header) before any
 
 Two formats, detected from the folder (`--quantization` may name one; a mismatch is an error):
 
-  ascend (msModelSlim, Huawei's tool; loaded by MindIE and vllm-ascend): quant_model_description.json
-    maps every tensor name to "FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A8_MIX" or "W8A16" (and
-    "model_quant_type"); the weights are in quant_model_weight_<type>*.safetensors.
+  ascend (msModelSlim, Huawei's tool; loaded by MindIE and vllm-ascend): a description maps every
+    tensor name to "FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A8_MIX" or "W8A16", beside the weights, in
+    either of msModelSlim's namings (quant_formats.ASCEND_LAYOUTS):
+      quant_model_description.json + quant_model_weights*.safetensors (or, older,
+        quant_model_weight*.safetensors), and
+      quant_model_description_<type>.json + quant_model_weight_<type>*.safetensors,
+    each sharded or not, with or without a <stem>.safetensors.index.json (whose shards must all be
+    there). The weights are every *.safetensors of the folder; when several descriptions lie there,
+    config.json's "quantize" (MindIE's switch) must pick one typed description, whose own
+    quant_model_weight_<type>*.safetensors are then the weights.
+    Tensor entries and metadata: a key of the description is a tensor entry when it names (after
+    canonical_name) a tensor of the weight files, or when its value is a string and the key ends in
+    a tensor suffix of the format (.weight, .bias, .weight_scale, .input_offset, ...: TENSOR_SUFFIXES)
+    and so names a tensor the files lack, which is harmless. Every other key is metadata, kept as
+    written (MsModelSlimFormat.metadata) and never an error: model_quant_type, version, group_size,
+    the arguments msModelSlim's example scripts merge in (w_bit, a_bit, act_method, anti_method,
+    is_dynamic, dev_type, disable_names, ...), and any a later version adds. Errors: a tensor entry
+    of a type not supported, an int8 tensor the description does not list, a description that lists
+    no tensor of the files, and KV-cache quantization (a non-empty kv_cache_type).
   compressed-tensors (llm-compressor; loaded by vLLM): config.json's quantization_config with
     quant_method "compressed-tensors", format "int-quantized", config_groups whose targets
     ("Linear", a layer name, or "re:<regex>") and `ignore` say which layers each scheme covers:
@@ -29,20 +45,23 @@ whole on every rank where it is row-parallel (o, down), except quant_bias, which
 from __future__ import annotations
 
 import json
+import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors import safe_open
 
 from qwen_vl_triton.modeling import weight_table as table
 from qwen_vl_triton.modeling.config import ModelConfig
 from qwen_vl_triton.modeling.linear import Activations, Int8Linear, StaticSegment
 from qwen_vl_triton.modeling.quant_formats import (
     ASCEND,
+    ASCEND_LAYOUTS,
     COMPRESSED_TENSORS,
     COMPRESSED_TENSORS_LAYERS,
     DESCRIPTION_FILE,
@@ -57,6 +76,8 @@ from qwen_vl_triton.parallel import sharding
 from qwen_vl_triton.parallel.group import TPGroup
 from qwen_vl_triton.parallel.sharding import ShardKind
 
+logger = logging.getLogger(__name__)
+
 # --quantization values (vLLM's names); msmodelslim is accepted for ascend.
 METHODS = (ASCEND, COMPRESSED_TENSORS)
 ALIASES = {"msmodelslim": ASCEND, "compressed_tensors": COMPRESSED_TENSORS}
@@ -65,6 +86,9 @@ CHOICES = (*METHODS, *ALIASES)  # what --quantization accepts
 # The decoder's linear layers: the only ones a quantized checkpoint may quantize.
 QUANTIZABLE = (table.Q_PROJ, table.K_PROJ, table.V_PROJ, table.O_PROJ, table.GATE_PROJ, table.UP_PROJ,
                table.DOWN_PROJ)
+# The suffixes of msModelSlim's tensors (L.weight, L.bias, L.weight_scale, ...): a description key
+# ending in one, with a string value, is a tensor entry even when the files lack the tensor.
+TENSOR_SUFFIXES = tuple(sorted({"." + t.suffix for layer in MSMODELSLIM_LAYERS.values() for t in layer.tensors}))
 # Row-parallel layers: their per-channel tensors are whole on every rank (quant_bias on rank 0).
 _SPLITS_INPUT = (ShardKind.ROW, ShardKind.HEADS_IN)
 
@@ -100,10 +124,15 @@ class QuantizedFormat(ABC):
     """A quantized checkpoint's format: per linear layer its scheme, extra tensors and reading."""
 
     method: str  # one of METHODS
+    weight_files: tuple[str, ...] | None = None  # the files holding the weights; None: the folder's usual ones
 
     @abstractmethod
     def describe(self) -> str:
         """One line for logs, e.g. 'ascend (msModelSlim) W8A8'."""
+
+    def details(self) -> str:
+        """describe(), and where the format was read from and what else it says, for a verbose report."""
+        return self.describe()
 
     @abstractmethod
     def scheme(self, weight_name: str, original_name: str) -> Activations | None:
@@ -131,9 +160,8 @@ def detect(path: str | Path) -> QuantizedFormat | None:
     """The quantized format of checkpoint folder `path`, or None for a float checkpoint."""
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
-    if (path / DESCRIPTION_FILE).is_file():
-        # authoritative over config.json's "quantize" (MindIE's switch), which may spell the type differently
-        return MsModelSlimFormat(json.loads((path / DESCRIPTION_FILE).read_text()))
+    if (found := _find_description(path, config.get("quantize"))) is not None:
+        return MsModelSlimFormat.read(*found)
     quant_config = config.get("quantization_config")
     if quant_config:
         method = quant_config.get("quant_method")
@@ -143,9 +171,63 @@ def detect(path: str | Path) -> QuantizedFormat | None:
                                 f"this loader reads msModelSlim (quant_model_description.json) and "
                                 f"compressed-tensors int8 checkpoints")
     if config.get("quantize"):
-        raise QuantizationError(f"config.json says quantize={config['quantize']!r} but {path} has no "
-                                f"{DESCRIPTION_FILE} (msModelSlim writes one beside its weights)")
+        raise QuantizationError(f"config.json says quantize={config['quantize']!r} but {path} has no msModelSlim "
+                                f"description ({_DESCRIPTIONS}, which msModelSlim writes beside its weights)")
     return None
+
+
+_TYPED = re.compile(r"quant_model_description_(?P<type>\w+)\.json")  # the typed layout's description
+_DESCRIPTIONS = f"{DESCRIPTION_FILE} or quant_model_description_<type>.json"
+
+
+def _find_description(path: Path, quantize: Any) -> tuple[Path, tuple[str, ...]] | None:
+    """(the msModelSlim description of folder `path`, its weight files), or None without one.
+
+    One description is the checkpoint's whatever config.json's "quantize" says (the description
+    names the types), its weights every *.safetensors of the folder. Of several, the typed one whose
+    <type> is "quantize" is, and any other choice is an error; its weights are then its own
+    quant_model_weight_<type>*.safetensors. Each index (quant_model_weight*.safetensors.index.json)
+    of those weights must list only files that are there."""
+    found = sorted(p for p in path.glob("quant_model_description*.json")
+                   if p.name == DESCRIPTION_FILE or _TYPED.fullmatch(p.name))
+    if not found:
+        return None
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    indexes = sorted(path.glob("quant_model_weight*.safetensors.index.json"))
+    description, pattern = found[0], "*.safetensors"
+    if len(found) > 1:
+        wanted = str(quantize or "").lower()
+        chosen = [m for p in found if (m := _TYPED.fullmatch(p.name)) and m["type"].lower() == wanted]
+        if len(chosen) != 1:
+            said = f"says quantize={quantize!r}, which matches none of them" if quantize else "has no quantize"
+            raise QuantizationError(f"{path} has {len(found)} msModelSlim descriptions "
+                                    f"({', '.join(p.name for p in found)}) and config.json {said}: set config.json's "
+                                    f"quantize to the <type> of the quant_model_description_<type>.json to load, or "
+                                    f"keep one description")
+        description = path / chosen[0].string
+        stem = ASCEND_LAYOUTS["typed"].weight_stem.format(type=chosen[0]["type"])
+        pattern = f"{stem}*.safetensors"
+        files = [f for f in files if f == f"{stem}.safetensors" or f.startswith(f"{stem}-")]
+        indexes = [i for i in indexes if i.name == f"{stem}.safetensors.index.json"]
+    if not files:
+        raise QuantizationError(f"{path} has {description.name} but no weight files ({pattern}) beside it")
+    for index in indexes:
+        missing = sorted(set(json.loads(index.read_text())["weight_map"].values()) - set(files))
+        if missing:
+            raise QuantizationError(f"{index} lists {len(missing)} weight file(s) that {path} lacks: "
+                                    f"{', '.join(missing[:5])} (an incomplete download or copy?)")
+    return description, tuple(files)
+
+
+def _stored_dtypes(folder: Path, files: Sequence[str]) -> dict[str, str]:
+    """Canonical name -> safetensors dtype name ('I8', 'BF16', ...) of every tensor in `files` of
+    `folder`, from the file headers alone (no data is read)."""
+    dtypes: dict[str, str] = {}
+    for f in files:
+        with safe_open(str(folder / f), framework="pt") as handle:
+            names = handle.keys()  # safe_open handles are not iterable
+            dtypes.update({canonical_name(k): handle.get_slice(k).get_dtype() for k in names})
+    return dtypes
 
 
 def resolve(path: str | Path, requested: str | None) -> QuantizedFormat | None:
@@ -159,7 +241,7 @@ def resolve(path: str | Path, requested: str | None) -> QuantizedFormat | None:
                                 f"(or omit it: the format is detected from the checkpoint)")
     if found is None:
         raise QuantizationError(f"--quantization {requested} was given but {path} is a float checkpoint (no "
-                                f"{DESCRIPTION_FILE}, no quantization_config in config.json)")
+                                f"{_DESCRIPTIONS}, no quantization_config in config.json)")
     if found.method != method:
         raise QuantizationError(f"--quantization {requested} does not match the checkpoint, which is "
                                 f"{found.describe()}; pass --quantization {found.method} or omit the flag")
@@ -250,29 +332,63 @@ def _check_offset(value: float, name: str) -> float:
 
 class MsModelSlimFormat(QuantizedFormat):
     """msModelSlim's description: every tensor's type, each quantized one's layer table
-    quant_formats.MSMODELSLIM_LAYERS[type]."""
+    quant_formats.MSMODELSLIM_LAYERS[type]; the description's other keys are `metadata` (the rule:
+    the module docstring)."""
 
     method = ASCEND
-    NOT_LAYERS = (MODEL_QUANT_TYPE, "kv_cache_type", "version", "group_size", "model_type")
 
-    def __init__(self, description: dict[str, Any]):
-        if description.get("kv_cache_type"):
-            raise QuantizationError(f"{DESCRIPTION_FILE}: KV-cache quantization "
-                                    f"(kv_cache_type {description['kv_cache_type']!r}) is not supported")
-        self.model_quant_type = str(description.get(MODEL_QUANT_TYPE, "")).upper()
+    def __init__(self, description: Mapping[str, Any], stored: Mapping[str, str], source: str = DESCRIPTION_FILE,
+                 weight_files: tuple[str, ...] | None = None):
+        """description: the file's JSON object; stored: canonical name -> safetensors dtype of every
+        tensor in the weight files; source: the description's file name, for messages."""
+        self.source = source
+        self.weight_files = weight_files
         self.types: dict[str, str] = {}  # canonical tensor name -> its type
-        for name, kind in description.items():
-            if name in self.NOT_LAYERS or not isinstance(kind, str):
+        self.metadata: dict[str, Any] = {}  # every other key, as written
+        supported = (FLOAT, *MSMODELSLIM_LAYERS)
+        for key, value in description.items():
+            name = canonical_name(key)
+            if name not in stored and not (isinstance(value, str) and key.endswith(TENSOR_SUFFIXES)):
+                self.metadata[key] = value
                 continue
-            kind = kind.upper()
-            if kind != FLOAT and kind not in MSMODELSLIM_LAYERS:
-                raise QuantizationError(f"{DESCRIPTION_FILE}: {name} is {kind}; supported: {FLOAT}, "
-                                        f"{', '.join(MSMODELSLIM_LAYERS)}")
-            self.types[canonical_name(name)] = kind
+            kind = value.upper() if isinstance(value, str) else value
+            if kind not in supported:
+                raise QuantizationError(f"{source}: tensor {key} has type {value!r}, which is not supported; "
+                                        f"supported types: {', '.join(supported)}")
+            self.types[name] = kind
+        if self.metadata.get("kv_cache_type"):
+            raise QuantizationError(f"{source}: KV-cache quantization "
+                                    f"(kv_cache_type {self.metadata['kv_cache_type']!r}) is not supported")
+        if not self.types.keys() & stored.keys():
+            raise QuantizationError(f"{source} lists no tensor of the checkpoint's weight files (its "
+                                    f"{len(self.types)} tensor entries and the files' {len(stored)} tensors share no "
+                                    f"name): is it another model's description?")
+        unlisted = sorted(n for n, dtype in stored.items() if dtype == "I8" and n not in self.types)
+        if unlisted:
+            raise QuantizationError(f"{source} does not list {len(unlisted)} int8 tensor(s) of the weight files, "
+                                    f"so their quantization type is unknown: {', '.join(unlisted[:5])}")
+        self.model_quant_type = str(self.metadata.get(MODEL_QUANT_TYPE, "")).upper()
+
+    @classmethod
+    def read(cls, description: Path, files: tuple[str, ...]) -> MsModelSlimFormat:
+        """The format of msModelSlim description file `description` over its weight `files` (names in
+        its folder); logs what it says besides the tensors (INFO, one line)."""
+        data = json.loads(description.read_text())
+        if not isinstance(data, dict):
+            raise QuantizationError(f"{description} holds a JSON {type(data).__name__}, not an object mapping tensor "
+                                    f"names to their types")
+        fmt = cls(data, _stored_dtypes(description.parent, files), description.name, files)
+        logger.info("%s: %s", description, fmt.details())
+        return fmt
 
     def describe(self) -> str:
         kinds = sorted({k for k in self.types.values() if k != FLOAT})
         return f"ascend (msModelSlim) {self.model_quant_type or '/'.join(kinds) or FLOAT}"
+
+    def details(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.metadata.items())
+        files = f"{len(self.weight_files)} weight file(s)" if self.weight_files is not None else "its weight files"
+        return f"{self.describe()} from {self.source} and {files}; metadata: {shown or 'none'}"
 
     def scheme(self, weight_name: str, original_name: str) -> Activations | None:
         kind = self.types.get(weight_name, FLOAT)

@@ -60,12 +60,17 @@ class CheckpointReader:
 
     Handles a single model.safetensors, a sharded checkpoint with model.safetensors.index.json,
     or any set of *.safetensors files. Tensors are addressed by canonical name.
+    files: the weight files to read (names in `path`), as a quantized format finds them
+    (QuantizedFormat.weight_files: msModelSlim's, whatever index a float checkpoint's files left
+    beside them); None: the index's files, else every *.safetensors.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, files: Sequence[str] | None = None):
         path = Path(path)
         index_file = path / "model.safetensors.index.json"
-        if index_file.is_file():
+        if files is not None:
+            files = sorted(files)
+        elif index_file.is_file():
             weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
             files = sorted(set(weight_map.values()))
         else:
@@ -296,7 +301,7 @@ def _layer_schemes(config: ModelConfig, reader: CheckpointReader, quant: Quantiz
             if scheme is None and stored_int8:
                 raise QuantizationError(f"{name} is int8, but "
                                         + (f"{quant.describe()} marks it float" if quant else
-                                           "the checkpoint has no quantization metadata (quant_model_description.json "
+                                           "the checkpoint has no quantization metadata (an msModelSlim description "
                                            "or config.json's quantization_config)"))
             if scheme is not None:
                 schemes[name] = scheme
@@ -415,7 +420,7 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype,
     """
     table.check_tp_sizes(config, tp.world_size)
     quant = quantization.resolve(path, quantization_method)
-    reader = CheckpointReader(path)
+    reader = CheckpointReader(path, quant.weight_files if quant is not None else None)
     schemes = _layer_schemes(config, reader, quant)
     _check_names(config, reader, quant, schemes)
     _check_shapes(config, reader)

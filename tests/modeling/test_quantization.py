@@ -105,7 +105,7 @@ def test_quantize_tool_writes_the_format(fmt: str, quantized, float_checkpoints)
     config = json.loads((ckpt / "config.json").read_text())
     if fmt.startswith("ascend"):
         kind = {"ascend-w8a8": "W8A8", "ascend-w8a8-dynamic": "W8A8_DYNAMIC", "ascend-w8a16": "W8A16"}[fmt]
-        assert [f.name for f in ckpt.glob("*.safetensors")] == [f"quant_model_weight_{kind.lower()}.safetensors"]
+        assert [f.name for f in ckpt.glob("*.safetensors")] == ["quant_model_weights.safetensors"]  # --layout's default
         description = json.loads((ckpt / DESCRIPTION_FILE).read_text())
         assert description["model_quant_type"] == kind and config["quantize"] == kind.lower()
         assert set(description) - {"model_quant_type"} == file_names(ckpt)
@@ -443,8 +443,8 @@ def test_quantize_tool_shards_large_outputs_and_refuses_bad_inputs(float_checkpo
     src = float_checkpoints["qwen2_vl", "float32"]
     out = quantize.main(["--model_path", str(src), "--output_path", str(tmp_path / "q"), "--format", "ascend-w8a16"])
     shards = sorted(p.name for p in out.glob("*.safetensors"))
-    assert len(shards) > 2 and shards[0] == f"quant_model_weight_w8a16-00001-of-{len(shards):05d}.safetensors"
-    index = json.loads((out / "quant_model_weight_w8a16.safetensors.index.json").read_text())
+    assert len(shards) > 2 and shards[0] == f"quant_model_weights-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((out / "quant_model_weights.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == file_names(out) and set(index["weight_map"].values()) == set(shards)
     assert isinstance(load_model(out, "float32").weights.language.layers[0].down_weight, Int8Linear)
     for argv, message in (
