@@ -21,8 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 TOOLS = sorted(p.stem for p in (ROOT / "tools").glob("*.py") if not p.stem.startswith("_"))
 # Flags of other programs the README shows (torchrun's, and Python's -m).
+# Other programs' flags the README names: torchrun's, the openai CLI's, and vLLM's where it says which of ours
+# stands for one.
 FOREIGN = {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--rdzv-backend",
-           "--rdzv-endpoint", "--rdzv-id", "--no-stream", "--stream"}
+           "--rdzv-endpoint", "--rdzv-id", "--no-stream", "--stream", "--allowed-media-domains",
+           "--generation-config", "--chat-template", "--trust-request-chat-template", "--tensor-parallel-size"}
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
 
 

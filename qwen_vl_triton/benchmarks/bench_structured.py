@@ -1,5 +1,5 @@
 """Decode throughput with structured outputs: 32 greedy text requests, none or half constrained, at
-two vocabulary sizes.
+two vocabulary sizes; and what closing constraints within max_tokens costs.
 
 32 short text prompts, 64 output tokens each (ignore_eos: the unconstrained requests run to the
 full length), greedy, all admitted at once. Run (a): no constraints. Run (b): 16 of the 32 requests
@@ -8,10 +8,14 @@ that the constrained requests do not finish at once; a constrained request may s
 tokens when its object is complete, so throughput counts the tokens actually generated). The
 constrained requests pay for llguidance's mask of each of their rows every step (on its thread
 pool, while the forward pass runs), the host-to-device copy of those rows and their unpacking in
-the sampler.
+the sampler. Those the model leaves unfinished near the 64-token budget are closed (the engine's
+default, engine/structured.py's "Budget": the searches for the shortest completion, then its forced
+tokens). Run (c): run (b) without closing (StructuredDecoder.close_window 0), as before it existed:
+those requests are cut at 64 tokens, not valid. Each run says how many of its 16 constrained outputs
+are valid and how many max_tokens ended; (b) against (c) is the cost of closing.
 
 Medians over 3 repetitions of output tokens per second (wall time of LLM.generate over all 32);
-(a) and (b) alternate. Both go against (a): tok/s, which also falls when constrained requests end
+(a), (b) and (c) alternate. Both go against (a): tok/s, which also falls when constrained requests end
 early (fewer tokens in the same 64 steps, which the unconstrained requests take), and the wall time,
 which changes only by what the steps cost. The model has the e2e family's cpu-small sizes (float32, random weights) on
 any device, as the itl family uses: a small model's short steps show the per-step cost of the masks
@@ -26,8 +30,9 @@ at its largest. Both costs grow with the vocabulary, so it runs at two:
 Then, at each vocabulary, the two costs alone: StructuredDecoder.fill_masks for the 16 constrained
 rows of a 32-row batch, per step of a document the schema accepts (median, mean and max over its
 steps: object syntax, the string's body and the integers cost differently; with the Qwen-sized
-vocabulary a few steps late in the string's body cost most), and sampling.mask_disallowed
-on [32, V] logits with 16 constrained rows (median of 20).
+vocabulary a few steps late in the string's body cost most), sampling.mask_disallowed
+on [32, V] logits with 16 constrained rows (median of 20), and Completer.shortest (one search for
+the shortest completion within 64 tokens) from each step of that document (median, mean, max).
 
     python benchmarks/bench_structured.py [REPEATS]     # prints the tables
 """
@@ -57,7 +62,8 @@ SCHEMA = {
     "required": ["title", "values"],
     "additionalProperties": False,
 }
-RUNS = ("none constrained", f"{CONSTRAINED} of {REQUESTS} constrained")
+RUNS = ("none constrained", f"{CONSTRAINED} of {REQUESTS} constrained",
+        f"{CONSTRAINED} of {REQUESTS} constrained, not closed")
 # What the direct timings step the matchers through: a compact document SCHEMA accepts.
 SAMPLE_DOCUMENT = json.dumps({"title": "A small red house beside a river, with two tall trees and a bridge.",
                               "values": [12, 345, 6789, 1, 23, 456]}, separators=(",", ":"))
@@ -214,32 +220,48 @@ def vocabularies() -> dict[str, Callable[[], Path]]:
 # measurements
 
 
-def run_once(llm, constrained: int) -> dict:
-    """One LLM.generate of REQUESTS prompts, the first `constrained` of them under SCHEMA."""
+def _valid(text: str) -> bool:
+    """Whether `text` is a document SCHEMA accepts (compact JSON under the constraint: checking the
+    parse, the lengths and the required keys is enough)."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    return 40 <= len(doc["title"]) <= 80 and 4 <= len(doc["values"]) <= 12
+
+
+def run_once(llm, constrained: int, closing: bool = True) -> dict:
+    """One LLM.generate of REQUESTS prompts, the first `constrained` of them under SCHEMA; without
+    `closing`, those that reach MAX_TOKENS are cut there, as before closing existed."""
     from qwen_vl_triton.engine.sampling import SamplingParams
-    from qwen_vl_triton.engine.structured import StructuredOutput
+    from qwen_vl_triton.engine.structured import CLOSE_WINDOW, StructuredOutput
 
     plain = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     schema = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
                             structured=StructuredOutput("json_schema", json.dumps(SCHEMA)))
     prompts = [f"Describe item number {i} as a JSON object." for i in range(REQUESTS)]
     params = [schema] * constrained + [plain] * (REQUESTS - constrained)
+    llm.structured.close_window = CLOSE_WINDOW if closing else 0
     started = time.perf_counter()
     outputs = llm.generate(prompts, params)
     wall = time.perf_counter() - started
+    llm.structured.close_window = CLOSE_WINDOW
     tokens = sum(len(o.output_ids) for o in outputs)
     constrained_tokens = [len(o.output_ids) for o in outputs[:constrained]]
     return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall,
-            "constrained_mean_tokens": statistics.mean(constrained_tokens) if constrained else 0.0}
+            "constrained_mean_tokens": statistics.mean(constrained_tokens) if constrained else 0.0,
+            "valid": sum(_valid(o.text) for o in outputs[:constrained]),
+            "length": sum(o.finish_reason == "length" for o in outputs[:constrained])}
 
 
 def throughput(llm, repeats: int) -> dict[str, dict[str, float]]:
-    """Both runs, `repeats` times each, alternating; medians of their statistics."""
+    """The three runs, `repeats` times each, alternating; medians of their statistics."""
     run_once(llm, CONSTRAINED)  # warm-up, llguidance's view of the tokenizer, the schema's compilation
     runs: dict[str, list[dict]] = {name: [] for name in RUNS}
     for _ in range(repeats):
         runs[RUNS[0]].append(run_once(llm, 0))
         runs[RUNS[1]].append(run_once(llm, CONSTRAINED))
+        runs[RUNS[2]].append(run_once(llm, CONSTRAINED, closing=False))
     return {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
 
 
@@ -272,9 +294,18 @@ def mask_costs(llm, device: str, passes: int = 3) -> dict[str, float]:
                 m.accept(token)
     logits = torch.randn(REQUESTS, llm.config.text.vocab_size, device=device)
     unpack_ms = median_ms(lambda: mask_disallowed(logits, first_masks), torch.device(device))
+    decoder.completer.shortest(decoder.matcher(constraint)._matcher, MAX_TOKENS)  # its candidates, built once
+    search_ms: list[float] = []
+    matcher = decoder.matcher(constraint)
+    for token in tokens:
+        started = time.perf_counter()
+        decoder.completer.shortest(matcher._matcher, MAX_TOKENS)
+        search_ms.append((time.perf_counter() - started) * 1e3)
+        matcher.accept(token)
     return {"fill_median_ms": statistics.median(fill_ms), "fill_mean_ms": statistics.mean(fill_ms),
             "fill_max_ms": max(fill_ms),
-            "steps": len(tokens), "mask_disallowed_ms": unpack_ms}
+            "steps": len(tokens), "mask_disallowed_ms": unpack_ms, "search_median_ms": statistics.median(search_ms),
+            "search_mean_ms": statistics.mean(search_ms), "search_max_ms": max(search_ms)}
 
 
 def measure(device: str, repeats: int = REPEATS) -> dict[str, dict]:
@@ -303,7 +334,8 @@ def run(ctx) -> None:
                        run_name, ms, baseline_ms=1e3 / base["tok_s"],
                        note=f"{r['tok_s']:.1f} tok/s, {r['tokens']:.0f} tokens in {r['wall_s']:.2f} s "
                             f"({r['wall_s'] / base['wall_s']:.3f} x none constrained's wall)"
-                            + (f", constrained requests {r['constrained_mean_tokens']:.1f} tokens on average"
+                            + (f", constrained requests {r['constrained_mean_tokens']:.1f} tokens on average, "
+                               f"{r['valid']:.0f} of {CONSTRAINED} valid, {r['length']:.0f} ended by max_tokens"
                                if r["constrained_mean_tokens"] else ""))
         m = result["masks"]
         ctx.record("structured", f"StructuredDecoder.fill_masks, {CONSTRAINED} of {REQUESTS} rows, per step", shape,
@@ -312,6 +344,10 @@ def run(ctx) -> None:
                         f"max {m['fill_max_ms']:.3f} ms")
         ctx.record("structured", f"sampling.mask_disallowed, {CONSTRAINED} constrained of {REQUESTS} rows", shape,
                    "float32", "torch", m["mask_disallowed_ms"])
+        ctx.record("structured", f"Completer.shortest, one row, within {MAX_TOKENS} tokens", shape, "int32",
+                   "llguidance", m["search_median_ms"],
+                   note=f"median over {m['steps']} steps of a schema-valid document; "
+                        f"mean {m['search_mean_ms']:.3f} ms, max {m['search_max_ms']:.3f} ms")
 
 
 def main() -> None:
@@ -324,22 +360,23 @@ def main() -> None:
     print(f"device {device}, {torch.get_num_threads()} torch threads, {repeats} repetitions")
     results = measure(device, repeats)
     print("| vocabulary (logits) | run | output tok/s | tokens | wall (s) | constrained requests' mean tokens "
-          "| tok/s / none constrained | wall / none constrained |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| valid / ended by max_tokens | tok/s / none constrained | wall / none constrained |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, result in results.items():
         base = result["runs"][RUNS[0]]
         for run_name, r in result["runs"].items():
             print(f"| {name} ({result['vocab']}) | {run_name} | {r['tok_s']:.1f} | {r['tokens']:.0f} | "
-                  f"{r['wall_s']:.2f} | {r['constrained_mean_tokens']:.1f} | {r['tok_s'] / base['tok_s']:.3f} | "
-                  f"{r['wall_s'] / base['wall_s']:.3f} |")
+                  f"{r['wall_s']:.2f} | {r['constrained_mean_tokens']:.1f} | {r['valid']:.0f} / {r['length']:.0f} | "
+                  f"{r['tok_s'] / base['tok_s']:.3f} | {r['wall_s'] / base['wall_s']:.3f} |")
     print()
     print(f"| vocabulary (logits) | fill_masks, {CONSTRAINED} of {REQUESTS} rows: median / mean / max per step (ms) "
-          f"| mask_disallowed [{REQUESTS}, V] (ms) |")
-    print("|---|---|---|")
+          f"| mask_disallowed [{REQUESTS}, V] (ms) | Completer.shortest, one row: median / mean / max (ms) |")
+    print("|---|---|---|---|")
     for name, result in results.items():
         m = result["masks"]
         print(f"| {name} ({result['vocab']}) | {m['fill_median_ms']:.3f} / {m['fill_mean_ms']:.3f} / "
-              f"{m['fill_max_ms']:.3f} ({m['steps']} steps) | {m['mask_disallowed_ms']:.3f} |")
+              f"{m['fill_max_ms']:.3f} ({m['steps']} steps) | {m['mask_disallowed_ms']:.3f} | "
+              f"{m['search_median_ms']:.3f} / {m['search_mean_ms']:.3f} / {m['search_max_ms']:.3f} |")
 
 
 if __name__ == "__main__":

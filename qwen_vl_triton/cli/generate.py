@@ -2,10 +2,12 @@
 
     python tools/generate.py --model_path CKPT --input_image cat.jpg --input_text "What is this?"
     python tools/generate.py --model_path CKPT --dataset_path images/ --max_batch_size 16
-    torchrun --nproc-per-node 2 tools/generate.py ...          # tensor parallel
+    python tools/generate.py --tensor_parallel_size 2 ...        # tensor parallel, on this machine
+    torchrun --nproc-per-node 2 tools/generate.py ...          # tensor parallel, also across machines
 
-Under torchrun every rank loads its shards and runs the same engine steps; rank 0 reads the
-requests, prints and writes --output_json, the other ranks follow it (LLM.worker_loop).
+Every rank loads its shards and runs the same engine steps; rank 0 reads the requests, prints and
+writes --output_json, the other ranks follow it (LLM.worker_loop). With --tensor_parallel_size
+this process is rank 0 and the engine starts the others; under torchrun the ranks are its.
 
 Without --model_path a tiny random Qwen2.5-VL checkpoint is made once (under ~/.cache/qwen-vl-triton
 or $QVL_CACHE) and used with the bundled sample image: a smoke test of the whole path, whose
@@ -20,6 +22,7 @@ STARTED = time.perf_counter()  # start-up is timed from here, before the heavy i
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
@@ -37,13 +40,24 @@ from qwen_vl_triton.modeling.processing import (  # noqa: E402
     media_kind,
     probe_media_kind,
 )
-from qwen_vl_triton.parallel import TPGroup, TPSizeError, barrier, destroy, end_process, exit_now, init_from_env  # noqa: E402
+from qwen_vl_triton.parallel import (  # noqa: E402
+    TPGroup,
+    TPSizeError,
+    TPWorldError,
+    barrier,
+    destroy,
+    end_process,
+    exit_now,
+    init_from_env,
+)
 from qwen_vl_triton.testing.tiny_checkpoint import cached_checkpoint  # noqa: E402
 
 IMPORTS_S = time.perf_counter() - STARTED  # torch alone is most of it
 
 DEFAULT_TEXT = "Describe this image."
 DEFAULT_MAX_BATCH_SIZE = 16
+# The sampling flags' defaults where the model's generation_config.json sets none: greedy, as run_pa.py
+TOOL_DEFAULTS = {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0}
 
 
 def demo_checkpoint() -> Path:
@@ -65,11 +79,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="send N copies of each request (throughput tests; default: 1, or --max_batch_size when that is "
              "given for one --input_image/--input_text request, as MindIE's run_pa.py does: its performance runs "
              "repeat one input a batch's worth of times)")
-    add("--max_output_length", type=int, default=256, help="new tokens per request (default: %(default)s)")
-    add("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    add("--top_p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
-    add("--top_k", type=int, default=-1, help="sample among the k most likely (-1: off)")
-    add("--repetition_penalty", type=float, default=1.0, help="HF-style repetition penalty (1.0: off)")
+    # Unset sampling flags take the model's defaults (--generation_config), then the tool's own.
+    model = "the model's (generation_config.json, see --generation_config), else"
+    add("--max_output_length", type=int,
+        help=f"new tokens per request (default: {model} {TOOL_DEFAULTS['max_tokens']})")
+    add("--temperature", type=float, help=f"0 = greedy (default: {model} {TOOL_DEFAULTS['temperature']})")
+    add("--top_p", type=float, help=f"nucleus sampling mass (default: {model} {TOOL_DEFAULTS['top_p']})")
+    add("--top_k", type=int, help=f"sample among the k most likely, -1: off (default: {model} off)")
+    add("--repetition_penalty", type=float,
+        help=f"HF-style repetition penalty, 1.0: off (default: {model} {TOOL_DEFAULTS['repetition_penalty']})")
     add("--seed", type=int, help="per-request sampling seed (reproducible sampling)")
     add("--ignore_eos", action="store_true", help="generate max_output_length tokens regardless of EOS")
     media = p.add_argument_group("media controls (qwen-vl-utils' names; applied to every image / video given)")
@@ -93,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="MindIE's shared-memory file-name list: accepted for compatibility and unused (media are read "
              "in this process)")
     add("--quiet", action="store_true", help="print only the perf summary")
+    add("--verbose", action="store_true", help="log what the engine reads and decides as it loads (a quantized "
+                                               "checkpoint's format and its description's metadata, the sampling "
+                                               "defaults in force, the KV cache's size)")
     add_engine_args(p, max_batch_size=DEFAULT_MAX_BATCH_SIZE)
     return p.parse_args(argv)
 
@@ -127,6 +148,14 @@ def build_prompts(args: argparse.Namespace, using_demo: bool) -> list[tuple[list
     except MediaError as e:  # neither an image nor a video: said now, before the model loads
         raise SystemExit(f"error: --input_image {e}") from None
     return [(paths, Prompt(args.input_text, media))]
+
+
+def sampling_params(args: argparse.Namespace, llm: LLM) -> SamplingParams:
+    """The flags' sampling settings: each flag given, else the model's default, else TOOL_DEFAULTS."""
+    given = {"max_tokens": args.max_output_length, "temperature": args.temperature, "top_p": args.top_p,
+             "top_k": args.top_k, "repetition_penalty": args.repetition_penalty}
+    values = {name: llm.sampling_defaults.get(name, value, TOOL_DEFAULTS[name]) for name, value in given.items()}
+    return SamplingParams(**values, seed=args.seed, ignore_eos=args.ignore_eos)
 
 
 def _shown(path: Path) -> str:
@@ -173,6 +202,8 @@ def with_prefetched(prompts: list[Prompt], futures: dict[int, Future], since: fl
 def main(argv: list[str] | None = None) -> dict:
     """Run the requests the flags describe; returns the --output_json report ({} on ranks > 0)."""
     args = parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.max_batch_size is not None and args.max_batch_size < 1:
         raise SystemExit(f"error: --max_batch_size must be >= 1, got {args.max_batch_size}")
     if args.num_copies is None:  # MindIE's run_pa.py repeats its one input max_batch_size times
@@ -187,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
         report = _run(args, tp)
     except TPSizeError as e:  # the same on every rank: rank 0 says it
         raise SystemExit(f"error: {e}" if tp.rank == 0 else 1) from None
+    except TPWorldError as e:  # a worker this process started was lost (--tensor_parallel_size): it names it
+        raise SystemExit(f"error: {e}") from None
     finally:
         destroy(tp)
     end_process(tp)  # tensor parallel: exit 0 here (parallel.group.end_process says why)
@@ -224,9 +257,7 @@ def _generate(args: argparse.Namespace, llm: LLM, requests: list[tuple[list[str]
               prefetched: dict[int, Future], load_s: float) -> dict:
     started = time.perf_counter()
     prompts, prefetched_s = with_prefetched([prompt for _, prompt in requests], prefetched, started)
-    params = SamplingParams(max_tokens=args.max_output_length, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                            ignore_eos=args.ignore_eos)
+    params = sampling_params(args, llm)
     # Over a dataset, one bad file fails only its own result (which says why); one prompt fails the run.
     errors = "return" if args.dataset_path is not None else "raise"
     try:

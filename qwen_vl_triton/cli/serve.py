@@ -2,7 +2,8 @@
 
     python tools/serve.py --model_path CKPT --host 127.0.0.1 --port 1025 --allowed_media_dir /data
     python tools/serve.py --config mindie_config.json          # MindIE-Service's config.json
-    torchrun --nproc-per-node 2 tools/serve.py --model_path CKPT ...   # tensor parallel
+    python tools/serve.py --model_path CKPT --tensor_parallel_size 2  # tensor parallel, on this machine
+    torchrun --nproc-per-node 2 tools/serve.py --model_path CKPT ...   # tensor parallel, also across machines
 
 Endpoints: POST /v1/chat/completions, /v1/completions, /generate; GET /v1/models, /health
 (200 once the model is loaded), /metrics (Prometheus). SIGTERM stops accepting requests, lets

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import MISSING, Field, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from qwen_vl_triton.engine.media import DEFAULT_LIMITS, MediaLimits
+from qwen_vl_triton.engine.sampling_defaults import AUTO, NONE
 from qwen_vl_triton.modeling.quantization import CHOICES as QUANTIZATION_CHOICES
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -52,11 +54,15 @@ class EngineConfig:
 
     dtype: str = setting("auto", "weights and activations (auto: the config's torch_dtype)", choices=DTYPES)
     device: str | None = setting(None, "cuda, npu, cpu or e.g. cuda:1 (default: the first accelerator found, else "
-                                       "cpu; under torchrun, each rank's own)")
+                                       "cpu; under tensor parallelism, each rank's own: local rank i takes device i)")
     quantization: str | None = setting(
         None, "a quantized checkpoint's format: ascend (msModelSlim W8A8 / W8A8_DYNAMIC / W8A16, as MindIE and "
               "vllm-ascend load) or compressed-tensors (int8 W8A8 / W8A16, as vLLM loads); default: detected from "
               "the checkpoint, and a value that does not match it is an error", choices=QUANTIZATION_CHOICES)
+    tensor_parallel_size: int | None = setting(
+        None, "processes (devices) every layer is split over. Without a launcher the engine starts the other "
+              "N-1 itself, on this machine; under torchrun it must equal the launcher's world size (default: "
+              "torchrun's WORLD_SIZE, else 1); MindIE's worldSize", minimum=1)
     kv_cache_gb: float | None = setting(
         None, "KV cache size in GiB, per rank under tensor parallelism; MindIE's npuMemSize (default: on a GPU/NPU "
               "85%% of the memory free after the weights, less the vision tower's measured peak and the encoder "
@@ -91,6 +97,14 @@ class EngineConfig:
         False, "decode steps run eagerly, never as captured graphs (default: on a CUDA or NPU device at world "
                "size 1, each batch bucket's decode step is captured as a graph the first time it runs and "
                "replayed after)")
+    chat_template: str | None = setting(
+        None, "a Jinja chat template replacing the checkpoint's: a file, or the template's text (vLLM's "
+              "--chat-template); a request's own chat_template replaces this one")
+    generation_config: str = setting(
+        "auto", "sampling defaults for what a request leaves unset (temperature, top_p, top_k, repetition_penalty, "
+                "max_new_tokens): auto reads the checkpoint's generation_config.json, none reads none (each field "
+                "then takes the command's own default: the server's are OpenAI's, temperature 1, top_p 1), a "
+                "folder or file reads that generation_config.json (vLLM's --generation-config)")
     media_limits: MediaLimits = field(default=DEFAULT_LIMITS, metadata={"group": True})
 
     def __post_init__(self) -> None:
@@ -104,6 +118,9 @@ class EngineConfig:
                 raise ValueError(f"{f.name} must be >= {meta['minimum']}, got {value}")
             if meta.get("positive") and not value > 0:
                 raise ValueError(f"{f.name} must be > 0, got {value}")
+        if self.generation_config not in (AUTO, NONE) and not Path(self.generation_config).exists():
+            raise ValueError(f"generation_config must be auto, none or a path, and {self.generation_config!r} does "
+                             "not exist")
 
     @property
     def encoder_cache_bytes(self) -> int:

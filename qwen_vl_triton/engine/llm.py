@@ -2,6 +2,8 @@
 
     llm = LLM("path/to/Qwen2.5-VL-7B-Instruct", kv_cache_gb=8)
     outputs = llm.generate([Prompt("Describe it.", [Media("cat.jpg")])], SamplingParams(max_tokens=64))
+    outputs = llm.chat([{"role": "user", "content": [{"type": "image", "image": "cat.jpg"},
+                                                     {"type": "text", "text": "Describe it."}]}])
 
 The server drives the same object step by step: `add_request` (a PreparedRequest, made by the one
 Preprocessor: engine/preprocess.py), `step` (one forward pass for all running sequences, returns
@@ -23,6 +25,12 @@ Faults end the world, never hang it: a step that fails on any rank, or a collect
 and its peers' next collectives fail in turn. An idle driver must still step every
 tp.heartbeat_s (an empty step) so that the waiting ranks do not time out; the server does.
 
+Without a launcher, `LLM(path, tensor_parallel_size=N)` makes this process rank 0 of a world it
+starts on this machine (parallel.local): N-1 spawned workers, each building its LLM(..., tp=tp)
+and running worker_loop(). shutdown(), the LLM's garbage collection and the interpreter's exit
+each end them. A fault there raises parallel.TPWorldError in this process instead of ending it
+(the process is the user's): it names the worker lost, and every later call raises it again.
+
 Its length is the request lifecycle as one reading: commands and tensor-parallel lockstep, the
 step (vision work, scheduling, the runner's StepResult applied to sequences, forks, stop checks,
 incremental detokenizing) and offline batches; the device side is engine/model_runner.py's.
@@ -31,6 +39,8 @@ incremental detokenizing) and offline batches; the device side is engine/model_r
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import threading
 import time
 import uuid
@@ -45,6 +55,7 @@ import torch
 from tqdm import tqdm
 
 from qwen_vl_triton.engine.block_manager import BlockManager
+from qwen_vl_triton.engine.chat import local_media, parse_conversation
 from qwen_vl_triton.engine.commands import Abort, Add, Command, StepPlan, Stop
 from qwen_vl_triton.engine.config import EngineConfig
 from qwen_vl_triton.engine.encoder_cache import EncoderCache
@@ -54,16 +65,20 @@ from qwen_vl_triton.engine.media_encoder import EncodeWork, MediaEncoder
 from qwen_vl_triton.engine.model_runner import ModelRunner
 from qwen_vl_triton.engine.preprocess import PreparedRequest, Preprocessor, Prompt
 from qwen_vl_triton.engine.sampling import SamplingParams, find_stop, make_generator
+from qwen_vl_triton.engine.sampling_defaults import SamplingDefaults, read_sampling_defaults
 from qwen_vl_triton.engine.scheduler import Scheduler
 from qwen_vl_triton.engine.sequence import Sequence
 from qwen_vl_triton.engine.stats import EngineStats, StepCost
 from qwen_vl_triton.engine.structured import StructuredDecoder
 from qwen_vl_triton.modeling.processing import ImageProcessorConfig, MediaKind
 from qwen_vl_triton.modeling.tokenizer import load_tokenizer
-from qwen_vl_triton.parallel.comm import broadcast_object, exit_rank
-from qwen_vl_triton.parallel.group import SINGLE_PROCESS, TPGroup
+from qwen_vl_triton.parallel.comm import broadcast_object, exit_rank, fault
+from qwen_vl_triton.parallel.group import SINGLE_PROCESS, TPGroup, check_world_size
+from qwen_vl_triton.parallel.local import LocalWorld
 
 __all__ = ["LLM", "Prompt", "RequestOutput"]  # Prompt: the offline input, from engine.preprocess
+
+log = logging.getLogger(__name__)
 
 DECODE_REFRESH_STEPS = 8  # under prefill_step_share: at least one decode-only step in this many
 
@@ -89,6 +104,12 @@ class RequestOutput:
     index: int = 0  # which of the request's params.n samples this is
 
 
+def _follow(model_path: Path, config: EngineConfig, tp: TPGroup) -> None:
+    """A worker that LLM(path, tensor_parallel_size=N) started (parallel.local): build this rank's
+    engine and follow rank 0 until it shuts down."""
+    LLM(model_path, config, tp=tp).worker_loop()
+
+
 class LLM:
     """Qwen2-VL / Qwen2.5-VL / QVQ generation with a paged KV cache and continuous batching.
 
@@ -102,13 +123,35 @@ class LLM:
     (engine/model_runner.py): each step hands it the scheduled Batch and reads a StepResult.
 
     tp: the tensor-parallel group (see the module docstring); its device is used when world_size
-    > 1, and kv_cache_gb is then each rank's budget for its own kv heads.
+    > 1, and kv_cache_gb is then each rank's budget for its own kv heads. Without one (a single
+    process), tensor_parallel_size N > 1 starts the other N-1 ranks (see the module docstring).
     """
 
     def __init__(self, model_path: str | Path, config: EngineConfig | None = None, *, tp: TPGroup = SINGLE_PROCESS,
                  **settings: Any):
-        """`config` (default: EngineConfig()) with `settings` (EngineConfig fields) replacing its values."""
+        """`config` (default: EngineConfig()) with `settings` (EngineConfig fields) replacing its values.
+
+        Raises ValueError if tensor_parallel_size differs from the world size of a launcher's `tp`,
+        and TPWorldError if a worker this LLM started dies before the LLM is built."""
         cfg = dataclasses.replace(config or EngineConfig(), **settings)
+        self._world: LocalWorld | None = None  # the workers this LLM started, if any
+        if tp.world_size > 1:
+            check_world_size(cfg.tensor_parallel_size, tp)
+        elif (cfg.tensor_parallel_size or 1) > 1:
+            self._world = LocalWorld(cfg.tensor_parallel_size, cfg.device,
+                                     functools.partial(_follow, Path(model_path), cfg))
+            tp = self._world.tp
+        try:
+            self._load(Path(model_path), cfg, tp)
+        except BaseException:
+            if self._world is not None:
+                self._world.close()  # the workers may be anywhere in their own load: they are killed
+            raise
+        if self._world is not None:
+            self._world.bind(self, [Stop()])
+
+    def _load(self, model_path: Path, cfg: EngineConfig, tp: TPGroup) -> None:
+        """Build this rank's engine: weights, tokenizer, KV cache, scheduler, preprocessor."""
         self.engine_config = cfg
         self.path = Path(model_path)
         self.tp = tp
@@ -116,6 +159,9 @@ class LLM:
         self._stopped = False
         self._shutdown_lock = threading.Lock()  # the server's engine thread and main thread may both shut down
         self.stats = EngineStats()
+        # what a request leaves unset takes (--generation_config: the checkpoint's file by default);
+        # read before the weights, so that a bad file fails at once
+        self.sampling_defaults: SamplingDefaults = read_sampling_defaults(cfg.generation_config, self.path)
         self.runner = ModelRunner(self.path, cfg, tp, self.stats)
         self.device, self.model = self.runner.device, self.runner.model
         self.config = self.model.config
@@ -135,13 +181,16 @@ class LLM:
         self.scheduler = Scheduler(self.blocks, cfg.max_batch_size, cfg.max_prefill_tokens)
         self.encoder_cache = EncoderCache(cfg.encoder_cache_bytes)
         self.preprocessor = Preprocessor(self.tokenizer, self.config, self.image_cfg, self.max_input_length,
-                                         cfg.media_limits, max_seq_len=self.max_seq_len)
+                                         cfg.media_limits, max_seq_len=self.max_seq_len,
+                                         chat_template=cfg.chat_template)
         self.sequences: dict[str, Sequence] = {}  # each unfinished request's first sample (its group: all n)
         self._structured: StructuredDecoder | None = None  # built at the first constrained request
         self._next_seq_id = 0
         self.encoder = MediaEncoder(self.model, self.encoder_cache, self.stats, chunk_patches=cfg.vision_chunk_patches,
                                     driver=tp.rank == 0, isolate_failures=tp.world_size == 1)
         self.step_cost = StepCost()  # what the vision and prefill shares are shares of
+        log.info("loaded %s: %d KV blocks of %d tokens (sized by %s); sampling defaults for unset fields: %s",
+                 self.path, num_blocks, cfg.block_size, self.kv_budget_note, self.sampling_defaults.describe())
 
     # ------------------------------------------------------------------ set-up
 
@@ -201,7 +250,8 @@ class LLM:
             group.append(Sequence(
                 self._next_seq_id, request_id, list(ids), positions, delta, list(media), keys, params,
                 generator=make_generator(seed, self.device), cache_salt=request.cache_salt, index=index,
-                matcher=self.structured.matcher(params.structured) if params.structured is not None else None))
+                matcher=(self.structured.matcher(params.structured, params.max_tokens)
+                         if params.structured is not None else None)))
             self._next_seq_id += 1
         for member in group:
             member.group = group
@@ -245,6 +295,8 @@ class LLM:
         if self.tp.rank != 0:
             raise RuntimeError(f"{what}() on rank {self.tp.rank}: under tensor parallelism rank 0 drives the "
                                f"LLM and the other ranks run worker_loop()")
+        if self._world is not None:
+            self._world.check()  # a world that broke: its TPWorldError again, at once
         if self._stopped:
             raise RuntimeError(f"{what}() after shutdown()")
 
@@ -299,6 +351,8 @@ class LLM:
 
     def shutdown(self) -> None:
         """Rank 0: end the other ranks' worker_loop() (no-op on one process, on workers, or twice).
+        Workers this LLM started (tensor_parallel_size) then exit: it waits for them (and kills
+        any still running after parallel.local.CLOSE_GRACE_S) and leaves the process group.
 
         Safe from any thread: it holds the lock step() holds, so its broadcast falls between two
         steps, never inside one (their collectives would interleave); no step runs after it."""
@@ -309,8 +363,12 @@ class LLM:
             if self._stopped:
                 return
             self._stopped = True
-            broadcast_object([*self._pending, Stop()], self.tp)
+            farewell: list[Command] = [*self._pending, Stop()]
             self._pending = []
+            if self._world is not None:
+                self._world.close(farewell)
+            else:
+                broadcast_object(farewell, self.tp)
 
     def has_unfinished(self) -> bool:
         """Whether any request is still waiting or running."""
@@ -325,7 +383,8 @@ class LLM:
         since the last step, then all run the same step; a step with nothing to run tells them
         rank 0 is alive (an idle driver steps every tp.heartbeat_s). One thread steps at a time,
         under the lock shutdown() holds. A step that fails ends this process (exit status 1): the
-        other ranks may be inside collectives it left, and could never pair up with it again.
+        other ranks may be inside collectives it left, and could never pair up with it again; with
+        workers this LLM started, it ends them instead and raises TPWorldError.
         """
         with self.stats.timed("step"):
             if self.tp.world_size == 1:
@@ -341,7 +400,7 @@ class LLM:
                 try:
                     return self._step(plan)
                 except Exception as e:  # noqa: BLE001 - StepFailed included: the others may be waiting inside it
-                    exit_rank(self.tp, f"an engine step failed here: {type(e).__name__}: {e}", e)
+                    fault(self.tp, f"an engine step failed here: {type(e).__name__}: {e}", e)
 
     def _plan_step(self) -> StepPlan:
         """The driver's choices for this step, from its own timings (self.step_cost).
@@ -468,6 +527,8 @@ class LLM:
             reason = "length"
         elif seq.matcher is not None and seq.matcher.is_finished:  # only an end-of-sequence token could follow
             reason = "stop"
+        if reason == "stop" and seq.matcher is not None and seq.matcher.closing:  # the budget closed it early
+            reason = "length"
         with self.stats.timed("detokenize"):
             seq.text += self._new_text(seq)
             if reason is not None:  # the final text is exactly the whole output's decode
@@ -509,9 +570,19 @@ class LLM:
 
     # ------------------------------------------------------------------ offline batches
 
-    def generate(self, prompts: Seq[Prompt | str], params: SamplingParams | Seq[SamplingParams] | None = None,
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams' defaults with the model's (`sampling_defaults`, from generation_config.json
+        unless --generation_config says otherwise) over them: what `generate` uses without params."""
+        return SamplingParams(**self.sampling_defaults.values())
+
+    def generate(self, prompts: Prompt | str | dict[str, Any] | Seq[Prompt | str | dict[str, Any]],
+                 params: SamplingParams | Seq[SamplingParams] | None = None,
                  progress: bool = False, errors: str = "raise") -> list[RequestOutput]:
-        """Run a batch of prompts to completion; outputs in input order.
+        """Run a batch of prompts to completion; outputs in input order (params None: each takes
+        `default_sampling_params()`). A prompt is a Prompt, a string (one user message), or one of
+        vLLM's prompt dicts: {"prompt": chat-template text} or {"prompt_token_ids": [...]}, with
+        "multi_modal_data", "mm_processor_kwargs" and "cache_salt" (Preprocessor.prepare); a lone
+        prompt is a batch of one.
 
         errors: what a prompt that cannot be queued (unreadable media, over max_input_length, bad
         sampling values) does. "raise": its error is raised and nothing of the batch stays queued;
@@ -519,21 +590,75 @@ class LLM:
         A request that fails while running (a video whose frames do not decode, ...) always ends
         alone, its output carrying the error.
         """
+        if isinstance(prompts, (Prompt, str, dict)):
+            prompts = [prompts]
+        params_list = self._params_list(params, len(prompts), "prompts")
+        return self._run_batch([functools.partial(self.preprocessor.prepare, prompt, p)
+                                for prompt, p in zip(prompts, params_list, strict=True)], progress, errors)
+
+    def chat(self, messages: list[dict[str, Any]] | Seq[list[dict[str, Any]]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
+             chat_template: str | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+             add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None,
+             mm_processor_kwargs: dict[str, Any] | None = None, progress: bool = False,
+             errors: str = "raise") -> list[RequestOutput]:
+        """Run conversations to completion, as vLLM's `LLM.chat`: `messages` is one conversation (a
+        list of message dicts) or a list of them; one output per conversation, in input order
+        (sampling_params None: `default_sampling_params()`; one, or one per conversation).
+
+        Messages are what the server's /v1/chat/completions takes, through the same parser
+        (engine/chat.py): system, user, assistant and tool turns, string or list content, parts
+        `text`, OpenAI's `image_url` / `video_url` and the model card's `image` / `video`, media
+        anywhere between text, each with its own controls (min_pixels, max_pixels, fps, nframes,
+        ...). A medium is a local path, a file:// URL or a data: URI (http(s) URLs are refused:
+        nothing is fetched offline), or an object: a PIL image, or a video as a list of frames (PIL
+        images or uint8 [H, W, 3] arrays; a uint8 [T, H, W, 3] array), taken at 2 fps unless the
+        part's `fps` (qwen-vl-utils' `sample_fps`) says otherwise. `mm_processor_kwargs` are
+        controls for every medium (a part's own win); `chat_template`, `chat_template_kwargs`,
+        `tools` and `add_generation_prompt` go to the chat template (Preprocessor.prepare_chat).
+
+        A conversation that cannot be prepared raises an engine.chat.InputError (a ValueError
+        naming the field: messages[0].content[1].image, mm_processor_kwargs, ...); `errors` as for
+        `generate`."""
+        if messages and isinstance(messages[0], dict):
+            messages = [messages]
+        params_list = self._params_list(sampling_params, len(messages), "conversations")
+
+        def prepare(conversation: Any, params: SamplingParams) -> PreparedRequest:
+            parsed, objects = parse_conversation(conversation)
+            return self.preprocessor.prepare_chat(
+                parsed, params, resolve=functools.partial(local_media, objects=objects), tools=tools,
+                chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
+                add_generation_prompt=add_generation_prompt, mm_processor_kwargs=mm_processor_kwargs)
+
+        return self._run_batch([functools.partial(prepare, c, p) for c, p in zip(messages, params_list, strict=True)],
+                               progress, errors)
+
+    def _params_list(self, params: SamplingParams | Seq[SamplingParams] | None, count: int,
+                     what: str) -> list[SamplingParams]:
+        """One SamplingParams per request of an offline batch (None: the defaults); n must be 1."""
+        params_list = list(params) if isinstance(params, Seq) else [params or self.default_sampling_params()] * count
+        if len(params_list) != count:
+            raise ValueError(f"{len(params_list)} sampling params for {count} {what}")
+        if any(p.n != 1 for p in params_list):
+            raise ValueError("n > 1 is not supported offline yet (LLM.generate and LLM.chat give one output per "
+                             "prompt: n must be 1); the server's `n` gives n samples per request, as does "
+                             "add_request / step, which give each sample its output")
+        return params_list
+
+    def _run_batch(self, requests: list[Callable[[], PreparedRequest]], progress: bool,
+                   errors: str) -> list[RequestOutput]:
+        """Prepare (each callable, in order), queue and run an offline batch to completion; outputs
+        in input order. `errors` as `generate` says."""
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
-        params_list = list(params) if isinstance(params, Seq) else [params or SamplingParams()] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
-        if any(p.n != 1 for p in params_list):
-            raise ValueError("LLM.generate gives one output per prompt: n must be 1 (add_request / step, as the "
-                             "server drives them, give each of n samples its output)")
         batch = uuid.uuid4().hex[:12]  # ids no other request of this LLM holds
-        ids = [f"offline-{batch}-{i}" for i in range(len(prompts))]
+        ids = [f"offline-{batch}-{i}" for i in range(len(requests))]
         finished: dict[str, RequestOutput] = {}
         queued: list[str] = []
-        for request_id, prompt, p in zip(ids, prompts, params_list, strict=True):
+        for request_id, prepare in zip(ids, requests, strict=True):
             try:
-                self.add_request(request_id, self.preprocessor.prepare(prompt, p))
+                self.add_request(request_id, prepare())
                 queued.append(request_id)
             except Exception as e:
                 if errors == "raise":
@@ -544,7 +669,7 @@ class LLM:
                     request_id=request_id, prompt_tokens=0, output_ids=[], output_logprobs=[], top_logprobs=[],
                     text="", finished=True, finish_reason="error", cached_prompt_tokens=0, ttft_s=None,
                     latency_s=0.0, token_times=[], error=e)
-        with tqdm(total=len(prompts), initial=len(finished), disable=not progress, desc="requests",
+        with tqdm(total=len(requests), initial=len(finished), disable=not progress, desc="requests",
                   unit="req") as bar:
             while self.has_unfinished():
                 try:

@@ -1,8 +1,9 @@
 """What a user asks for: a prompt's text and media, and the media turned into model inputs.
 
-`Media` is one image or video as the user names it (a path, raw bytes or a PIL image) with
-qwen-vl-utils' per-item controls; `prepare_media` checks those controls against the server's
-`MediaLimits`, preprocesses images and *plans* videos, and gives each a content hash, which keys
+`Media` is one image or video as the user names it (a path, raw bytes, a PIL image, or a video
+as a list of frames) with qwen-vl-utils' per-item controls; `prepare_media` checks those controls
+against the server's `MediaLimits`, preprocesses images and *plans* videos, and gives each a
+content hash (of the file's bytes, the image's or the frames' pixels), which keys
 the encoder cache and the prefix cache (two requests with the same pixels share both; the same
 file with other controls does not).
 
@@ -44,15 +45,41 @@ class MediaOptionError(MediaError):
     request's fault, whatever the file holds."""
 
 
+PROCESSOR_KWARGS = tuple(dict.fromkeys((*IMAGE_OPTIONS, *VIDEO_OPTIONS)))  # what mm_processor_kwargs may set
+
+
+def with_processor_kwargs(kind: MediaKind | str, options: dict[str, Any], kwargs: dict[str, Any] | None
+                          ) -> dict[str, Any]:
+    """A medium's controls with a request's `mm_processor_kwargs` (vLLM's: one set for all its
+    media) under them: each kwarg that applies to the medium's kind fills a control its own
+    `options` leave unset (fps, say, applies to videos only). MediaOptionError naming a kwarg that
+    is no control of any kind. Limits are checked later, as for the medium's own controls
+    (MediaLimits.check)."""
+    if not kwargs:
+        return options
+    unknown = sorted(set(kwargs) - set(PROCESSOR_KWARGS))
+    if unknown:
+        raise MediaOptionError(f"mm_processor_kwargs: unknown key(s) {unknown}; accepted: {list(PROCESSOR_KWARGS)}")
+    video = MediaKind(kind) == MediaKind.VIDEO
+    filled = {k: v for k, v in kwargs.items() if k in (VIDEO_OPTIONS if video else IMAGE_OPTIONS) and v is not None}
+    if video:
+        for a, b in (("fps", "nframes"), ("nframes", "fps")):  # the medium's own choice replaces the other
+            if options.get(a) is not None:
+                filled.pop(b, None)
+    return {**filled, **{k: v for k, v in options.items() if v is not None}}
+
+
 @dataclass
 class Media:
     """One image or video of a prompt.
 
-    source: a file path, the file's bytes, or a PIL image. kind: a MediaKind (or its value), or
-    None to tell from the file. options: qwen-vl-utils' controls (IMAGE_OPTIONS / VIDEO_OPTIONS).
+    source: a file path, the file's bytes, a PIL image, or a video as frames (a list of PIL images
+    or uint8 [H, W, 3] arrays, or a uint8 [T, H, W, 3] array; taken at options["fps"], 2 by
+    default: processing.plan_frames). kind: a MediaKind (or its value), or None to tell from the
+    file. options: qwen-vl-utils' controls (IMAGE_OPTIONS / VIDEO_OPTIONS).
     """
 
-    source: str | Path | bytes | Image.Image
+    source: str | Path | bytes | Image.Image | list | tuple | np.ndarray
     kind: MediaKind | str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -60,7 +87,14 @@ class Media:
         """A short name for messages and outputs (the path, or the kind of in-memory data)."""
         if isinstance(self.source, (str, Path)):
             return str(self.source)
+        if _is_frames(self.source):
+            return f"<video of {len(self.source)} frames>"
         return f"<{self.kind or 'media'} {'bytes' if isinstance(self.source, bytes) else 'PIL image'}>"
+
+
+def _is_frames(source: Any) -> bool:
+    """Whether a Media source is a video given as frames."""
+    return isinstance(source, (list, tuple, np.ndarray))
 
 
 @dataclass(frozen=True)
@@ -194,7 +228,8 @@ class PreparedMedia:
         try:
             yield from processing.iter_video_frames(self.video_plan, max(1, max_slices) * self.cfg.temporal_patch_size)
         except Exception as e:  # noqa: BLE001 - PyAV and PIL raise many kinds for a corrupt file
-            message = str(e) if isinstance(e, MediaError) else f"{self.video_plan.path}: cannot decode the video: {e}"
+            name = self.video_plan.path or "the video's frames"
+            message = str(e) if isinstance(e, MediaError) else f"{name}: cannot decode the video: {e}"
             raise RequestMediaError(message[:500], self.label) from e
 
     def pixel_chunks(self, max_slices: int) -> Iterator[tuple[torch.Tensor, tuple[int, int, int]]]:
@@ -222,7 +257,11 @@ class PreparedMedia:
 
     def for_peers(self) -> PreparedMedia:
         """What travels to the other ranks under tensor parallelism: everything but the spilled
-        file (they never read files; rank 0 ships a video's frames as they are encoded)."""
+        file and given frames (they never read media; rank 0 ships a video's frames as they are
+        encoded)."""
+        plan = self.video_plan
+        if plan is not None and plan.frames is not None:
+            return replace(self, spill=None, video_plan=replace(plan, frames=None))
         return self if self.spill is None else replace(self, spill=None)
 
 
@@ -234,6 +273,10 @@ def _content_digest(media: Media) -> hashlib._Hash:
     elif isinstance(media.source, Image.Image):
         digest.update(f"{media.source.mode}{media.source.size}".encode())
         digest.update(media.source.tobytes())
+    elif _is_frames(media.source):  # processing.video_frames' arrays
+        for frame in media.source:
+            digest.update(f"{frame.shape}".encode())
+            digest.update(np.ascontiguousarray(frame).data)
     else:
         path = Path(media.source)
         if not path.is_file():
@@ -255,6 +298,8 @@ def _kind_of(media: Media) -> MediaKind:
             raise MediaError(f"media kind must be 'image' or 'video', got {media.kind!r}") from None
     if isinstance(media.source, Image.Image):
         return MediaKind.IMAGE
+    if _is_frames(media.source):
+        return MediaKind.VIDEO
     return processing.media_kind(media.source, media.describe())  # MediaError if neither
 
 
@@ -264,8 +309,17 @@ def _open_image(media: Media, limits: MediaLimits) -> Image.Image:
     return processing.open_image(media.source, limits.decode_max_pixels, media.describe())
 
 
-def _plan(path: str | Path, cfg: ImageProcessorConfig, options: dict[str, Any]) -> tuple[VideoPlan, float]:
-    plan = processing.plan_video(path, cfg, **options)
+# Controls of a video file's clip that a video given as frames has no use for.
+_CLIP_ONLY_OPTIONS = ("video_start", "video_end")
+
+
+def _plan(source: str | Path | tuple[np.ndarray, ...], cfg: ImageProcessorConfig,
+          options: dict[str, Any]) -> tuple[VideoPlan, float]:
+    """The plan of a video file (its path) or of given frames, and its seconds per temporal patch."""
+    if isinstance(source, tuple):
+        plan = processing.plan_frames(source, cfg, **options)
+    else:
+        plan = processing.plan_video(source, cfg, **options)
     return plan, cfg.temporal_patch_size / plan.sample_fps
 
 
@@ -274,10 +328,23 @@ def prepare_media(media: Media, cfg: ImageProcessorConfig, limits: MediaLimits =
     Raises MediaError (a ValueError) naming the problem and, for controls, the limit."""
     if isinstance(media.source, bytes) and not media.source:
         raise MediaError(f"{media.describe()}: empty data")
+    if _is_frames(media.source):
+        media = replace(media, source=processing.video_frames(media.source, media.describe()))
     digest = _content_digest(media)
     kind = _kind_of(media)
     options = limits.check(kind, media.options, media.describe())
     digest.update(json.dumps([kind, sorted(options.items())], default=str).encode())
+    if isinstance(media.source, tuple):  # a video given as frames
+        if kind != MediaKind.VIDEO:
+            raise MediaError(f"{media.describe()}: a list of frames is a video, not an {kind}")
+        clip_only = sorted(set(options) & set(_CLIP_ONLY_OPTIONS))
+        if clip_only:
+            raise MediaOptionError(f"{media.describe()}: {clip_only} apply to video files, not to a video given as "
+                                   "frames")
+        plan_options = limits.video_plan_options(options)
+        plan, spgt = _plan(media.source, cfg, plan_options)
+        return PreparedMedia(kind, plan.grid(cfg), spgt, digest.hexdigest(), cfg, video_plan=plan,
+                             video_options=plan_options)
     if kind == MediaKind.IMAGE:
         pixel_values, grid = processing.process_image(_open_image(media, limits), cfg, **options)
         return PreparedMedia(kind, tuple(grid), 1.0, digest.hexdigest(), cfg, image_pixels=pixel_values)
@@ -332,7 +399,7 @@ def _shrink_video(m: PreparedMedia, tokens: int, limit_name: str) -> None:
     # tokens = frames / temporal_patch * pixels per frame / pixels_per_token, and qwen-vl-utils' per-frame
     # cap is total_pixels / frames * temporal_patch: so total_pixels = tokens * pixels_per_token.
     options["total_pixels"] = max(1, tokens * pixels_per_token)
-    plan, spgt = _plan(m.video_plan.path, cfg, options)
+    plan, spgt = _plan(m.video_plan.source, cfg, options)
     if plan.grid(cfg)[0] * plan.grid(cfg)[1] * plan.grid(cfg)[2] // cfg.merge_size**2 > tokens:
         # At the smallest frame size: fewer frames (an even count, not below min_frames).
         t, h, w = plan.grid(cfg)
@@ -341,12 +408,14 @@ def _shrink_video(m: PreparedMedia, tokens: int, limit_name: str) -> None:
         min_frames = int(options.get("min_frames", processing.FPS_MIN_FRAMES))
         if frames < min_frames:
             smallest = min_frames // cfg.temporal_patch_size * per_patch
-            raise MediaError(f"{m.video_plan.path}: even at its smallest ({min_frames} frames at min_pixels: "
+            name = m.video_plan.path or "the video's frames"
+            raise MediaError(f"{name}: even at its smallest ({min_frames} frames at min_pixels: "
                              f"{smallest} tokens) the video does not fit the {tokens} tokens left by {limit_name}; "
                              f"lower min_pixels or min_frames, or use a part of the clip (video_start/video_end)")
-        options.pop("fps", None)
+        if m.video_plan.frames is None:  # a file's sampling rate; given frames keep theirs
+            options.pop("fps", None)
         options["nframes"] = frames
-        plan, spgt = _plan(m.video_plan.path, cfg, options)
+        plan, spgt = _plan(m.video_plan.source, cfg, options)
     m.video_plan, m.second_per_grid_t, m.video_options = plan, spgt, options
     m.grid = plan.grid(cfg)
     # Other frames, other embeddings: the caches must not mistake it for the unshrunk video.

@@ -46,6 +46,27 @@ optional whitespace, overriding any "x-guidance" options in the schema. With llg
 tokens for ever without the output ever becoming invalid or complete; compact JSON is also fewer
 tokens. Strings and unbounded structures can still run to max_tokens, which bounds them.
 
+Budget (closing within max_tokens): a matcher made with the sequence's max_tokens closes its
+constraint before the budget cuts it. When CLOSE_WINDOW (64) tokens remain, or fewer, it searches
+for the constraint's shortest completion in tokens (`Completer.shortest`: a breadth-first search by
+token count over llguidance's matcher, from a copy, over the tokens llguidance forces and a few
+candidates, each step checked by the matcher). A completion of L tokens with R remaining and
+R - L > CLOSE_MARGIN (3): the model goes on, and the next search comes halfway to the point where
+it would not (a few searches a request, each step's growth of L absorbed by the margin). Otherwise
+the matcher is `closing`: `fill_masks` gives its row only the completion's next token (an eos last
+where the constraint is accepting but not stopped), so the sampler picks it whatever the logits,
+and logprobs, n, streaming and decode graphs see an ordinary masked token; `accept` checks it. The
+output ends up to CLOSE_MARGIN tokens early and valid, and the engine reports finish_reason
+"length": the budget, not the model, ended it. Where no completion fits (max_tokens 1 for a schema
+that needs more; one model token that lengthened L past R, as a new key does whose name is many
+tokens) or the search's bounds find none, the output is cut at the budget as before. The search is
+deterministic (its bounds are counts), so the ranks of a tensor-parallel group, which run the same
+matchers, agree. `StructuredDecoder.close_window` 0 turns closing off for the matchers made after.
+The searches run in `accept`, on the engine thread (on masks_async's thread their many short
+Python calls held the GIL against the forward pass's); a request makes a few to a few tens of them,
+each ~5 - 10 ms at the tiny and Qwen-sized vocabularies (benchmarks/bench_structured.py), nothing
+before its last CLOSE_WINDOW tokens.
+
 Forced tokens: where the grammar forces bytes (the rest of a choice, a JSON key, a literal),
 llguidance encodes them with the tokenizer and its mask allows only the first token of that encoding
 (the tokenization the model knows), without checking that the encoding decodes to those bytes; its
@@ -82,6 +103,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from llguidance import LLExecutor, LLMatcher, LLParserLimits, LLTokenizer, grammar_from
 
@@ -100,6 +122,33 @@ _LIMITS = LLParserLimits(verbose_errors=False)
 _UNICODE_NORMALIZERS = frozenset({"NFC", "NFD", "NFKC", "NFKD"})
 # llguidance's first byte of a special token's bytes (TokTrie::SPECIAL_TOKEN_MARKER): no UTF-8 text has it.
 _SPECIAL_MARKER = b"\xff"
+
+# Closing within max_tokens (see "Budget" in the module docstring). A budgeted matcher first
+# searches for its shortest completion when this many tokens remain (or fewer: from its first
+# token for a smaller max_tokens)...
+CLOSE_WINDOW = 64
+# ...and forces that completion once it leaves this many spare tokens or fewer: one model token can
+# lengthen the shortest completion (a key's closing quote adds its colon and a value), and up to
+# this much growth between two searches still fits.
+CLOSE_MARGIN = 3
+# The search's bounds, in counts (never time, so tensor-parallel ranks agree): nodes expanded per
+# depth, allowed candidates tried per node, candidates checked one by one before a node's whole mask
+# is computed instead (a mask costs ~50 - 150 us at Qwen's vocabulary, a check ~3 us), nodes
+# expanded in all.
+_BEAM = 6
+_TRIED = 8
+_SCAN = 24
+_EXPANSIONS = 128
+# The bytes whose acceptance (with the forced bytes and whether the constraint is accepting) tells
+# sibling states apart: siblings alike in all of them are taken for one state (a string's body).
+_PROBE_BYTES = b'"}],:0a\\'
+# Candidate tokens, in the order tried: the closing quote; then the vocabulary's tokens of 2..8 of
+# these bytes (a JSON closing run: `"}`, `]}`, `":`, `","`), longest first; then single bytes:
+# closers, separators and a number, the other digits, punctuation (what ends a run of letters in a
+# regex), letters, and every other byte (UTF-8 continuations, controls).
+_RUN_BYTES = frozenset(b'"}]:,0')
+_SINGLE_ORDER = (b'}]0,:[{' + b"123456789-." + bytes(c for c in range(0x20, 0x7F) if not chr(c).isalnum())
+                 + bytes(range(ord("a"), ord("z") + 1)) + bytes(range(ord("A"), ord("Z") + 1)))
 
 
 def byte_level_chars() -> dict[int, str]:
@@ -220,12 +269,165 @@ class StructuredOutput:
         return LLMatcher.grammar_from_lark(self.spec)
 
 
-class Matcher:
-    """One sequence's position in its constraint: which tokens may come next."""
+class Completer:
+    """Shortest completions of constraints, in tokens, found by llguidance's matcher.
 
-    def __init__(self, matcher: LLMatcher, eos_ids: frozenset[int]):
+    A breadth-first search by token count from a matcher's state over a few candidate tokens
+    (`_candidates`): a node's children are the first `_TRIED` candidates it allows, or the tokens
+    llguidance forces there (compute_ff_tokens: a required key, the rest of a literal) as one step
+    of their length; siblings alike in the few tokens they accept (`_signature`) are one state (the
+    letters of a string's body) and only the first is kept; each depth expands its first `_BEAM`
+    nodes (children of the deepest parents first, in candidate order: closers first). A node that
+    is stopped ends the search; one that is accepting ends it with an eos token. Every path is
+    consumed by a copy of the matcher, so a completion found is valid by construction; the bounds
+    make it the shortest among the paths searched, not always the shortest there is.
+
+    tokenizer: llguidance's view of the tokenizer; vocab_size: the masks' width; eos_id: the
+    token that ends an accepting, unstopped constraint.
+    """
+
+    def __init__(self, tokenizer: LLTokenizer, vocab_size: int, eos_id: int):
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._eos_id = eos_id
+        self._ids: np.ndarray | None = None  # candidate ids [C] int64, built at the first search
+        self._probes: list[int] = []  # the single-byte tokens of _PROBE_BYTES
+        self.exhausted = False  # the last search's bounds ran out before its limit
+
+    def _candidates(self) -> np.ndarray:
+        """The candidate token ids [C] int64 in the order tried (see _RUN_BYTES): one pass over the
+        vocabulary (about 0.3 s at Qwen's size), done once."""
+        if self._ids is None:
+            singles: dict[int, int] = {}
+            runs: list[tuple[int, int]] = []
+            for token in range(self._vocab_size):
+                if self._tokenizer.is_special_token(token):
+                    continue
+                text = self._tokenizer.decode_bytes([token])
+                if len(text) == 1:
+                    singles.setdefault(text[0], token)
+                elif 2 <= len(text) <= 8 and _RUN_BYTES.issuperset(text):
+                    runs.append((-len(text), token))
+            bytes_after = dict.fromkeys([*_SINGLE_ORDER, *range(256)])  # in order, each once
+            del bytes_after[ord('"')]
+            ids = [singles[b] for b in [ord('"')] if b in singles] + [t for _, t in sorted(runs)]
+            ids += [singles[b] for b in bytes_after if b in singles]
+            self._probes = [singles[b] for b in _PROBE_BYTES if b in singles]
+            self._ids = np.array(ids, dtype=np.int64)
+        return self._ids
+
+    def _allowed(self, node: LLMatcher, ids: np.ndarray) -> list[int]:
+        """The first _TRIED candidates `node` allows: checked one by one among the first _SCAN (the
+        usual case: a closer, a separator or a string's letters are among them), else from its mask."""
+        allowed = [t for t in ids[:_SCAN].tolist() if node.validate_tokens([t]) == 1][:_TRIED]
+        if len(allowed) < _TRIED and len(ids) > _SCAN:
+            words = np.frombuffer(node.compute_bitmask(), dtype=np.uint32)
+            allowed = ids[words[ids >> 5] >> (ids & 31) & 1 == 1][:_TRIED].tolist()
+        return allowed
+
+    def _signature(self, node: LLMatcher) -> tuple[bool, bytes, tuple[int, ...]]:
+        """What tells sibling states apart (see _PROBE_BYTES), far cheaper than their masks."""
+        return node.is_accepting(), node.compute_ff_bytes(), tuple(node.validate_tokens([p]) for p in self._probes)
+
+    def shortest(self, matcher: LLMatcher, limit: int) -> list[int] | None:
+        """The shortest completion found from `matcher`'s state (left as it is): token ids, an eos
+        last where the constraint is accepting without being stopped; None when none of at most
+        `limit` tokens is found within the search's bounds (`exhausted` then says whether the
+        bounds, not the limit, ended the search)."""
+        ids = self._candidates()
+        self.exhausted = False
+        # per depth: (-its parent's depth, node, path), in the order made
+        buckets: dict[int, list[tuple[int, LLMatcher, list[int]]]] = {0: [(0, matcher.deep_copy(), [])]}
+        best: list[int] | None = None  # an accepting node's path and its eos
+        expanded = 0
+        for depth in range(limit + 1):
+            if best is not None and len(best) <= depth:
+                break
+            # Children of the deepest parents first: a node reached by a long forced step from far back
+            # is most often the same state as a shallower one (the string was closed one letter later)
+            layer = sorted(buckets.pop(depth, []), key=lambda entry: entry[0])
+            for _, node, path in layer:  # the beam bounds what is expanded, not what is seen
+                if node.is_stopped():  # complete at this depth: nothing shorter was found
+                    return path
+                if best is None and node.is_accepting():
+                    best = [*path, self._eos_id]
+            self.exhausted |= len(layer) > _BEAM
+            for _, node, path in layer[:_BEAM]:
+                if node.is_accepting():  # its eos completes it: longer paths from it need not be searched
+                    continue
+                if expanded == _EXPANSIONS:
+                    self.exhausted = True
+                    break
+                expanded += 1
+                forced = node.compute_ff_tokens()
+                steps = [forced] if forced else [[t] for t in self._allowed(node, ids)]
+                siblings: set[tuple[bool, bytes, tuple[int, ...]]] = set()
+                for step in steps:
+                    if depth + len(step) > limit:
+                        continue
+                    child = node.deep_copy()
+                    if not child.consume_tokens(step):
+                        continue
+                    signature = self._signature(child)
+                    if signature not in siblings:
+                        siblings.add(signature)
+                        buckets.setdefault(depth + len(step), []).append((-depth, child, [*path, *step]))
+        return best if best is not None and len(best) <= limit else None
+
+
+class Matcher:
+    """One sequence's position in its constraint: which tokens may come next.
+
+    With a budget (the request's max_tokens) and a completer, it closes the constraint before the
+    budget runs out (see "Budget" in the module docstring): `forced_token` names the token the
+    mask must allow alone, `closing` says the budget, not the model, ends the sequence.
+    """
+
+    def __init__(self, matcher: LLMatcher, eos_ids: frozenset[int], budget: int | None = None,
+                 completer: Completer | None = None, close_window: int = CLOSE_WINDOW):
         self._matcher = matcher
         self._eos_ids = eos_ids
+        self._budget = budget
+        self._completer = completer
+        self._emitted = 0  # tokens accepted so far, eos included: the budget counts them all
+        self._search_at = close_window  # search when this many tokens remain or fewer; -1: never again
+        self._closing: list[int] | None = None  # the completion's tokens still to come once closing
+
+    @property
+    def closing(self) -> bool:
+        """The budget is ending this sequence: its mask allows only the next token of the shortest
+        completion found, so the output ends before max_tokens, and valid; the sequence's
+        finish_reason is still "length"."""
+        return self._closing is not None
+
+    def forced_token(self) -> int | None:
+        """The one token the mask must allow next while closing, None while the model chooses.
+
+        Without a budget, or once a search finds that no completion fits in the tokens that
+        remain, never any. Otherwise the search runs when `_search_at` tokens remain or fewer: a
+        completion of L tokens with R remaining starts closing when R - L <= CLOSE_MARGIN; with more
+        to spare the next search comes halfway to that point (one token rarely lengthens the
+        completion by more than one or two). Called by accept (the engine thread: a search due runs
+        there) and by fill_masks (the first token's search, then only the answer)."""
+        if self._closing:
+            return self._closing[0]
+        if self._closing is not None or self._budget is None or self._completer is None:
+            return None
+        remaining = self._budget - self._emitted
+        if remaining > self._search_at or remaining < 1 or self._matcher.is_stopped():
+            return None
+        path = self._completer.shortest(self._matcher, remaining)
+        if path is None:
+            # Nothing fits: the budget cuts the output where it is, as without closing. The search's
+            # bounds ran out first: again a quarter of the way on (the model's tokens may shorten it).
+            self._search_at = remaining - max(1, remaining // 4) if self._completer.exhausted else -1
+            return None
+        spare = remaining - len(path)
+        if spare > CLOSE_MARGIN:
+            self._search_at = remaining - max(1, (spare - CLOSE_MARGIN) // 2)
+            return None
+        self._closing = path
+        return path[0]
 
     def accept(self, token_id: int) -> None:
         """Advance by the sampled token. An eos token is ignored (the sequence ends there; the mask
@@ -233,13 +435,22 @@ class Matcher:
         RuntimeError if the grammar rejects the token, or for an eos while the constraint is
         incomplete, which a token sampled under this matcher's mask cannot be (a fault of the grammar
         engine: the caller ends this sequence with the error); a rejected token leaves the matcher in
-        error."""
+        error. While closing, RuntimeError for any token but the forced one (its mask allowed no other)."""
+        if self._closing:
+            if token_id != self._closing[0]:
+                raise RuntimeError(f"token {token_id} sampled where the budget forced token {self._closing[0]}")
+            self._closing.pop(0)
+        self._emitted += 1
         if token_id in self._eos_ids:
             if not self._matcher.is_accepting() and not self._matcher.is_error():
                 raise RuntimeError(f"end-of-sequence token {token_id} before the constraint is complete")
             return
         if not self._matcher.consume_token(token_id):
             raise RuntimeError(f"token {token_id} is not allowed by the constraint: {self._matcher.get_error()}")
+        # A search due now runs here, on the caller's (engine) thread, not inside the next fill_masks:
+        # on masks_async's thread its many short Python calls would hold the GIL against the forward
+        # pass's (a convoy that cost the CPU benchmark far more than the searches themselves).
+        self.forced_token()
 
     @property
     def is_finished(self) -> bool:
@@ -276,6 +487,9 @@ class StructuredDecoder:
         self.cache_size = cache_size
         self._tokenizer: LLTokenizer = LLTokenizer(llguidance_tokenizer_json(tokenizer), n_vocab=vocab_size,
                                                    eos_token=sorted(self.eos_ids))
+        self.completer = Completer(self._tokenizer, vocab_size, min(self.eos_ids))  # shared by the matchers
+        # CLOSE_WINDOW for the matchers made from now on; 0: they never close (the benchmark's "before")
+        self.close_window = CLOSE_WINDOW
         self._compiled: OrderedDict[StructuredOutput, LLMatcher] = OrderedDict()
         self._executor: LLExecutor | None = None  # its thread pool starts with the first constrained batch
         self._pool: ThreadPoolExecutor | None = None  # masks_async's thread
@@ -284,24 +498,35 @@ class StructuredDecoder:
         """Compile `constraint` (cached); ValueError naming the problem when it does not compile."""
         self._initial(constraint)
 
-    def matcher(self, constraint: StructuredOutput) -> Matcher:
-        """A fresh matcher for one sequence, from the cached compiled grammar."""
-        return Matcher(self._initial(constraint).deep_copy(), self.eos_ids)
+    def matcher(self, constraint: StructuredOutput, max_tokens: int | None = None) -> Matcher:
+        """A fresh matcher for one sequence, from the cached compiled grammar; with `max_tokens` (the
+        sequence's output budget) it closes the constraint before the budget runs out."""
+        return Matcher(self._initial(constraint).deep_copy(), self.eos_ids, max_tokens, self.completer,
+                       self.close_window)
 
     def fill_masks(self, matchers: Sequence[Matcher | None]) -> torch.Tensor | None:
         """The allowed next tokens of each row: int32 [B, ceil(vocab_size / 32)] on the CPU, bit j of
-        word w set when token 32 w + j is allowed; rows whose matcher is None allow every token.
-        None when no row has a matcher. The constrained rows are computed together on
-        llguidance's threads, without the GIL."""
-        rows = [(m._matcher, i) for i, m in enumerate(matchers) if m is not None]
-        if not rows:
+        word w set when token 32 w + j is allowed; rows whose matcher is None allow every token, a
+        closing row (Matcher.forced_token, which searches when due) only its forced token. None when
+        no row has a matcher.
+        The other constrained rows are computed together on llguidance's threads, without the GIL."""
+        if all(m is None for m in matchers):
             return None
-        if self._executor is None:
-            self._executor = LLExecutor()
         masks = torch.full((len(matchers), self.mask_words), -1, dtype=torch.int32)
-        # what llguidance.torch.fill_next_token_bitmask_par does, without importing llguidance.torch
-        # (whose import pulls in torch._dynamo: ~2 s)
-        self._executor.unsafe_compute_mask_ptr(rows, masks.data_ptr(), self.mask_words * 4, len(matchers))
+        rows = []
+        for i, m in enumerate(matchers):
+            forced = None if m is None else m.forced_token()
+            if forced is not None:
+                masks[i] = 0
+                masks[i, forced >> 5] = 1 << (forced & 31) if forced & 31 < 31 else -(1 << 31)  # int32's sign bit
+            elif m is not None:
+                rows.append((m._matcher, i))
+        if rows:
+            if self._executor is None:
+                self._executor = LLExecutor()
+            # what llguidance.torch.fill_next_token_bitmask_par does, without importing llguidance.torch
+            # (whose import pulls in torch._dynamo: ~2 s)
+            self._executor.unsafe_compute_mask_ptr(rows, masks.data_ptr(), self.mask_words * 4, len(matchers))
         return masks
 
     def masks_async(self, matchers: Sequence[Matcher | None]) -> Future[torch.Tensor | None]:

@@ -505,14 +505,21 @@ def probe_video(path: str | os.PathLike, max_frame_pixels: int | None = None) ->
 @dataclass(frozen=True)
 class VideoPlan:
     """What `iter_video_frames` will take from a clip, known before any frame is decoded: the frame
-    indices to sample (sorted, may repeat), the resized frame size, and the sampling rate."""
+    indices to sample (sorted, may repeat), the resized frame size, and the sampling rate. A video
+    given as frames (`plan_frames`) holds them (`frames`: uint8 [H, W, 3] arrays) and no path."""
 
-    path: Path
+    path: Path | None
     info: VideoInfo
     indices: tuple[int, ...]
     height: int
     width: int
     sample_fps: float
+    frames: tuple[np.ndarray, ...] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def source(self) -> Path | tuple[np.ndarray, ...]:
+        """What the plan samples: the file, or the frames (what `plan_video` / `plan_frames` take)."""
+        return self.frames if self.frames is not None else self.path
 
     def grid(self, cfg: ImageProcessorConfig) -> tuple[int, int, int]:
         """The patch grid (t, h, w) these frames give under `cfg`."""
@@ -556,17 +563,83 @@ def plan_video(path: str | os.PathLike, cfg: ImageProcessorConfig | None = None,
     return VideoPlan(path, info, tuple(video_frame_indices(start, end, n)), th, tw, sample_fps)
 
 
+def video_frames(frames: Any, name: str = "video frames") -> tuple[np.ndarray, ...]:
+    """A video given as frames (a list of PIL images or uint8 [H, W, 3] arrays, or a uint8
+    [T, H, W, 3] array) as uint8 [H, W, 3] RGB arrays, all of one size; MediaError naming the first
+    frame that is none (or of another size)."""
+    items = list(frames) if not isinstance(frames, np.ndarray) or frames.ndim == 4 else [frames]
+    if not items:
+        raise MediaError(f"{name}: a video given as frames needs at least one frame")
+    out = []
+    for i, frame in enumerate(items):
+        if isinstance(frame, Image.Image):
+            frame = np.asarray(to_rgb(frame), dtype=np.uint8)
+        if not (isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3):
+            what = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
+            raise MediaError(f"{name}: frame {i} must be a PIL image or a uint8 [H, W, 3] array, got {what}")
+        if out and frame.shape != out[0].shape:
+            raise MediaError(f"{name}: frame {i} is {frame.shape[1]}x{frame.shape[0]}, frame 0 "
+                             f"{out[0].shape[1]}x{out[0].shape[0]}: all frames must have one size")
+        out.append(frame)
+    return tuple(out)
+
+
+def plan_frames(frames: tuple[np.ndarray, ...], cfg: ImageProcessorConfig | None = None, fps: float = FPS,
+                nframes: int | None = None, min_frames: int = FPS_MIN_FRAMES, max_frames: int | None = None,
+                min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: int | None = None,
+                total_pixels: int = VIDEO_TOTAL_PIXELS, resized_height: int | None = None,
+                resized_width: int | None = None, max_frame_pixels: int | None = None) -> VideoPlan:
+    """Plan a video given as frames (`video_frames`' arrays, taken at `fps`, 2 by default), as
+    qwen-vl-utils takes such a list: every frame, the count padded to an even number by repeating
+    the last, sampled at `fps` (its sample_fps); or, with `nframes`, that many (even) spread
+    evenly as `plan_video` samples a clip.
+    Frame size as `plan_video` picks it (min_pixels, the per-frame cap of `video_max_pixels`,
+    max_pixels, or resized_height x resized_width). MediaError when there are more frames than
+    `max_frames` or a frame is over `max_frame_pixels`. (`min_frames` is only `fit_videos`' floor.)"""
+    factor = cfg.factor if cfg is not None else IMAGE_FACTOR
+    name = f"<{len(frames)} video frames>"
+    height, width = frames[0].shape[:2]
+    check_source_pixels(width, height, max_frame_pixels, name)
+    try:
+        if fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        if nframes is not None:
+            n = smart_nframes(len(frames), fps, nframes=nframes)
+            indices = video_frame_indices(0, len(frames) - 1, n)
+        else:
+            n = ceil_by_factor(len(frames), FRAME_FACTOR)
+            indices = list(range(len(frames))) + [len(frames) - 1] * (n - len(frames))
+        if max_frames is not None and n > max_frames:
+            raise ValueError(f"{n} frames, over max_frames={max_frames}: give fewer frames, or nframes")
+        if (resized_height is None) != (resized_width is None):
+            raise ValueError("give both resized_height and resized_width, or neither")
+        if resized_height is not None:
+            th, tw = smart_resize(resized_height, resized_width, factor, MIN_PIXELS, MAX_PIXELS)
+        else:
+            th, tw = smart_resize(height, width, factor, min_pixels, video_max_pixels(n, min_pixels, total_pixels,
+                                                                                       max_pixels))
+    except ValueError as e:
+        raise MediaError(f"{name}: {e}") from e
+    sample_fps = fps if nframes is None else n / len(frames) * fps  # padding repeats a frame: still `fps`
+    return VideoPlan(None, VideoInfo(len(frames), fps, height, width), tuple(indices), th, tw, sample_fps, frames)
+
+
 def iter_video_frames(plan: VideoPlan, chunk_frames: int) -> Iterator[np.ndarray]:
     """Decode the planned frames in order, yielding uint8 [<= chunk_frames, H, W, 3] chunks.
 
     Only the planned frames are converted and resized (PIL bicubic, as each is decoded: the same
     sizes as qwen-vl-utils' torchvision resize, pixel values may differ by a level); decoding
-    starts at a seek to the first planned frame's keyframe, and the clip is never held whole.
+    starts at a seek to the first planned frame's keyframe, and the clip is never held whole. A
+    plan of given frames (`plan_frames`) resizes them the same way (a frame already of the planned
+    size is taken as it is).
     """
     import av
 
     if chunk_frames < 1:
         raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    if plan.frames is not None:
+        yield from _iter_given_frames(plan, chunk_frames)
+        return
     path, info = plan.path, plan.info
     want_count: dict[int, int] = {}
     for i in plan.indices:
@@ -611,6 +684,18 @@ def iter_video_frames(plan: VideoPlan, chunk_frames: int) -> Iterator[np.ndarray
         pending.extend([last_frame] * missing)
     for i in range(0, len(pending), chunk_frames):
         yield np.stack(pending[i:i + chunk_frames])
+
+
+def _iter_given_frames(plan: VideoPlan, chunk_frames: int) -> Iterator[np.ndarray]:
+    """`iter_video_frames` for a plan of given frames."""
+    def resized(frame: np.ndarray) -> np.ndarray:
+        if frame.shape[:2] == (plan.height, plan.width):
+            return frame
+        image = Image.fromarray(frame).resize((plan.width, plan.height), resample=Image.Resampling.BICUBIC)
+        return np.asarray(image, dtype=np.uint8)
+
+    for i in range(0, len(plan.indices), chunk_frames):
+        yield np.stack([resized(plan.frames[k]) for k in plan.indices[i:i + chunk_frames]])
 
 
 def media_kind(source: str | os.PathLike | bytes, name: str | None = None) -> MediaKind:

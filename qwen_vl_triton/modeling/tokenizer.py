@@ -14,7 +14,7 @@ tests/modeling/test_tokenizer.py on hypothesis text, chat messages, tools and sp
 - `encode(text, add_special_tokens=False)`, `decode` / `batch_decode` (no clean-up of
   tokenization spaces: Qwen's configs turn it off), `convert_ids_to_tokens`, `get_vocab`, `len()`,
   `added_tokens_decoder`, `eos_token_id`, `backend_tokenizer`;
-- `apply_chat_template(messages, tools=..., add_generation_prompt=...)` rendered by the same
+- `apply_chat_template(messages, tools=..., chat_template=..., add_generation_prompt=...)` rendered by the same
   jinja2 environment (sandboxed, trim_blocks, lstrip_blocks, loopcontrols; its `tojson`,
   `raise_exception`, `strftime_now`), over messages with None-valued keys dropped, with the
   special tokens as template variables; the template from chat_template.jinja, else
@@ -42,7 +42,7 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=128)  # as transformers': per-request templates are compiled once each
 def _compile_template(template: str):
     """The chat template compiled in transformers' environment (see the module docstring)."""
     import jinja2
@@ -118,17 +118,20 @@ class QwenTokenizer:
     # ------------------------------------------------------------------ chat
 
     def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                            tokenize: bool = False, add_generation_prompt: bool = False, **kwargs: Any) -> str:
-        """The chat template rendered over `messages` (tokenize=False only: encode() the result)."""
+                            tokenize: bool = False, add_generation_prompt: bool = False,
+                            chat_template: str | None = None, **kwargs: Any) -> str:
+        """The chat template (`chat_template`'s text, else the checkpoint's) rendered over `messages`
+        (tokenize=False only: encode() the result)."""
         if tokenize:
             raise ValueError("QwenTokenizer.apply_chat_template renders text only (tokenize=False)")
-        if self.chat_template is None:
+        template = chat_template or self.chat_template
+        if template is None:
             raise ValueError("this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json's "
                              "chat_template)")
         if not messages:
             raise ValueError("cannot apply a chat template to an empty conversation")
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # as transformers does
-        return _compile_template(self.chat_template).render(
+        return _compile_template(template).render(
             messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
             **{**self.special_tokens_map, **kwargs})
 

@@ -9,7 +9,9 @@ collective can never pair up with the others again: an exception that someone ca
 on from (the server's engine thread does that for a single process) would leave the world hung
 or, worse, pairing mismatched collectives. A peer that exits closes its connections and the next
 collective here fails at once; one that hangs or drops off the network, after `tp.timeout_s`.
-The peers of an exited rank fail the same way in turn, so the whole world ends.
+The peers of an exited rank fail the same way in turn, so the whole world ends. The one exception
+is a driver that started its own workers (parallel.local), in the user's process: it ends them
+and raises (`fault`: TPGroup.on_fault), and the world is never used again.
 """
 
 from __future__ import annotations
@@ -46,6 +48,15 @@ def exit_rank(tp: TPGroup, why: str, error: BaseException | None = None) -> NoRe
     os._exit(FAULT_EXIT_STATUS)
 
 
+def fault(tp: TPGroup, why: str, error: BaseException | None = None) -> NoReturn:
+    """This rank cannot stay in lockstep with the others: exit_rank(tp, why, error), or, in a driver
+    that started its own workers, tp.on_fault(why), which raises TPWorldError naming the lost worker
+    (called inside the `except` block of `error`, which becomes its __context__)."""
+    if tp.on_fault is not None:
+        tp.on_fault(why)
+    exit_rank(tp, why, error)
+
+
 def _failed(tp: TPGroup, what: str, error: Exception, peer: int | None = None) -> NoReturn:
     """A collective raised: the peer (if known: the source of a broadcast, the other rank of two),
     else one of the others, exited, failed or stopped answering."""
@@ -54,7 +65,7 @@ def _failed(tp: TPGroup, what: str, error: Exception, peer: int | None = None) -
         peer = others[0]
     who = f"rank {peer}" if peer is not None else "one of ranks " + ", ".join(map(str, others))
     cause = " ".join(f"{type(error).__name__}: {error}".split())  # one line: gloo's messages hold newlines
-    exit_rank(tp, f"{what} failed: {who} exited, failed, or did not answer within the {tp.timeout_s:g} s "
+    fault(tp, f"{what} failed: {who} exited, failed, or did not answer within the {tp.timeout_s:g} s "
                   f"timeout ({TIMEOUT_ENV}). The error: {cause}")
 
 

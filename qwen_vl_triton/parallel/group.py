@@ -1,21 +1,24 @@
-"""Process groups for tensor parallelism, from torchrun's environment.
+"""Process groups for tensor parallelism, from torchrun's environment or a driver's own launch.
 
     tp = init_from_env()          # under `torchrun --nproc-per-node N ...`: rank, world size, device
     model = load_model(path, "auto", tp.device, tp=tp)
 
 torchrun (and any launcher that sets the same variables) gives every process RANK, WORLD_SIZE,
-LOCAL_RANK (its index on this machine), MASTER_ADDR and MASTER_PORT. `init_from_env` binds the
-process to accelerator LOCAL_RANK, picks the backend by device (hccl on Ascend NPUs, nccl on CUDA
-GPUs, gloo on the CPU) and returns a `TPGroup`: the small context object the model and the engine
-are handed explicitly. Without WORLD_SIZE (or with WORLD_SIZE=1) nothing is initialised and the
-group is the single-process one, on which every collective is a no-op.
+LOCAL_RANK (its index on this machine), MASTER_ADDR and MASTER_PORT. `init_from_env` reads them
+and calls `join_world`, which binds the process to accelerator LOCAL_RANK, picks the backend by
+device (hccl on Ascend NPUs, nccl on CUDA GPUs, gloo on the CPU) and returns a `TPGroup`: the small
+context object the model and the engine are handed explicitly. Without WORLD_SIZE (or with
+WORLD_SIZE=1) nothing is initialised and the group is the single-process one, on which every
+collective is a no-op. parallel.local calls `join_world` too, with its own rendezvous store, for
+the workers a driver starts on one machine (LLM(path, tensor_parallel_size=N)).
 
 Tensor parallelism spans the whole world (every process holds 1 / world_size of each layer):
 2/4/8-way on one machine, or across machines with torchrun's --nnodes / rendezvous flags.
 
 Every collective has a timeout, `TPGroup.timeout_s` (QVL_TP_TIMEOUT_S, default 600 s): a rank that
 hangs or becomes unreachable ends its peers within it (one that exits closes its connections, and
-its peers' next collective fails at once; parallel.comm turns either into an exit). Ranks > 0
+its peers' next collective fails at once; parallel.comm turns either into an exit, or into a
+TPWorldError in a driver that started its own workers: TPGroup.on_fault). Ranks > 0
 wait for rank 0's next command inside a collective, so a driver with nothing to do still steps
 every `TPGroup.heartbeat_s` (serving/async_engine.py) to tell them it is alive.
 """
@@ -27,8 +30,10 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -43,6 +48,16 @@ DEFAULT_TIMEOUT_S = 600.0
 # An idle driver's steps: frequent, so that a rank that dies while the server idles is noticed
 # within seconds (an empty step is one small broadcast).
 MAX_HEARTBEAT_S = 5.0
+# A rank that joins through a driver's own store (parallel.local) sets this key once its device is
+# bound, right before it joins: the driver waits for every rank's key while watching their processes.
+JOINING_KEY = "qvl/joining/{rank}"
+
+
+class TPWorldError(RuntimeError):
+    """The tensor-parallel world can no longer run: a worker exited, failed or stopped answering.
+
+    Raised, instead of an exit, in a driver that started its workers itself (parallel.local): at the
+    fault, and again by every later call on the LLM that used the world."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +71,10 @@ class TPGroup:
     object_group: a gloo group for python-object broadcasts (engine commands) kept off the
     accelerator's stream; None at world size 1;
     timeout_s: how long any collective (on either group) may wait for the other ranks before this
-    rank gives up on them and exits (parallel.comm).
+    rank gives up on them (parallel.comm);
+    on_fault: what a fault does here (parallel.comm.fault). None: this process exits at once
+    (parallel.comm.exit_rank), the only safe end for a launcher's rank; a driver that started its
+    own workers (parallel.local) raises TPWorldError instead, since its process is the user's.
     The default instance is the single process: every collective on it is a no-op.
     """
 
@@ -67,6 +85,7 @@ class TPGroup:
     group: dist.ProcessGroup | None = None
     object_group: dist.ProcessGroup | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
+    on_fault: Callable[[str], NoReturn] | None = None
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -108,6 +127,11 @@ def _env_int(name: str, default: int | None = None) -> int:
     return int(value)
 
 
+def launcher_world_size() -> int:
+    """The world size a launcher (torchrun) gave this process: WORLD_SIZE, 1 when unset."""
+    return _env_int("WORLD_SIZE", 1)
+
+
 def _bind_device(device_type: str, local_rank: int) -> torch.device:
     """Make accelerator `local_rank` this process's current device (no-op on the CPU)."""
     if device_type == "cpu":
@@ -116,8 +140,9 @@ def _bind_device(device_type: str, local_rank: int) -> torch.device:
         count = torch.cuda.device_count()
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
         if local_rank >= count:
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {count} CUDA device(s) are visible "
-                               f"(CUDA_VISIBLE_DEVICES={visible}); use --nproc-per-node <= {count}")
+            raise RuntimeError(f"local rank {local_rank} but only {count} CUDA device(s) are visible "
+                               f"(CUDA_VISIBLE_DEVICES={visible}); run at most {count} ranks on this machine "
+                               f"(torchrun --nproc-per-node, tensor_parallel_size)")
         torch.cuda.set_device(local_rank)
     elif device_type == "npu":
         import torch_npu  # noqa: F401
@@ -125,8 +150,9 @@ def _bind_device(device_type: str, local_rank: int) -> torch.device:
         count = torch.npu.device_count()  # type: ignore[attr-defined]
         visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES", "<unset>")
         if local_rank >= count:
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {count} NPU(s) are visible "
-                               f"(ASCEND_RT_VISIBLE_DEVICES={visible}); use --nproc-per-node <= {count}")
+            raise RuntimeError(f"local rank {local_rank} but only {count} NPU(s) are visible "
+                               f"(ASCEND_RT_VISIBLE_DEVICES={visible}); run at most {count} ranks on this machine "
+                               f"(torchrun --nproc-per-node, tensor_parallel_size)")
         torch.npu.set_device(local_rank)  # type: ignore[attr-defined]
     else:
         raise ValueError(f"tensor parallelism on {device_type!r} devices is not supported; "
@@ -134,7 +160,7 @@ def _bind_device(device_type: str, local_rank: int) -> torch.device:
     return torch.device(device_type, local_rank)
 
 
-def _timeout_s(timeout_s: float | None) -> float:
+def resolve_timeout_s(timeout_s: float | None = None) -> float:
     """The collectives' timeout: the argument, else QVL_TP_TIMEOUT_S, else the default."""
     if timeout_s is not None:
         return timeout_s
@@ -154,27 +180,60 @@ def init_from_env(device: str | torch.device | None = None, timeout_s: float | N
     or 1) no process group is made and the single-process TPGroup (on `device`, or the CPU) is
     returned. Calling it again after the world is up returns the same description.
     """
-    timeout = _timeout_s(timeout_s)
-    world = _env_int("WORLD_SIZE", 1)
-    device_type = torch.device(device).type if device is not None else detect_device_type()
+    timeout = resolve_timeout_s(timeout_s)
+    world = launcher_world_size()
+    device_type = device_type_of(device)
     if world == 1:
         return TPGroup(device=torch.device(device) if device is not None else torch.device(device_type),
                        timeout_s=timeout)
-    rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
+    return join_world(_env_int("RANK"), world, _env_int("LOCAL_RANK"), device_type, timeout)
+
+
+def device_type_of(device: str | torch.device | None) -> str:
+    """The type of `device` ("cuda", "npu", "cpu"), or of the first accelerator found (else "cpu")."""
+    return torch.device(device).type if device is not None else detect_device_type()
+
+
+def join_world(rank: int, world_size: int, local_rank: int, device_type: str, timeout_s: float, *,
+               store: dist.Store | None = None,
+               on_fault: Callable[[str], NoReturn] | None = None) -> TPGroup:
+    """Bind this process to accelerator `local_rank`, join the world as `rank` and return its TPGroup.
+
+    The one set-up of every tensor-parallel process: torchrun's ranks (init_from_env: rendezvous
+    at MASTER_ADDR:MASTER_PORT from the environment) and the ranks of a driver's own launch
+    (parallel.local: `store`, the driver's rendezvous store; each rank sets JOINING_KEY there once
+    bound). timeout_s: TPGroup.timeout_s, also the time allowed for every rank to join; on_fault:
+    TPGroup.on_fault. If this process already joined a world, its description is returned.
+    """
     bound = _bind_device(device_type, local_rank)
     backend = BACKENDS[device_type]
     if not dist.is_initialized():
         kwargs = {"device_id": bound} if device_type == "cuda" else {}
+        if store is None:
+            kwargs["init_method"] = "env://"
+        else:
+            store.set(JOINING_KEY.format(rank=rank), "1")
+            kwargs["store"] = store
         # The tensor collectives' group (also the time allowed for every rank to join).
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout), **kwargs)
-    if dist.get_world_size() != world or dist.get_rank() != rank:
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
+                                **kwargs)
+    if dist.get_world_size() != world_size or dist.get_rank() != rank:
         raise RuntimeError(f"the process group (rank {dist.get_rank()} of {dist.get_world_size()}) does not "
-                           f"match RANK={rank} WORLD_SIZE={world}")
+                           f"match rank {rank} of a world of {world_size}")
     # A separate gloo group for pickled objects, CPU-side (off the accelerator's stream).
-    object_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-    return TPGroup(rank=rank, world_size=world, local_rank=local_rank, device=bound,
-                   group=dist.group.WORLD, object_group=object_group, timeout_s=timeout)
+    object_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    return TPGroup(rank=rank, world_size=world_size, local_rank=local_rank, device=bound,
+                   group=dist.group.WORLD, object_group=object_group, timeout_s=timeout_s, on_fault=on_fault)
+
+
+def check_world_size(requested: int | None, tp: TPGroup) -> None:
+    """Raise ValueError if `requested` (EngineConfig.tensor_parallel_size; None: whatever the world
+    is) differs from the size of the world a launcher started, which `tp` belongs to."""
+    if requested is not None and requested != tp.world_size:
+        raise ValueError(f"tensor_parallel_size is {requested}, but this process is rank {tp.rank} of a world of "
+                         f"{tp.world_size} that its launcher started (torchrun --nproc-per-node "
+                         f"{tp.world_size}): under a launcher leave tensor_parallel_size unset or equal to its "
+                         f"world size")
 
 
 def destroy(tp: TPGroup) -> None:

@@ -9,9 +9,10 @@
 only once it is loaded) unless an LLM is passed in. `run_server(cfg)` runs it with uvicorn;
 SIGTERM stops accepting requests (new ones get 503), lets in-flight ones finish for up to
 `graceful_timeout` seconds, aborts the rest and exits 0. `serve(cfg)` adds tensor parallelism:
-under `torchrun --nproc-per-node N`, every rank loads its shard, rank 0 serves HTTP and drives the
-engine (its engine thread broadcasts each step's commands), the other ranks follow in
-`LLM.worker_loop()` until rank 0 shuts the engine down.
+every rank loads its shard, rank 0 serves HTTP and drives the engine (its engine thread
+broadcasts each step's commands), the other ranks follow in `LLM.worker_loop()` until rank 0 shuts
+the engine down. The ranks are `torchrun --nproc-per-node N`'s, or, with `--tensor_parallel_size N`
+and no launcher, this process and N-1 workers its engine starts (engine/llm.py).
 
 Client disconnects abort the request in the engine: a streaming response aborts when the ASGI
 server reports the disconnect (or a send fails), a non-streaming one watches the connection
@@ -42,7 +43,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qwen_vl_triton.engine.errors import RequestMediaError
 from qwen_vl_triton.engine.llm import LLM, RequestOutput
 from qwen_vl_triton.engine.preprocess import PreparedRequest
+from qwen_vl_triton.engine.sampling_defaults import NO_DEFAULTS, SamplingDefaults
 from qwen_vl_triton.engine.structured import StructuredOutput
+from qwen_vl_triton.modeling.processing import MediaKind
 from qwen_vl_triton.parallel import SINGLE_PROCESS, TPGroup
 from qwen_vl_triton.serving import tool_calls
 from qwen_vl_triton.serving.async_engine import (
@@ -54,9 +57,10 @@ from qwen_vl_triton.serving.async_engine import (
 )
 from qwen_vl_triton.serving.config import ServeConfig
 from qwen_vl_triton.serving.limits import BodyLimitMiddleware
+from qwen_vl_triton.serving.media_fetch import MediaFetcher
 from qwen_vl_triton.serving.metrics import CONTENT_TYPE, Metrics
 from qwen_vl_triton.serving.middleware import HTTPMiddleware
-from qwen_vl_triton.serving.prompting import Preparer
+from qwen_vl_triton.serving.prompting import MAX_IMAGE_BYTES, MAX_VIDEO_BYTES, Preparer
 from qwen_vl_triton.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -257,6 +261,10 @@ class Server:
         self.engine: AsyncEngine | None = None
         self.preparer: Preparer | None = None
         self.pool = ThreadPoolExecutor(max_workers=cfg.preprocess_workers, thread_name_prefix="qvl-prepare")
+        self.fetcher = MediaFetcher(cfg.allowed_media_domains,
+                                    {MediaKind.IMAGE: cfg.image_fetch_timeout,
+                                     MediaKind.VIDEO: cfg.video_fetch_timeout},
+                                    {MediaKind.IMAGE: MAX_IMAGE_BYTES, MediaKind.VIDEO: MAX_VIDEO_BYTES})
         self.created = now()
 
     # ---------------------------------------------------------------------------- lifecycle
@@ -270,14 +278,21 @@ class Server:
         self.engine = AsyncEngine(self.llm, max_waiting=self.cfg.max_waiting, metrics=self.metrics,
                                   on_fatal=self.on_fatal)
         self.engine.start()
-        log.info("serving %s as %s: %d KV blocks of %d tokens (sized by %s), max_seq_len %d, max_input_length %d",
-                 self.llm.path, self.names, self.llm.blocks.num_blocks, self.llm.blocks.block_size,
-                 self.llm.kv_budget_note, self.llm.max_seq_len, self.llm.max_input_length)
+        log.info("serving %s as %s: %d KV blocks of %d tokens (sized by %s), max_seq_len %d, max_input_length %d; "
+                 "sampling defaults for unset fields: %s", self.llm.path, self.names, self.llm.blocks.num_blocks,
+                 self.llm.blocks.block_size, self.llm.kv_budget_note, self.llm.max_seq_len,
+                 self.llm.max_input_length, self.llm.sampling_defaults.describe())
 
     async def shutdown(self) -> None:
         if self.engine is not None:
             await self.engine.stop(timeout=max(self.cfg.graceful_timeout, 5.0))
         self.pool.shutdown(wait=False, cancel_futures=True)
+        await self.fetcher.aclose()
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The model's defaults for the sampling fields a request leaves unset (--generation_config)."""
+        return self.llm.sampling_defaults if self.llm is not None else NO_DEFAULTS
 
     def ready_engine(self) -> AsyncEngine:
         if self.engine is None or not self.engine.is_healthy():
@@ -297,15 +312,26 @@ class Server:
         assert self.preparer is not None
         if req.messages is not None:
             tools = req.tools if req.tool_choice != "none" else None  # "none": the model is not told of them
-            return self.preparer.prepare_chat(req.messages, req.params, tools, cache_salt=req.cache_salt)
+            return self.preparer.prepare_chat(req.messages, req.params, tools, cache_salt=req.cache_salt,
+                                              chat_template=req.chat_template,
+                                              chat_template_kwargs=req.chat_template_kwargs,
+                                              mm_processor_kwargs=req.mm_processor_kwargs)
         return self.preparer.prepare_raw(req.raw_prompt or "", req.params, cache_salt=req.cache_salt)
 
     async def start_request(self, req: GenerationRequest, prefix: str) -> tuple[str, RequestStream]:
-        """Validate, prepare (in a worker thread) and submit; the request's id and stream."""
+        """Validate, fetch its http(s) media (on the event loop), prepare (in a worker thread) and
+        submit; the request's id and stream."""
+        if req.chat_template is not None and not self.cfg.trust_request_chat_template:
+            raise APIError("'chat_template' in a request is refused: this server was not started with "
+                           "--trust_request_chat_template (a request's template is code the server runs)",
+                           param="chat_template", code="untrusted_chat_template")
         engine = self.ready_engine()
         assert self.llm is not None
         validate_params(req.params, self.llm.config.text.vocab_size)
+        assert self.preparer is not None
         with engine.reserve():
+            if req.messages is not None:  # http(s) media: fetched here, on the loop, holding no worker thread
+                await self.fetcher.fetch_into(req.messages, self.preparer.preprocessor.limits.max_media_per_prompt)
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(self.pool, self._prepare, req)
             request_id = f"{prefix}-{uuid.uuid4().hex}"
@@ -565,20 +591,23 @@ def create_app(cfg: ServeConfig, llm: LLM | None = None, on_fatal: Callable[[str
                                           (SSE, ChatCompletionStreamResponse), failures))
     async def chat_completions(request: Request) -> Response:
         """OpenAI chat completions: text, image and video parts; tools; streaming with SSE."""
-        return await server.chat(request, parse_chat_request(parse_json_body(await request.body())))
+        return await server.chat(request, parse_chat_request(parse_json_body(await request.body()),
+                                                             server.sampling_defaults))
 
     @app.post("/v1/completions", openapi_extra={"requestBody": openapi_request_body(CompletionRequest)},
               responses=openapi_responses(CompletionResponse, "the completion", (SSE, CompletionStreamResponse),
                                           failures))
     async def completions(request: Request) -> Response:
         """OpenAI completions: a raw text prompt, no chat template."""
-        return await server.completion(request, parse_completion_request(parse_json_body(await request.body())))
+        return await server.completion(request, parse_completion_request(parse_json_body(await request.body()),
+                                                                         server.sampling_defaults))
 
     @app.post("/generate", openapi_extra={"requestBody": openapi_request_body(GenerateRequest)},
               responses=openapi_responses(GenerateResponse, "the texts", (NDJSON, GenerateResponse), failures))
     async def generate(request: Request) -> Response:
         """vLLM's / MindIE's generate: a text prompt (answered as prompt + output) or a list of parts."""
-        return await server.generate(request, parse_generate_request(parse_json_body(await request.body())))
+        return await server.generate(request, parse_generate_request(parse_json_body(await request.body()),
+                                                                     server.sampling_defaults))
 
     @app.get("/v1/models", responses=openapi_responses(ModelList, "the served model names"))
     async def models() -> JSONResponse:
@@ -649,17 +678,18 @@ def run_server(cfg: ServeConfig, llm: LLM | None = None, access_log: bool = Fals
 
 
 def serve(cfg: ServeConfig, access_log: bool = False) -> None:
-    """Serve on one process, or tensor-parallel under torchrun (rank 0 serves, the others follow)."""
-    from qwen_vl_triton.parallel import destroy, end_process, init_from_env
+    """Serve on one process, or tensor-parallel (rank 0 serves, the others follow): under torchrun,
+    or with --tensor_parallel_size N (worldSize) and no launcher, the engine's own N-1 workers."""
+    from qwen_vl_triton.parallel import TPWorldError, destroy, end_process, init_from_env
 
     tp = init_from_env(cfg.engine.device)  # world size 1 unless launched by torchrun
     try:
-        if cfg.world_size is not None and cfg.world_size != tp.world_size:
-            raise SystemExit(f"error: the config asks for worldSize {cfg.world_size} but this is a world of "
-                             f"{tp.world_size} process(es); launch with torchrun --nproc-per-node {cfg.world_size}")
         where = f"rank {tp.rank} of {tp.world_size}: " if tp.world_size > 1 else ""
         log.info("%sloading %s", where, cfg.model_path)
-        llm = load_llm(cfg, tp)
+        try:
+            llm = load_llm(cfg, tp)  # with no launcher and tensor_parallel_size N > 1, it starts the workers
+        except (ValueError, TPWorldError) as e:  # a bad setting (a size torchrun's contradicts), a worker lost
+            raise SystemExit(f"error: {e}") from None
         if tp.rank != 0:
             llm.worker_loop()  # follow rank 0's requests and steps until its engine stops
         else:

@@ -42,6 +42,7 @@ from qwen_vl_triton.engine.commands import Abort, Add, Command, Stop
 from qwen_vl_triton.engine.errors import StepFailed
 from qwen_vl_triton.engine.llm import LLM, RequestOutput
 from qwen_vl_triton.engine.preprocess import PreparedRequest
+from qwen_vl_triton.parallel import TPWorldError
 from qwen_vl_triton.serving.metrics import Metrics
 
 log = logging.getLogger("serving.engine")
@@ -364,11 +365,12 @@ class AsyncEngine:
 
     def _step_failed(self, error: BaseException) -> bool:
         """Count a failed step (or loop error); True when that makes max_failed_steps in a row, so
-        that the engine stops rather than repeat a failure that is not the requests' fault."""
+        that the engine stops rather than repeat a failure that is not the requests' fault, and at
+        once for a tensor-parallel world that lost a worker (TPWorldError: it never recovers)."""
         self.failed_steps += 1
         log.error("engine step failed (%d in a row; the engine stops at %d): %s: %s", self.failed_steps,
                   self.max_failed_steps, type(error).__name__, error, exc_info=error)
-        if self.failed_steps < self.max_failed_steps:
+        if self.failed_steps < self.max_failed_steps and not isinstance(error, TPWorldError):
             return False
         self.fatal = f"{self.failed_steps} engine steps in a row failed; the last: {type(error).__name__}: {error}"
         self._accepting = False

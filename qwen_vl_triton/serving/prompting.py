@@ -14,14 +14,19 @@ Media sources (`MediaRef.url`):
   * a path or `file://` URL: read only inside `--allowed_media_dir` (symlinks resolved first;
     relative paths are taken from that folder); anything else is a 400;
   * a bare base64 string of 512+ characters (MindIE accepts base64 images this way);
-  * `http://` / `https://`: refused with a 400; this server does not fetch URLs.
+  * `http://` / `https://`: fetched by the server on its event loop before the request reaches
+    these threads (serving/media_fetch.py: allowed hosts, public addresses only, timeouts, byte
+    limits); the part arrives here as a FetchedRef holding the body, read like a data URI's bytes.
 
 Work is bounded before it is done: the media count (max_media_per_prompt) is checked before any
 medium is read, the text's length before it is tokenized (the Preprocessor's `check_text`), a
 data URI's size before it is decoded and an image's or video frame's pixels from the file's header
 before it is decoded (decode_max_pixels); each is a 400 naming the limit.
 
-Chat messages are rendered with the tokenizer's chat template, parts in the order given (for one
+Chat messages (parsed by engine/chat.py, the parser `LLM.chat` uses too) go to the Preprocessor's
+`prepare_chat` with `Preparer.resolve` as the way to read their media; its InputErrors come back
+as 400s with the same message, param and code. They are rendered with the chat template (the
+request's `chat_template`, else the server's), parts in the order given (for one
 user message of media then text this is exactly what `LLM.generate` builds offline). Videos that
 would push a prompt over max_input_token_len are shrunk to fit (the response reports it in
 usage.media_adjustments). Videos are only planned here: the engine decodes their frames chunk by
@@ -34,24 +39,17 @@ import base64
 import binascii
 import re
 import urllib.parse
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from qwen_vl_triton.engine.media import Media, MediaOptionError, PreparedMedia
-from qwen_vl_triton.engine.preprocess import (
-    ContextLengthError,
-    OutputLengthError,
-    PreparedRequest,
-    Preprocessor,
-    PromptMediaMismatch,
-    ToolsNotRendered,
-)
+from qwen_vl_triton.engine.chat import ChatMessage, InputError, MediaRef
+from qwen_vl_triton.engine.media import Media
+from qwen_vl_triton.engine.preprocess import ContextLengthError, PreparedRequest, Preprocessor
 from qwen_vl_triton.engine.sampling import SamplingParams
 from qwen_vl_triton.engine.structured import byte_level_chars
-from qwen_vl_triton.modeling.processing import MediaError, MediaKind, MediaTooLarge, is_image
-from qwen_vl_triton.serving import tool_calls
-from qwen_vl_triton.serving.protocol import APIError, ChatMessage, MediaRef
+from qwen_vl_triton.modeling.processing import MediaKind
+from qwen_vl_triton.serving.media_fetch import FetchedRef
+from qwen_vl_triton.serving.protocol import APIError, api_error
 
 _BASE64 = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")
 MAX_IMAGE_BYTES = 20 << 20     # MindIE's limits: 20 MB per image, 512 MB per video
@@ -81,8 +79,11 @@ def _b64decode(ref: MediaRef, data: str) -> bytes:
 
 
 def resolve_source(ref: MediaRef, allowed_dir: Path | None) -> str | bytes:
-    """A file path (checked to lie inside allowed_dir) or the decoded bytes of a data URI, within
-    the byte limit of the part's kind (data URIs checked before they are decoded)."""
+    """A file path (checked to lie inside allowed_dir), the decoded bytes of a data URI or the body
+    the server fetched from an http(s) URL, within the byte limit of the part's kind (data URIs
+    checked before they are decoded, fetched bodies as they were read)."""
+    if isinstance(ref, FetchedRef):
+        return ref.data
     url = ref.url.strip()
     lower = url[:16].lower()
     if lower.startswith("data:"):
@@ -90,10 +91,9 @@ def resolve_source(ref: MediaRef, allowed_dir: Path | None) -> str | bytes:
         if not sep or not header.lower().endswith(";base64"):
             raise _media_error(ref, "a data URI must be data:<mime type>;base64,<data>", "invalid_base64")
         return _b64decode(ref, data)
-    if lower.startswith(("http://", "https://")):
-        raise _media_error(ref, "fetching media over http(s) is not supported by this server; send the file "
-                                "as a data: URI (base64) or as a path under the server's --allowed_media_dir",
-                           "unsupported_url")
+    if lower.startswith(("http://", "https://")):  # only the HTTP server fetches (MediaFetcher), before this
+        raise _media_error(ref, "http(s) URLs are fetched only by the HTTP server; send the file as a data: URI "
+                                "(base64) or as a path under --allowed_media_dir", "unsupported_url")
     if lower.startswith("file://"):
         try:
             parsed = urllib.parse.urlparse(url)
@@ -151,65 +151,28 @@ class Preparer:
 
     # ---------------------------------------------------------------------------- media
 
-    def prepare_one(self, ref: MediaRef) -> PreparedMedia:
-        """Resolve, size-check and prepare one media part; APIError (400) naming the part otherwise."""
-        source = resolve_source(ref, self.allowed_dir)
-        if ref.kind == MediaKind.VIDEO and is_image(source):
-            raise _media_error(ref, "this is an image, not a video: send it as an image_url part", "invalid_media")
-        try:
-            # label: the engine names the part if the medium fails later, while it decodes it
-            return replace(self.preprocessor.prepare_media(Media(source, ref.kind, dict(ref.options))), label=ref.param)
-        except MediaOptionError as e:
-            raise _media_error(ref, str(e), "invalid_value") from None
-        except MediaTooLarge as e:  # its header declares more pixels than decode_max_pixels
-            raise _media_error(ref, str(e), "media_too_large") from None
-        except Exception as e:  # noqa: BLE001 - any decoder failure is the file's fault: a 400
-            article = "an" if ref.kind == MediaKind.IMAGE else "a"
-            raise _media_error(ref, f"cannot read it as {article} {ref.kind}: {e}"[:500], "invalid_media") from None
+    def resolve(self, ref: MediaRef) -> Media:
+        """A media part's Media, read the server's way (`resolve_source`: the allowed folder, data
+        URIs, the bodies fetched from http(s) URLs, byte limits); APIError (400) naming the part."""
+        return Media(resolve_source(ref, self.allowed_dir), ref.kind, dict(ref.options))
 
     # ---------------------------------------------------------------------------- prompts
 
-    @staticmethod
-    def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-        """The chat-template input: media parts as {"type": "image"|"video"}, text as text parts;
-        system and tool messages, and assistant messages with tool calls, as one string (what
-        templates expect of them), tool calls with their arguments as objects (tool_calls.py)."""
-        out: list[dict[str, Any]] = []
-        for m in messages:
-            text = "".join(p for p in m.parts if isinstance(p, str))
-            if m.role == "tool":
-                out.append({"role": "tool", "content": text, "tool_call_id": m.tool_call_id})
-            elif m.tool_calls:
-                out.append({"role": m.role, "content": text, "tool_calls": m.tool_calls})
-            elif m.role == "system":
-                out.append({"role": "system", "content": text})
-            else:
-                out.append({"role": m.role, "content": [{"type": p.kind} if isinstance(p, MediaRef)
-                                                         else {"type": "text", "text": p} for p in m.parts]})
-        return tool_calls.template_messages(out)
-
     def prepare_chat(self, messages: list[ChatMessage], params: SamplingParams,
-                     tools: list[dict[str, Any]] | None = None, cache_salt: str | None = None) -> PreparedRequest:
-        """The rendered conversation (generation prompt appended, `tools` offered in the template's
-        system turn) with its media. What bounds the work is checked before any is done: the media
-        count first, then (as the template is rendered, before tokenizing) the text's length; media
-        are read last."""
-        refs = [p for m in messages for p in m.parts if isinstance(p, MediaRef)]
+                     tools: list[dict[str, Any]] | None = None, cache_salt: str | None = None,
+                     chat_template: str | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+                     mm_processor_kwargs: dict[str, Any] | None = None) -> PreparedRequest:
+        """The conversation as the engine's Preprocessor prepares it (`Preprocessor.prepare_chat`:
+        generation prompt appended, `tools` offered in the template's system turn, the request's own
+        `chat_template`, `chat_template_kwargs` and `mm_processor_kwargs`, vLLM's fields, if given),
+        its media read by `resolve`; the Preprocessor's refusals as 400s naming the same params."""
         try:
-            self.preprocessor.limits.check_count(len(refs))
-        except MediaOptionError as e:
-            raise APIError(str(e), param="messages", code="too_many_media") from None
-        try:
-            ids = self.preprocessor.render(self.template_messages(messages), tools)
-        except ContextLengthError as e:
-            raise APIError(str(e), param="messages", code="context_length_exceeded") from None
-        except ToolsNotRendered as e:
-            raise APIError(str(e), param="tools", code="unsupported_parameter") from None
-        except Exception as e:  # noqa: BLE001 - templates raise their own errors for odd conversations
-            raise APIError(f"the model's chat template cannot render these messages: {e}", param="messages",
-                           code="invalid_value") from None
-        media = [self.prepare_one(p) for p in refs]
-        return self._build(ids, media, params, "messages", cache_salt)
+            return self.preprocessor.prepare_chat(
+                messages, params, resolve=self.resolve, tools=tools, chat_template=chat_template,
+                chat_template_kwargs=chat_template_kwargs, mm_processor_kwargs=mm_processor_kwargs,
+                cache_salt=cache_salt)
+        except InputError as e:
+            raise api_error(e) from None
 
     def prepare_raw(self, text: str, params: SamplingParams, cache_salt: str | None = None) -> PreparedRequest:
         """Raw prompt text (no chat template, no media); text that cannot fit is refused before it
@@ -220,18 +183,10 @@ class Preparer:
             raise APIError(str(e), param="prompt", code="context_length_exceeded") from None
         if not ids:
             raise APIError("prompt is empty after tokenization", param="prompt", code="invalid_value")
-        return self._build(ids, [], params, "prompt", cache_salt)
-
-    def _build(self, ids: list[int], media: list[PreparedMedia], params: SamplingParams, param: str,
-               cache_salt: str | None) -> PreparedRequest:
         try:
-            return self.preprocessor.build(ids, media, params, cache_salt)
-        except PromptMediaMismatch as e:  # e.g. the text itself contains <|image_pad|>
-            raise APIError(str(e), param=param, code="invalid_value") from None
-        except OutputLengthError as e:  # the prompt fits, its max_tokens does not
-            raise APIError(str(e), param="max_tokens", code="context_length_exceeded") from None
-        except (ContextLengthError, MediaError) as e:  # a MediaError here: videos too long even shrunk
-            raise APIError(str(e), param=param, code="context_length_exceeded") from None
+            return self.preprocessor.build_checked(ids, [], params, "prompt", cache_salt)
+        except InputError as e:
+            raise api_error(e) from None
 
     def decode_tokens(self, ids: list[int]) -> list[tuple[str, bytes]]:
         """Each token's own text and its exact bytes (logprobs' 'token' and 'bytes' fields; the

@@ -8,11 +8,15 @@ and /docs show, see `openapi_request_body`) and parsed into one `GenerationReque
   examples send, a plain string), and qwen-vl-utils' `image` / `video` parts. Per-part media
   controls (min_pixels, max_pixels, fps, nframes, ...; see engine.media.IMAGE_OPTIONS /
   VIDEO_OPTIONS) may sit on the part or inside the url object. Tools (`tools`, `tool_choice`,
-  assistant `tool_calls`, `tool` messages) as OpenAI defines them.
+  assistant `tool_calls`, `tool` messages) as OpenAI defines them; vLLM's `chat_template` (a
+  Jinja template replacing the model's for this request) and `chat_template_kwargs`, and
+  `mm_processor_kwargs` (media controls for all its media). The messages and their parts are
+  the engine's models (engine/chat.py: the one parser, which `LLM.chat` uses too).
 * `POST /v1/completions` (`CompletionRequest`): OpenAI completions; `prompt` is raw text (no chat
   template).
 * `POST /generate` (`GenerateRequest`): vLLM's / MindIE's seed API; `prompt` is a string (raw
-  text) or a list of parts as above (rendered as one user message), `do_sample` false means greedy.
+  text) or a list of parts as above (rendered as one user message), `do_sample` false means greedy;
+  `mm_processor_kwargs` as for chat.
 
 All three take the sampling fields, `n`, and one output constraint: OpenAI's `response_format`
 (json_object, json_schema) or vLLM's `guided_json` / `guided_regex` / `guided_choice` /
@@ -20,11 +24,13 @@ All three take the sampling fields, `n`, and one output constraint: OpenAI's `re
 
 Validation has two layers. The models check each field's type and shape (strict types: a bool is
 never a number, an int is taken for a float, floats must be finite; unknown fields are ignored,
-since the OpenAI SDK sends fields this server does not use). Then the `parse_*` functions check
+since the OpenAI SDK sends fields this server does not use, and a body's unknown fields are logged
+at WARNING, each name once per process, as vLLM does). Then the `parse_*` functions check
 what spans fields (top_logprobs needs logprobs, one output constraint at most, tool_choice against
 the tools, roles and their content) as they build the GenerationRequest. Every problem becomes an
 `APIError` carrying the HTTP status and OpenAI's error body `{"error": {"message", "type",
-"param", "code"}}`, param a path such as `messages[0].content[1].image_url`. Bodies are parsed
+"param", "code"}}`, param a path such as `messages[0].content[1].image_url` (the engine's
+InputError, which carries the same three fields, becomes one: `api_error`). Bodies are parsed
 whatever the Content-Type (MindIE's curl examples send none): the handlers read the raw body and
 call these functions, FastAPI never parses it. Response bodies are in responses.py.
 
@@ -35,35 +41,43 @@ pydantic model with its parser and its 400s; they share the validation and error
 
 from __future__ import annotations
 
+import functools
 import json
-import math
+import logging
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Discriminator,
-    Field,
-    PlainValidator,
-    Tag,
-    ValidationError,
-    WithJsonSchema,
-    WrapValidator,
-    create_model,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, Field, ValidationError, WrapValidator, model_validator
 from pydantic.json_schema import SkipJsonSchema
-from pydantic_core import PydanticCustomError
 
-from qwen_vl_triton.engine.media import IMAGE_OPTIONS, VIDEO_OPTIONS
+from qwen_vl_triton.engine.chat import (
+    ChatMessage,
+    InputError,
+    Message,
+    NonEmptyStr,
+    Number,
+    Part,
+    input_error,
+    parse_messages,
+    parse_parts,
+)
+from qwen_vl_triton.engine.chat import (
+    MediaRef as MediaRef,  # re-exported: the server's media parts
+)
+from qwen_vl_triton.engine.chat import StrictModel as _Model
+from qwen_vl_triton.engine.chat import fail as _fail
+from qwen_vl_triton.engine.chat import json_type as _json_type
+from qwen_vl_triton.engine.chat import snippet as _snippet
+from qwen_vl_triton.engine.chat import tagged_union as _union
 from qwen_vl_triton.engine.sampling import MAX_N, SamplingParams
+from qwen_vl_triton.engine.sampling_defaults import NO_DEFAULTS, SamplingDefaults
 from qwen_vl_triton.engine.structured import StructuredOutput
-from qwen_vl_triton.modeling.processing import MediaKind
 from qwen_vl_triton.serving.responses import ErrorInfo, ErrorResponse, ErrorType, json_schema
+
+log = logging.getLogger("serving.protocol")
 
 MAX_LOGPROBS = 20
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
@@ -98,28 +112,6 @@ def server_busy(message: str) -> APIError:
 
 
 @dataclass
-class MediaRef:
-    """An image or video as the request names it (resolved later, in a worker thread)."""
-
-    kind: MediaKind
-    url: str                    # data: URI, file:// URL, path, or raw base64
-    options: dict[str, Any]     # qwen-vl-utils controls
-    param: str                  # where it sits in the request, for error messages
-
-
-@dataclass
-class ChatMessage:
-    """One message: role and its parts in order (str for text, MediaRef for media)."""
-
-    role: str                                         # system | user | assistant | tool
-    parts: list[str | MediaRef]
-    # assistant: OpenAI tool_calls, each {"id": str, "type": "function", "function": {"name": str,
-    # "arguments": str (JSON text of an object)}}
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None                   # tool: the call it answers
-
-
-@dataclass
 class GenerationRequest:
     """What any endpoint asks of the engine. Exactly one of messages / raw_prompt is set."""
 
@@ -137,6 +129,9 @@ class GenerationRequest:
     tool_choice: str = "none"              # "none" | "auto" | "required" | "function" (then tool_name says which)
     tool_name: str | None = None
     parallel_tool_calls: bool = True       # False: at most one call (enforced where the output is constrained)
+    chat_template: str | None = None       # the request's own chat template (vLLM's field)
+    chat_template_kwargs: dict[str, Any] | None = None  # extra chat template variables (vLLM's field)
+    mm_processor_kwargs: dict[str, int | float] | None = None  # controls for all its media (vLLM's field)
 
     @property
     def max_tokens_given(self) -> bool:
@@ -197,45 +192,6 @@ def _lone_surrogate(body: dict[str, Any]) -> str | None:
 
 # ------------------------------------------------------------------------------------- model helpers
 
-# The codes our validators raise (PydanticCustomError's type): passed through as the error's code.
-_CODES = {"missing_required_parameter", "invalid_type", "invalid_value", "empty_messages", "unsupported_parameter",
-          "unsupported_content_type", "unsupported_media"}
-
-
-def _fail(code: str, message: str, field: str | None = None) -> PydanticCustomError:
-    """An error for a validator to raise: `code` is the APIError's, `field` (a model validator's
-    error is located at the model) names the field it is about."""
-    context: dict[str, Any] = {"message": message}  # the message goes in as context: it may hold braces
-    if field is not None:
-        context["field"] = field
-    return PydanticCustomError(code, "{message}", context)
-
-
-class _Model(BaseModel):
-    """Strict types (a bool is never a number, a string never a number; an int is taken for a float),
-    finite floats only, unknown fields ignored (the OpenAI SDK sends fields we do not use)."""
-
-    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
-
-
-def _union(pick: Callable[[Any], str | None], expected: str, **arms: Any) -> Any:
-    """A union whose arm `pick` names from the raw value (not pydantic's try-every-arm union, whose
-    errors would come from every arm). No arm (pick gives None): an invalid_type error "must be
-    `expected`". Arms are tagged <name>; `_param` drops the tags from error paths."""
-    members = tuple(Annotated[arm, Tag(f"<{name}>")] for name, arm in arms.items())
-
-    def tag(value: Any) -> str | None:
-        name = pick(value)
-        return None if name is None else f"<{name}>"
-
-    return Annotated[Union[members], Discriminator(  # noqa: UP007 - a union built from a tuple
-        tag, custom_error_type="invalid_type", custom_error_message=f"must be {expected}")]
-
-
-def _json_type(value: Any) -> str | None:
-    """`_union`'s pick for arms named after JSON types."""
-    return {str: "string", list: "array", dict: "object"}.get(type(value))
-
 
 def _whole(expected: str) -> WrapValidator:
     """Any error inside the field becomes one invalid_type error on the field itself (its param is
@@ -249,193 +205,7 @@ def _whole(expected: str) -> WrapValidator:
     return WrapValidator(validate)
 
 
-def _number(value: Any) -> int | float:
-    """A media option: an int (kept an int: several options are counts) or a finite float."""
-    # (math.isfinite of an int past float's range would raise OverflowError: ints are finite anyway)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not math.isfinite(value)):
-        raise _fail("invalid_type", "must be a finite number")
-    return value
-
-
-Number = Annotated[int | float, PlainValidator(_number), WithJsonSchema({"type": "number"})]
-NonEmptyStr = Annotated[str, Field(min_length=1)]
-
-
-# ------------------------------------------------------------------------------------- content parts
-
-
-def _options_model(name: str, keys: tuple[str, ...], what: str) -> type[_Model]:
-    """A model of qwen-vl-utils' media controls `keys`, all optional numbers."""
-    fields: dict[str, Any] = {key: (Number | None, Field(None, description=f"qwen-vl-utils' {key}")) for key in keys}
-    return create_model(name, __base__=_Model, __doc__=f"qwen-vl-utils' {what} controls.", **fields)
-
-
-ImageOptions = _options_model("ImageOptions", IMAGE_OPTIONS, "image")
-VideoOptions = _options_model("VideoOptions", VIDEO_OPTIONS, "video")
-
-
-# No path, URL or base64 text holds a NUL; the file system calls would raise on one.
-NUL_IN_URL = "holds a NUL character: not a path, URL or base64 data"
-
-
-class _URLObject(_Model):
-    """{"url": ...}: the url must be a non-empty string (an error on the part's field, as the value
-    as a whole is what is wrong)."""
-
-    url: str = Field(description="data: URI (base64), file:// URL, a path under the server's --allowed_media_dir, "
-                                 "or raw base64")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _url(cls, data: dict[str, Any]) -> dict[str, Any]:  # a dict: the union's "object" arm
-        url = data.get("url")
-        if not (isinstance(url, str) and url):
-            raise _fail("invalid_type", "must be a URL string or an object with a non-empty 'url'")
-        if "\0" in url:
-            raise _fail("invalid_value", NUL_IN_URL)
-        return data
-
-
-class ImageURL(ImageOptions, _URLObject):
-    """An image's url with its controls."""
-
-
-class VideoURL(VideoOptions, _URLObject):
-    """A video's url with its controls."""
-
-
-URL_STRING = "a URL string or {url: ...}"
-ImageSource = _union(_json_type, URL_STRING, string=str, object=ImageURL)
-VideoSource = _union(_json_type, URL_STRING, string=str, object=VideoURL)
-
-
-class _MediaPart(_Model):
-    """A media part whose source sits in the field named by its type (image_url, video_url, image,
-    video); qwen-vl-utils also writes {"type": "image", "image_url": ...}."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _source(cls, data: dict[str, Any]) -> dict[str, Any]:  # a dict: _part_arm routes only those here
-        kind = data["type"]
-        value = data.get(kind)
-        if value is None and kind in ("image", "video"):
-            value = data.get(f"{kind}_url")
-            data = {**data, kind: value}
-        if isinstance(value, list):
-            raise _fail("unsupported_media", f"a {kind.split('_')[0]} given as a list (of frames) is not "
-                                             "supported; send one file", field=kind)
-        if not ((isinstance(value, str) and value) or isinstance(value, dict)):
-            raise _fail("invalid_type", f"must be {URL_STRING}", field=kind)
-        if isinstance(value, str) and "\0" in value:
-            raise _fail("invalid_value", NUL_IN_URL, field=kind)
-        return data
-
-
-class TextPart(_Model):
-    """{"type": "text", "text": ...}."""
-
-    type: Literal["text"]
-    text: str | None = None
-
-
-class ImageURLPart(ImageOptions, _MediaPart):
-    """{"type": "image_url", "image_url": "..." | {"url": ..., <controls>}, <controls>} (OpenAI, MindIE)."""
-
-    type: Literal["image_url"]
-    image_url: ImageSource
-
-
-class ImagePart(ImageOptions, _MediaPart):
-    """{"type": "image", "image": "..." | {"url": ...}, <controls>} (qwen-vl-utils)."""
-
-    type: Literal["image"]
-    image: ImageSource
-
-
-class VideoURLPart(VideoOptions, _MediaPart):
-    """{"type": "video_url", "video_url": "..." | {"url": ..., <controls>}, <controls>}."""
-
-    type: Literal["video_url"]
-    video_url: VideoSource
-
-
-class VideoPart(VideoOptions, _MediaPart):
-    """{"type": "video", "video": "..." | {"url": ...}, <controls>} (qwen-vl-utils)."""
-
-    type: Literal["video"]
-    video: VideoSource
-
-
-PART_TYPES = ("text", "image_url", "video_url", "image", "video")
-REFUSED_PART_TYPES = ("input_audio", "audio_url", "file")
-
-
-class _OtherPart(_Model):
-    """A part of any other type: refused, naming its type."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse(cls, data: dict[str, Any]) -> dict[str, Any]:  # a dict: _part_arm routes only those here
-        kind = data.get("type")
-        if kind in REFUSED_PART_TYPES:
-            raise _fail("unsupported_content_type", f"content type {kind!r} is not supported (text, image_url and "
-                                                    "video_url are)", field="type")
-        raise _fail("invalid_value", f"must be one of {', '.join(PART_TYPES)}; got {_snippet(kind)}", field="type")
-
-
-def _part_arm(part: Any) -> str | None:
-    if isinstance(part, str):
-        return "string"
-    if not isinstance(part, dict):
-        return None
-    kind = part.get("type")
-    return kind if isinstance(kind, str) and kind in PART_TYPES else "other"
-
-
-Part = _union(_part_arm, "a string or an object with a 'type'", string=str, text=TextPart, image_url=ImageURLPart,
-              video_url=VideoURLPart, image=ImagePart, video=VideoPart, other=SkipJsonSchema[_OtherPart])
-Content = _union(_json_type, "a string or an array of content parts", string=str, array=list[Part])
-
-
-# ------------------------------------------------------------------------------------- messages, tools
-
-
-class FunctionCall(_Model):
-    """A function call an assistant made."""
-
-    name: NonEmptyStr
-    arguments: str = Field(description="the arguments object as JSON text")
-
-    @field_validator("arguments")
-    @classmethod
-    def _object_text(cls, text: str) -> str:
-        """JSON text of an object: chat templates are given the object."""
-        try:
-            value = json.loads(text)
-        except (ValueError, RecursionError):
-            value = None
-        if not isinstance(value, dict):
-            raise _fail("invalid_value", "must be the JSON text of an object")
-        return text
-
-
-class ToolCall(_Model):
-    """One of an assistant message's tool_calls."""
-
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class Message(_Model):
-    """A chat message. Media parts are accepted in user messages only; assistant messages may carry
-    tool_calls (then content may be null), tool messages answer one by its tool_call_id."""
-
-    role: Literal["system", "user", "assistant", "tool"]
-    content: Content | None = Field(None, description="required except in assistant messages")
-    tool_calls: list[ToolCall] | None = Field(None, description="assistant messages only")
-    tool_call_id: str | None = Field(None, description="tool messages: the id of the call answered (required)")
+# ------------------------------------------------------------------------------------- tools
 
 
 class FunctionDefinition(_Model):
@@ -546,12 +316,14 @@ class _GenerationFields(_Model):
     refused: ClassVar[tuple[str, ...]] = ("echo", "suffix", "logit_bias", "functions", "function_call")
 
     model: str | None = Field(None, description="a served model name (GET /v1/models); default: the first")
-    max_tokens: int | None = Field(None, description="default: the room left under max_seq_len (and max_iter_times)")
+    max_tokens: int | None = Field(None, description="default: the model's max_new_tokens (generation_config.json), "
+                                                     "else the room left under max_seq_len (and max_iter_times)")
     max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens (wins over it)")
-    temperature: float | None = Field(None, description="default 1 (0: greedy)")
-    top_p: float | None = Field(None, description="in (0, 1], default 1")
-    top_k: int | None = Field(None, description="-1 or 0: off (default)")
-    repetition_penalty: float | None = Field(None, description="> 0, default 1 (vLLM's)")
+    # The four below default to the model's generation_config.json (the server's --generation_config)
+    temperature: float | None = Field(None, description="0: greedy; default: the model's, else 1")
+    top_p: float | None = Field(None, description="in (0, 1]; default: the model's, else 1")
+    top_k: int | None = Field(None, description="-1 or 0: off; default: the model's, else off")
+    repetition_penalty: float | None = Field(None, description="> 0 (vLLM's); default: the model's, else 1")
     presence_penalty: float | None = Field(None, description="in [-2, 2], default 0")
     frequency_penalty: float | None = Field(None, description="in [-2, 2], default 0")
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
@@ -589,6 +361,12 @@ class _GenerationFields(_Model):
         return data
 
 
+MMProcessorKwargs = dict[str, Number]
+MM_PROCESSOR_KWARGS_HELP = ("vLLM's: media controls for every image and video of the request, e.g. {\"fps\": 1, "
+                            "\"max_pixels\": 200704} (a part's own controls win; each applies to the kinds it is a "
+                            "control of)")
+
+
 class StreamOptions(_Model):
     """stream_options (with stream: true)."""
 
@@ -609,6 +387,12 @@ class ChatCompletionRequest(_GenerationFields):
     tool_choice: ToolChoice | None = Field(None, description="default: \"auto\" with tools, \"none\" without")
     parallel_tool_calls: bool | None = Field(
         None, description="false: at most one call (tool_choice \"required\" constrains the output to one)")
+    chat_template: NonEmptyStr | None = Field(
+        None, description="vLLM's: a Jinja chat template replacing the model's for this request (one that cannot "
+                          "render the messages is a 400)")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="vLLM's: extra variables for the chat template, e.g. {\"add_vision_id\": true}")
+    mm_processor_kwargs: MMProcessorKwargs | None = Field(None, description=MM_PROCESSOR_KWARGS_HELP)
 
 
 class CompletionRequest(_GenerationFields):
@@ -645,6 +429,7 @@ class GenerateRequest(_GenerationFields):
 
     prompt: GeneratePrompt
     do_sample: bool | None = Field(None, description="MindIE's: false means greedy")
+    mm_processor_kwargs: MMProcessorKwargs | None = Field(None, description=MM_PROCESSOR_KWARGS_HELP)
 
     @classmethod
     def _prompt(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -658,53 +443,63 @@ class GenerateRequest(_GenerationFields):
 # ------------------------------------------------------------------------------------- error mapping
 
 
-def _param(loc: tuple[str | int, ...]) -> str | None:
-    """pydantic's error location as our param path: messages[0].content[1].image_url."""
-    path = ""
-    for item in loc:
-        if isinstance(item, int):
-            path += f"[{item}]"
-        elif not item.startswith("<"):  # a _union arm's tag
-            path += f".{item}" if path else item
-    return path or None
-
-
-def _snippet(value: Any) -> str:
-    """What was sent, for a message: scalars as JSON (cut short), containers by their kind."""
-    if isinstance(value, (dict, list)):
-        return "an object" if isinstance(value, dict) else "an array"
-    if isinstance(value, str):
-        value = value[:60]
-    return json.dumps(value)[:80]
+def api_error(error: InputError) -> APIError:
+    """An engine InputError (message, param, code) as a 400."""
+    return APIError(error.message, param=error.param, code=error.code)
 
 
 def _api_error(error: ValidationError) -> APIError:
     """The first of pydantic's errors as a 400: its location as the param, its type as the code
-    (missing: missing_required_parameter, wrong type: invalid_type, others: invalid_value; ours as
-    they are)."""
-    first = error.errors(include_url=False)[0]
-    kind, context = first["type"], first.get("ctx") or {}
-    loc = first["loc"] + ((context["field"],) if "field" in context else ())
-    param = _param(loc)
-    if kind in _CODES:
-        code, message = kind, first["msg"]
-    elif kind == "missing":
-        code, message = "missing_required_parameter", "is required"
-    else:
-        code = "invalid_type" if kind.endswith("_type") or kind == "finite_number" else "invalid_value"
-        message = f"{first['msg'][0].lower()}{first['msg'][1:]} (got {_snippet(first.get('input'))})"
-    return APIError(f"'{param}' {message}" if param else message, param=param, code=code)
+    (engine.chat.input_error)."""
+    return api_error(input_error(error))
 
 
 M = TypeVar("M", bound=_Model)
 
 
 def _validate(model: type[M], body: dict[str, Any]) -> M:
-    """The body as `model` (400 naming the first problem)."""
+    """The body as `model` (400 naming the first problem); fields it ignores are logged
+    (`_log_ignored_fields`)."""
     try:
-        return model.model_validate(body)
+        request = model.model_validate(body)
     except ValidationError as e:
         raise _api_error(e) from None
+    _log_ignored_fields(model, body)
+    return request
+
+
+# Unknown fields are logged once per name per process; at most this many names are remembered (a
+# client sending fresh names would otherwise grow the set and the log without bound), each cut to
+# _IGNORED_NAME_CHARS characters.
+_MAX_IGNORED_NAMES, _IGNORED_NAME_CHARS = 1024, 100
+_ignored_names: set[str] = set()
+_ignored_lock = threading.Lock()
+
+
+@functools.cache
+def _known_fields(model: type[_Model]) -> frozenset[str]:
+    """The body fields `model` reads: its fields' names and aliases, and the fields it refuses when
+    set (`_GenerationFields.refused`: known, and without effect when false)."""
+    names = set(getattr(model, "refused", ()))
+    for name, info in model.model_fields.items():
+        names.add(name)
+        for alias in (info.alias, info.validation_alias):
+            names.update(a for a in getattr(alias, "choices", [alias]) if isinstance(a, str))
+    return frozenset(names)
+
+
+def _log_ignored_fields(model: type[_Model], body: dict[str, Any]) -> None:
+    """A WARNING naming the body's fields that `model` does not declare (they are ignored), as
+    vLLM logs them; each name once per process (thread-safe), the first _MAX_IGNORED_NAMES names."""
+    unknown = {str(k)[:_IGNORED_NAME_CHARS] for k in body.keys() - _known_fields(model)}
+    if not unknown:
+        return
+    with _ignored_lock:
+        new = sorted(unknown - _ignored_names)[:max(0, _MAX_IGNORED_NAMES - len(_ignored_names))]
+        _ignored_names.update(new)
+    if new:
+        log.warning("The following fields were present in the request but ignored: {%s} (%s; each name is "
+                    "logged once)", ", ".join(map(repr, new)), getattr(model, "endpoint", model.__name__))
 
 
 def openapi_request_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -714,65 +509,6 @@ def openapi_request_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- semantics
-
-
-def _parts(content: str | list[Any], param: str) -> list[str | MediaRef]:
-    """A message's (or /generate's prompt's) parts: text, or MediaRefs naming where they sit."""
-    if isinstance(content, str):
-        return [content] if content else []
-    parts: list[str | MediaRef] = []
-    for i, part in enumerate(content):
-        if isinstance(part, str):
-            parts.append(part)
-        elif isinstance(part, TextPart):
-            parts.append(part.text or "")
-        else:
-            parts.append(_media_ref(part, f"{param}[{i}]"))
-    return parts
-
-
-def _media_ref(part: ImageURLPart | ImagePart | VideoURLPart | VideoPart, param: str) -> MediaRef:
-    """The part's source and its controls (those inside the url object win over the part's own)."""
-    kind = MediaKind.IMAGE if part.type.startswith("image") else MediaKind.VIDEO
-    keys = IMAGE_OPTIONS if kind == MediaKind.IMAGE else VIDEO_OPTIONS
-    source = getattr(part, part.type)
-    options = {k: getattr(part, k) for k in keys if getattr(part, k) is not None}
-    if isinstance(source, str):
-        url = source
-    else:
-        options.update({k: getattr(source, k) for k in keys if getattr(source, k) is not None})
-        url = source.url
-    return MediaRef(kind, url, options, f"{param}.{part.type}")
-
-
-def _messages(value: list[Message]) -> list[ChatMessage]:
-    """ChatMessages from validated messages, checking what depends on the role."""
-    if not value:
-        raise APIError("'messages' is empty; send at least one user message", param="messages",
-                       code="empty_messages")
-    messages = []
-    for i, m in enumerate(value):
-        param = f"messages[{i}]"
-        if m.content is None and m.role != "assistant":
-            raise APIError(f"'{param}.content' is required", param=f"{param}.content",
-                           code="missing_required_parameter")
-        parts = _parts(m.content or "", f"{param}.content")
-        if m.role != "user" and any(isinstance(p, MediaRef) for p in parts):
-            raise APIError(f"'{param}': images and videos are accepted in user messages only",
-                           param=f"{param}.content", code="invalid_value")
-        if m.tool_calls and m.role != "assistant":
-            raise APIError(f"'{param}.tool_calls': only assistant messages make tool calls",
-                           param=f"{param}.tool_calls", code="invalid_value")
-        if m.role == "tool" and m.tool_call_id is None:
-            raise APIError(f"'{param}.tool_call_id' is required in a tool message", param=f"{param}.tool_call_id",
-                           code="missing_required_parameter")
-        calls = [c.model_dump() for c in m.tool_calls] if m.tool_calls else None
-        messages.append(ChatMessage(m.role, parts, calls, m.tool_call_id if m.role == "tool" else None))
-    if not any(m.role == "user" for m in messages):
-        raise APIError("'messages' has no user message", param="messages", code="invalid_value")
-    if any(m.role == "system" for m in messages[1:]):
-        raise APIError("a system message may only come first", param="messages", code="invalid_value")
-    return messages
 
 
 def _json_text(value: Any, param: str) -> str:
@@ -825,19 +561,20 @@ def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def _sampling(r: _GenerationFields) -> SamplingParams:
-    """SamplingParams from the OpenAI / vLLM fields (max_tokens None when not given: the
-    Preprocessor gives the request the room its prompt leaves)."""
-    max_tokens = _or(r.max_completion_tokens, r.max_tokens)
+def _sampling(r: _GenerationFields, defaults: SamplingDefaults) -> SamplingParams:
+    """SamplingParams from the OpenAI / vLLM fields. A field the request leaves unset takes the
+    model's default (`defaults`, from generation_config.json), else OpenAI's; max_tokens None when
+    neither sets it (the Preprocessor gives the request the room its prompt leaves)."""
+    max_tokens = defaults.get("max_tokens", _or(r.max_completion_tokens, r.max_tokens), None)
     n = _or(r.n, 1)
     if r.best_of is not None and r.best_of != n:
         raise APIError(f"best_of other than n ({n}) is not supported", param="best_of", code="unsupported_parameter")
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=_or(r.temperature, 1.0),
-        top_p=_or(r.top_p, 1.0),
-        top_k=-1 if r.top_k in (None, 0) else r.top_k,
-        repetition_penalty=_or(r.repetition_penalty, 1.0),
+        temperature=defaults.get("temperature", r.temperature, 1.0),
+        top_p=defaults.get("top_p", r.top_p, 1.0),
+        top_k=-1 if r.top_k == 0 else defaults.get("top_k", r.top_k, -1),
+        repetition_penalty=defaults.get("repetition_penalty", r.repetition_penalty, 1.0),
         presence_penalty=_or(r.presence_penalty, 0.0),
         frequency_penalty=_or(r.frequency_penalty, 0.0),
         seed=r.seed,
@@ -897,11 +634,14 @@ def _tools(r: ChatCompletionRequest, structured: StructuredOutput | None
 # ------------------------------------------------------------------------------------- the endpoints
 
 
-def parse_chat_request(body: dict[str, Any]) -> GenerationRequest:
-    """POST /v1/chat/completions."""
+def parse_chat_request(body: dict[str, Any], defaults: SamplingDefaults = NO_DEFAULTS) -> GenerationRequest:
+    """POST /v1/chat/completions; `defaults` (the model's) fill the sampling fields it leaves unset."""
     r = _validate(ChatCompletionRequest, body)
-    messages = _messages(r.messages)
-    params = _sampling(r)
+    try:
+        messages = parse_messages(r.messages)
+    except InputError as e:
+        raise api_error(e) from None
+    params = _sampling(r, defaults)
     logprobs = bool(r.logprobs)
     top = _or(r.top_logprobs, 0)
     if top and not logprobs:
@@ -911,28 +651,32 @@ def parse_chat_request(body: dict[str, Any]) -> GenerationRequest:
     tools, tool_choice, tool_name = _tools(r, params.structured)
     return GenerationRequest(r.model, messages, None, params, stream, include_usage, logprobs,
                              bool(r.return_token_ids), r.cache_salt, tools, tool_choice, tool_name,
-                             r.parallel_tool_calls is not False)
+                             r.parallel_tool_calls is not False, chat_template=r.chat_template,
+                             chat_template_kwargs=r.chat_template_kwargs, mm_processor_kwargs=r.mm_processor_kwargs)
 
 
-def parse_completion_request(body: dict[str, Any]) -> GenerationRequest:
-    """POST /v1/completions: a raw text prompt."""
+def parse_completion_request(body: dict[str, Any], defaults: SamplingDefaults = NO_DEFAULTS
+                             ) -> GenerationRequest:
+    """POST /v1/completions: a raw text prompt; `defaults` as for parse_chat_request."""
     r = _validate(CompletionRequest, body)
-    params = _sampling(r)
+    params = _sampling(r, defaults)
     params.logprobs = r.logprobs
     stream, include_usage = _stream_flags(r)
     return GenerationRequest(r.model, None, r.prompt, params, stream, include_usage, r.logprobs is not None,
                              bool(r.return_token_ids), r.cache_salt)
 
 
-def parse_generate_request(body: dict[str, Any]) -> GenerationRequest:
-    """POST /generate (vLLM / MindIE): prompt string (raw) or list of parts (one user message)."""
+def parse_generate_request(body: dict[str, Any], defaults: SamplingDefaults = NO_DEFAULTS) -> GenerationRequest:
+    """POST /generate (vLLM / MindIE): prompt string (raw) or list of parts (one user message);
+    `defaults` as for parse_chat_request (MindIE's do_sample false is greedy whatever they say)."""
     r = _validate(GenerateRequest, body)
     messages, raw = None, None
     if isinstance(r.prompt, str):
         raw = r.prompt
     else:
-        messages = [ChatMessage("user", _parts(r.prompt, "prompt"))]
-    params = _sampling(r)
+        messages = [ChatMessage("user", parse_parts(r.prompt, "prompt"))]
+    params = _sampling(r, defaults)
     if r.do_sample is False:
         params.temperature = 0.0
-    return GenerationRequest(r.model, messages, raw, params, bool(r.stream), cache_salt=r.cache_salt)
+    return GenerationRequest(r.model, messages, raw, params, bool(r.stream), cache_salt=r.cache_salt,
+                             mm_processor_kwargs=r.mm_processor_kwargs)

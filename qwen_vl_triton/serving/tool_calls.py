@@ -38,8 +38,8 @@ What the server does per `tool_choice` (as vLLM does):
   (`required_schema`) and each becomes a call (`parse_required`; streamed: `RequiredCallStream`);
   finish_reason "tool_calls". An output that is not such an array (cut short by max_tokens) is
   answered as content.
-Messages go to the template through `template_messages` (arguments as objects, as Qwen2.5's
-template writes them with `tojson`).
+Messages go to the template with their calls' arguments as objects, as Qwen2.5's template writes
+them with `tojson` (engine/chat.py, `tool_call_arguments`).
 
 What streaming sends: the server feeds a stream the whole text so far after each step (each text
 extends the one before) and `finished=True` with the last; `update` returns OpenAI delta pieces,
@@ -58,6 +58,8 @@ import json
 import re
 import secrets
 from typing import Any, NamedTuple
+
+from qwen_vl_triton.engine.chat import loads_json as _loads
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -86,21 +88,6 @@ def _new_id() -> str:
 def _openai_call(name: str, arguments: str) -> dict[str, Any]:
     """OpenAI's tool call object with a fresh id."""
     return {"id": _new_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
-
-
-def _reject_constant(name: str) -> Any:
-    """json's parse_constant: NaN, Infinity and -Infinity are refused."""
-    raise ValueError(f"{name} is not JSON")
-
-
-def _loads(text: str) -> Any:
-    """json.loads as the parser reads model output: raw control characters inside strings are
-    accepted (strict=False), NaN and Infinity (which json.dumps would write back, and JSON has not)
-    are not; nesting too deep for the decoder is a ValueError like any other bad JSON."""
-    try:
-        return json.loads(text, strict=False, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ValueError("JSON nested too deep") from None
 
 
 def _call_from_object(obj: Any) -> _Call | None:
@@ -381,36 +368,3 @@ class RequiredCallStream:
             return [{"content": text}] if text else []
         self._calls = len(calls)
         return [{"tool_calls": [{"index": i, **call}]} for i, call in enumerate(calls)]
-
-
-# ------------------------------------------------------------------------------- chat template
-
-
-def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """OpenAI chat messages as a Hugging Face chat template takes them: each assistant tool call's
-    `function.arguments` JSON text is decoded into an object (Qwen2.5's template writes
-    `arguments | tojson`, which would encode a string twice). Other messages, tool messages
-    (role "tool" and their content) among them, are passed as they are; nothing is modified in
-    place. ValueError, naming the field, when arguments are not a JSON object."""
-    out = []
-    for i, message in enumerate(messages):
-        calls = message.get("tool_calls")
-        if message.get("role") == "assistant" and calls:
-            message = {**message, "tool_calls": [_template_call(call, f"messages[{i}].tool_calls[{k}]")
-                                                 for k, call in enumerate(calls)]}
-        out.append(message)
-    return out
-
-
-def _template_call(call: dict[str, Any], where: str) -> dict[str, Any]:
-    """One OpenAI tool call with its arguments decoded (already decoded ones pass)."""
-    function = call.get("function") or {}
-    args = function.get("arguments", {})
-    if isinstance(args, str):
-        try:
-            args = _loads(args)
-        except ValueError:
-            args = None
-    if not isinstance(args, dict):
-        raise ValueError(f"{where}.function.arguments is not a JSON object")
-    return {**call, "function": {**function, "arguments": args}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import transformers
 from PIL import Image
 
 from qwen_vl_triton.engine.llm import Prompt
@@ -27,6 +28,12 @@ def random_image(width: int, height: int, seed: int) -> Image.Image:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny25"), "qwen2_5_vl", seed=3)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_checkpoint):
+    """transformers' tokenizer of the tiny checkpoint (the oracle's)."""
+    return transformers.AutoTokenizer.from_pretrained(tiny_checkpoint)
 
 
 def mixed_requests() -> list[tuple[Prompt, int]]:

@@ -21,17 +21,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
 
 from qwen_vl_triton.engine.sampling import SamplingParams, make_generator, sample
 from qwen_vl_triton.engine.structured import Matcher, StructuredDecoder, StructuredOutput, llguidance_tokenizer_json
 from qwen_vl_triton.modeling.config import load_config
 from tests.engine.test_sampling import allowed_tokens
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_checkpoint):
-    return AutoTokenizer.from_pretrained(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +43,15 @@ def decoder(tokenizer, config) -> StructuredDecoder:
 
 def _check_masks(masks: torch.Tensor, matchers: list[Matcher], decoder: StructuredDecoder, n_tokens: int) -> None:
     """Each constrained row allows something, the eos ids exactly when its matcher is accepting,
-    only the eos ids once it is finished, and no id past the tokenizer (special tokens included)."""
+    only the eos ids once it is finished, and no id past the tokenizer (special tokens included);
+    a closing row allows its forced token alone."""
     allowed = allowed_tokens(masks, decoder.vocab_size)
     eos = sorted(decoder.eos_ids)
     for row, matcher in zip(allowed, matchers, strict=True):
+        forced = matcher.forced_token()  # the same answer as fill_masks had: nothing changed since
+        if forced is not None:
+            assert row.nonzero().squeeze(1).tolist() == [forced]
+            continue
         assert row.any()
         assert not row[n_tokens:].any()
         assert row[eos].tolist() == [matcher._matcher.is_accepting()] * len(eos)
@@ -61,13 +60,15 @@ def _check_masks(masks: torch.Tensor, matchers: list[Matcher], decoder: Structur
 
 
 def decode_noise(decoder: StructuredDecoder, tokenizer, constraint: StructuredOutput, params: list[SamplingParams],
-                 seed: int, budget: int, bias: dict[int, float] | None = None) -> list[tuple[str, bool]]:
+                 seed: int, budget: int, bias: dict[int, float] | None = None, closing: bool = False
+                 ) -> list[tuple[str, bool]]:
     """Decode len(params) rows of random logits (plus `bias` on some tokens) under `constraint`, as
-    the engine would: masks, sample(), accept(); a row stops at an eos or after `budget` tokens.
+    the engine would: masks, sample(), accept(); a row stops at an eos or after `budget` tokens
+    (with `closing`, the matchers' max_tokens: they close the constraint within it).
     Returns each row's (text, ended with an eos)."""
     gen = torch.Generator().manual_seed(seed)
     gens = [make_generator(seed + i, "cpu") for i in range(len(params))]
-    matchers = [decoder.matcher(constraint) for _ in params]
+    matchers = [decoder.matcher(constraint, budget if closing else None) for _ in params]
     outputs: list[list[int]] = [[] for _ in params]
     ended = [False] * len(params)
     offset = torch.zeros(decoder.vocab_size)
@@ -505,3 +506,106 @@ def test_eos_ids_default_to_the_tokenizers(tokenizer, config):
     assert decoder.eos_ids == {tokenizer.eos_token_id}
     allowed = allowed_tokens(decoder.fill_masks([decoder.matcher(StructuredOutput("regex", "a?"))]), decoder.vocab_size)
     assert allowed[0, tokenizer.eos_token_id]
+
+
+# ---------------------------------------------------------------- closing within max_tokens
+
+
+def noise_prefix(decoder: StructuredDecoder, constraint: StructuredOutput, seed: int, steps: int
+                 ) -> tuple[Matcher, list[int]]:
+    """A matcher advanced by up to `steps` sampled tokens of random logits under its masks (fewer when
+    it is finished first), and those tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    matcher, tokens = decoder.matcher(constraint), []
+    params = [SamplingParams(temperature=1.0)]
+    for _ in range(steps):
+        masks = decoder.fill_masks([matcher])
+        token = sample(torch.randn(1, decoder.vocab_size, generator=gen) * 4, params, [[]], [tokens], [None],
+                       token_bitmask=masks).token_ids[0]
+        if token in decoder.eos_ids or matcher.is_finished:
+            break
+        matcher.accept(token)
+        tokens.append(token)
+    return matcher, tokens
+
+
+@settings(max_examples=40)
+@given(schema=SCHEMAS.map(lambda s: s if s.get("type") == "object" else {
+    "type": "object", "properties": {"value": s}, "required": ["value"], "additionalProperties": False}),
+    seed=st.integers(0, 2**31 - 1), steps=st.integers(0, 30))
+def test_shortest_completion_of_noise_is_valid(decoder, tokenizer, schema: dict, seed: int, steps: int):
+    """From wherever noise left a random schema's matcher, the completer finds a completion (or says
+    its bounds ran out: its answer is never a wrong "nothing fits"); each of its tokens is allowed by
+    the mask and accepted in turn, and the whole text is valid."""
+    matcher, tokens = noise_prefix(decoder, StructuredOutput("json_schema", json.dumps(schema)), seed, steps)
+    path = decoder.completer.shortest(matcher._matcher, 128)
+    if path is None:
+        assert decoder.completer.exhausted, tokenizer.decode(tokens)
+        return
+    check = matcher._matcher.deep_copy()
+    for token in path:
+        assert allowed_tokens(torch.frombuffer(bytearray(check.compute_bitmask()), dtype=torch.int32)[None],
+                              decoder.vocab_size)[0, token]
+        if token not in decoder.eos_ids:
+            assert check.consume_token(token)
+    assert check.is_stopped() or (path[-1] in decoder.eos_ids and check.is_accepting())
+    jsonschema.validate(json.loads(tokenizer.decode(tokens + path, skip_special_tokens=True)), schema)
+
+
+def test_shortest_completion_adds_required_fields(decoder, tokenizer):
+    """The required key not yet written, four items for minItems, three characters for minLength."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "minLength": 3},
+                                               "values": {"type": "array", "items": {"type": "integer"},
+                                                          "minItems": 4}},
+              "required": ["name", "values"], "additionalProperties": False}
+    matcher = decoder.matcher(StructuredOutput("json_schema", json.dumps(schema)))
+    for token in tokenizer.encode('{"name":"a', add_special_tokens=False):
+        matcher.accept(token)
+    path = decoder.completer.shortest(matcher._matcher, 64)
+    text = tokenizer.decode(path)
+    assert re.fullmatch(r'..","values":\[0,0,0,0\]}', text), text
+    assert decoder.completer.shortest(matcher._matcher, len(path) - 1) is None  # nothing shorter
+
+
+def test_closing_rows_allow_their_forced_token_alone(decoder, tokenizer):
+    """A row whose budget leaves no more room than its completion (and CLOSE_MARGIN) allows only the
+    completion's next token, and keeps doing so as it accepts them; a row whose completion does not
+    fit, or that has no budget, gets llguidance's mask as before."""
+    schema = StructuredOutput("json_schema", json.dumps({"type": "object", "properties": {"a": {"type": "string"}},
+                                                         "required": ["a"]}))
+    closing = decoder.matcher(StructuredOutput("json_object"), 2)  # "{}" takes 2 tokens
+    too_small, free = decoder.matcher(schema, 1), decoder.matcher(schema)
+    masks = decoder.fill_masks([closing, too_small, free, None])
+    assert closing.closing and not too_small.closing and not free.closing
+    assert torch.equal(masks[1], masks[2]) and allowed_tokens(masks, decoder.vocab_size)[3].all()
+    text = []
+    while (forced := closing.forced_token()) is not None:
+        allowed = allowed_tokens(decoder.fill_masks([closing]), decoder.vocab_size)[0]
+        assert allowed.nonzero().squeeze(1).tolist() == [forced]
+        closing.accept(forced)
+        text.append(forced)
+    assert closing.is_finished and tokenizer.decode(text) == "{}"
+    other = decoder.matcher(StructuredOutput("json_object"), 2)
+    assert other.forced_token() == tokenizer.convert_tokens_to_ids("{")
+    with pytest.raises(RuntimeError, match="forced"):
+        other.accept(tokenizer.convert_tokens_to_ids("}"))
+
+
+@settings(max_examples=25)
+@given(schema=SCHEMAS.map(lambda s: {"type": "object", "properties": {"value": s, "note": {"type": "string"}},
+                                     "required": ["value", "note"], "additionalProperties": False}),
+       seed=st.integers(0, 2**31 - 1), budget=st.integers(1, 48))
+def test_noise_with_a_budget_ends_valid_or_cut(decoder, tokenizer, schema: dict, seed: int, budget: int):
+    """Each row's max_tokens is `budget` (the unbounded "note" string keeps noise going): a row is
+    valid when it ends with an eos or is closed by the budget, else cut where its completion no longer
+    fit (today's behaviour). Masks and acceptance are checked at every step by decode_noise."""
+    constraint = StructuredOutput("json_schema", json.dumps(schema))
+    for text, ended in decode_noise(decoder, tokenizer, constraint, ROWS, seed, budget, closing=True):
+        if ended:
+            jsonschema.validate(json.loads(text), schema)
+        else:
+            try:
+                document = json.loads(text)
+            except ValueError:
+                continue  # cut: the budget was smaller than any completion by the time it searched
+            jsonschema.validate(document, schema)

@@ -1,7 +1,11 @@
 """The tiny checkpoints' chat templates and tokenizers: the Qwen2.5-VL one's tools support changes
-nothing for conversations without tools."""
+nothing for conversations without tools. And the Preprocessor's choice of template: the fallback
+in Qwen's function-calling format where the model's template renders no tools, --chat_template and a
+request's own template."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import transformers
@@ -94,26 +98,115 @@ def test_the_tool_tokens_change_no_other_tokenization(tokenizers, text):
     assert sum(i in tag_ids for i in ids) == sum(text.count(t) for t in TOOL_TOKENS)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
-def test_tools_reach_the_prompt_or_are_refused(tmp_path, arch):
-    """The engine's Preprocessor renders tools through the checkpoint's own template; Qwen2-VL's has
-    no tools section, and offering tools to it is an error rather than a prompt that omits them."""
-    from transformers import AutoTokenizer
+# Tool turns: a tool result, or an assistant turn with calls (arguments as objects, as the server sends them).
+_call = st.builds(lambda name, args: {"type": "function", "function": {"name": name, "arguments": args}},
+                  st.sampled_from(["f", "get_weather"]),
+                  st.dictionaries(st.sampled_from(["a", "city"]), st.one_of(st.integers(), _text), max_size=2))
+_tool_turn = st.one_of(
+    st.builds(lambda content: {"role": "tool", "content": content}, _content),
+    st.builds(lambda content, calls: {"role": "assistant", "content": content, "tool_calls": calls},
+              _content, st.lists(_call, min_size=1, max_size=2)),
+)
+_tool_conversation = st.tuples(st.booleans(), _content, st.lists(st.one_of(_message, _tool_turn), min_size=1,
+                                                                 max_size=6)).map(
+    lambda t: ([{"role": "system", "content": t[1]}] if t[0] else []) + t[2])
 
-    from qwen_vl_triton.engine.preprocess import Preprocessor, ToolsNotRendered
+
+@settings(max_examples=150, deadline=None)
+@given(messages=_tool_conversation, tools=st.sampled_from([None, TOOLS]), vision_id=st.booleans(),
+       generation=st.booleans())
+def test_the_fallback_tools_template_renders_as_qwen25s(tokenizers, messages, tools, vision_id, generation):
+    """QWEN_TOOLS_TEMPLATE, the fallback for templates without tools, renders exactly what the
+    Qwen2.5-VL template (TOOLS_CHAT_TEMPLATE, Qwen2.5's format) does: tools or none, tool results,
+    calls, media of every spelling, vision ids, generation prompt."""
+    from qwen_vl_triton.engine.preprocess import QWEN_TOOLS_TEMPLATE
+
+    _, tok = tokenizers
+    kw = dict(tools=tools, add_vision_id=vision_id, add_generation_prompt=generation)
+    assert _render(tok, messages, QWEN_TOOLS_TEMPLATE, **kw) == _render(tok, messages, TOOLS_CHAT_TEMPLATE, **kw)
+
+
+# --------------------------------------------------------------------------- the Preprocessor's templates
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+TOOL_TURNS = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Weather?"}]},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+    {"role": "tool", "content": "-3 C", "tool_call_id": "c1"},
+    {"role": "tool", "content": "snow", "tool_call_id": "c1"},
+]
+
+
+@pytest.fixture(scope="module")
+def pre(tmp_path_factory):
+    """The Preprocessor of a Qwen2-VL checkpoint (its template has no tools section)."""
+    from qwen_vl_triton.engine.preprocess import Preprocessor
     from qwen_vl_triton.modeling.config import load_config
     from qwen_vl_triton.modeling.processing import ImageProcessorConfig
+    from qwen_vl_triton.modeling.tokenizer import load_tokenizer
     from qwen_vl_triton.testing.tiny_checkpoint import make_tiny_checkpoint
 
-    path = make_tiny_checkpoint(tmp_path / arch, arch)
-    tok = AutoTokenizer.from_pretrained(path)
-    pre = Preprocessor(tok, load_config(path), ImageProcessorConfig.from_pretrained(path), 4000)
-    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
-    messages = [{"role": "user", "content": [{"type": "text", "text": "What time is it?"}]}]
-    if arch == "qwen2_vl":
-        with pytest.raises(ToolsNotRendered, match="does not render tools"):
-            pre.render(messages, [tool])
-        return
-    with_tools = tok.decode(pre.render(messages, [tool]))
-    assert '"name": "get_time"' in with_tools and "<tools>" in with_tools
-    assert pre.render(messages) == pre.render(messages, None) != pre.render(messages, [tool])
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("qwen2_vl"), "qwen2_vl")
+    return Preprocessor(load_tokenizer(path), load_config(path), ImageProcessorConfig.from_pretrained(path), 4000)
+
+
+def _text(pre, messages, tools=None, **kw) -> str:
+    return pre.tokenizer.decode(pre.render(messages, tools, **kw))
+
+
+def test_tools_reach_the_prompt_on_every_template(pre):
+    """Qwen2-VL's template ignores tools, calls and tool results: a conversation with any of them is
+    rendered in Qwen's function-calling format (what Qwen2.5's template renders), and one without
+    them by the model's own template. A template that renders tools itself is used as it is."""
+    tok = pre.tokenizer
+    assert tok.chat_template == CHAT_TEMPLATE
+    for tools in ([WEATHER], None):
+        expected = _render(tok, TOOL_TURNS, TOOLS_CHAT_TEMPLATE, tools=tools, add_generation_prompt=True)
+        assert _text(pre, TOOL_TURNS, tools) == expected
+    assert '"name": "get_weather"' in expected and "<tool_response>\n-3 C\n</tool_response>" in expected
+    with_tools = _text(pre, TOOL_TURNS[:1], [WEATHER])
+    assert with_tools == _render(tok, TOOL_TURNS[:1], TOOLS_CHAT_TEMPLATE, tools=[WEATHER], add_generation_prompt=True)
+    assert "<tools>\n" + json.dumps(WEATHER) in with_tools
+    assert _text(pre, TOOL_TURNS[:1]) == _render(tok, TOOL_TURNS[:1], CHAT_TEMPLATE, add_generation_prompt=True)
+    own_tools = TOOLS_CHAT_TEMPLATE.replace("# Tools", "# Functions")  # renders tools: not replaced
+    assert "# Functions" in _text(pre, TOOL_TURNS, [WEATHER], chat_template=own_tools)
+
+
+def test_a_request_template_its_variables_and_its_errors(pre):
+    """render's chat_template replaces the model's; template_kwargs are template variables (not the
+    renderer's own arguments); text the template makes is length-checked before it is tokenized; a
+    Jinja syntax error is raised, never taken for "renders no tools"."""
+    from jinja2 import TemplateSyntaxError
+
+    from qwen_vl_triton.engine.preprocess import ContextLengthError, TemplateKwargsError
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    assert _text(pre, messages, chat_template="{{ messages[0]['content'][1]['text'] }}!") == "Hi!"
+    with pytest.raises(ContextLengthError, match="refused before tokenizing"):  # text the template made
+        pre.render(messages, chat_template="{{ 'x' * 10000000 }}")
+    assert "Picture 1: <|vision_start|>" in _text(pre, messages, template_kwargs={"add_vision_id": True})
+    with pytest.raises(TemplateKwargsError, match="chat_template_kwargs: messages, tools"):
+        pre.render(messages, template_kwargs={"tools": [], "messages": [], "add_vision_id": True})
+    for tools in (None, [WEATHER]):
+        with pytest.raises(TemplateSyntaxError):
+            pre.render(messages, tools, chat_template="{% if %}")
+
+
+def test_chat_template_setting_takes_a_file_or_the_text(pre, tmp_path):
+    """EngineConfig.chat_template (--chat_template): a file's text, else Jinja text; anything else,
+    or a template that cannot render a one-message conversation, is an error naming it."""
+    from qwen_vl_triton.engine.preprocess import Preprocessor, load_chat_template
+
+    template = "{% for m in messages %}[{{ m['role'] }}]{% endfor %}"
+    path = tmp_path / "t.jinja"
+    path.write_text(template)
+    assert load_chat_template(str(path)) == template == load_chat_template(template)
+    with pytest.raises(ValueError, match="chat_template: no such file 'missing.jinja'"):
+        load_chat_template("missing.jinja")
+    for value in (str(path), template):
+        custom = Preprocessor(pre.tokenizer, pre.config, pre.image_cfg, 4000, chat_template=value)
+        assert _text(custom, TOOL_TURNS[:1]) == "[user]"
+        assert _text(custom, TOOL_TURNS[:1], [WEATHER]) == _text(pre, TOOL_TURNS[:1], [WEATHER])  # no tools: fallback
+    with pytest.raises(ValueError, match="chat_template: cannot render a conversation: TemplateSyntaxError"):
+        Preprocessor(pre.tokenizer, pre.config, pre.image_cfg, 4000, chat_template="{% if %}")

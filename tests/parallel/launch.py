@@ -25,6 +25,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (exited, its parent not having reaped it yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # the state follows the command name, which may hold spaces
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc: psutil is not a dependency)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def wait_for_exit(procs: list[subprocess.Popen], timeout_s: float, what: str,
                   output: Callable[[list[int]], str]) -> None:
     """Wait until every process has exited 0. A process that exits non-zero fails

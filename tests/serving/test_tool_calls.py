@@ -11,6 +11,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from qwen_vl_triton.engine.chat import tool_call_arguments
 from qwen_vl_triton.serving.tool_calls import (
     CLOSE,
     OPEN,
@@ -22,7 +23,6 @@ from qwen_vl_triton.serving.tool_calls import (
     parse_required,
     parse_tool_calls,
     required_schema,
-    template_messages,
 )
 
 ID = re.compile(r"call_[0-9a-f]{24}")
@@ -333,7 +333,7 @@ def test_template_messages_round_trip(qwen25_tokenizer):
                 {"role": "assistant", "content": content, "tool_calls": calls},
                 {"role": "tool", "tool_call_id": calls[0]["id"], "content": "sunny"}]
     before = json.dumps(messages)
-    prepared = template_messages(messages)
+    prepared = tool_call_arguments(messages)
     assert json.dumps(messages) == before  # nothing changed in place
     assert prepared[0] is messages[0] and prepared[2] is messages[2]  # tool messages pass as they are
     assert prepared[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Zürich", "n": [1, {"a": None}]}
@@ -347,10 +347,10 @@ def test_template_messages_round_trip(qwen25_tokenizer):
 
 
 def test_template_messages_refuses_arguments_that_are_not_objects():
-    assert template_messages([{"role": "assistant", "tool_calls": [
+    assert tool_call_arguments([{"role": "assistant", "tool_calls": [
         {"function": {"name": "f", "arguments": {"a": 1}}}]}])[0]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
     for args in ("[1]", "{bad", "3", None):
         messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
             {"function": {"name": "f", "arguments": "{}"}}, {"function": {"name": "g", "arguments": args}}]}]
         with pytest.raises(ValueError, match=re.escape("messages[1].tool_calls[1].function.arguments")):
-            template_messages(messages)
+            tool_call_arguments(messages)

@@ -1,27 +1,34 @@
 """Tensor-parallel serving: two gloo ranks on the CPU (the environment torchrun would give them),
 rank 0 serving HTTP. Same tokens as the one-process server; SIGTERM to rank 0 drains, releases
-rank 1 and both exit 0."""
+rank 1 and both exit 0. Without a launcher, `--tensor_parallel_size 2`: the server starts its
+worker itself, serves the same tokens, and SIGTERM ends every process it started within 30 s."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
-from tests.parallel.launch import wait_for_exit
+from tests.parallel.launch import children, running, wait_for_exit
 from tests.serving.conftest import (
     REQUEST_TIMEOUT_S,
     ROOT,
     SHUTDOWN_TIMEOUT_S,
     free_port,
     server_env,
+    start_server,
+    stop_server,
     wait_healthy,
 )
+
+SIGTERM_BOUND_S = 30.0  # the issue's bound: SIGTERM ends the server and every process it started within it
 
 
 def post_while_running(url: str, body: dict, procs: list[subprocess.Popen], output: Callable[[], str]) -> dict:
@@ -96,3 +103,26 @@ def test_two_rank_server_matches_one_process(server, serving_ckpt, tmp_path):
         stop_two_rank_server(procs, tails)
     finally:
         kill_all(procs)
+
+
+def test_server_starting_its_own_worker_matches_one_process(server, serving_ckpt, media_dir, tmp_path):
+    tp_server = start_server(serving_ckpt, media_dir, tmp_path / "server.log", "--tensor_parallel_size", "2")
+    started = children(tp_server.process.pid)  # the worker (and multiprocessing's resource tracker)
+    try:
+        assert started, f"the server started no process:\n{tp_server.log_tail()}"
+        body = {"messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 10,
+                "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        tp = post_while_running(tp_server.url + "/v1/chat/completions", body, [tp_server.process], tp_server.log_tail)
+        one = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S).json()
+        assert tp["choices"][0]["token_ids"] == one["choices"][0]["token_ids"]
+        assert tp["choices"][0]["message"]["content"] == one["choices"][0]["message"]["content"]
+        sigterm = time.monotonic()
+        assert stop_server(tp_server, timeout=SIGTERM_BOUND_S) == 0, tp_server.log_tail()
+        while left := [pid for pid in started if running(pid)]:
+            assert time.monotonic() - sigterm < SIGTERM_BOUND_S, f"still running after SIGTERM: {left}"
+            time.sleep(0.1)
+    finally:
+        stop_server(tp_server, timeout=10)
+        for pid in started:  # whatever failed above, nothing is left running (the worker ignores SIGTERM)
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)

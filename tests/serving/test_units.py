@@ -52,7 +52,8 @@ def test_mindie_config_mapping(tmp_path):
     values, ignored = read_mindie_config(path)
     assert values == {"port": 1025, "max_seq_len": 32768, "max_input_length": 32768,
                       "served_model_name": ["qwen2_vl"], "model_path": "/data/Qwen2-VL-7B-Instruct",
-                      "kv_cache_gb": 10.0, "max_prefill_tokens": 32768, "max_iter_times": 2048, "world_size": 2}
+                      "kv_cache_gb": 10.0, "max_prefill_tokens": 32768, "max_iter_times": 2048,
+                      "tensor_parallel_size": 2}
     assert "ServerConfig.managementPort" in ignored and "BackendConfig.npuDeviceIds" in ignored
     path.write_text(MINDIE_7B.replace('"httpsEnabled": false', '"httpsEnabled": true'))
     with pytest.raises(ValueError, match="httpsEnabled"):
