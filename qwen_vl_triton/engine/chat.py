@@ -29,6 +29,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import urllib.parse
 import uuid
 from collections.abc import Callable
@@ -563,33 +564,84 @@ def _swap_message(message: Any, objects: dict[str, MediaObject], prefix: str) ->
     return {**message, "content": parts}
 
 
+_BASE64 = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a MediaRef's url points, told apart once for the server and offline runs alike:
+    kind "base64" (value: the data of a data: URI, or a bare base64 string of 512+ characters as
+    MindIE takes images), "http" (value: the URL) or "path" (value: the file's path, a file://
+    URL's unquoted)."""
+
+    kind: Literal["base64", "http", "path"]
+    value: str
+
+
+def media_source(ref: MediaRef) -> Source:
+    """The Source of `ref`'s url; InputError for a malformed data: URI or file:// URL, a file:// URL
+    naming another host, or another scheme."""
+    url = ref.url.strip()
+    lower = url[:16].lower()
+    if lower.startswith("data:"):
+        header, sep, data = url.partition(",")
+        if not sep or not header.lower().endswith(";base64"):
+            raise InputError(f"'{ref.param}': a data URI must be data:<mime type>;base64,<data>", param=ref.param,
+                             code="invalid_base64")
+        return Source("base64", data)
+    if lower.startswith(("http://", "https://")):
+        return Source("http", url)
+    if lower.startswith("file://"):
+        try:
+            parsed = urllib.parse.urlparse(url)
+        except ValueError as e:  # e.g. "file://[::1/x": an unclosed IPv6 host
+            raise InputError(f"'{ref.param}': not a valid file:// URL: {e}", param=ref.param,
+                             code="unsupported_url") from None
+        if parsed.netloc not in ("", "localhost"):
+            raise InputError(f"'{ref.param}': file:// URL with host {parsed.netloc!r}: only local files are read",
+                             param=ref.param, code="unsupported_url")
+        return Source("path", urllib.parse.unquote(parsed.path))
+    if _SCHEME.match(url):
+        raise InputError(f"'{ref.param}': unsupported URL scheme in {url[:40]!r}: use data:, file:// or a path",
+                         param=ref.param, code="unsupported_url")
+    if len(url) >= 512 and _BASE64.match(url[:4096]) and not Path(url[:255]).exists():
+        return Source("base64", url)
+    return Source("path", url)
+
+
+def decode_base64(ref: MediaRef, data: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of `ref`'s base64 `data`; InputError when it is invalid or empty, or (checked
+    before decoding) when it decodes to more than `max_bytes` (media_too_large)."""
+    size = len(data.rstrip("=")) * 3 // 4  # the decoded size, known before decoding
+    if max_bytes is not None and size > max_bytes:
+        raise InputError(f"'{ref.param}': {ref.kind} of {size} bytes is over the {max_bytes >> 20} MB limit",
+                         param=ref.param, code="media_too_large")
+    try:
+        raw: bytes | None = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raw = None
+    if not raw:
+        raise InputError(f"'{ref.param}': {'invalid' if raw is None else 'empty'} base64 data", param=ref.param,
+                         code="invalid_base64")
+    return raw
+
+
 def local_media(ref: MediaRef, objects: dict[str, MediaObject]) -> Media:
     """An offline MediaRef as a Media: a bound object (`parse_conversation`), a data: URI's bytes,
     a file:// URL's or a path's file (any the user names). An http(s) URL is an InputError: offline
     runs fetch nothing."""
     if ref.url in objects:
         return Media(objects[ref.url], ref.kind, dict(ref.options))
-    url = ref.url.strip()
-    lower = url[:16].lower()
-    if lower.startswith(("http://", "https://")):
+    source = media_source(ref)
+    if source.kind == "http":
         raise InputError(f"'{ref.param}': fetching http(s) URLs is not supported offline; give a local path, a "
                          "file:// URL or a data: URI (base64)", param=ref.param, code="unsupported_url")
-    if lower.startswith("data:"):
-        header, sep, data = url.partition(",")
-        if not sep or not header.lower().endswith(";base64"):
-            raise InputError(f"'{ref.param}': a data URI must be data:<mime type>;base64,<data>", param=ref.param,
-                             code="invalid_base64")
-        try:
-            source: str | bytes = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise InputError(f"'{ref.param}': invalid base64 data", param=ref.param, code="invalid_base64") from None
-    elif lower.startswith("file://"):
-        source = urllib.parse.unquote(urllib.parse.urlparse(url).path)
-    else:
-        source = url
-    if isinstance(source, str) and not Path(source).is_file():
-        raise InputError(f"'{ref.param}': no such file: {source}", param=ref.param, code="file_not_found")
-    return Media(source, ref.kind, dict(ref.options))
+    if source.kind == "base64":
+        return Media(decode_base64(ref, source.value), ref.kind, dict(ref.options))
+    if not Path(source.value).is_file():
+        raise InputError(f"'{ref.param}': no such file: {source.value}", param=ref.param, code="file_not_found")
+    return Media(source.value, ref.kind, dict(ref.options))
 
 
 Resolver = Callable[[MediaRef], Media]

@@ -35,14 +35,10 @@ chunk when it encodes them.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from qwen_vl_triton.engine.chat import ChatMessage, InputError, MediaRef
+from qwen_vl_triton.engine.chat import ChatMessage, InputError, MediaRef, decode_base64, media_source
 from qwen_vl_triton.engine.media import Media
 from qwen_vl_triton.engine.preprocess import ContextLengthError, PreparedRequest, Preprocessor
 from qwen_vl_triton.engine.sampling import SamplingParams
@@ -51,7 +47,6 @@ from qwen_vl_triton.modeling.processing import MediaKind
 from qwen_vl_triton.serving.media_fetch import FetchedRef
 from qwen_vl_triton.serving.protocol import APIError, api_error
 
-_BASE64 = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")
 MAX_IMAGE_BYTES = 20 << 20     # MindIE's limits: 20 MB per image, 512 MB per video
 MAX_VIDEO_BYTES = 512 << 20
 
@@ -61,58 +56,36 @@ def _media_error(ref: MediaRef, message: str, code: str = "invalid_media") -> AP
 
 
 def _check_bytes(ref: MediaRef, size: int) -> None:
-    """400 (media_too_large) when a part's file or decoded data is over its kind's byte limit."""
-    limit = MAX_IMAGE_BYTES if ref.kind == MediaKind.IMAGE else MAX_VIDEO_BYTES
+    """400 (media_too_large) when a part's file is over its kind's byte limit."""
+    limit = _max_bytes(ref)
     if size > limit:
         raise _media_error(ref, f"{ref.kind} of {size} bytes is over the {limit >> 20} MB limit", "media_too_large")
 
 
-def _b64decode(ref: MediaRef, data: str) -> bytes:
-    _check_bytes(ref, len(data.rstrip("=")) * 3 // 4)  # the decoded size, known before decoding
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raw = None
-    if not raw:
-        raise _media_error(ref, "invalid base64 data" if raw is None else "empty base64 data", "invalid_base64")
-    return raw
+def _max_bytes(ref: MediaRef) -> int:
+    return MAX_IMAGE_BYTES if ref.kind == MediaKind.IMAGE else MAX_VIDEO_BYTES
 
 
 def resolve_source(ref: MediaRef, allowed_dir: Path | None) -> str | bytes:
     """A file path (checked to lie inside allowed_dir), the decoded bytes of a data URI or the body
     the server fetched from an http(s) URL, within the byte limit of the part's kind (data URIs
-    checked before they are decoded, fetched bodies as they were read)."""
+    checked before they are decoded, fetched bodies as they were read). Which a url is, and how a
+    data URI decodes, is the engine's (engine.chat.media_source), as offline."""
     if isinstance(ref, FetchedRef):
         return ref.data
-    url = ref.url.strip()
-    lower = url[:16].lower()
-    if lower.startswith("data:"):
-        header, sep, data = url.partition(",")
-        if not sep or not header.lower().endswith(";base64"):
-            raise _media_error(ref, "a data URI must be data:<mime type>;base64,<data>", "invalid_base64")
-        return _b64decode(ref, data)
-    if lower.startswith(("http://", "https://")):  # only the HTTP server fetches (MediaFetcher), before this
+    try:
+        source = media_source(ref)
+        if source.kind == "base64":
+            return decode_base64(ref, source.value, _max_bytes(ref))
+    except InputError as e:
+        raise api_error(e) from None
+    if source.kind == "http":  # only the HTTP server fetches (MediaFetcher), before this
         raise _media_error(ref, "http(s) URLs are fetched only by the HTTP server; send the file as a data: URI "
                                 "(base64) or as a path under --allowed_media_dir", "unsupported_url")
-    if lower.startswith("file://"):
-        try:
-            parsed = urllib.parse.urlparse(url)
-        except ValueError as e:  # e.g. "file://[::1/x": an unclosed IPv6 host
-            raise _media_error(ref, f"not a valid file:// URL: {e}", "unsupported_url") from None
-        if parsed.netloc not in ("", "localhost"):
-            raise _media_error(ref, f"file:// URL with host {parsed.netloc!r}: only local files are read",
-                               "unsupported_url")
-        path_text = urllib.parse.unquote(parsed.path)
-    elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
-        raise _media_error(ref, f"unsupported URL scheme in {url[:40]!r}: use data:, file:// or a path",
-                           "unsupported_url")
-    elif len(url) >= 512 and _BASE64.match(url[:4096]) and not Path(url[:255]).exists():
-        return _b64decode(ref, url)
-    else:
-        path_text = url
     if allowed_dir is None:
         raise _media_error(ref, "local files are not served: start the server with --allowed_media_dir DIR "
                                 "to allow paths inside DIR, or send a data: URI", "local_media_disabled")
+    path_text = source.value
     path = Path(path_text)
     if not path.is_absolute():
         path = allowed_dir / path
