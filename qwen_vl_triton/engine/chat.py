@@ -610,13 +610,18 @@ def media_source(ref: MediaRef) -> Source:
     return Source("path", url)
 
 
+def check_size(ref: MediaRef, size: int, max_bytes: int) -> None:
+    """InputError (media_too_large) when `ref`'s medium of `size` bytes is over `max_bytes`."""
+    if size > max_bytes:
+        raise InputError(f"'{ref.param}': {ref.kind} of {size} bytes is over the {max_bytes >> 20} MB limit",
+                         param=ref.param, code="media_too_large")
+
+
 def decode_base64(ref: MediaRef, data: str, max_bytes: int | None = None) -> bytes:
     """The bytes of `ref`'s base64 `data`; InputError when it is invalid or empty, or (checked
     before decoding) when it decodes to more than `max_bytes` (media_too_large)."""
-    size = len(data.rstrip("=")) * 3 // 4  # the decoded size, known before decoding
-    if max_bytes is not None and size > max_bytes:
-        raise InputError(f"'{ref.param}': {ref.kind} of {size} bytes is over the {max_bytes >> 20} MB limit",
-                         param=ref.param, code="media_too_large")
+    if max_bytes is not None:
+        check_size(ref, len(data.rstrip("=")) * 3 // 4, max_bytes)  # the decoded size, known before decoding
     try:
         raw: bytes | None = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):

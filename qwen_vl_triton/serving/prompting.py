@@ -38,7 +38,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qwen_vl_triton.engine.chat import ChatMessage, InputError, MediaRef, decode_base64, media_source
+from qwen_vl_triton.engine.chat import ChatMessage, InputError, MediaRef, check_size, decode_base64, media_source
 from qwen_vl_triton.engine.media import Media
 from qwen_vl_triton.engine.preprocess import ContextLengthError, PreparedRequest, Preprocessor
 from qwen_vl_triton.engine.sampling import SamplingParams
@@ -53,13 +53,6 @@ MAX_VIDEO_BYTES = 512 << 20
 
 def _media_error(ref: MediaRef, message: str, code: str = "invalid_media") -> APIError:
     return APIError(f"'{ref.param}': {message}", param=ref.param, code=code)
-
-
-def _check_bytes(ref: MediaRef, size: int) -> None:
-    """400 (media_too_large) when a part's file is over its kind's byte limit."""
-    limit = _max_bytes(ref)
-    if size > limit:
-        raise _media_error(ref, f"{ref.kind} of {size} bytes is over the {limit >> 20} MB limit", "media_too_large")
 
 
 def _max_bytes(ref: MediaRef) -> int:
@@ -99,7 +92,10 @@ def resolve_source(ref: MediaRef, allowed_dir: Path | None) -> str | bytes:
         raise _media_error(ref, f"a directory, not a file: {path_text}", "file_not_found")
     if not real.is_file():
         raise _media_error(ref, f"no such file: {path_text}", "file_not_found")
-    _check_bytes(ref, real.stat().st_size)
+    try:
+        check_size(ref, real.stat().st_size, _max_bytes(ref))
+    except InputError as e:
+        raise api_error(e) from None
     return str(real)
 
 
