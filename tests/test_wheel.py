@@ -32,7 +32,8 @@ from qwen_vl_triton.modeling.processing import SAMPLE_IMAGE_PATH
 llm = LLM(sys.argv[1], kv_cache_gb=0.25)
 [out] = llm.generate([Prompt("Describe this image.", [Media(SAMPLE_IMAGE_PATH)])],
                      SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
-print(json.dumps({"tokens": out.output_ids, "finish_reason": out.finish_reason, "error": repr(out.error)}))
+[sample] = out.outputs
+print(json.dumps({"tokens": sample.token_ids, "finish_reason": sample.finish_reason, "error": repr(out.error)}))
 llm.shutdown()
 """
 

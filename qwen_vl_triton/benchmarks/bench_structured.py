@@ -246,12 +246,12 @@ def run_once(llm, constrained: int, closing: bool = True) -> dict:
     outputs = llm.generate(prompts, params)
     wall = time.perf_counter() - started
     llm.structured.close_window = CLOSE_WINDOW
-    tokens = sum(len(o.output_ids) for o in outputs)
-    constrained_tokens = [len(o.output_ids) for o in outputs[:constrained]]
+    tokens = sum(o.completion_tokens for o in outputs)
+    samples = [o.outputs[0] for o in outputs[:constrained]]  # n is 1 here
     return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall,
-            "constrained_mean_tokens": statistics.mean(constrained_tokens) if constrained else 0.0,
-            "valid": sum(_valid(o.text) for o in outputs[:constrained]),
-            "length": sum(o.finish_reason == "length" for o in outputs[:constrained])}
+            "constrained_mean_tokens": statistics.mean(len(s.token_ids) for s in samples) if constrained else 0.0,
+            "valid": sum(_valid(s.text) for s in samples),
+            "length": sum(s.finish_reason == "length" for s in samples)}
 
 
 def throughput(llm, repeats: int) -> dict[str, dict[str, float]]:

@@ -52,9 +52,9 @@ def run_ours(args) -> dict:
     started = time.perf_counter()
     outputs = llm.generate(prompts, params)
     wall = time.perf_counter() - started
-    tokens = sum(len(o.output_ids) for o in outputs)
+    tokens = sum(o.completion_tokens for o in outputs)
     return {"side": "ours", "wall_s": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
-            "peak_memory_gb": peak_memory_gb(args.device), "first_tokens": outputs[0].output_ids[:8],
+            "peak_memory_gb": peak_memory_gb(args.device), "first_tokens": outputs[0].outputs[0].token_ids[:8],
             "prefill_tokens": llm.stats.prefill.tokens - prefilled}
 
 

@@ -129,7 +129,7 @@ def float_greedy(case: Case, device: torch.device, prompts: list[Prompt], kv_cac
         outputs = llm.generate(prompts, SamplingParams(max_tokens=case.tokens, temperature=0.0, ignore_eos=True))
     finally:
         llm.shutdown()
-    return prepared, [o.output_ids for o in outputs]
+    return prepared, [o.outputs[0].token_ids for o in outputs]
 
 
 # ----------------------------------------------------------------------------- the forward pass

@@ -60,11 +60,12 @@ def run_offline(args: argparse.Namespace, samples: list[Sample]) -> tuple[list[R
     duration = time.perf_counter() - started
     records = []
     for i, out in enumerate(outputs):
-        times = out.token_times
+        sample = out.outputs[0]  # n is 1 here
+        times = sample.token_times
         records.append(RequestRecord(i, samples[i % len(samples)].id, success=True, prompt_tokens=out.prompt_tokens,
-                                     output_tokens=len(out.output_ids), ttft_s=out.ttft_s, latency_s=out.latency_s,
-                                     itl_s=[b - a for a, b in zip(times, times[1:], strict=False)], text=out.text,
-                                     finish_reason=out.finish_reason))
+                                     output_tokens=len(sample.token_ids), ttft_s=out.ttft_s, latency_s=out.latency_s,
+                                     itl_s=[b - a for a, b in zip(times, times[1:], strict=False)], text=sample.text,
+                                     finish_reason=sample.finish_reason))
     return records, duration
 
 

@@ -29,7 +29,7 @@ def outputs_from_engine(args: argparse.Namespace, samples: list[Sample]) -> list
 
     llm, prompts = load_engine(args, samples, EVAL_MAX_BATCH_SIZE)
     outs = llm.generate(prompts, SamplingParams(max_tokens=args.max_output_len, temperature=0.0), progress=True)
-    return [o.text for o in outs]
+    return [o.outputs[0].text for o in outs]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -270,11 +270,11 @@ def _generate(args: argparse.Namespace, llm: LLM, requests: list[tuple[list[str]
     # the prefetch threads are work of the requests, hidden behind the load: wall_s does not hold it.
     perf["startup_s"] = {"imports": round(IMPORTS_S, 4), "load": round(load_s, 4),
                          "total": round(started - STARTED, 4), "media_prefetched": round(prefetched_s, 4)}
-    results = [{"media": media, "prompt_tokens": o.prompt_tokens, "output_token_ids": o.output_ids,
-                "output_logprobs": o.output_logprobs, "text": o.text, "ttft_s": o.ttft_s,
-                "latency_s": o.latency_s, "finish_reason": o.finish_reason,
-                "media_adjustments": o.media_adjustments, **({"error": str(o.error)} if o.error else {})}
-               for (media, _), o in zip(requests, outputs, strict=True)]
+    results = [{"media": media, "prompt_tokens": o.prompt_tokens, "output_token_ids": s.token_ids,
+                "output_logprobs": s.token_logprobs, "text": s.text, "ttft_s": o.ttft_s,
+                "latency_s": o.latency_s, "finish_reason": s.finish_reason,
+                "media_adjustments": o.media_adjustments, **({"error": str(s.error)} if s.error else {})}
+               for (media, _), o in zip(requests, outputs, strict=True) for s in o.outputs[:1]]  # n is 1 here
     if not args.quiet:
         for (media, _), r in zip(requests, results, strict=True):
             notes = "".join(f"\n  note: {note}" for note in r["media_adjustments"])

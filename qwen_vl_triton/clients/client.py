@@ -12,6 +12,7 @@ import base64
 import json
 import mimetypes
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,20 @@ def chat_payload(model: str | None, content: list[dict[str, Any]], max_tokens: i
     return payload
 
 
+async def sse_data(resp: httpx.Response) -> AsyncIterator[str]:
+    """The data fields of a server-sent event stream, line by line. Lines end at "\n" (or "\r\n")
+    alone: httpx's aiter_lines also splits at U+2028 and the other characters str.splitlines takes
+    for line ends, which a server may leave raw inside a JSON string, cutting an event in two."""
+    pending = ""
+    async for text in resp.aiter_text():
+        *lines, pending = (pending + text).split("\n")
+        for line in lines:
+            if line.startswith("data:"):
+                yield line[5:].strip()
+    if pending.startswith("data:"):
+        yield pending[5:].strip()
+
+
 async def send_chat(client: httpx.AsyncClient, url: str, payload: dict[str, Any], record: RequestRecord,
                     timeout: float = 600.0) -> RequestRecord:
     """POST payload to {url}/v1/chat/completions and fill `record`; never raises for HTTP or
@@ -117,10 +132,7 @@ async def send_chat(client: httpx.AsyncClient, url: str, payload: dict[str, Any]
                     record.error = body_text[:200]
                 return record
             chunks = 0
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
+            async for data in sse_data(resp):
                 if data == "[DONE]":
                     break
                 event = json.loads(data)

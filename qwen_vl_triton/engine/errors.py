@@ -1,7 +1,8 @@
 """How one request fails without failing the others.
 
-The engine ends a request that cannot go on with one of these on its RequestOutput (`error`,
-finish_reason "error") and keeps stepping the rest. The server answers content errors (a medium
+The engine ends a request that cannot go on with one of these on its samples' outputs
+(CompletionOutput.error, finish_reason "error"; RequestOutput.error: the first) and keeps stepping
+the rest. The server answers content errors (a medium
 that does not decode) with a 400 naming the part, and the engine's own faults with a 500, for
 that request only.
 """

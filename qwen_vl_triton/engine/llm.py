@@ -47,7 +47,6 @@ import uuid
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,7 @@ from qwen_vl_triton.engine.errors import RequestFault, StepFailed
 from qwen_vl_triton.engine.media import PreparedMedia
 from qwen_vl_triton.engine.media_encoder import EncodeWork, MediaEncoder
 from qwen_vl_triton.engine.model_runner import ModelRunner
+from qwen_vl_triton.engine.outputs import CompletionOutput, RequestOutput
 from qwen_vl_triton.engine.preprocess import PreparedRequest, Preprocessor, Prompt
 from qwen_vl_triton.engine.sampling import SamplingParams, find_stop, make_generator
 from qwen_vl_triton.engine.sampling_defaults import SamplingDefaults, read_sampling_defaults
@@ -76,32 +76,12 @@ from qwen_vl_triton.parallel.comm import broadcast_object, exit_rank, fault
 from qwen_vl_triton.parallel.group import SINGLE_PROCESS, TPGroup, check_world_size
 from qwen_vl_triton.parallel.local import LocalWorld
 
-__all__ = ["LLM", "Prompt", "RequestOutput"]  # Prompt: the offline input, from engine.preprocess
+# Prompt: the offline input (engine.preprocess); RequestOutput: what comes back (engine.outputs)
+__all__ = ["LLM", "Prompt", "RequestOutput"]
 
 log = logging.getLogger(__name__)
 
 DECODE_REFRESH_STEPS = 8  # under prefill_step_share: at least one decode-only step in this many
-
-
-@dataclass
-class RequestOutput:
-    """A request's state after a step (the whole output so far, not a delta)."""
-
-    request_id: str
-    prompt_tokens: int
-    output_ids: list[int]
-    output_logprobs: list[float]
-    top_logprobs: list[list[tuple[int, float]] | None]
-    text: str
-    finished: bool
-    finish_reason: str | None
-    cached_prompt_tokens: int
-    ttft_s: float | None
-    latency_s: float
-    token_times: list[float]
-    media_adjustments: list[str] = field(default_factory=list)  # videos shrunk to fit the context
-    error: BaseException | None = None  # why the request ended early (finish_reason "error"): engine/errors.py
-    index: int = 0  # which of the request's params.n samples this is
 
 
 def _follow(model_path: Path, config: EngineConfig, tp: TPGroup) -> None:
@@ -377,7 +357,8 @@ class LLM:
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[RequestOutput]:
-        """One forward pass over every scheduled sequence; outputs of those that changed.
+        """One forward pass over every scheduled sequence; a RequestOutput for each request with a
+        sample that changed (engine/outputs.py: every sample's whole output so far).
 
         Under tensor parallelism (rank 0 only) the other ranks first get the commands recorded
         since the last step, then all run the same step; a step with nothing to run tells them
@@ -433,17 +414,18 @@ class LLM:
         tensor parallelism step() ends the rank, since its peers' collectives no longer pair).
         """
         with self.stats.timed("vision"):
-            results = [out for seq, error in self.encoder.run(plan.encode) for out in self._fail(seq, error)]
+            changed = [s for seq, error in self.encoder.run(plan.encode) for s in self._fail(seq, error)]
         with self.stats.timed("schedule"):
             batch = self.scheduler.schedule(plan.prompt_budget)
         if not batch.runs:
-            return results
+            return self._outputs_of(changed)
         started = time.perf_counter()
         try:
             result = self.runner.execute(batch, self.blocks.block_table, self.pad_ids, self._start_masks)
         except Exception as e:  # noqa: BLE001 - whatever failed, it ends only the requests in this step
             fault = RequestFault(f"the engine step this request was part of failed: {type(e).__name__}: {e}")
-            raise StepFailed(results + [o for r in batch.runs for o in self._fail(r.seq, fault)], e) from e
+            changed += [s for r in batch.runs for s in self._fail(r.seq, fault)]
+            raise StepFailed(self._outputs_of(changed), e) from e
         now = time.perf_counter()
         self.step_cost.record(now - started, batch.prompt_tokens)
         self.stats.record_step(now - started, batch.num_tokens, any(r.count > 1 for r in batch.runs),
@@ -454,7 +436,7 @@ class LLM:
                 run.seq.num_computed = run.start + run.count
                 self.blocks.commit(run.seq.seq_id, run.seq.all_keys, run.seq.num_computed)
         for seq in result.not_finite:
-            results.extend(self._fail(seq, RequestFault("the model's logits for this request are not finite "
+            changed.extend(self._fail(seq, RequestFault("the model's logits for this request are not finite "
                                                         "(NaN or inf)")))
         rows, out = result.sampled, result.output
         self._fork([seq for seq in rows if seq.forks])
@@ -469,14 +451,14 @@ class LLM:
                 try:
                     seq.matcher.accept(token)  # an end-of-sequence token is let through
                 except RuntimeError as e:  # the mask allowed it: a grammar engine fault, this request's alone
-                    results.extend(self._fail(seq, RequestFault(f"structured output: {e}")))
+                    changed.extend(self._fail(seq, RequestFault(f"structured output: {e}")))
                     continue
                 if seq.matcher.error is not None:  # e.g. a grammar over llguidance's limits: not a real "stop"
-                    results.extend(self._fail(seq, RequestFault(f"structured output: {seq.matcher.error}")))
+                    changed.extend(self._fail(seq, RequestFault(f"structured output: {seq.matcher.error}")))
                     continue
             self._check_finished(seq, now)
-            results.append(self.output_of(seq))
-        return results
+            changed.append(seq)
+        return self._outputs_of(changed)
 
     def _fork(self, parents: list[Sequence]) -> None:
         """Start the other samples of requests whose first sample's prompt is now computed (they
@@ -500,18 +482,19 @@ class LLM:
             parent.forks = []
         self.runner.copy_blocks(copies)
 
-    def _fail(self, seq: Sequence, error: BaseException) -> list[RequestOutput]:
+    def _fail(self, seq: Sequence, error: BaseException) -> list[Sequence]:
         """End a sequence that cannot go on (its blocks freed), with the samples still waiting to
-        fork off it; their outputs carry the error."""
+        fork off it; their outputs carry the error. Returns the samples it ended."""
         failed = [seq, *seq.forks]
         seq.forks = []
         for s in failed:
             s.finish_reason = "error"
+            s.error = error
             s.finish_time = time.perf_counter()
             self.scheduler.finish(s)
             self._retire(s)
         self.encoder.discard(seq)
-        return [dataclasses.replace(self.output_of(s), error=error) for s in failed]
+        return failed
 
     def _retire(self, seq: Sequence) -> None:
         """Forget a finished sample's request once all its samples have finished."""
@@ -556,17 +539,32 @@ class LLM:
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
         return after[len(before):]
 
+    def _outputs_of(self, changed: list[Sequence]) -> list[RequestOutput]:
+        """One output for each request with a changed sample, in the order they first changed."""
+        samples: dict[str, Sequence] = {}
+        for seq in changed:
+            samples.setdefault(seq.request_id, seq)
+        return [self.output_of(seq) for seq in samples.values()]
+
     def output_of(self, seq: Sequence) -> RequestOutput:
-        """A snapshot of a sequence's request as the caller sees it (whole output so far)."""
-        end = seq.finish_time or time.perf_counter()
+        """A snapshot of the request `seq` is a sample of, as the caller sees it: every sample's
+        whole output so far."""
+        group = seq.group
+        first = group[0]
+        done = all(s.is_finished for s in group)
+        ends = [s.finish_time for s in group if s.finish_time is not None]
+        end = max(ends) if done and ends else time.perf_counter()
+        token_time = min((s.first_token_time for s in group if s.first_token_time is not None), default=None)
+        samples = [CompletionOutput(
+            index=s.index, text=s.text, token_ids=list(s.output_ids), token_logprobs=list(s.output_logprobs),
+            top_logprobs=list(s.top_logprobs), finish_reason=s.finish_reason,
+            token_times=[t - s.arrival_time for t in s.token_times], error=s.error) for s in group]
         return RequestOutput(
-            request_id=seq.request_id, prompt_tokens=len(seq.prompt_ids), output_ids=list(seq.output_ids),
-            output_logprobs=list(seq.output_logprobs), top_logprobs=list(seq.top_logprobs), text=seq.text,
-            finished=seq.is_finished, finish_reason=seq.finish_reason,
-            cached_prompt_tokens=seq.num_cached_prompt_tokens,
-            ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
-            latency_s=end - seq.arrival_time, token_times=[t - seq.arrival_time for t in seq.token_times],
-            media_adjustments=[m.adjustment for m in seq.media if m.adjustment], index=seq.index)
+            request_id=first.request_id, prompt_tokens=len(first.prompt_ids),
+            cached_prompt_tokens=first.num_cached_prompt_tokens, outputs=samples, finished=done,
+            ttft_s=None if token_time is None else token_time - first.arrival_time,
+            latency_s=end - first.arrival_time,
+            media_adjustments=[m.adjustment for m in first.media if m.adjustment])
 
     # ------------------------------------------------------------------ offline batches
 
@@ -578,11 +576,12 @@ class LLM:
     def generate(self, prompts: Prompt | str | dict[str, Any] | Seq[Prompt | str | dict[str, Any]],
                  params: SamplingParams | Seq[SamplingParams] | None = None,
                  progress: bool = False, errors: str = "raise") -> list[RequestOutput]:
-        """Run a batch of prompts to completion; outputs in input order (params None: each takes
-        `default_sampling_params()`). A prompt is a Prompt, a string (one user message), or one of
-        vLLM's prompt dicts: {"prompt": chat-template text} or {"prompt_token_ids": [...]}, with
-        "multi_modal_data", "mm_processor_kwargs" and "cache_salt" (Preprocessor.prepare); a lone
-        prompt is a batch of one.
+        """Run a batch of prompts to completion: one RequestOutput per prompt, in input order, its
+        `outputs` the prompt's params.n samples (sample k drawn with seed + k, as on the server;
+        params None: each takes `default_sampling_params()`). A prompt is a Prompt, a string (one
+        user message), or one of vLLM's prompt dicts: {"prompt": chat-template text} or
+        {"prompt_token_ids": [...]}, with "multi_modal_data", "mm_processor_kwargs" and
+        "cache_salt" (Preprocessor.prepare); a lone prompt is a batch of one.
 
         errors: what a prompt that cannot be queued (unreadable media, over max_input_length, bad
         sampling values) does. "raise": its error is raised and nothing of the batch stays queued;
@@ -594,7 +593,7 @@ class LLM:
             prompts = [prompts]
         params_list = self._params_list(params, len(prompts), "prompts")
         return self._run_batch([functools.partial(self.preprocessor.prepare, prompt, p)
-                                for prompt, p in zip(prompts, params_list, strict=True)], progress, errors)
+                                for prompt, p in zip(prompts, params_list, strict=True)], params_list, progress, errors)
 
     def chat(self, messages: list[dict[str, Any]] | Seq[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
@@ -632,31 +631,28 @@ class LLM:
                 add_generation_prompt=add_generation_prompt, mm_processor_kwargs=mm_processor_kwargs)
 
         return self._run_batch([functools.partial(prepare, c, p) for c, p in zip(messages, params_list, strict=True)],
-                               progress, errors)
+                               params_list, progress, errors)
 
     def _params_list(self, params: SamplingParams | Seq[SamplingParams] | None, count: int,
                      what: str) -> list[SamplingParams]:
-        """One SamplingParams per request of an offline batch (None: the defaults); n must be 1."""
+        """One SamplingParams per request of an offline batch (None: the defaults)."""
         params_list = list(params) if isinstance(params, Seq) else [params or self.default_sampling_params()] * count
         if len(params_list) != count:
             raise ValueError(f"{len(params_list)} sampling params for {count} {what}")
-        if any(p.n != 1 for p in params_list):
-            raise ValueError("n > 1 is not supported offline yet (LLM.generate and LLM.chat give one output per "
-                             "prompt: n must be 1); the server's `n` gives n samples per request, as does "
-                             "add_request / step, which give each sample its output")
         return params_list
 
-    def _run_batch(self, requests: list[Callable[[], PreparedRequest]], progress: bool,
-                   errors: str) -> list[RequestOutput]:
+    def _run_batch(self, requests: list[Callable[[], PreparedRequest]], params_list: list[SamplingParams],
+                   progress: bool, errors: str) -> list[RequestOutput]:
         """Prepare (each callable, in order), queue and run an offline batch to completion; outputs
-        in input order. `errors` as `generate` says."""
+        in input order (params_list: each request's, for the n of one that cannot be queued).
+        `errors` as `generate` says."""
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         batch = uuid.uuid4().hex[:12]  # ids no other request of this LLM holds
         ids = [f"offline-{batch}-{i}" for i in range(len(requests))]
         finished: dict[str, RequestOutput] = {}
         queued: list[str] = []
-        for request_id, prepare in zip(ids, requests, strict=True):
+        for request_id, prepare, params in zip(ids, requests, params_list, strict=True):
             try:
                 self.add_request(request_id, prepare())
                 queued.append(request_id)
@@ -665,10 +661,10 @@ class LLM:
                     for done in queued:  # nothing half-queued stays behind
                         self.abort(done)
                     raise
-                finished[request_id] = RequestOutput(
-                    request_id=request_id, prompt_tokens=0, output_ids=[], output_logprobs=[], top_logprobs=[],
-                    text="", finished=True, finish_reason="error", cached_prompt_tokens=0, ttft_s=None,
-                    latency_s=0.0, token_times=[], error=e)
+                failed = [CompletionOutput(index=k, text="", token_ids=[], token_logprobs=[], top_logprobs=[],
+                                           finish_reason="error", token_times=[], error=e) for k in range(params.n)]
+                finished[request_id] = RequestOutput(request_id=request_id, prompt_tokens=0, cached_prompt_tokens=0,
+                                                     outputs=failed, finished=True, ttft_s=None, latency_s=0.0)
         with tqdm(total=len(requests), initial=len(finished), disable=not progress, desc="requests",
                   unit="req") as bar:
             while self.has_unfinished():

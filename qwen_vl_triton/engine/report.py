@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from qwen_vl_triton.engine.llm import LLM, RequestOutput
+from qwen_vl_triton.engine.llm import LLM
+from qwen_vl_triton.engine.outputs import RequestOutput
 
 
 def percentiles(values: Sequence[float], ps: Sequence[int] = (50, 90, 99)) -> dict[str, float]:
@@ -33,11 +34,13 @@ def peak_memory_gb(device: torch.device) -> float:
 def perf_summary(outputs: Sequence[RequestOutput], wall_s: float, llm: LLM) -> dict:
     """Throughput and latency of a finished batch: requests/s, output tokens/s, time to first
     token and time per output token (p50/p90/p99), the engine's time split, KV blocks used,
-    preemptions and encoder-cache hits (media encoded once for all requests that repeat it)."""
-    out_tokens = sum(len(o.output_ids) for o in outputs)
+    preemptions and encoder-cache hits (media encoded once for all requests that repeat it).
+    Output tokens count every sample of each request (n > 1); time to first token is per request,
+    time per output token per sample (from its first token to its last: its token_times)."""
+    out_tokens = sum(o.completion_tokens for o in outputs)
     ttft = [o.ttft_s for o in outputs if o.ttft_s is not None]
-    tpot = [(o.latency_s - o.ttft_s) / (len(o.output_ids) - 1) for o in outputs
-            if o.ttft_s is not None and len(o.output_ids) > 1]
+    tpot = [(s.token_times[-1] - s.token_times[0]) / (len(s.token_times) - 1) for o in outputs
+            for s in o.outputs if len(s.token_times) > 1]
     stats = llm.stats
     return {
         "requests": len(outputs),

@@ -60,6 +60,7 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     finish_reason: str | None = None
+    error: BaseException | None = None  # why it ended early (finish_reason "error"): engine/errors.py
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None

@@ -32,7 +32,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -41,7 +41,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen_vl_triton.engine.errors import RequestMediaError
-from qwen_vl_triton.engine.llm import LLM, RequestOutput
+from qwen_vl_triton.engine.llm import LLM
+from qwen_vl_triton.engine.outputs import CompletionOutput, RequestOutput
 from qwen_vl_triton.engine.preprocess import PreparedRequest
 from qwen_vl_triton.engine.sampling_defaults import NO_DEFAULTS, SamplingDefaults
 from qwen_vl_triton.engine.structured import StructuredOutput
@@ -113,12 +114,10 @@ def load_llm(cfg: ServeConfig, tp: TPGroup = SINGLE_PROCESS) -> LLM:
     return LLM(cfg.model_path, cfg.engine, tp=tp)
 
 
-def usage_of(outs: list[RequestOutput]) -> Usage:
-    """The usage block of a finished request, the final outputs of its samples: the prompt counted
-    once, the completion tokens of every sample (videos shrunk to fit the context are reported)."""
-    first = outs[0]
-    return Usage.of(first.prompt_tokens, sum(len(o.output_ids) for o in outs), first.cached_prompt_tokens,
-                    first.media_adjustments)
+def usage_of(out: RequestOutput) -> Usage:
+    """The usage block of a finished request: the prompt counted once, the completion tokens of
+    every sample (videos shrunk to fit the context are reported)."""
+    return Usage.of(out.prompt_tokens, out.completion_tokens, out.cached_prompt_tokens, out.media_adjustments)
 
 
 def constrain_tool_output(req: GenerationRequest) -> None:
@@ -148,11 +147,11 @@ def tool_calls_of(req: GenerationRequest, text: str) -> tuple[str | None, list[R
     return content, [ResponseToolCall.model_validate(call) for call in calls]
 
 
-def finish_reason_of(req: GenerationRequest, out: RequestOutput, made_calls: bool) -> str | None:
+def finish_reason_of(req: GenerationRequest, sample: CompletionOutput, made_calls: bool) -> str | None:
     """A choice's finish_reason: "tool_calls" when the output ended on its own after the model chose
     to call (tool_choice auto or required; a named function keeps "stop", as vLLM and OpenAI do)."""
     chose = made_calls and req.tool_choice in ("auto", "required")
-    return "tool_calls" if chose and out.finish_reason == "stop" else out.finish_reason
+    return "tool_calls" if chose and sample.finish_reason == "stop" else sample.finish_reason
 
 
 class ChoiceStream:
@@ -164,27 +163,39 @@ class ChoiceStream:
         self.req = req
         self.text = TextDelta(req.params.stop)
         self.sent_tokens = 0
+        self.ended = False  # its finish chunk was sent
         choice = req.tool_choice if api is CHAT else "none"
         self.calls: tool_calls.ToolCallStream | tool_calls.NamedCallStream | tool_calls.RequiredCallStream | None = (
             tool_calls.ToolCallStream() if choice == "auto" else
             tool_calls.NamedCallStream(req.tool_name or "") if choice == "function" else
             tool_calls.RequiredCallStream() if choice == "required" else None)
 
-    def update(self, out: RequestOutput) -> list[DeltaMessage]:
-        """The pieces to send for this output, possibly none."""
-        delta = self.text.update(out.text, out.finished)
+    def update(self, sample: CompletionOutput) -> list[DeltaMessage]:
+        """The pieces to send for this newer output of the sample, possibly none."""
+        delta = self.text.update(sample.text, sample.finished)
         if self.calls is None:
             return [DeltaMessage(content=delta)] if delta else []
-        return [DeltaMessage.model_validate(p) for p in self.calls.update(self.text.sent, out.finished)]
+        return [DeltaMessage.model_validate(p) for p in self.calls.update(self.text.sent, sample.finished)]
 
-    def finish_reason(self, out: RequestOutput) -> str | None:
+    def finish_reason(self, sample: CompletionOutput) -> str | None:
         """This choice's finish_reason (finish_reason_of)."""
-        return finish_reason_of(self.req, out, getattr(self.calls, "has_calls", False))
+        return finish_reason_of(self.req, sample, getattr(self.calls, "has_calls", False))
+
+
+# Characters that Python's str.splitlines (and so httpx's iter_lines, and many clients) take for
+# line ends although JSON leaves them raw in strings: written as \u escapes, an event stays one line.
+LINE_BREAK_ESCAPES = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def wire_json(body: ResponseBody) -> str:
+    """`body` as one line of JSON: non-ASCII text as is, but no character a client may split a
+    line on (LINE_BREAK_ESCAPES); it decodes to the same value."""
+    return json.dumps(body.wire(), ensure_ascii=False).translate(LINE_BREAK_ESCAPES)
 
 
 def sse(body: ResponseBody) -> str:
     """A server-sent event carrying `body`."""
-    return f"data: {json.dumps(body.wire(), ensure_ascii=False)}\n\n"
+    return f"data: {wire_json(body)}\n\n"
 
 
 class TextDelta:
@@ -345,21 +356,16 @@ class Server:
             if message["type"] == "http.disconnect":
                 return
 
-    async def wait_output(self, request: Request, stream: RequestStream, final: bool) -> list[RequestOutput] | None:
-        """The request's first output (final=False: [it]; a stream then goes on from it) or the
-        finished output of each of its n samples, by index; None (the request aborted) if the client
-        goes away first. Raises the request's error, so that one failing before its first token (a
-        medium that does not decode) is answered with its own status code, not inside a 200 stream."""
-        async def wanted() -> list[RequestOutput]:
-            finals: dict[int, RequestOutput] = {}
+    async def wait_output(self, request: Request, stream: RequestStream, final: bool) -> RequestOutput | None:
+        """The request's first output (final=False: a stream then goes on from it) or its finished
+        one (every sample ended); None (the request aborted) if the client goes away first. Raises
+        the request's error, so that one failing before its first token (a medium that does not
+        decode) is answered with its own status code, not inside a 200 stream."""
+        async def wanted() -> RequestOutput:
             while True:
                 out = await stream.next()
-                if not final:
-                    return [out]
-                if out.finished:
-                    finals[out.index] = out
-                if stream.finished:
-                    return [finals[i] for i in sorted(finals)]
+                if not final or out.finished:
+                    return out
 
         result = asyncio.ensure_future(wanted())
         gone = asyncio.ensure_future(self._disconnected(request))
@@ -378,11 +384,11 @@ class Server:
             if final or not got:  # a first output hands the stream on to the response
                 stream.close()
 
-    def logprob_entries(self, out: RequestOutput, start: int, end: int) -> list[ChatLogprobEntry]:
-        """OpenAI-style logprob entries for output tokens start..end-1."""
+    def logprob_entries(self, sample: CompletionOutput, start: int, end: int) -> list[ChatLogprobEntry]:
+        """OpenAI-style logprob entries for a sample's output tokens start..end-1."""
         assert self.preparer is not None
-        ids = out.output_ids[start:end]
-        tops = [t or [] for t in out.top_logprobs[start:end]]
+        ids = sample.token_ids[start:end]
+        tops = [t or [] for t in sample.top_logprobs[start:end]]
         all_ids = ids + [tid for top in tops for tid, _ in top]
         text_of = dict(zip(all_ids, self.preparer.decode_tokens(all_ids), strict=True))
 
@@ -391,7 +397,7 @@ class Server:
             return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
         return [ChatLogprobEntry(**token(tid, lp), top_logprobs=[TopLogprob(**token(t, v)) for t, v in top])
-                for tid, lp, top in zip(ids, out.output_logprobs[start:end], tops, strict=True)]
+                for tid, lp, top in zip(ids, sample.token_logprobs[start:end], tops, strict=True)]
 
     # ---------------------------------------------------------------------------- chat, completions
 
@@ -411,32 +417,32 @@ class Server:
             if first is None:
                 return Response(status_code=CLIENT_CLOSED)
             return DisconnectingStreamingResponse(
-                self._openai_events(req, stream, first[0], request_id, created, model, api), stream.close,
+                self._openai_events(req, stream, first, request_id, created, model, api), stream.close,
                 media_type=SSE, headers=SSE_HEADERS)
-        outs = await self.wait_output(request, stream, final=True)
-        if outs is None:
+        out = await self.wait_output(request, stream, final=True)
+        if out is None:
             return Response(status_code=CLIENT_CLOSED)
         choices = []
-        for out in outs:
-            content: str | None = out.text
+        for sample in out.outputs:
+            content: str | None = sample.text
             calls: list[ResponseToolCall] = []
-            finish = out.finish_reason
+            finish = sample.finish_reason
             if api is CHAT and req.tool_choice != "none":
-                parsed, calls = tool_calls_of(req, out.text)
+                parsed, calls = tool_calls_of(req, sample.text)
                 if calls:  # else the whole text is the content
                     content = parsed
-                finish = finish_reason_of(req, out, bool(calls))
-            logprobs = self.logprob_entries(out, 0, len(out.output_ids)) if req.logprobs else None
-            choice = api.choice(out.index, content, calls, logprobs, finish)
+                finish = finish_reason_of(req, sample, bool(calls))
+            logprobs = self.logprob_entries(sample, 0, len(sample.token_ids)) if req.logprobs else None
+            choice = api.choice(sample.index, content, calls, logprobs, finish)
             if req.return_token_ids:
-                choice.token_ids = out.output_ids
+                choice.token_ids = sample.token_ids
             choices.append(choice)
-        return JSONResponse(api.response(request_id, created, model, choices, usage_of(outs)).wire())
+        return JSONResponse(api.response(request_id, created, model, choices, usage_of(out)).wire())
 
     async def _openai_events(self, req: GenerationRequest, stream: RequestStream, first: RequestOutput,
                              request_id: str, created: int, model: str, api: OpenAIBodies) -> AsyncIterator[str]:
         """The SSE events of a streamed response: each chunk carries one choice (its index), as the
-        outputs of the request's n samples arrive; the usage chunk after the last one finishes."""
+        request's n samples grow; the usage chunk after the last one finishes."""
         def chunk(choices: list[Any], usage: Usage | None = None) -> str:
             body = api.chunk(request_id, created, model, choices)
             if req.include_usage:  # every chunk has usage then: null but in the last one
@@ -444,39 +450,47 @@ class Server:
             return sse(body)
 
         choices = [ChoiceStream(req, api) for _ in range(req.params.n)]
-        finals: list[RequestOutput] = []
         if api.opening is not None:
             for index in range(req.params.n):
                 yield chunk([api.stream_choice(index, api.opening)])
         out = first
         try:
             while True:
-                state = choices[out.index]
-                offset = len(state.text.sent)
-                pieces = state.update(out)
-                new_tokens = len(out.output_ids) > state.sent_tokens
-                logprobs = self.logprob_entries(out, state.sent_tokens, len(out.output_ids)) \
-                    if req.logprobs and new_tokens else None
-                token_ids = out.output_ids[state.sent_tokens:] if req.return_token_ids and new_tokens else None
-                state.sent_tokens = len(out.output_ids)
-                if (logprobs or token_ids) and not pieces:
-                    pieces = [DeltaMessage(content="")]
-                for i, piece in enumerate(pieces):  # the first piece carries the new tokens' logprobs and ids
-                    choice = api.stream_choice(out.index, piece, logprobs if i == 0 else None, offset)
-                    if token_ids and i == 0:
-                        choice.token_ids = token_ids
-                    yield chunk([choice])
-                if out.finished:
-                    finals.append(out)
-                    yield chunk([api.stream_choice(out.index, DeltaMessage(), finish_reason=state.finish_reason(out))])
+                for sample in out.outputs:
+                    for body in self._choice_chunks(req, api, choices[sample.index], sample):
+                        yield chunk([body])
                 if stream.finished:
                     if req.include_usage:
-                        yield chunk([], usage_of(finals))
+                        yield chunk([], usage_of(out))
                     break
                 out = await stream.next()
         except (EngineError, EngineStopped, ValueError) as e:
             yield sse(error_body(e))
         yield "data: [DONE]\n\n"
+
+    def _choice_chunks(self, req: GenerationRequest, api: OpenAIBodies, state: ChoiceStream,
+                       sample: CompletionOutput) -> Iterator[Any]:
+        """The stream choices to send for a newer output of one sample: its new text (the first
+        piece carrying the new tokens' logprobs and ids), then its finish once it has ended."""
+        if state.ended:
+            return
+        offset = len(state.text.sent)
+        pieces = state.update(sample)
+        new_tokens = len(sample.token_ids) > state.sent_tokens
+        logprobs = self.logprob_entries(sample, state.sent_tokens, len(sample.token_ids)) \
+            if req.logprobs and new_tokens else None
+        token_ids = sample.token_ids[state.sent_tokens:] if req.return_token_ids and new_tokens else None
+        state.sent_tokens = len(sample.token_ids)
+        if (logprobs or token_ids) and not pieces:
+            pieces = [DeltaMessage(content="")]
+        for i, piece in enumerate(pieces):
+            choice = api.stream_choice(sample.index, piece, logprobs if i == 0 else None, offset)
+            if token_ids and i == 0:
+                choice.token_ids = token_ids
+            yield choice
+        if sample.finished:
+            state.ended = True
+            yield api.stream_choice(sample.index, DeltaMessage(), finish_reason=state.finish_reason(sample))
 
     # ---------------------------------------------------------------------------- /generate
 
@@ -484,13 +498,13 @@ class Server:
         self.check_model(req)
         _, stream = await self.start_request(req, "gen")
         prefix = req.raw_prompt or ""  # vLLM's api_server returns prompt + output for text prompts
-        outs = await self.wait_output(request, stream, final=not req.stream)
-        if outs is None:
+        out = await self.wait_output(request, stream, final=not req.stream)
+        if out is None:
             return Response(status_code=CLIENT_CLOSED)
         if req.stream:
-            return DisconnectingStreamingResponse(self._generate_events(req, stream, outs[0], prefix), stream.close,
+            return DisconnectingStreamingResponse(self._generate_events(req, stream, out, prefix), stream.close,
                                                   media_type=NDJSON)
-        return JSONResponse(GenerateResponse(text=[prefix + out.text for out in outs]).wire())
+        return JSONResponse(GenerateResponse(text=[prefix + sample.text for sample in out.outputs]).wire())
 
     async def _generate_events(self, req: GenerationRequest, stream: RequestStream, first: RequestOutput,
                                prefix: str) -> AsyncIterator[str]:
@@ -499,9 +513,10 @@ class Server:
         try:
             while True:
                 # Each chunk carries the whole text so far of every sample (vLLM's /generate, which
-                # lists the n texts); one whose text did not grow (a token ending inside a UTF-8
-                # character, held-back stop text) is not sent.
-                if texts[out.index].update(out.text, out.finished) or out.finished:
+                # lists the n texts); an output where no text grew (a token ending inside a UTF-8
+                # character, held-back stop text) is not sent, unless it is the last.
+                grew = [texts[sample.index].update(sample.text, sample.finished) for sample in out.outputs]
+                if any(grew) or out.finished:
                     yield ndjson(GenerateResponse(text=[prefix + t.sent for t in texts]))
                 if stream.finished:
                     break
@@ -512,7 +527,7 @@ class Server:
 
 def ndjson(body: ResponseBody) -> str:
     """A chunk of a /generate stream carrying `body` (vLLM's: JSON, then a NUL)."""
-    return json.dumps(body.wire(), ensure_ascii=False) + "\0"
+    return wire_json(body) + "\0"
 
 
 def error_body(e: BaseException) -> ErrorResponse:

@@ -47,6 +47,8 @@ from qwen_vl_triton.serving.metrics import Metrics
 
 log = logging.getLogger("serving.engine")
 
+ENDED = -1  # AsyncEngine._seen_tokens' mark of a sample whose end was counted
+
 
 class EngineFull(Exception):
     """The waiting queue is at max_waiting (HTTP 503)."""
@@ -61,52 +63,38 @@ class EngineError(RuntimeError):
 
 
 class RequestStream:
-    """The event-loop side of one request and its n samples (params.n). Outputs are cumulative,
-    so it keeps only the newest unread one of each sample: a slow reader skips ahead and memory
-    stays one output per sample."""
+    """The event-loop side of one request. Outputs are cumulative (every sample's whole output so
+    far: engine/outputs.py), so it keeps only the newest unread one: a slow reader skips ahead and
+    memory stays one output per request."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, n: int = 1):
+    def __init__(self, engine: AsyncEngine, request_id: str):
         self.engine = engine
         self.request_id = request_id
-        self.n = n
-        self.finished = False  # every sample has finished (or the request failed)
-        self._final: set[int] = set()  # samples whose final output was put ...
-        self._done: set[int] = set()  # ... and read
-        self._unread: dict[int, RequestOutput] = {}  # by sample index, in the order they changed
+        self.finished = False  # its final output was read (every sample has ended), or its error raised
+        self.complete = False  # event-loop thread: nothing more will be put (a final output, or an error)
+        self._unread: RequestOutput | None = None
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
 
-    @property
-    def complete(self) -> bool:
-        """Event-loop thread: whether nothing more will be put (every sample final, or an error)."""
-        return self._error is not None or len(self._final) == self.n
-
     def put(self, item: RequestOutput | BaseException) -> None:
-        """Event-loop thread: a newer output of a sample replaces its unread one; an error ends the
-        whole request."""
+        """Event-loop thread: a newer output replaces the unread one; an error ends the request."""
         if isinstance(item, BaseException):
             self._error = item
         else:
-            self._unread.pop(item.index, None)  # re-inserted last: samples are read in the order they changed
-            self._unread[item.index] = item
-            if item.finished:
-                self._final.add(item.index)
+            self._unread = item
+        self.complete = self._error is not None or item.finished
         self._ready.set()
 
     async def next(self) -> RequestOutput:
-        """The newest output of the sample that changed first since the last read; raises the
-        engine's error for this request."""
-        while not self._unread and self._error is None:
+        """The newest output since the last read; raises the engine's error for this request."""
+        while self._unread is None and self._error is None:
             await self._ready.wait()
             self._ready.clear()
         if self._error is not None:
             self.finished = True
             raise self._error
-        index = next(iter(self._unread))
-        item = self._unread.pop(index)
-        if item.finished:
-            self._done.add(index)
-        self.finished = len(self._done) == self.n
+        item, self._unread = self._unread, None
+        self.finished = item.finished
         return item
 
     def close(self) -> None:
@@ -203,7 +191,7 @@ class AsyncEngine:
         """Queue a prepared request (inside `reserve()`); returns its stream."""
         if not self._accepting:
             raise EngineStopped("the server is shutting down")
-        stream = RequestStream(self, request_id, request.params.n)
+        stream = RequestStream(self, request_id)
         self._streams[request_id] = stream
         with self._lock:
             self._pending_adds += 1
@@ -280,21 +268,25 @@ class AsyncEngine:
         self._send(replies)
 
     def _account(self, outputs: list[RequestOutput]) -> None:
-        """Token counters and latency histograms for one step's outputs."""
+        """Token counters and latency histograms for one step's outputs, each sample counted once."""
         new_tokens = 0
         for out in outputs:
-            key = (out.request_id, out.index)
-            before = self._seen_tokens.get(key, 0)
-            n = len(out.output_ids)
-            new_tokens += n - before
-            if self.metrics is not None and before == 0 and n > 0 and out.ttft_s is not None:
-                self.metrics.ttft.observe(out.ttft_s)
+            for sample in out.outputs:
+                key = (out.request_id, sample.index)
+                before = self._seen_tokens.get(key, 0)
+                if before == ENDED:  # its end was counted; it stays in the request's outputs
+                    continue
+                n = len(sample.token_ids)
+                new_tokens += n - before
+                if self.metrics is not None and before == 0 and n > 0 and out.ttft_s is not None:
+                    self.metrics.ttft.observe(out.ttft_s)
+                self._seen_tokens[key] = ENDED if sample.finished else n
+                if sample.finished and self.metrics is not None:
+                    latency = sample.token_times[-1] if sample.token_times else out.latency_s
+                    self.metrics.observe_finished(sample.finish_reason or "stop", out.ttft_s, latency, n)
             if out.finished:
-                self._seen_tokens.pop(key, None)
-                if self.metrics is not None:
-                    self.metrics.observe_finished(out.finish_reason or "stop", out.ttft_s, out.latency_s, n)
-            else:
-                self._seen_tokens[key] = n
+                for sample in out.outputs:
+                    self._seen_tokens.pop((out.request_id, sample.index), None)
         if self.metrics is not None and new_tokens:
             self.metrics.generation_tokens.inc(new_tokens)
 

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qwen_vl_triton.cli import benchmark
 from qwen_vl_triton.cli import eval as qvl_eval
@@ -207,3 +209,38 @@ def test_eval_textvqa_scores_each_item(server, media_dir, tmp_path):
     assert len(items) == 4 and summary["samples"] == 4
     for item in items:
         assert item["score"] == pytest.approx(vqa_score(item["prediction"], item["answers"]))
+
+
+# ------------------------------------------------------------------------------------- SSE parsing
+
+LINE_ENDS_OF_SPLITLINES = "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+@given(st.lists(st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(LINE_ENDS_OF_SPLITLINES),
+                        max_size=12), min_size=1, max_size=6),
+       st.integers(1, 7), st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_sse_data_keeps_events_whole_whatever_their_text(pieces, chunk_size, crlf):
+    """A server that leaves U+2028 and the like raw in its JSON (ensure_ascii=False) still gives
+    one event per data line, however the body is chunked."""
+    import asyncio
+
+    import httpx
+
+    from qwen_vl_triton.clients.client import sse_data
+
+    end = "\r\n" if crlf else "\n"
+    events = [json.dumps({"choices": [{"delta": {"content": p}}]}, ensure_ascii=False) for p in pieces]
+    body = "".join(f"data: {e}{end}{end}" for e in [*events, "[DONE]"]).encode()
+
+    async def chunks():
+        for i in range(0, len(body), chunk_size):
+            yield body[i:i + chunk_size]
+
+    async def run() -> list[str]:
+        resp = httpx.Response(200, content=chunks(), headers={"content-type": "text/event-stream; charset=utf-8"})
+        return [d async for d in sse_data(resp)]
+
+    got = asyncio.run(run())
+    assert got[-1] == "[DONE]"
+    assert [json.loads(d)["choices"][0]["delta"]["content"] for d in got[:-1]] == pieces

@@ -118,10 +118,10 @@ def test_a_conversation_in_any_part_form_gives_transformers_greedy_tokens(llm, r
                               {"type": "image", "image": second, **SMALL_IMAGE})
     outputs = llm.chat([openai_parts, model_card, plain_path], GREEDY)
     ids, tokens = reference(conversation({"type": "image"}, {"type": "image"}), [first, second], **SMALL_IMAGE)
-    assert [o.output_ids for o in outputs] == [tokens] * 3
+    assert [o.outputs[0].token_ids for o in outputs] == [tokens] * 3
     assert [o.prompt_tokens for o in outputs] == [len(ids)] * 3
     # one conversation alone is a batch of one
-    assert llm.chat(model_card, GREEDY)[0].output_ids == tokens
+    assert llm.chat(model_card, GREEDY)[0].outputs[0].token_ids == tokens
 
 
 def test_a_video_given_as_frames_gives_transformers_greedy_tokens(llm, reference):
@@ -138,9 +138,9 @@ def test_a_video_given_as_frames_gives_transformers_greedy_tokens(llm, reference
                        GREEDY)
     template = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
     ids, tokens = reference(template, videos=[frames], **controls)
-    assert outputs[0].output_ids == tokens and outputs[0].prompt_tokens == len(ids)
-    assert outputs[1].output_ids == tokens  # a uint8 [T, H, W, 3] array is the same video
-    assert outputs[2].output_ids == tokens  # 3 frames: the last repeated to an even count, as qwen-vl-utils
+    assert outputs[0].outputs[0].token_ids == tokens and outputs[0].prompt_tokens == len(ids)
+    assert outputs[1].outputs[0].token_ids == tokens  # a uint8 [T, H, W, 3] array is the same video
+    assert outputs[2].outputs[0].token_ids == tokens  # 3 frames: the last repeated to an even count, as qwen-vl-utils
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_mm_processor_kwargs_bound_the_media_as_transformers_does(llm, bounded):
     messages = [{"role": "user", "content": [{"type": "image", "image": str(SAMPLE_IMAGE_PATH)},
                                              {"type": "text", "text": "Describe."}]}]
     (out,) = llm.chat(messages, GREEDY, mm_processor_kwargs={"max_pixels": max_pixels})
-    assert out.prompt_tokens == len(ids) and out.output_ids == tokens
+    assert out.prompt_tokens == len(ids) and out.outputs[0].token_ids == tokens
     # a part's own control wins over the kwargs
     own = [{"role": "user", "content": [{"type": "image", "image": str(SAMPLE_IMAGE_PATH), "max_pixels": max_pixels},
                                         {"type": "text", "text": "Describe."}]}]

@@ -14,4 +14,4 @@ def test_compiled_forward_gives_the_eager_tokens(tiny_checkpoint, monkeypatch):
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (6, 3, 9)]  # batches shrink
     eager = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=64).generate(prompts, params)
     compiled = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=64, compile=True).generate(prompts, params)
-    assert [o.output_ids for o in compiled] == [o.output_ids for o in eager]
+    assert [o.outputs[0].token_ids for o in compiled] == [o.outputs[0].token_ids for o in eager]

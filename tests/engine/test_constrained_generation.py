@@ -14,8 +14,9 @@ import jsonschema
 import pytest
 
 from qwen_vl_triton.engine import structured
-from qwen_vl_triton.engine.llm import LLM, Prompt, RequestOutput
+from qwen_vl_triton.engine.llm import LLM, Prompt
 from qwen_vl_triton.engine.media import Media
+from qwen_vl_triton.engine.outputs import CompletionOutput
 from qwen_vl_triton.engine.sampling import SamplingParams
 from qwen_vl_triton.engine.structured import StructuredOutput
 from qwen_vl_triton.serving import tool_calls
@@ -34,15 +35,16 @@ SCHEMA = {
 }
 
 
-def run_all(llm: LLM, requests: dict[str, tuple[Prompt, SamplingParams]]) -> dict[tuple[str, int], RequestOutput]:
+def run_all(llm: LLM, requests: dict[str, tuple[Prompt, SamplingParams]]) -> dict[tuple[str, int], CompletionOutput]:
     for request_id, (prompt, params) in requests.items():
         llm.add_request(request_id, llm.preprocessor.prepare(prompt, params))
     finals = {}
     while llm.has_unfinished():
         for out in llm.step():
             assert out.error is None, out.error
-            if out.finished:
-                finals[out.request_id, out.index] = out
+            for sample in out.outputs:
+                if sample.finished:
+                    finals[out.request_id, sample.index] = sample
     return finals
 
 
@@ -80,7 +82,7 @@ def test_constrained_requests_hold_on_noise_beside_free_ones(llm):
     assert finals["choice", 0].text in ("yes", "no")
     # The free request beside them is untouched by their masks: it equals its run alone.
     alone = llm.generate([requests["free"][0]], [free])[0]
-    assert finals["free", 0].output_ids == alone.output_ids
+    assert finals["free", 0].token_ids == alone.outputs[0].token_ids
 
 
 def test_a_schema_that_does_not_compile_is_the_requests_error(llm):
@@ -110,12 +112,12 @@ def sampled(constraint: StructuredOutput, max_tokens: int, n: int = 10) -> Sampl
     return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=0, n=n, logprobs=1, structured=constraint)
 
 
-def closed_outputs(llm: LLM, constraint: StructuredOutput, max_tokens: int, n: int = 10) -> list[RequestOutput]:
+def closed_outputs(llm: LLM, constraint: StructuredOutput, max_tokens: int, n: int = 10) -> list[CompletionOutput]:
     finals = run_all(llm, {"closing": (Prompt("Answer in JSON."), sampled(constraint, max_tokens, n))})
     outs = [finals["closing", i] for i in range(n)]
     for out in outs:  # the forced tokens are sampled tokens like any other: logprobs and all
-        assert len(out.output_ids) <= max_tokens
-        assert len(out.output_logprobs) == len(out.top_logprobs) == len(out.output_ids)
+        assert len(out.token_ids) <= max_tokens
+        assert len(out.token_logprobs) == len(out.top_logprobs) == len(out.token_ids)
     return outs
 
 
@@ -133,10 +135,10 @@ def test_json_object_closes_within_max_tokens(llm, monkeypatch):
     assert sum(out.finish_reason == "length" for out in outs) >= 8
     for out, before in zip(outs, cut, strict=True):
         if before.finish_reason == "stop":  # the model ended it before the budget: nothing changed
-            assert out.output_ids == before.output_ids and out.finish_reason == "stop"
+            assert out.token_ids == before.token_ids and out.finish_reason == "stop"
         else:  # closing keeps the model's tokens up to where it started
             assert out.finish_reason == "length"
-            assert out.output_ids[:8] == before.output_ids[:8]
+            assert out.token_ids[:8] == before.token_ids[:8]
 
 
 @pytest.mark.parametrize(("schema", "max_tokens"), [
@@ -173,4 +175,4 @@ def test_json_object_at_max_tokens_300_parses_in_10_of_10_seeds(llm):
     of them parse: the model ends those three itself)."""
     outs = closed_outputs(llm, StructuredOutput("json_object"), 300)
     assert all(isinstance(json.loads(out.text), dict) for out in outs), [out.text[-40:] for out in outs]
-    assert all(out.finish_reason == "stop" or len(out.output_ids) >= 300 - structured.CLOSE_MARGIN for out in outs)
+    assert all(out.finish_reason == "stop" or len(out.token_ids) >= 300 - structured.CLOSE_MARGIN for out in outs)

@@ -69,9 +69,9 @@ def test_static_decode_gives_the_plain_paths_tokens(tiny_checkpoint):
     llm.runner.decode_graphs.forward = lambda batch, width: shapes.append((batch, width)) or forward(batch, width)
     got = llm.generate(prompts, params)
 
-    assert [o.output_ids for o in got] == [o.output_ids for o in expected]
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
     for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(torch.tensor(g.output_logprobs), torch.tensor(e.output_logprobs),
+        torch.testing.assert_close(torch.tensor(g.outputs[0].token_logprobs), torch.tensor(e.outputs[0].token_logprobs),
                                    rtol=1e-4, atol=1e-4)
     assert {b for b, _ in shapes} >= {8, 4, 1}  # padded batches ran, and the last one alone
     assert len({w for _, w in shapes}) >= 2  # the table width grew with the longest sequence
@@ -108,4 +108,4 @@ def test_captured_graphs_give_the_eager_tokens(tiny_checkpoint):
     got = llm.generate(prompts, params)
     graphs = llm.runner.decode_graphs
     assert graphs is not None and graphs.capture and len(graphs.graphs) >= 3
-    assert [o.output_ids for o in got] == [o.output_ids for o in eager]
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in eager]

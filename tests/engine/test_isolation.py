@@ -39,7 +39,7 @@ def alone(tiny_checkpoint) -> dict[str, list[int]]:
     """The mixed requests' tokens in a batch with nothing failing."""
     llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128)
     outs = llm.generate([p for p, _ in mixed_requests()], [greedy(m) for _, m in mixed_requests()])
-    return {p.text: o.output_ids for (p, _), o in zip(mixed_requests(), outs, strict=True)}
+    return {p.text: o.outputs[0].token_ids for (p, _), o in zip(mixed_requests(), outs, strict=True)}
 
 
 @pytest.mark.parametrize("codec", ["mpeg4", "libx264"])
@@ -51,10 +51,11 @@ def test_a_video_that_does_not_decode_fails_alone(tiny_checkpoint, alone, tmp_pa
     llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128)
     outs = llm.generate(prompts, params)
     *good, failed = outs
-    assert failed.finish_reason == "error" and isinstance(failed.error, RequestMediaError)
-    assert "bad.mp4" in str(failed.error) and "decode" in str(failed.error) and failed.output_ids == []
+    assert failed.outputs[0].finish_reason == "error" and isinstance(failed.error, RequestMediaError)
+    assert "bad.mp4" in str(failed.error) and "decode" in str(failed.error) and failed.outputs[0].token_ids == []
     for (prompt, max_tokens), out in zip(requests, good, strict=True):
-        assert out.error is None and out.output_ids == alone[prompt.text] and len(out.output_ids) == max_tokens
+        tokens = out.outputs[0].token_ids
+        assert out.error is None and tokens == alone[prompt.text] and len(tokens) == max_tokens
     assert llm.blocks.num_used_blocks() == 0 and not llm.has_unfinished()
 
 
@@ -74,10 +75,11 @@ def test_non_finite_logits_end_only_their_request(tiny_checkpoint, alone, monkey
     outs = llm.generate([p for p, _ in requests], [greedy(m) for _, m in requests])
     for i, ((prompt, max_tokens), out) in enumerate(zip(requests, outs, strict=True)):
         if i == 1:
-            assert out.finish_reason == "error" and isinstance(out.error, RequestFault)
-            assert "not finite" in str(out.error) and out.output_ids == alone[prompt.text][:1]
+            assert out.outputs[0].finish_reason == "error" and isinstance(out.error, RequestFault)
+            assert "not finite" in str(out.error) and out.outputs[0].token_ids == alone[prompt.text][:1]
         else:
-            assert out.error is None and out.output_ids == alone[prompt.text] and len(out.output_ids) == max_tokens
+            tokens = out.outputs[0].token_ids
+            assert out.error is None and tokens == alone[prompt.text] and len(tokens) == max_tokens
     assert llm.blocks.num_used_blocks() == 0
 
 
@@ -101,12 +103,12 @@ def test_a_failed_forward_ends_the_requests_in_it_only(tiny_checkpoint, alone, m
     with pytest.raises(StepFailed, match="injected fault") as failed:
         llm.step()
     (out,) = failed.value.outputs
-    assert calls == [["first"]] and out.request_id == "first" and out.finish_reason == "error"
+    assert calls == [["first"]] and out.request_id == "first" and out.outputs[0].finish_reason == "error"
     assert isinstance(out.error, RequestFault) and "injected fault" in str(out.error)
     finished = {}
     while llm.has_unfinished():
         finished.update({o.request_id: o for o in llm.step() if o.finished})
-    assert finished["second"].output_ids == alone[second.text]
+    assert finished["second"].outputs[0].token_ids == alone[second.text]
     assert llm.blocks.num_used_blocks() == 0
 
 
@@ -118,8 +120,9 @@ def test_generate_returns_errors_when_asked(tiny_checkpoint, alone, tmp_path):
     llm.add_request("offline-0", llm.preprocessor.prepare(text, greedy(2)))
     missing = Prompt("Look.", [Media(tmp_path / "missing.png")])
     outs = llm.generate([missing, text], [greedy(1), greedy(tokens)], errors="return")
-    assert outs[0].finish_reason == "error" and "missing.png" in str(outs[0].error) and outs[0].output_ids == []
-    assert outs[1].output_ids == alone[text.text]
+    (failed,) = outs[0].outputs
+    assert failed.finish_reason == "error" and "missing.png" in str(outs[0].error) and failed.token_ids == []
+    assert outs[1].outputs[0].token_ids == alone[text.text]
     assert "offline-0" not in llm.sequences  # ran to its end alongside, not aborted or replaced
     with pytest.raises(ValueError, match="missing.png"):
         llm.generate([text, missing], greedy(1))

@@ -17,8 +17,8 @@ def greedy(max_tokens: int | None) -> SamplingParams:
 
 def run(llm: LLM, requests) -> list[list[int]]:
     outs = llm.generate([p for p, _ in requests], [greedy(m) for _, m in requests])
-    assert all(o.finish_reason == "length" for o in outs)
-    return [o.output_ids for o in outs]
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    return [o.outputs[0].token_ids for o in outs]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_prefix_cache_hits_give_the_same_tokens(tiny_checkpoint, requests, batch
     first = run(llm, requests[:2])
     hits_before = llm.blocks.prefix_hit_tokens
     again = llm.generate([p for p, _ in requests[:2]], [greedy(m) for _, m in requests[:2]])
-    assert [o.output_ids for o in again] == first == batched_tokens[:2]
+    assert [o.outputs[0].token_ids for o in again] == first == batched_tokens[:2]
     assert all(o.cached_prompt_tokens >= 16 for o in again)
     assert llm.blocks.prefix_hit_tokens - hits_before == sum(o.cached_prompt_tokens for o in again)
 
@@ -129,7 +129,7 @@ def test_limits_are_enforced_with_clear_errors(tiny_checkpoint):
     # The cache's capacity (8 blocks x 16) is max_seq_len: max_tokens=None fills it and finishes with
     # "length"; a max_tokens it cannot hold is refused up front, naming both (the output budget).
     out = llm.generate(["hi"], [greedy(None)])[0]
-    assert out.finish_reason == "length" and out.prompt_tokens + len(out.output_ids) == 8 * 16
+    assert out.outputs[0].finish_reason == "length" and out.prompt_tokens + len(out.outputs[0].token_ids) == 8 * 16
     with pytest.raises(ValueError, match="max_tokens is 1000: together over max_seq_len 128"):
         llm.generate(["hi"], [greedy(1000)])
 

@@ -79,7 +79,7 @@ def test_a_clip_is_encoded_over_steps_while_the_streams_decode(tiny_checkpoint, 
         llm.abort(f"text{i}")
     while llm.has_unfinished():
         llm.step()
-    assert video.output_ids == alone.output_ids  # the same embeddings as one pass over the clip
+    assert video.output_ids == alone.outputs[0].token_ids  # the same embeddings as one pass over the clip
     assert llm.blocks.num_used_blocks() == 0 and not llm.encoder.jobs
 
 
@@ -89,7 +89,7 @@ def test_an_idle_engine_encodes_whole_chunks(tiny_checkpoint, clip):
     out = llm.generate([video_prompt(clip)], greedy(3))[0]
     slices = [slices_of(w, llm) for w in work if w.videos]
     assert sum(slices) == SLICES and max(slices) <= 4 and len(slices) >= 3
-    assert len(out.output_ids) == 3
+    assert len(out.outputs[0].token_ids) == 3
 
 
 def test_frames_are_decoded_off_the_calling_thread_in_bounded_memory(tiny_checkpoint, clip, monkeypatch):
@@ -174,7 +174,7 @@ def test_the_prefill_share_chunks_a_long_prompt_while_streams_decode(tiny_checkp
     llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128, prefill_step_share=0.25, enable_prefix_caching=False)
     alone = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=128)
     long_prompt = Prompt("Tell me everything about the sea and the ships on it. " * 3)
-    expected = alone.generate([long_prompt], greedy(3))[0].output_ids
+    expected = alone.generate([long_prompt], greedy(3))[0].outputs[0].token_ids
     llm.add_request("stream", llm.preprocessor.prepare(Prompt("Count to ten."), greedy(200)))
     while len(llm.sequences["stream"].output_ids) < 3:
         llm.step()

@@ -51,11 +51,11 @@ def test_offline_runs_get_exactly_the_room_left_and_an_over_budget_max_tokens_is
     text = "Tell me about the sea."
     room = MAX_SEQ - prompt_tokens(llm, text)
     [out] = llm.generate([Prompt(text)], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))
-    assert out.finish_reason == "length" and len(out.output_ids) == room
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == room
     with pytest.raises(OutputLengthError, match=f"max_tokens is {room + 1}: together over max_seq_len {MAX_SEQ}"):
         llm.generate([Prompt(text)], SamplingParams(max_tokens=room + 1))
     [refused] = llm.generate([Prompt(text)], SamplingParams(max_tokens=room + 1), errors="return")
-    assert refused.finish_reason == "error" and isinstance(refused.error, OutputLengthError)
+    assert refused.outputs[0].finish_reason == "error" and isinstance(refused.error, OutputLengthError)
     assert not llm.has_unfinished()
 
 

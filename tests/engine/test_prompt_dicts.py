@@ -66,7 +66,7 @@ def text_and_ids_outputs(llm, tokenizer, two_images):
     ids = {**prompt, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
     del ids["prompt"]
     outs = llm.generate([prompt, ids], SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True))
-    return [o.output_ids for o in outs]
+    return [o.outputs[0].token_ids for o in outs]
 
 
 def test_vllm_prompt_dict_gives_transformers_greedy_tokens(tiny_checkpoint, tokenizer, two_images,
@@ -153,9 +153,10 @@ def test_mistakes_are_clear_errors_before_any_medium_is_read(llm, prompt, error,
         llm.preprocessor.prepare(prompt)
 
 
-def test_a_lone_prompt_is_a_batch_of_one_and_n_is_refused(llm):
+def test_a_lone_prompt_is_a_batch_of_one_and_n_gives_n_samples(llm):
     greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     [out] = llm.generate({"prompt": "hi", "cache_salt": "tenant-a"}, greedy)
-    assert len(out.output_ids) == 2
-    with pytest.raises(ValueError, match="n > 1 is not supported offline yet.*the server's `n`"):
-        llm.generate({"prompt": "hi"}, SamplingParams(max_tokens=2, n=2))
+    assert len(out.outputs) == 1 and len(out.outputs[0].token_ids) == 2
+    [pair] = llm.generate({"prompt": "hi"}, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, n=2))
+    assert [o.index for o in pair.outputs] == [0, 1]
+    assert [o.token_ids for o in pair.outputs] == [out.outputs[0].token_ids] * 2

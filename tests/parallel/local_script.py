@@ -44,11 +44,11 @@ def worker_pids(llm: LLM) -> list[int]:
 
 
 def lifecycle(checkpoint: str) -> None:
-    say("single", ids=LLM(checkpoint, **ENGINE).generate([PROMPT], GREEDY)[0].output_ids)
+    say("single", ids=LLM(checkpoint, **ENGINE).generate([PROMPT], GREEDY)[0].outputs[0].token_ids)
     for ending in ("shutdown", "gc", "exit"):
         llm = LLM(checkpoint, tensor_parallel_size=2, **ENGINE)
         pids = worker_pids(llm)
-        say("tp", ending=ending, ids=llm.generate([PROMPT], GREEDY)[0].output_ids, pids=pids)
+        say("tp", ending=ending, ids=llm.generate([PROMPT], GREEDY)[0].outputs[0].token_ids, pids=pids)
         if ending == "shutdown":
             llm.shutdown()
         elif ending == "gc":

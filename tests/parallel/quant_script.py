@@ -39,7 +39,7 @@ def reference_tokens(checkpoint: str | Path, mode: str, tp: TPGroup = SINGLE_PRO
         outputs = llm.generate(list(REQUESTS.values()), greedy)
     finally:
         llm.shutdown()
-    return {name: o.output_ids for name, o in zip(REQUESTS, outputs, strict=True)}
+    return {name: o.outputs[0].token_ids for name, o in zip(REQUESTS, outputs, strict=True)}
 
 
 def main(checkpoint: str, out_dir: str, mode: str) -> None:

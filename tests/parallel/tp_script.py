@@ -21,6 +21,7 @@ from pathlib import Path
 
 from qwen_vl_triton.engine.llm import LLM, Prompt, RequestOutput
 from qwen_vl_triton.engine.media import Media
+from qwen_vl_triton.engine.outputs import CompletionOutput
 from qwen_vl_triton.engine.sampling import SamplingParams
 from qwen_vl_triton.engine.structured import StructuredOutput
 from qwen_vl_triton.modeling import processing
@@ -62,11 +63,12 @@ def main(checkpoint: str, out_dir: str, tight: bool) -> None:
     llm = LLM(checkpoint, device="cpu", num_kv_blocks=num_blocks, block_size=16, tp=tp,
               max_prefill_tokens=23 if tight else 8192, vision_chunk_patches=2 * 8 * 12,
               prefill_step_share=None if tight else 0.5)
-    finished: dict[str, RequestOutput] = {}
+    finished: dict[str, CompletionOutput] = {}
 
     def collect(outputs: list[RequestOutput]) -> None:
         # the n samples of a request as request_id, request_id#1, ...
-        finished.update({o.request_id + (f"#{o.index}" if o.index else ""): o for o in outputs if o.finished})
+        finished.update({o.request_id + (f"#{s.index}" if s.index else ""): s
+                         for o in outputs if o.finished for s in o.outputs})
 
     if tp.rank == 0:
         from tests.engine.test_isolation import undecodable_video
@@ -92,7 +94,7 @@ def main(checkpoint: str, out_dir: str, tight: bool) -> None:
         llm.worker_loop(collect)
     report = {
         "rank": tp.rank, "world_size": tp.world_size,
-        "outputs": {k: {"ids": o.output_ids, "logprobs": o.output_logprobs, "finish_reason": o.finish_reason,
+        "outputs": {k: {"ids": o.token_ids, "logprobs": o.token_logprobs, "finish_reason": o.finish_reason,
                         "text": o.text,
                         "error": repr(o.error) if o.error is not None else None}
                     for k, o in sorted(finished.items())},

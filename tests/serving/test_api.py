@@ -69,12 +69,12 @@ def test_openai_chat_with_image_equals_offline(server, offline, monkeypatch):
                                      logprobs=True, top_logprobs=2,
                                      extra_body={"ignore_eos": True, "return_token_ids": True})
     choice = resp.choices[0]
-    assert choice.model_extra["token_ids"] == ref.output_ids
-    assert choice.message.content == ref.text
+    assert choice.model_extra["token_ids"] == ref.outputs[0].token_ids
+    assert choice.message.content == ref.outputs[0].text
     assert choice.finish_reason == "length"
     assert resp.usage.prompt_tokens == ref.prompt_tokens and resp.usage.completion_tokens == 12
     got = [e.logprob for e in choice.logprobs.content]
-    np.testing.assert_allclose(got, ref.output_logprobs, atol=1e-4)
+    np.testing.assert_allclose(got, ref.outputs[0].token_logprobs, atol=1e-4)
     assert [len(e.top_logprobs) for e in choice.logprobs.content] == [2] * 12
     for e in choice.logprobs.content:  # the chosen token (greedy) is the most likely one
         assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-5)
@@ -90,8 +90,8 @@ def test_openai_chat_with_image_equals_offline(server, offline, monkeypatch):
             content += ch.delta.content or ""
             ids += (ch.model_extra or {}).get("token_ids") or []
             finish = ch.finish_reason or finish
-    assert ids == ref.output_ids
-    assert content == ref.text
+    assert ids == ref.outputs[0].token_ids
+    assert content == ref.outputs[0].text
     assert finish == "length"
     assert usage is not None and usage.completion_tokens == 12 and usage.prompt_tokens == ref.prompt_tokens
 
@@ -107,16 +107,16 @@ def test_file_path_and_mindie_curl_shapes(server, media_dir, offline, monkeypatc
         "max_tokens": 8, "temperature": 0, "stream": False}
     r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(chat_body), timeout=REQUEST_TIMEOUT_S)
     assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["message"]["content"] == ref.text
+    assert r.json()["choices"][0]["message"]["content"] == ref.outputs[0].text
     # vLLM interface: prompt parts in MindIE's order (text first) also work; greedy via do_sample false
     gen_body = {"prompt": [{"type": "image_url", "image_url": "file://" + str(image)}, {"type": "text", "text": text}],
                 "max_tokens": 8, "do_sample": False, "stream": False, "model": "qwen2_vl"}
     r = httpx.post(server.url + "/generate", content=json.dumps(gen_body), timeout=REQUEST_TIMEOUT_S)
     assert r.status_code == 200, r.text
-    assert r.json() == {"text": [ref.text]}
+    assert r.json() == {"text": [ref.outputs[0].text]}
     # relative paths are taken from --allowed_media_dir
     gen_body["prompt"][0]["image_url"] = "textvqa/train_images/sign_1.png"
-    assert httpx.post(server.url + "/generate", json=gen_body, timeout=REQUEST_TIMEOUT_S).json() == {"text": [ref.text]}
+    assert httpx.post(server.url + "/generate", json=gen_body, timeout=REQUEST_TIMEOUT_S).json() == {"text": [ref.outputs[0].text]}
     mindie_text_first = dict(gen_body, prompt=[{"type": "text", "text": text},
                                                {"type": "image_url", "image_url": str(image)}])
     assert httpx.post(server.url + "/generate", json=mindie_text_first, timeout=REQUEST_TIMEOUT_S).status_code == 200

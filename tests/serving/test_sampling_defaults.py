@@ -127,7 +127,7 @@ def engines(defaults_ckpt):
 
 
 def _tokens(llm: LLM, **params) -> list[int]:
-    return llm.generate(["Say something."], SamplingParams(**params, ignore_eos=True))[0].output_ids
+    return llm.generate(["Say something."], SamplingParams(**params, ignore_eos=True))[0].outputs[0].token_ids
 
 
 def prompt_text(llm: LLM, chat: dict) -> str:

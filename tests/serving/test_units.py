@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qwen_vl_triton.serving.api_server import TextDelta
 from qwen_vl_triton.serving.config import ServeConfig, read_mindie_config, strip_json_comments
@@ -82,10 +84,11 @@ def test_text_delta_holds_back_partial_characters_and_stop_prefixes():
 
 
 def _output(n: int, finished: bool = False):
-    from qwen_vl_triton.engine.llm import RequestOutput
+    from qwen_vl_triton.engine.outputs import CompletionOutput, RequestOutput
 
-    return RequestOutput("r", 3, list(range(n)), [0.0] * n, [None] * n, "x" * n, finished,
-                         "length" if finished else None, 0, 0.1, 0.2, [0.1] * n)
+    sample = CompletionOutput(0, "x" * n, list(range(n)), [0.0] * n, [None] * n, "length" if finished else None,
+                              [0.1] * n)
+    return RequestOutput("r", 3, 0, [sample], finished, 0.1, 0.2)
 
 
 def test_request_stream_keeps_the_newest_output_and_raises_errors():
@@ -104,7 +107,7 @@ def test_request_stream_keeps_the_newest_output_and_raises_errors():
         s = RequestStream(engine, "r")
         for n in (1, 2, 3):  # a slow reader: three steps arrive before it reads
             s.put(_output(n))
-        assert len((await s.next()).output_ids) == 3
+        assert len((await s.next()).outputs[0].token_ids) == 3
         s.put(_output(4, finished=True))
         assert (await s.next()).finished and s.finished
         s.close()
@@ -471,3 +474,19 @@ def test_openapi_documents_the_request_bodies():
     assert chat["required"] == ["messages"] and chat["properties"]["n"]["anyOf"][0]["maximum"] == 16
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from("\x85\u2028\u2029\n\r"), max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_wire_json_is_one_line_under_splitlines_and_decodes_to_the_same_text(text):
+    """Output text with U+2028 and the like: each streamed event stays one line for clients that
+    split lines as str.splitlines does (httpx's iter_lines), and decodes to the text sent."""
+    from qwen_vl_triton.serving.api_server import ndjson, sse
+    from qwen_vl_triton.serving.responses import GenerateResponse
+
+    body = GenerateResponse(text=[text])
+    event = sse(body)
+    assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
+    assert json.loads(event[len("data: "):]) == {"text": [text]}
+    chunk = ndjson(body)
+    assert len(chunk.splitlines()) == 1 and json.loads(chunk[:-1]) == {"text": [text]}
