@@ -116,7 +116,8 @@ def test_file_path_and_mindie_curl_shapes(server, media_dir, offline, monkeypatc
     assert r.json() == {"text": [ref.outputs[0].text]}
     # relative paths are taken from --allowed_media_dir
     gen_body["prompt"][0]["image_url"] = "textvqa/train_images/sign_1.png"
-    assert httpx.post(server.url + "/generate", json=gen_body, timeout=REQUEST_TIMEOUT_S).json() == {"text": [ref.outputs[0].text]}
+    got = httpx.post(server.url + "/generate", json=gen_body, timeout=REQUEST_TIMEOUT_S).json()
+    assert got == {"text": [ref.outputs[0].text]}
     mindie_text_first = dict(gen_body, prompt=[{"type": "text", "text": text},
                                                {"type": "image_url", "image_url": str(image)}])
     assert httpx.post(server.url + "/generate", json=mindie_text_first, timeout=REQUEST_TIMEOUT_S).status_code == 200
