@@ -23,7 +23,7 @@ AVPY         := $(ASCEND_VENV)/bin/python
 ASCEND_LOCK  := $(CURDIR)/requirements/lock-ascend-compile.txt
 ASCEND_STAMP := $(ASCEND_VENV)/.installed
 
-.PHONY: install test test-latest lock bench lint demo serve-demo clean compile-check device-check vllm-cpu
+.PHONY: install test test-latest lock bench lint demo serve-demo clean compile-check device-check tune vllm-cpu
 
 install: $(STAMP)
 
@@ -117,14 +117,25 @@ $(ASCEND_STAMP): $(ASCEND_LOCK)
 compile-check: install $(ASCEND_STAMP)
 	$(VPY) -m qwen_vl_triton.benchmarks.compile_check --ascend-python $(AVPY)
 
-# On a machine with an NVIDIA GPU: kernel tests on it, a short bench (int8 layers too), and the static resource table
-# checked against what the driver loads (benchmarks/results/device-check-<gpu>.md). About 8 minutes.
+# On a machine with an NVIDIA GPU: kernel tests on it, a 2-minute attention tuning sweep (the device's plan file,
+# as `make tune` below), a short bench against SDPA / torch.compile with the engine at 7B shapes against transformers
+# (int8 layers and decode graphs too), and the static resource table checked against what the driver loads
+# (benchmarks/results/device-check-<gpu>.md). About 9 minutes.
 # Runs with the machine's own Python (its CUDA torch and Triton; DEVICE_PY=... to choose another):
 # no venv, since a GPU machine may have no package index to install from; the package is imported from
 # this checkout (PYTHONPATH), not installed.
 DEVICE_PY ?= python3
 device-check:
 	PYTHONPATH=$(CURDIR) $(DEVICE_PY) benchmarks/device_check.py
+
+# On a machine with an NVIDIA GPU (or an Ascend NPU): sweep the attention tile plans at the released
+# shapes, keep those that compile without spills and match the reference, and write the fastest per
+# bucket to qwen_vl_triton/kernels/plans/<arch>.json (table: benchmarks/results/tune-<device>.md).
+# About 6 minutes (--max-minutes); the machine's own Python, as device-check. TUNE_ARGS=--help lists
+# the filters; without a device, TUNE_ARGS="--dry-run --compile-only sm_90" works here.
+TUNE_ARGS ?=
+tune:
+	PYTHONPATH=$(CURDIR) $(DEVICE_PY) benchmarks/tune.py $(TUNE_ARGS)
 
 # ruff, then the kernels read for the device rules (tools/kernel_lint.py; docs/DESIGN.md, "Device rules").
 lint: install

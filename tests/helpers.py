@@ -9,6 +9,7 @@ import torch
 from hypothesis import strategies as st
 
 from qwen_vl_triton.kernels import _backend
+from qwen_vl_triton.kernels.plans import OPS, TILE_SIZES, AttentionPlan, PlanEntry, PlanTable
 from qwen_vl_triton.kernels.target import Target, current_target
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,10 +64,26 @@ def expect_triton_launch(op_name: str, times: int = 1):
 
 def tile_plans() -> st.SearchStrategy[Target]:
     """Attention tile plans to prove the kernels' numbers under: this device's own target (the
-    interpreter here) with its query-tile rows and key-tile size drawn from what any target may
-    choose, so a target's plan never runs tiles the tests have not seen."""
+    interpreter here) with either its default tiles drawn (query-tile rows, key-tile sizes) or a
+    device plan table (kernels/plans.py) of two buckets per op and head dim, split at a drawn
+    token count, each bucket's tiles drawn from kernels.plans.TILE_SIZES: every tile a target's
+    defaults or a committed plan file may choose is one the tests run."""
     base = current_target(DEVICE)
     tiles = st.sampled_from([16, 32, 64])
-    return st.builds(lambda key, decode_key, rows: dataclasses.replace(base, key_tile=key, decode_key_tile=decode_key,
-                                                                       query_rows=rows),
-                     tiles, tiles, st.sampled_from([16, 32, 64, 128]))
+    defaults = st.builds(lambda key, decode_key, rows: dataclasses.replace(base, key_tile=key,
+                                                                           decode_key_tile=decode_key, query_rows=rows),
+                         tiles, tiles, st.sampled_from([16, 32, 64, 128]))
+    plan = st.builds(AttentionPlan, st.sampled_from(TILE_SIZES), st.sampled_from(TILE_SIZES))
+    buckets = [(op, d) for op in OPS for d in HEAD_DIMS_PLANNED]
+
+    def table(split: int, plans: list[tuple[AttentionPlan, AttentionPlan]]) -> Target:
+        entries = [PlanEntry(op, d, bound, p) for (op, d), pair in zip(buckets, plans, strict=True)
+                   for bound, p in zip((split, 1 << 20), pair, strict=True)]
+        return dataclasses.replace(base, plans=PlanTable(tuple(entries)))
+
+    planned = st.builds(table, st.sampled_from([1, 8, 40, 64]),
+                        st.lists(st.tuples(plan, plan), min_size=len(buckets), max_size=len(buckets)))
+    return defaults | planned
+
+
+HEAD_DIMS_PLANNED = (64, 80, 128)  # the head dims a drawn plan table covers (tests/kernels/attention_oracle)

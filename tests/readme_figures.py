@@ -420,6 +420,12 @@ NOT_MEASURED = [
     "| triton-ascend 3.2 +",
     "each ViT (head dim 80) and LLM (head dim 128), each rank of tensor parallelism 1/2/4/8",
     "cache blocks of 16/32/64/128 slots, 1 to 32768 tokens a step (decode batches 1 to 256,",
+    "a 2-minute attention tuning sweep",
+    "the engine at Qwen2.5-VL-7B shapes, batch 64 image requests",
+    "decode graphs at batch 1/8/32/64",
+    "on the device, about 6 minutes",
+    "head dim 80 as two column tiles (64 + 16",
+    "key tiles of 16 to 128 in cache blocks of up to 128, query tiles\nof 16 to 128 rows",
     # benchmark results
     "at the 7B and 72B (TP 1/4/8) layer shapes, decode M = 1-64 and prefill 2048",
     "| CPU, 2 cores (Triton interpreter",

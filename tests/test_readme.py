@@ -71,10 +71,10 @@ def test_flags_shown_with_a_tool_exist(tool):
 
 
 def test_every_flag_in_the_readme_exists_somewhere():
-    # The developer programs the README documents count too (make compile-check's and the quantization
-    # accuracy benchmark's own flags).
+    # The developer programs the README documents count too (make compile-check's, make tune's and the
+    # quantization accuracy benchmark's own flags).
     known = (set().union(*(tool_flags(t) for t in TOOLS)) | help_flags("-m", "benchmarks.compile_check")
-             | help_flags("benchmarks/quant_accuracy.py") | FOREIGN)
+             | help_flags("benchmarks/quant_accuracy.py") | help_flags("benchmarks/tune.py") | FOREIGN)
     named = set(FLAG.findall(README))
     assert not named - known, f"README names flags no tool has: {sorted(named - known)}"
 

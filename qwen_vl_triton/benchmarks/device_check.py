@@ -1,11 +1,16 @@
-"""`make device-check`: the prepared run for the day an NVIDIA GPU is at hand (about 8 minutes).
+"""`make device-check`: the prepared run for the day an NVIDIA GPU is at hand (about 9 minutes).
 
 1. the kernel tests on the GPU (pytest tests/kernels, compiled kernels, no interpreter);
-2. a short `make bench` (the element-wise and attention families at full shapes), the int8 linear
+2. a short attention tuning sweep (`make tune` with a 2-minute budget, benchmarks/tune.py): the
+   device's plan file, qwen_vl_triton/kernels/plans/<arch>.json, which the benches then use
+   (commit it; a longer `make tune` refines it);
+3. a short `make bench` (the element-wise and attention families at full shapes against SDPA,
+   gather + SDPA, eager and torch.compile, and the engine end to end at Qwen2.5-VL-7B shapes,
+   batch 64 image requests, against transformers' generate), the int8 linear
    layers (family int8: int8_matmul / w8a16_matmul against torch._int_mm, dequantize + matmul and
-   the bf16 GEMM), then decode steps eager against captured graphs (their test, and
-   benchmarks/bench_decode_graphs.py);
-3. the static resource table of `make compile-check` against the device: the launches of two
+   the bf16 GEMM), then decode steps eager against captured graphs at batch 1/8/32/64 (their
+   test, and benchmarks/bench_decode_graphs.py);
+4. the static resource table of `make compile-check` against the device: the launches of two
    checkpoints are compiled by the real CUDA driver (launches recorded, not run), which reports
    each kernel's registers and local (spill) memory as loaded on this GPU; programs per SM follow
    from those and the device's own limits; each row sits beside benchmarks/results/compile-sm_XX.json.
@@ -150,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     tests_ok, tests_s = _step("kernel tests on the GPU",
                               [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/kernels"],
                               210, RESULTS / f"device-check-{name}-pytest.log")
+    tune_ok, tune_s = _step("attention tuning (2 min)", [sys.executable, "benchmarks/tune.py", "--max-minutes", "2"],
+                            240, RESULTS / f"device-check-{name}-tune.log")
     bench_ok, bench_s = _step("short bench", [sys.executable, "benchmarks/run_all.py", "--only", "elementwise",
-                                              "--only", "attention"], 150, RESULTS / f"device-check-{name}-bench.log")
+                                              "--only", "attention", "--only", "e2e"], 240,
+                              RESULTS / f"device-check-{name}-bench.log")
     int8_ok, int8_s = _step("int8 bench", [sys.executable, "benchmarks/run_all.py", "--only", "int8"], 180,
                             RESULTS / f"device-check-{name}-int8-bench.log")
     graphs_ok, graphs_s = _step("decode graphs", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -168,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                 static[(v["kernel"], v["constexprs"])] = v["resources"]
     lines = [f"# Device check: {torch.cuda.get_device_name(0)} ({arch})", "",
              f"Kernel tests on the GPU: {'passed' if tests_ok else 'FAILED'} ({tests_s:.0f} s). "
-             f"Short bench: {'done' if bench_ok else 'FAILED'} ({bench_s:.0f} s). Int8 bench: "
+             f"Attention tuning (plans/{arch}.json, tune-{name}.md): {'done' if tune_ok else 'FAILED'} "
+             f"({tune_s:.0f} s). Short bench: {'done' if bench_ok else 'FAILED'} ({bench_s:.0f} s). Int8 bench: "
              f"{'done' if int8_ok else 'FAILED'} ({int8_s:.0f} s). Decode graphs (test, then "
              f"bench: device-check-{name}-graphs*.log): {'passed' if graphs_ok else 'FAILED'} ({graphs_s:.0f} s). "
              f"Total {time.time() - started:.0f} s.",
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / f"device-check-{name}.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
-    return 0 if tests_ok and bench_ok and int8_ok and graphs_ok else 1
+    return 0 if tests_ok and tune_ok and bench_ok and int8_ok and graphs_ok else 1
 
 
 if __name__ == "__main__":

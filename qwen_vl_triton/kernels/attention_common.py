@@ -23,17 +23,22 @@ LOG2E = 1.4426950408889634  # the kernels exponentiate with exp2: scores are sca
 
 
 @triton.jit
-def attend_kv_tile(q, k_ptrs, v_ptrs, d_ok, n0, n_keys, qpos, qk_scale, m_i, l_i, acc,
-                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr):
+def attend_kv_tile(q, qt, k_tile, v_tile, k_off, v_off, kt_off, vt_off, d_ok, dt_ok, n0, n_keys, qpos, qk_scale,
+                   m_i, l_i, acc, acct, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, TAIL: tl.constexpr):
     """One flash-attention step: attend query tile q [M, BLOCK_D] (DOT_DTYPE) to the keys at
-    positions n0 .. n0 + BLOCK_N - 1, whose K/V rows are at k_ptrs / v_ptrs [BLOCK_N, BLOCK_D].
+    positions n0 .. n0 + BLOCK_N - 1, whose K/V rows start at k_tile / v_tile (k_off / v_off
+    [BLOCK_N, BLOCK_D]: the rows' offsets, kv_tile_offsets).
 
+    TAIL: the head dim is two column tiles (head_dim_blocks): q holds the first BLOCK_D columns
+    and qt [M, BLOCK_DT] the rest, with kt_off / vt_off and dt_ok their K/V offsets and column
+    mask; the scores are the sum of the two dots and the output's columns accumulate in acc and
+    acct [M, BLOCK_DT] fp32. Without TAIL, qt, kt_off, vt_off, dt_ok and acct are unused.
     MASKED: keys at positions >= n_keys are neither loaded (so stale or NaN cache slots never reach
     the sums) nor attended, and with CAUSAL each row sees only keys <= its position qpos [M].
     Unmasked tiles must be fully visible to every row. d_ok [BLOCK_D] masks the head-dim padding.
     m_i, l_i [M]: running max / sum in log2 units; acc [M, BLOCK_D] fp32, unnormalised.
-    Returns the updated (m_i, l_i, acc).
+    Returns the updated (m_i, l_i, acc, acct).
     """
     if MASKED:
         key_pos = n0 + tl.arange(0, BLOCK_N)
@@ -41,9 +46,15 @@ def attend_kv_tile(q, k_ptrs, v_ptrs, d_ok, n0, n_keys, qpos, qk_scale, m_i, l_i
         kv_mask = key_ok[:, None] & d_ok[None, :]
     else:
         kv_mask = d_ok[None, :]
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * qk_scale  # [M, BLOCK_N] fp32
+    k = tl.load(k_tile + k_off, mask=kv_mask, other=0.0)
+    v = tl.load(v_tile + v_off, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee")  # [M, BLOCK_N] fp32
+    if TAIL:
+        tail_mask = key_ok[:, None] & dt_ok[None, :] if MASKED else dt_ok[None, :]
+        kt = tl.load(k_tile + kt_off, mask=tail_mask, other=0.0)
+        vt = tl.load(v_tile + vt_off, mask=tail_mask, other=0.0)
+        s += tl.dot(qt, tl.trans(kt.to(DOT_DTYPE)), input_precision="ieee")
+    s = s * qk_scale
     if MASKED:
         valid = key_ok[None, :]
         if CAUSAL:
@@ -57,42 +68,77 @@ def attend_kv_tile(q, k_ptrs, v_ptrs, d_ok, n0, n_keys, qpos, qk_scale, m_i, l_i
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
-    return m_new, l_i, acc
+    if TAIL:
+        acct = acct * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), vt.to(DOT_DTYPE), input_precision="ieee")
+    return m_new, l_i, acc, acct
 
 
 @triton.jit
 def kv_tile_offsets(stride_kn, stride_vn, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    HEAD_DIM: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, D0: tl.constexpr):
     """Offsets of a K/V tile's BLOCK_N rows (row strides stride_kn / stride_vn) and BLOCK_D head-dim
-    columns, computed once per program: the key loop then only moves a base pointer (cheaper on
-    every backend, and the interpreter checks each int32 op). Returns (d_ok, k_off, v_off)."""
+    columns from column D0, computed once per program: the key loop then only moves a base
+    pointer (cheaper on every backend, and the interpreter checks each int32 op). Returns (d_ok,
+    k_off, v_off)."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = D0 + tl.arange(0, BLOCK_D)
     k_off = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_off = offs_n[:, None] * stride_vn + offs_d[None, :]
     return offs_d < HEAD_DIM, k_off, v_off
 
 
 @triton.jit
+def kv_tiles_offsets(stride_kn, stride_vn, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_DT: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """kv_tile_offsets of the head dim's first column tile and, with a tail (BLOCK_DT > 0), of the
+    rest: (d_ok, k_off, v_off, dt_ok, kt_off, vt_off), the tail's the first's when there is none."""
+    d_ok, k_off, v_off = kv_tile_offsets(stride_kn, stride_vn, BLOCK_N, BLOCK_D, HEAD_DIM, 0)
+    if BLOCK_DT > 0:
+        dt_ok, kt_off, vt_off = kv_tile_offsets(stride_kn, stride_vn, BLOCK_N, BLOCK_DT, HEAD_DIM, BLOCK_D)
+    else:
+        dt_ok, kt_off, vt_off = d_ok, k_off, v_off
+    return d_ok, k_off, v_off, dt_ok, kt_off, vt_off
+
+
+@triton.jit
+def empty_accumulators(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr):
+    """The online softmax's starting state: (m_i, l_i [BLOCK_M], acc [BLOCK_M, BLOCK_D], acct
+    [BLOCK_M, BLOCK_DT] with a tail, else a 1-element stand-in that attend_kv_tile leaves alone)."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acct = tl.zeros([BLOCK_M, BLOCK_DT], tl.float32) if BLOCK_DT > 0 else tl.zeros([1], tl.float32)
+    return m_i, l_i, acc, acct
+
+
+@triton.jit
 def load_query_tile(q_ptr, tok0, n_q, kvh, stride_qt, stride_qh, group,
-                    G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                    G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """The [BLOCK_M, BLOCK_D] query tile of kv head `kvh`: row r is query token tok0 + r // G_PAD
     (valid while r // G_PAD < n_q) of query head kvh * group + r % G_PAD. Padding rows/cols load 0.
-    Returns (tile in DOT_DTYPE, row index within the block r // G_PAD, row-valid mask)."""
+    With a tail (BLOCK_DT > 0) also the [BLOCK_M, BLOCK_DT] tile of columns BLOCK_D .. HEAD_DIM - 1.
+    Returns (tile in DOT_DTYPE, tail tile (the tile itself without a tail), row index within the
+    block r // G_PAD, row-valid mask)."""
     rows = tl.arange(0, BLOCK_M)
     qi = rows // G_PAD
     g = rows % G_PAD
-    offs_d = tl.arange(0, BLOCK_D)
     row_ok = (qi < n_q) & (g < group)
     # The tile's first token in int64 (T * Hq * D can pass 2^31 elements for long prompts), the
     # rows within it in int32: a [BLOCK_M, BLOCK_D] int64 offset tile would cost 64 KB of
     # Ascend's unified buffer at 64 x 128 (and int64 vector math is slow there).
     base = q_ptr + tl.cast(tok0, tl.int64) * stride_qt + kvh * group * stride_qh
     row_off = qi * stride_qt + g * stride_qh
+    offs_d = tl.arange(0, BLOCK_D)
     mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(base + row_off[:, None] + offs_d[None, :], mask=mask, other=0.0)
-    return q.to(DOT_DTYPE), qi, row_ok
+    q = tl.load(base + row_off[:, None] + offs_d[None, :], mask=mask, other=0.0).to(DOT_DTYPE)
+    if BLOCK_DT > 0:
+        offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)
+        mask_t = row_ok[:, None] & (offs_t < HEAD_DIM)[None, :]
+        qt = tl.load(base + row_off[:, None] + offs_t[None, :], mask=mask_t, other=0.0).to(DOT_DTYPE)
+    else:
+        qt = q
+    return q, qt, qi, row_ok
 
 
 @triton.jit
@@ -108,31 +154,37 @@ def work_item(work_ptr, item, n_kv_heads):
 @triton.jit
 def load_work_query(q_ptr, cu_ptr, seq, m0, kvh, stride_qt, stride_qh, group,
                     G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr):
     """The query block of a work item (seq >= 0, m0, kvh): queries m0 .. m0 + n_q - 1 of sequence
     seq, which owns tokens cu[seq] .. cu[seq + 1] - 1, as the load_query_tile of kv head kvh.
-    Returns (q, qi, row_ok, start, seq_len, n_q)."""
+    Returns (q, qt, qi, row_ok, start, seq_len, n_q)."""
     start = tl.load(cu_ptr + seq)
     seq_len = tl.load(cu_ptr + seq + 1) - start
     n_q = tl.minimum(seq_len - m0, BLOCK_Q)
-    q, qi, row_ok = load_query_tile(q_ptr, start + m0, n_q, kvh, stride_qt, stride_qh, group,
-                                    G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
-    return q, qi, row_ok, start, seq_len, n_q
+    q, qt, qi, row_ok = load_query_tile(q_ptr, start + m0, n_q, kvh, stride_qt, stride_qh, group,
+                                        G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_DT, DOT_DTYPE)
+    return q, qt, qi, row_ok, start, seq_len, n_q
 
 
 @triton.jit
-def store_query_tile(o_ptr, acc, l_i, tok0, row_ok, kvh, stride_ot, stride_oh, group,
+def store_query_tile(o_ptr, acc, acct, l_i, tok0, row_ok, kvh, stride_ot, stride_oh, group,
                      G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Store acc / l_i (rows laid out as in load_query_tile) into o[T, Hq, D] in o's dtype."""
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr):
+    """Store acc / l_i (rows laid out as in load_query_tile; with a tail, acct / l_i in columns
+    BLOCK_D ..) into o[T, Hq, D] in o's dtype."""
     rows = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     # Padding rows may have seen no key (l = 0): divide by 1 there, they are not stored anyway.
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    denom = tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     base = o_ptr + tl.cast(tok0, tl.int64) * stride_ot + kvh * group * stride_oh  # int64 scalar, int32 rows
     o_off = (rows // G_PAD) * stride_ot + (rows % G_PAD) * stride_oh
+    offs_d = tl.arange(0, BLOCK_D)
     mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    tl.store(base + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(base + o_off[:, None] + offs_d[None, :], (acc / denom).to(o_ptr.dtype.element_ty), mask=mask)
+    if BLOCK_DT > 0:
+        offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)
+        mask_t = row_ok[:, None] & (offs_t < HEAD_DIM)[None, :]
+        tl.store(base + o_off[:, None] + offs_t[None, :], (acct / denom).to(o_ptr.dtype.element_ty), mask=mask_t)
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,11 +234,19 @@ def query_tile(g_pad: int, max_queries: int, target_rows: int) -> tuple[int, int
     return block_m // g_pad, block_m
 
 
-def head_dim_block(d: int) -> int:
-    """BLOCK_D for head dim d (next power of two; 80 pads to 128 and the tail is masked)."""
+def head_dim_blocks(d: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_DT): the column tiles of head dim d. One power-of-two tile (BLOCK_DT = 0, its
+    padding masked) unless two cover d with less padding: then the largest power of two below d
+    and a tail of the next power of two (>= 16, tl.dot's least) over the rest. The ViT's 80 is
+    64 + 16: its dots do 80 columns' work where one padded tile would do 128's (37% of it wasted)."""
     if d > 256:
         raise ValueError(f"head dim {d} > 256 is not supported by the attention kernels")
-    return max(16, triton.next_power_of_2(d))
+    whole = max(16, triton.next_power_of_2(d))
+    if d <= 16 or d == whole:
+        return whole, 0
+    first = whole // 2
+    tail = max(16, triton.next_power_of_2(d - first))
+    return (first, tail) if first + tail < whole else (whole, 0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,9 +40,10 @@ from qwen_vl_triton.kernels.attention_common import (
     LOG2E,
     attend_kv_tile,
     attention_reference,
+    empty_accumulators,
     group_pad,
-    head_dim_block,
-    kv_tile_offsets,
+    head_dim_blocks,
+    kv_tiles_offsets,
     load_query_tile,
     load_work_query,
     query_block_table,
@@ -51,6 +52,7 @@ from qwen_vl_triton.kernels.attention_common import (
     store_query_tile,
     work_item,
 )
+from qwen_vl_triton.kernels.plans import AttentionPlan
 from qwen_vl_triton.kernels.target import Target, Work, current_target
 
 # A split covers at least this many tokens: below that its fixed costs (query load, partial
@@ -66,37 +68,44 @@ REFERENCE_DECODE_ELEMS = 1 << 20
 @triton.jit
 def _cache_tile(bt_row, i, k_head, v_head, stride_kcb, stride_vcb, stride_kcs, stride_vcs,
                 TILES_PER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """K/V pointers of key tile i of a sequence (keys i * BLOCK_N ..): piece i % TILES_PER_BLOCK of
-    cache block bt_row[i // TILES_PER_BLOCK]. k_head / v_head hold one kv head's [BLOCK_N, D]
-    row offsets; the block's base is int64 (a cache can pass 2^31 elements)."""
+    """K/V pointers of the first row of key tile i of a sequence (keys i * BLOCK_N ..): piece
+    i % TILES_PER_BLOCK of cache block bt_row[i // TILES_PER_BLOCK], from one kv head's base
+    k_head / v_head; the block's offset is int64 (a cache can pass 2^31 elements)."""
     blk = tl.load(bt_row + i // TILES_PER_BLOCK).to(tl.int64)
     row = (i % TILES_PER_BLOCK) * BLOCK_N
     return k_head + blk * stride_kcb + row * stride_kcs, v_head + blk * stride_vcb + row * stride_vcs
 
 
 @triton.jit
-def _attend_cache_tiles(q, qpos, ctx_len, lo, full_hi, hi, bt_row, k_head, v_head,
-                        stride_kcb, stride_vcb, stride_kcs, stride_vcs, d_ok, qk_scale,
+def _attend_cache_tiles(q, qt, qpos, ctx_len, lo, full_hi, hi, bt_row, k_head, v_head,
+                        stride_kcb, stride_vcb, stride_kcs, stride_vcs, qk_scale,
                         CAUSAL: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Online softmax of query tile q (positions qpos) over key tiles lo .. hi - 1 of one
-    sequence (tile i = keys i * BLOCK_N .. i * BLOCK_N + BLOCK_N - 1, through table row bt_row),
-    keys 0 .. ctx_len - 1 visible. Tiles below full_hi are fully visible to every row and run
-    unmasked; the rest are masked. Returns (m_i, l_i, acc) as attend_kv_tile keeps them."""
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Online softmax of query tile q (and its tail qt: head_dim_blocks) at positions qpos over
+    key tiles lo .. hi - 1 of one sequence (tile i = keys i * BLOCK_N .. i * BLOCK_N + BLOCK_N - 1,
+    through table row bt_row), keys 0 .. ctx_len - 1 visible. Tiles below full_hi are fully
+    visible to every row and run unmasked; the rest are masked. Returns (m_i, l_i, acc, acct) as
+    attend_kv_tile keeps them."""
+    TAIL: tl.constexpr = BLOCK_DT > 0
+    # Offsets of a key tile's [BLOCK_N, D] rows of one head, computed once: the tile loop only
+    # moves a base pointer.
+    d_ok, k_off, v_off, dt_ok, kt_off, vt_off = kv_tiles_offsets(stride_kcs, stride_vcs, BLOCK_N, BLOCK_D, BLOCK_DT,
+                                                                 HEAD_DIM)
+    m_i, l_i, acc, acct = empty_accumulators(BLOCK_M, BLOCK_D, BLOCK_DT)
     for i in range(lo, full_hi):
-        k_ptrs, v_ptrs = _cache_tile(bt_row, i, k_head, v_head, stride_kcb, stride_vcb, stride_kcs, stride_vcs,
+        k_tile, v_tile = _cache_tile(bt_row, i, k_head, v_head, stride_kcb, stride_vcb, stride_kcs, stride_vcs,
                                      TILES_PER_BLOCK, BLOCK_N)
-        m_i, l_i, acc = attend_kv_tile(q, k_ptrs, v_ptrs, d_ok, i * BLOCK_N, ctx_len, qpos, qk_scale, m_i, l_i,
-                                        acc, False, CAUSAL, BLOCK_N, DOT_DTYPE)
+        m_i, l_i, acc, acct = attend_kv_tile(q, qt, k_tile, v_tile, k_off, v_off, kt_off, vt_off, d_ok, dt_ok,
+                                             i * BLOCK_N, ctx_len, qpos, qk_scale, m_i, l_i, acc, acct, False, CAUSAL,
+                                             BLOCK_N, DOT_DTYPE, TAIL)
     for i in range(tl.maximum(full_hi, lo), hi):  # the partly visible tiles, if in range
-        k_ptrs, v_ptrs = _cache_tile(bt_row, i, k_head, v_head, stride_kcb, stride_vcb, stride_kcs, stride_vcs,
+        k_tile, v_tile = _cache_tile(bt_row, i, k_head, v_head, stride_kcb, stride_vcb, stride_kcs, stride_vcs,
                                      TILES_PER_BLOCK, BLOCK_N)
-        m_i, l_i, acc = attend_kv_tile(q, k_ptrs, v_ptrs, d_ok, i * BLOCK_N, ctx_len, qpos, qk_scale, m_i, l_i,
-                                        acc, True, CAUSAL, BLOCK_N, DOT_DTYPE)
-    return m_i, l_i, acc
+        m_i, l_i, acc, acct = attend_kv_tile(q, qt, k_tile, v_tile, k_off, v_off, kt_off, vt_off, d_ok, dt_ok,
+                                             i * BLOCK_N, ctx_len, qpos, qk_scale, m_i, l_i, acc, acct, True, CAUSAL,
+                                             BLOCK_N, DOT_DTYPE, TAIL)
+    return m_i, l_i, acc, acct
 
 
 # Sizes, head counts and the table's row stride are not specialised (== 1, % 16): they change
@@ -109,7 +118,8 @@ def _paged_decode_kernel(
     stride_qb, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_btb, stride_ob, stride_oh,
     G_PAD: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     """One decode query per sequence against its cached keys 0 .. context_lens[b] - 1.
 
@@ -124,9 +134,6 @@ def _paged_decode_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_M)
-    # Offsets of a key tile's [BLOCK_N, D] rows of one head, computed once: the tile loop only
-    # moves a base pointer.
-    d_ok, k_off, v_off = kv_tile_offsets(stride_kcs, stride_vcs, BLOCK_N, BLOCK_D, HEAD_DIM)
     for item in range(pid, n_items, nprog):
         split = item % num_splits
         bh = item // num_splits
@@ -138,29 +145,32 @@ def _paged_decode_kernel(
         lo = split * blocks_per_split * TILES_PER_BLOCK
         hi = tl.minimum(lo + blocks_per_split * TILES_PER_BLOCK, n_tiles)
         full_hi = tl.minimum(hi, n_full)
-        q, qi, row_ok = load_query_tile(q_ptr, b, 1, kvh, stride_qb, stride_qh, group,
-                                        G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_DTYPE)
+        q, qt, qi, row_ok = load_query_tile(q_ptr, b, 1, kvh, stride_qb, stride_qh, group,
+                                            G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_DT, DOT_DTYPE)
         # qpos = qi goes unused: decode needs no causal mask (its query is the last position)
-        m_i, l_i, acc = _attend_cache_tiles(
-            q, qi, ctx_len, lo, full_hi, hi, bt_ptr + b * stride_btb,
-            kc_ptr + kvh * stride_kch + k_off, vc_ptr + kvh * stride_vch + v_off,
-            stride_kcb, stride_vcb, stride_kcs, stride_vcs, d_ok, qk_scale,
-            False, TILES_PER_BLOCK, BLOCK_N, BLOCK_M, BLOCK_D, DOT_DTYPE)
+        m_i, l_i, acc, acct = _attend_cache_tiles(
+            q, qt, qi, ctx_len, lo, full_hi, hi, bt_ptr + b * stride_btb,
+            kc_ptr + kvh * stride_kch, vc_ptr + kvh * stride_vch, stride_kcb, stride_vcb, stride_kcs, stride_vcs,
+            qk_scale, False, TILES_PER_BLOCK, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_DT, HEAD_DIM, DOT_DTYPE)
         if not SPLIT:
-            store_query_tile(o_ptr, acc, l_i, b, row_ok, kvh, stride_ob, stride_oh, group,
-                             G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
+            store_query_tile(o_ptr, acc, acct, l_i, b, row_ok, kvh, stride_ob, stride_oh, group,
+                             G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_DT)
         else:
             # An empty split (past the end of a short sequence) writes m = -inf, l = 0, o = 0.
-            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            denom = tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             # Partials of rows (b, kvh * group + r % G_PAD): an int64 base for the group's first
             # head, int32 offsets for the rows (as load_query_tile does).
             first = (tl.cast(b, tl.int64) * n_q_heads + kvh * group) * num_splits + split
             part_row = (rows % G_PAD) * num_splits  # [BLOCK_M]
             tl.store(mpart_ptr + first + part_row, m_i, mask=row_ok)
             tl.store(lpart_ptr + first + part_row, l_i, mask=row_ok)
-            o_mask = row_ok[:, None] & d_ok[None, :]
+            o_rows = opart_ptr + first * HEAD_DIM + part_row[:, None] * HEAD_DIM  # [BLOCK_M, 1]
             offs_d = tl.arange(0, BLOCK_D)
-            tl.store(opart_ptr + first * HEAD_DIM + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=o_mask)
+            tl.store(o_rows + offs_d[None, :], acc / denom, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+            if BLOCK_DT > 0:
+                offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)
+                tl.store(o_rows + offs_t[None, :], acct / denom,
+                         mask=row_ok[:, None] & (offs_t < HEAD_DIM)[None, :])
 
 
 @triton.jit(do_not_specialize=["n_rows", "num_splits", "n_q_heads"])
@@ -211,7 +221,8 @@ def _paged_prefill_kernel(
     stride_qt, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_btb, stride_ot, stride_oh,
     G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     """Queries of sequence b are its last q_len = cu_q[b+1] - cu_q[b] cached tokens (positions
     ctx - q_len .. ctx - 1); each attends causally to cached keys 0 .. its position.
@@ -222,24 +233,22 @@ def _paged_prefill_kernel(
     the rest (up to the last query's position) masked.
     """
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_N
-    d_ok, k_off, v_off = kv_tile_offsets(stride_kcs, stride_vcs, BLOCK_N, BLOCK_D, HEAD_DIM)
     for item in range(tl.program_id(0), n_work_rows * n_kv_heads, tl.num_programs(0)):
         seq, m0, kvh = work_item(work_ptr, item, n_kv_heads)
         if seq >= 0:
-            q, qi, row_ok, q_start, q_len, n_q = load_work_query(q_ptr, cu_q_ptr, seq, m0, kvh,
-                                                                 stride_qt, stride_qh, group, G_PAD, HEAD_DIM,
-                                                                 BLOCK_Q, BLOCK_M, BLOCK_D, DOT_DTYPE)
+            q, qt, qi, row_ok, q_start, q_len, n_q = load_work_query(q_ptr, cu_q_ptr, seq, m0, kvh,
+                                                                     stride_qt, stride_qh, group, G_PAD, HEAD_DIM,
+                                                                     BLOCK_Q, BLOCK_M, BLOCK_D, BLOCK_DT, DOT_DTYPE)
             ctx_len = tl.load(ctx_ptr + seq)
             first = ctx_len - q_len + m0  # cache position of the tile's first query
             n_full = (first + 1) // BLOCK_N
             n_tiles = (first + n_q + BLOCK_N - 1) // BLOCK_N
-            m_i, l_i, acc = _attend_cache_tiles(
-                q, first + qi, ctx_len, 0, n_full, n_tiles, bt_ptr + seq * stride_btb,
-                kc_ptr + kvh * stride_kch + k_off, vc_ptr + kvh * stride_vch + v_off,
-                stride_kcb, stride_vcb, stride_kcs, stride_vcs, d_ok, qk_scale,
-                True, TILES_PER_BLOCK, BLOCK_N, BLOCK_M, BLOCK_D, DOT_DTYPE)
-            store_query_tile(o_ptr, acc, l_i, q_start + m0, row_ok, kvh, stride_ot, stride_oh, group,
-                             G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
+            m_i, l_i, acc, acct = _attend_cache_tiles(
+                q, qt, first + qi, ctx_len, 0, n_full, n_tiles, bt_ptr + seq * stride_btb,
+                kc_ptr + kvh * stride_kch, vc_ptr + kvh * stride_vch, stride_kcb, stride_vcb, stride_kcs, stride_vcs,
+                qk_scale, True, TILES_PER_BLOCK, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_DT, HEAD_DIM, DOT_DTYPE)
+            store_query_tile(o_ptr, acc, acct, l_i, q_start + m0, row_ok, kvh, stride_ot, stride_oh, group,
+                             G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_DT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,11 +359,10 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
     return hk, group, g_pad
 
 
-def cache_key_tile(block_size: int, target: Target, decode: bool = False) -> int:
+def cache_key_tile(block_size: int, plan: AttentionPlan) -> int:
     """Keys scored at once (BLOCK_N): the whole cache block, or pieces of a larger one as the
-    target's key_tile (decode_key_tile) says (a 128-slot block as one tile overflows Ascend's UB
-    and spills on CUDA)."""
-    return min(block_size, target.decode_key_tile if decode else target.key_tile)
+    launch's plan says (a 128-slot block as one tile overflows Ascend's UB and spills on CUDA)."""
+    return min(block_size, plan.key_tile)
 
 
 def decode_splits(batch: int, n_kv_heads: int, table_blocks: int, block_size: int, target: Target) -> int:
@@ -378,9 +386,10 @@ def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         return out
     q = _backend.last_dim_contiguous(q)
     tables = _backend.last_dim_contiguous(block_tables)  # the kernels step along a row
-    block_d = head_dim_block(d)
+    block_d, block_dt = head_dim_blocks(d)
     block_m = max(16, g_pad)  # one query x G_PAD heads, padded to tl.dot's 16-row minimum
     table_blocks = block_tables.shape[1]
+    plan = target.attention_plan("paged_decode", d, batch)
     if num_splits is None:
         num_splits = decode_splits(batch, hk, table_blocks, block_size, target)
     blocks_per_split = triton.cdiv(max(table_blocks, 1), num_splits)
@@ -402,14 +411,14 @@ def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
         out.stride(0), out.stride(1),
         G_PAD=g_pad, SPLIT=num_splits > 1, HEAD_DIM=d, BLOCK_SIZE=block_size,
-        BLOCK_N=cache_key_tile(block_size, target, decode=True), BLOCK_M=block_m, BLOCK_D=block_d,
-        DOT_DTYPE=target.dot_dtype(q.dtype), **target.attention_options(block_m, block_d),
+        BLOCK_N=cache_key_tile(block_size, plan), BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_DT=block_dt,
+        DOT_DTYPE=target.dot_dtype(q.dtype), **target.attention_options(block_m, block_d + block_dt, plan),
     )
     if num_splits > 1:
         n_rows = batch * hq
         _split_reduce_kernel[(target.grid(n_rows, Work.ROWS),)](
             mpart, lpart, opart, out, n_rows, num_splits, hq, out.stride(0), out.stride(1),
-            HEAD_DIM=d, CHUNK=REDUCE_CHUNK, BLOCK_D=block_d,
+            HEAD_DIM=d, CHUNK=REDUCE_CHUNK, BLOCK_D=max(16, triton.next_power_of_2(d)),
         )
     return out
 
@@ -450,11 +459,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return out
     q = _backend.last_dim_contiguous(q)
     tables = _backend.last_dim_contiguous(block_tables)  # the kernels step along a row
-    block_d = head_dim_block(d)
+    block_d, block_dt = head_dim_blocks(d)
     # 64 rows per tile (e.g. 8 queries x 8 padded heads of a 7-head group); queries per tile
     # capped by T, the only bound on a sequence's new tokens known without a sync.
     target = current_target(q.device)
-    block_q, block_m = query_tile(g_pad, t, target.query_rows)
+    plan = target.attention_plan("paged_prefill", d, t)
+    block_q, block_m = query_tile(g_pad, t, plan.query_rows)
     block_size = k_cache.shape[1]
     n_rows = rows_bound(t, n_seq, t, block_q)
     cu_seqlens_q = cu_seqlens_q.to(q.device, torch.int32)
@@ -468,8 +478,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
         out.stride(0), out.stride(1),
-        G_PAD=g_pad, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_N=cache_key_tile(block_size, target), BLOCK_Q=block_q,
-        BLOCK_M=block_m, BLOCK_D=block_d, DOT_DTYPE=target.dot_dtype(q.dtype),
-        **target.attention_options(block_m, block_d),
+        G_PAD=g_pad, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_N=cache_key_tile(block_size, plan), BLOCK_Q=block_q,
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_DT=block_dt, DOT_DTYPE=target.dot_dtype(q.dtype),
+        **target.attention_options(block_m, block_d + block_dt, plan),
     )
     return out

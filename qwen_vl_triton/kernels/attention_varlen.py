@@ -16,6 +16,8 @@ Kernel design
   cu_seqlens on the device (no host sync); its length is a static bound, padding rows hold -1.
 - Causal: key tiles entirely at or below every row's position run without a mask; only the
   diagonal tiles (and the tail of the sequence) pay for the mask.
+- Head dims that are not a power of two run as two column tiles (head_dim_blocks: the ViT's 80 as
+  64 + 16), so the dots do the head dim's work, not its next power of two's.
 - tl.dot operands in the launcher's DOT_DTYPE (the input dtype on a device, fp32 in the
   interpreter, which computes bf16 dots wrongly), fp32 accumulation, exp2 with the scale folded
   into log2 units.
@@ -32,7 +34,8 @@ import triton.language as tl
 from qwen_vl_triton.kernels import _backend, attention_common
 from qwen_vl_triton.kernels.attention_common import (
     attend_kv_tile,
-    kv_tile_offsets,
+    empty_accumulators,
+    kv_tiles_offsets,
     load_work_query,
     store_query_tile,
     work_item,
@@ -50,26 +53,27 @@ def _varlen_attention_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """o[t, h] = softmax(q[t, h] . k[seq, h // group]^T * scale) v[seq, h // group] per sequence.
 
     work_ptr: int32 [n_work_rows, 2] = (sequence, first query of the block), sequence -1 = padding.
     Work item = (work row, kv head); each program loops over items pid, pid + nprog, ...
+    The head dim is BLOCK_D columns and, with BLOCK_DT > 0, a tail tile (head_dim_blocks).
     """
-    d_ok, k_off, v_off = kv_tile_offsets(stride_kt, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM)
+    TAIL: tl.constexpr = BLOCK_DT > 0
+    d_ok, k_off, v_off, dt_ok, kt_off, vt_off = kv_tiles_offsets(stride_kt, stride_vt, BLOCK_N, BLOCK_D, BLOCK_DT,
+                                                                 HEAD_DIM)
     for item in range(tl.program_id(0), n_work_rows * n_kv_heads, tl.num_programs(0)):
         seq, m0, kvh = work_item(work_ptr, item, n_kv_heads)
         if seq >= 0:
-            q, qi, row_ok, start, seqlen, n_q = load_work_query(q_ptr, cu_ptr, seq, m0, kvh, stride_qt, stride_qh,
-                                                                group, G_PAD, HEAD_DIM, BLOCK_Q, BLOCK_M,
-                                                                BLOCK_D, DOT_DTYPE)
+            q, qt, qi, row_ok, start, seqlen, n_q = load_work_query(q_ptr, cu_ptr, seq, m0, kvh, stride_qt,
+                                                                    stride_qh, group, G_PAD, HEAD_DIM, BLOCK_Q,
+                                                                    BLOCK_M, BLOCK_D, BLOCK_DT, DOT_DTYPE)
             qpos = m0 + qi  # position of each row within its sequence
             k_base = k_ptr + start.to(tl.int64) * stride_kt + kvh * stride_kh
             v_base = v_ptr + start.to(tl.int64) * stride_vt + kvh * stride_vh
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            m_i, l_i, acc, acct = empty_accumulators(BLOCK_M, BLOCK_D, BLOCK_DT)
             if CAUSAL:
                 # keys <= m0 are visible to every row; keys beyond the last row's position to none
                 n_full = tl.minimum(m0 + 1, seqlen) // BLOCK_N * BLOCK_N
@@ -78,15 +82,15 @@ def _varlen_attention_kernel(
                 n_full = seqlen // BLOCK_N * BLOCK_N
                 n_end = seqlen
             for n0 in range(0, n_full, BLOCK_N):
-                m_i, l_i, acc = attend_kv_tile(q, k_base + n0 * stride_kt + k_off,
-                                               v_base + n0 * stride_vt + v_off, d_ok, n0, seqlen, qpos,
-                                               qk_scale, m_i, l_i, acc, False, CAUSAL, BLOCK_N, DOT_DTYPE)
+                m_i, l_i, acc, acct = attend_kv_tile(
+                    q, qt, k_base + n0 * stride_kt, v_base + n0 * stride_vt, k_off, v_off, kt_off, vt_off, d_ok,
+                    dt_ok, n0, seqlen, qpos, qk_scale, m_i, l_i, acc, acct, False, CAUSAL, BLOCK_N, DOT_DTYPE, TAIL)
             for n0 in range(n_full, n_end, BLOCK_N):
-                m_i, l_i, acc = attend_kv_tile(q, k_base + n0 * stride_kt + k_off,
-                                               v_base + n0 * stride_vt + v_off, d_ok, n0, seqlen, qpos,
-                                               qk_scale, m_i, l_i, acc, True, CAUSAL, BLOCK_N, DOT_DTYPE)
-            store_query_tile(o_ptr, acc, l_i, start + m0, row_ok, kvh, stride_ot, stride_oh, group,
-                             G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D)
+                m_i, l_i, acc, acct = attend_kv_tile(
+                    q, qt, k_base + n0 * stride_kt, v_base + n0 * stride_vt, k_off, v_off, kt_off, vt_off, d_ok,
+                    dt_ok, n0, seqlen, qpos, qk_scale, m_i, l_i, acc, acct, True, CAUSAL, BLOCK_N, DOT_DTYPE, TAIL)
+            store_query_tile(o_ptr, acc, acct, l_i, start + m0, row_ok, kvh, stride_ot, stride_oh, group,
+                             G_PAD, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_DT)
 
 
 def _varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -145,13 +149,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if t == 0 or n_seq <= 0:
         return out
     group, g_pad = attention_common.group_pad(hq, hk)
-    block_d = attention_common.head_dim_block(d)
+    block_d, block_dt = attention_common.head_dim_blocks(d)
     q, k, v = (_backend.last_dim_contiguous(x) for x in (q, k, v))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    # 64-row tiles (target.query_rows): a window of Qwen2.5-VL's ViT (<= 64 patches) is one tile.
+    # The device's plan (kernels/plans.py), by default 64-row tiles (target.query_rows): a window
+    # of Qwen2.5-VL's ViT (<= 64 patches) is one tile.
     target = current_target(q.device)
-    block_q, block_m = attention_common.query_tile(g_pad, max_seqlen, target.query_rows)
-    block_n = min(target.key_tile, max(16, triton.next_power_of_2(max(max_seqlen, 1))))
+    plan = target.attention_plan("varlen", d, max_seqlen)
+    block_q, block_m = attention_common.query_tile(g_pad, max_seqlen, plan.query_rows)
+    block_n = min(plan.key_tile, max(16, triton.next_power_of_2(max(max_seqlen, 1))))
     n_rows = attention_common.rows_bound(t, n_seq, max_seqlen, block_q)
     table = attention_common.query_block_table(cu_seqlens.to(q.device), block_q, n_rows)
     grid = (target.grid(n_rows * hk, Work.ATTENTION),)
@@ -160,7 +166,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         G_PAD=g_pad, HEAD_DIM=d, CAUSAL=bool(causal), BLOCK_Q=block_q,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_DTYPE=target.dot_dtype(q.dtype),
-        **target.attention_options(block_m, block_d),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DT=block_dt, DOT_DTYPE=target.dot_dtype(q.dtype),
+        **target.attention_options(block_m, block_d + block_dt, plan),
     )
     return out

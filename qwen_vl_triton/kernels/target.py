@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen_vl_triton.kernels.plans import AttentionPlan, PlanTable, committed_plans
+
 
 class Work(enum.Enum):
     """What a kernel's programs spend their time on (decides the cores and programs per core)."""
@@ -55,6 +57,9 @@ class Target:
     key_tile / decode_key_tile: the most keys a prefill / decode attention program scores at
       once (the K/V tile rows); a larger cache block is walked in pieces. With query_rows, sized
       so that a tile of head dim 128 stays in registers (CUDA) or the unified buffer (Ascend).
+    plans: the device's committed attention plans (kernels/plans.py; attention_plan reads them),
+      empty for a device without a file: then query_rows, key_tile / decode_key_tile and
+      attention_options' rule are every launch's plan.
     int8_store_tile: the widest row chunk the quantize ops (per token, per tensor) store as int8 at once:
       bishengir plans ~0.5 KB of UB a column for that path (127 KB at 256 columns; 1024-column
       tiles overflow), so Ascend takes 256; 4096 elsewhere.
@@ -75,6 +80,7 @@ class Target:
     decode_key_tile: int = 64
     int8_store_tile: int = 4096
     interpret: bool = False
+    plans: PlanTable = PlanTable()
 
     def cores(self, work: Work) -> int:
         return self.cube_cores if work is Work.ATTENTION else self.vector_cores
@@ -90,16 +96,27 @@ class Target:
             return tl.float32
         return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
-    def attention_options(self, block_m: int, block_d: int) -> dict:
+    def attention_plan(self, op: str, head_dim: int, tokens: int) -> AttentionPlan:
+        """The tiles of one attention launch (op: one of kernels.plans.OPS; tokens: its query
+        tokens, as kernels/plans.py says): this device's committed plan for it, else the defaults."""
+        entry = self.plans.lookup(op, head_dim, tokens)
+        if entry is not None:
+            return entry.plan
+        return AttentionPlan(self.query_rows, self.decode_key_tile if op == "paged_decode" else self.key_tile)
+
+    def attention_options(self, block_m: int, block_d: int, plan: AttentionPlan | None = None) -> dict:
         """num_warps / num_stages of an attention launch with a [block_m, block_d] query tile
-        (CUDA; Ascend picks its own). A 64 x 128 query tile gets twice attention_warps: at 4 warps
-        its fp32 accumulator, the query and the K/V fragments need 255 registers a thread and
-        spill (ptxas, sm_80 and sm_90); smaller tiles fit 4 warps, and at 8 ptxas spills them
-        at 80-128 registers instead."""
+        (CUDA; Ascend picks its own): the plan's, else attention_stages and this rule: a 64 x 128
+        query tile gets twice attention_warps: at 4 warps its fp32 accumulator, the query and the
+        K/V fragments need 255 registers a thread and spill (ptxas, sm_80 and sm_90 at 32-key
+        tiles); smaller tiles fit 4 warps, and at 8 ptxas spills them at 80-128 registers instead."""
         if self.backend != "cuda":
             return {}
         warps = self.attention_warps * (2 if block_m * block_d >= 64 * 128 else 1)
-        return {"num_warps": warps, "num_stages": self.attention_stages}
+        stages = self.attention_stages
+        if plan is not None:
+            warps, stages = plan.num_warps or warps, plan.num_stages or stages
+        return {"num_warps": warps, "num_stages": stages}
 
     def row_warps(self, block_elements: int) -> int:
         """num_warps of a ROWS/COPY program whose widest tile has `block_elements` elements
@@ -127,14 +144,16 @@ def cuda_target(capability: int, sms: int, shared_bytes: int) -> Target:
     tile needs 250-255 registers at 4 warps on sm_80 and sm_90, a 64-row one up to 255 at 8 warps
     on sm_80, and a decode tile spills 8 bytes; with 32-key tiles no attention kernel passes 184.
     """
-    return Target(backend="cuda", arch=f"sm_{capability}", vector_cores=sms, cube_cores=sms,
-                  on_chip_bytes=shared_bytes, programs_per_core=_gpu_per_core(), key_tile=32, decode_key_tile=32)
+    arch = f"sm_{capability}"
+    return Target(backend="cuda", arch=arch, vector_cores=sms, cube_cores=sms, on_chip_bytes=shared_bytes,
+                  programs_per_core=_gpu_per_core(), key_tile=32, decode_key_tile=32, plans=committed_plans(arch))
 
 
 def ascend_target(arch: str, ai_cores: int, vector_cores: int) -> Target:
     """An Ascend NPU (arch as bishengir names it, e.g. "Ascend910B3", "Ascend910_9392")."""
     return Target(backend="npu", arch=arch, vector_cores=vector_cores, cube_cores=ai_cores,
-                  on_chip_bytes=ASCEND_UB_BYTES, programs_per_core=_ONE_PER_CORE, int8_store_tile=256)
+                  on_chip_bytes=ASCEND_UB_BYTES, programs_per_core=_ONE_PER_CORE, int8_store_tile=256,
+                  plans=committed_plans(arch))
 
 
 # The chips the compile check builds for (`make compile-check`); core counts as the devices report.

@@ -20,6 +20,7 @@ from tests.kernels.attention_oracle import (
     HEAD_DIMS,
     attention64,
     build_paged_cache,
+    cu_seqlens,
 )
 
 BLOCK_SIZES = [16, 32, 64, 128]
@@ -143,3 +144,19 @@ def test_paged_references_match_float64(dtype):
     out = kernels.paged_prefill_attention.reference(qp, cache.k_cache, cache.v_cache, cache.block_tables,
                                                     cu_q, cache.context_lens)
     assert_close(out, prefill64(qp, cache, q_lens), dtype, scale=ATTENTION_SCALE)
+
+
+@pytest.mark.parametrize("d", [40, 96])
+def test_paged_head_dims_that_run_as_two_column_tiles(d):
+    """Decode (split and not) and prefill at head dims whose tiles are 32 + 16 and 64 + 32."""
+    cache = build_paged_cache([300, 17], 2, d, 32, torch.float16, seed=d)
+    q = randn(2, 6, d, dtype=torch.float16, seed=d + 1, scale=2.0)
+    args = (q, cache.k_cache, cache.v_cache, cache.block_tables, cache.context_lens)
+    for splits in (1, 3):
+        assert_close(_paged_decode(*args, None, splits), decode64(q, cache), torch.float16, scale=ATTENTION_SCALE)
+    q_lens = [12, 17]
+    qp = randn(sum(q_lens), 6, d, dtype=torch.float16, seed=d + 2)
+    with expect_triton_launch("paged_prefill_attention"):
+        out = kernels.paged_prefill_attention(qp, cache.k_cache, cache.v_cache, cache.block_tables,
+                                              cu_seqlens(q_lens), cache.context_lens)
+    assert_close(out, prefill64(qp, cache, q_lens), torch.float16, scale=ATTENTION_SCALE)

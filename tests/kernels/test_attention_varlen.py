@@ -84,3 +84,11 @@ def test_varlen_attention_on_device_for_auto_backend(monkeypatch):
     q = randn(5, 2, 64, dtype=torch.float32, seed=0)
     with expect_triton_launch("varlen_attention", times=0 if DEVICE.type == "cpu" else 1):
         kernels.varlen_attention(q, q, q, cu_seqlens([5]), 5)
+
+
+@pytest.mark.parametrize("d", [24, 40, 96, 160])
+def test_head_dims_that_run_as_two_column_tiles(d):
+    """Head dims that are not a power of two: one padded tile (24) or two column tiles whose dots
+    add up (40 = 32 + 16, 96 = 64 + 32, 160 = 128 + 32), causal and not, GQA."""
+    for causal in (False, True):
+        run_varlen([70, 9], 4, 2, d, torch.float16, causal, seed=d, q_scale=2.0)

@@ -4,9 +4,12 @@ import dataclasses
 
 import pytest
 import torch
+import triton
 import triton.language as tl
 
+from qwen_vl_triton.kernels.attention_common import head_dim_blocks
 from qwen_vl_triton.kernels.attention_paged import cache_key_tile, decode_splits
+from qwen_vl_triton.kernels.plans import AttentionPlan
 from qwen_vl_triton.kernels.target import (
     A100,
     ASCEND_910B3,
@@ -66,17 +69,25 @@ def test_attention_launch_options():
     assert A100.attention_options(32, 128)["num_warps"] == 4
     # a 64 x 128 query tile at 4 warps needs 255 registers a thread and spills: twice the warps
     assert H100.attention_options(64, 128)["num_warps"] == 8
+    # a plan's warps and stages win; a plan without them keeps the rule
+    assert H100.attention_options(64, 128, AttentionPlan(128, 64, 8, 3)) == {"num_warps": 8, "num_stages": 3}
+    assert H100.attention_options(64, 128, AttentionPlan(64, 64)) == {"num_warps": 8, "num_stages": 2}
+    assert ASCEND_A3.attention_options(64, 128, AttentionPlan(128, 64, 8, 3)) == {}
 
 
 @pytest.mark.parametrize("block_size", [16, 32, 64, 128])
 def test_large_cache_blocks_are_walked_in_key_tiles(block_size):
     for target in KNOWN_TARGETS.values():
-        for decode in (False, True):
-            tile = cache_key_tile(block_size, target, decode)
-            assert block_size % tile == 0 and tile == min(block_size, target.decode_key_tile if decode
-                                                           else target.key_tile)
-    assert cache_key_tile(128, H100) == cache_key_tile(128, A100, decode=True) == 32
-    assert cache_key_tile(128, ASCEND_910B3) == cache_key_tile(128, ASCEND_A3, decode=True) == 64
+        for op in ("paged_prefill", "paged_decode"):
+            plan = target.attention_plan(op, 128, 16)
+            tile = cache_key_tile(block_size, plan)
+            assert block_size % tile == 0 and tile == min(block_size, plan.key_tile)
+    if not H100.plans.entries and not A100.plans.entries:  # the defaults, until a tuned file is committed
+        assert cache_key_tile(128, H100.attention_plan("paged_prefill", 128, 16)) == 32
+        assert cache_key_tile(128, A100.attention_plan("paged_decode", 128, 16)) == 32
+    if not ASCEND_910B3.plans.entries and not ASCEND_A3.plans.entries:
+        assert cache_key_tile(128, ASCEND_910B3.attention_plan("paged_prefill", 128, 16)) == 64
+        assert cache_key_tile(128, ASCEND_A3.attention_plan("paged_decode", 128, 16)) == 64
 
 
 def test_decode_splits_policy():
@@ -97,3 +108,19 @@ def test_rows_per_tile_stack_narrow_rows_only_while_programs_stay_busy():
     assert rows_per_tile(10**6, 2048, H100) == 2  # 4096 elements a tile
     assert rows_per_tile(10**6, 128, ASCEND_910B3) == 32
     assert rows_per_tile(40, 128, ASCEND_910B3) == 1  # 40 rows, 40 vector cores
+
+
+def test_head_dim_column_tiles():
+    """Every head dim up to 256: a power-of-two first tile, a tail of 0 or a power of two >= 16,
+    together covering d, and two tiles only where they pad less than one."""
+    for d in range(1, 257):
+        first, tail = head_dim_blocks(d)
+        whole = max(16, triton.next_power_of_2(d))
+        assert first & (first - 1) == 0 and first >= 16 and first + tail >= d
+        if tail:
+            assert tail & (tail - 1) == 0 and tail >= 16 and first < d and first + tail < whole
+        else:
+            assert first == whole
+    assert head_dim_blocks(80) == (64, 16) and head_dim_blocks(128) == (128, 0)
+    with pytest.raises(ValueError, match="head dim 257 > 256"):
+        head_dim_blocks(257)

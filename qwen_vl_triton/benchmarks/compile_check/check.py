@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from qwen_vl_triton.benchmarks.compile_check.driver import install_compile_only
-from qwen_vl_triton.benchmarks.compile_check.launches import Launch, all_launches
+from qwen_vl_triton.benchmarks.compile_check.launches import Launch, all_launches, plan_launches
 from qwen_vl_triton.benchmarks.compile_check.report import KernelResources, TargetReport, Variant
 from qwen_vl_triton.kernels.target import KNOWN_TARGETS, Target, use_target
 
@@ -55,7 +55,8 @@ _compiled: dict[str, tuple[str, KernelResources | None, str | None]] = {}
 def run_target(target: Target | str, models: list[str] | None = None, ops: list[str] | None = None,
                launches: list[Launch] | None = None) -> TargetReport:
     """Compile `launches` (default: the released models' launches, or those of `models` and
-    `ops`) for `target` (a Target, or the arch of one of KNOWN_TARGETS)."""
+    `ops`, and the target's committed attention plans: launches.plan_launches) for `target` (a
+    Target, or the arch of one of KNOWN_TARGETS)."""
     target = KNOWN_TARGETS[target] if isinstance(target, str) else target
     arch = target.arch
     started = time.time()
@@ -95,7 +96,8 @@ def _run(target: Target, models: list[str] | None, ops: list[str] | None, launch
 
     variants: dict[str, Variant] = {}
     errors: dict[tuple[str, str], Variant] = {}
-    launch_list = launches if launches is not None else all_launches(models, ops)
+    # The released shapes, and every plan committed for this target at the end of its bucket.
+    launch_list = launches if launches is not None else all_launches(models, ops) + plan_launches(target.plans, ops)
     def on_new_kernel(src, metadata) -> None:
         try:
             _compiled[metadata.hash] = (constexpr_text(src), resources(metadata), None)

@@ -33,6 +33,7 @@ import torch
 
 from qwen_vl_triton import kernels
 from qwen_vl_triton.kernels.attention_paged import MIN_SPLIT_TOKENS
+from qwen_vl_triton.kernels.plans import PlanTable
 
 SHAPES_FILE = Path(__file__).parents[1] / "model_shapes.json"
 DTYPES = (torch.float16, torch.bfloat16)
@@ -235,6 +236,48 @@ def vision_launches(model: str, shape: VisionShape, world: int, dtype: torch.dty
                          lambda n=n, longest=longest: kernels.varlen_attention(
                              _t(n, heads, d, dtype=dtype), _t(n, heads, d, dtype=dtype),
                              _t(n, heads, d, dtype=dtype), _cu([longest] * -(-n // longest)), longest))
+
+
+# The public op each kind of attention plan (kernels/plans.py) sizes.
+PLAN_OPS = {"varlen": "varlen_attention", "paged_prefill": "paged_prefill_attention", "paged_decode": "paged_attention"}
+
+
+def plan_launches(plans: PlanTable, ops: list[str] | None = None) -> list[Launch]:
+    """A device's committed attention plans, each compiled where its bucket ends (its max_tokens
+    query tokens) at the released heads of its head dim, fp16 and bf16, every cache block size:
+    every plan in a device's file compiles, whether or not the released shapes reach it."""
+    heads_of: dict[int, tuple[int, int]] = {}
+    for text, vision in released_models().values():
+        heads_of.setdefault(text.head_dim, (text.heads, text.kv_heads))
+        heads_of.setdefault(vision.head_dim, (vision.heads, vision.heads))
+    out = []
+    for e in plans.entries:
+        if e.head_dim not in heads_of:
+            raise ValueError(f"{plans.source}: a {e.op} plan for head dim {e.head_dim}, which no released "
+                             f"checkpoint has (they have {sorted(heads_of)})")
+        (hq, hk), d, n = heads_of[e.head_dim], e.head_dim, e.max_tokens
+        tag = f"plan {e.op} d={d} up to {n}"
+        for dtype in DTYPES:
+            if e.op == "varlen":
+                out.append(Launch(tag, PLAN_OPS[e.op], f"T={n} {hq}/{hk} heads", dtype,
+                                  lambda n=n, hq=hq, hk=hk, d=d, dtype=dtype: kernels.varlen_attention(
+                                      _t(n, hq, d, dtype=dtype), _t(n, hk, d, dtype=dtype),
+                                      _t(n, hk, d, dtype=dtype), _cu([n]), n, causal=d == 128)))
+                continue
+            for bs in BLOCK_SIZES:
+                cache = _t(256, bs, hk, d, dtype=dtype)
+                if e.op == "paged_prefill":
+                    out.append(Launch(tag, PLAN_OPS[e.op], f"T={n} {hq}/{hk} heads BS={bs}", dtype,
+                                      lambda n=n, hq=hq, d=d, dtype=dtype, bs=bs, cache=cache:
+                                      kernels.paged_prefill_attention(
+                                          _t(n, hq, d, dtype=dtype), cache, cache,
+                                          _t(1, -(-n // bs), dtype=torch.int32), _cu([n]), _t(1, dtype=torch.int32))))
+                else:
+                    out.append(Launch(tag, PLAN_OPS[e.op], f"B={n} ctx=32768 {hq}/{hk} heads BS={bs}", dtype,
+                                      lambda n=n, hq=hq, d=d, dtype=dtype, bs=bs, cache=cache: kernels.paged_attention(
+                                          _t(n, hq, d, dtype=dtype), cache, cache,
+                                          _t(n, 32768 // bs, dtype=torch.int32), _t(n, dtype=torch.int32))))
+    return [launch for launch in out if not ops or launch.op in ops]
 
 
 def all_launches(models: list[str] | None = None, ops: list[str] | None = None) -> list[Launch]:

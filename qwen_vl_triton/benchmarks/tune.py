@@ -1,0 +1,722 @@
+"""`make tune`: sweep the attention tile plans on this device and commit the fastest per bucket.
+
+For each attention op (kernels/plans.py OPS: varlen, paged_prefill, paged_decode), each head dim
+the released checkpoints use (128: the LLM, with its query/kv heads; 80: the ViT, 16/16 heads;
+both from benchmarks/model_shapes.json) and each bucket of query tokens, every candidate plan
+(query_rows x key_tile, and on CUDA num_warps x num_stages) is launched at that shape under its own
+PlanTable, and dropped if it fails to compile or launch, if a kernel it compiled spills registers,
+or if its output differs from the op's PyTorch reference beyond a bf16 tolerance. The survivors
+are timed (medians, benchmarks/common.py) beside the Target's default plan and the bench's PyTorch
+baseline (SDPA per sequence / gather + SDPA); the fastest per bucket goes into
+qwen_vl_triton/kernels/plans/<arch>.json (one file per device, as vLLM keeps its fused-MoE
+configs; entries of ops / head dims not swept this run are kept). On sm_80 / sm_90 the winners
+are then compiled as `make compile-check` compiles a committed plan (fp16 and bf16, every cache
+block size; in a subprocess); a winner that fails gives way to the next fastest. The launchers
+read the file at start-up: nothing is tuned at serving time.
+
+Shapes (bf16, cache block 16 = engine/config.py's default):
+  varlen         bucket = longest sequence L: 4096 // L sequences of L tokens (at least one):
+                 ViT windows at 64, whole images / frames above; causal at head dim 128 (the LLM);
+  paged_prefill  bucket = the step's new tokens T: one sequence of T tokens after a cached
+                 prefix of 4096 (a prefix-cache hit / a later prompt chunk);
+  paged_decode   bucket = batch B: B sequences of 4096 cached tokens.
+
+A table per bucket (best plan, its time, the default plan's, the baseline's, ratios) is printed
+and written to benchmarks/results/tune-<device>.md.
+
+Without a GPU or NPU:
+    --dry-run                       lists every (op, head dim, bucket, candidate) it would try;
+    --dry-run --compile-only sm_90  also compiles each candidate for sm_80 / sm_90 (stock Triton
+                                    and ptxas, no GPU: the compile check's driver, in a
+                                    subprocess) and drops those that spill or overflow, printing
+                                    how many survive per bucket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from qwen_vl_triton.benchmarks import CHECKOUT, RESULTS_DIR
+from qwen_vl_triton.kernels.plans import OPS, PLAN_DIR, AttentionPlan, PlanEntry, PlanTable, parse_plans
+
+if TYPE_CHECKING:
+    import torch
+
+# Query tokens of each op's buckets (kernels/plans.py: varlen the longest sequence, paged_prefill
+# the step's tokens T, paged_decode the batch B).
+BUCKETS: dict[str, tuple[int, ...]] = {
+    "varlen": (64, 1024, 4096, 16384),
+    "paged_prefill": (16, 512, 2048, 8192),
+    "paged_decode": (1, 8, 32, 64, 256),
+}
+QUERY_ROWS = (32, 64, 128)
+KEY_TILES = (32, 64, 128)
+SWEEP_WARPS = (4, 8)
+SWEEP_STAGES = (2, 3, 4)
+BLOCK_SIZE = 16  # the engine's default cache block (engine/config.py)
+CONTEXT = 4096  # cached tokens of a decode sequence, and the prefix before a prefill step
+VARLEN_TOKENS = 4096  # tokens of a varlen step: short sequences are packed up to this
+HEADS_MODEL = "Qwen2.5-VL-7B"  # whose heads (at tp1) the shapes take for each head dim
+# bf16 output against the reference (both round to bf16; the kernel's math is fp32).
+ATOL = RTOL = 2e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One bucket to tune: `op` at `head_dim` with `hq` / `hk` query / kv heads, measured at the
+    bucket's end (`bucket` query tokens, see BUCKETS)."""
+
+    op: str
+    head_dim: int
+    bucket: int
+    hq: int
+    hk: int
+    block_size: int = BLOCK_SIZE  # of the paged cache
+
+    def __str__(self) -> str:
+        unit = "batch" if self.op == "paged_decode" else "tokens"
+        return f"{self.op} d={self.head_dim} {self.hq}/{self.hk} heads, {unit} <= {self.bucket}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One plan tried at one shape."""
+
+    shape: Shape
+    plan: AttentionPlan
+
+    @property
+    def entry(self) -> PlanEntry:
+        return PlanEntry(self.shape.op, self.shape.head_dim, self.shape.bucket, self.plan)
+
+
+def plan_text(plan: AttentionPlan | None) -> str:
+    """'q64 k32 w4 s2' (warps / stages left out when the plan leaves them to the Target)."""
+    if plan is None:
+        return "-"
+    text = f"q{plan.query_rows} k{plan.key_tile}"
+    text += f" w{plan.num_warps}" if plan.num_warps else ""
+    return text + (f" s{plan.num_stages}" if plan.num_stages else "")
+
+
+def released_heads(model: str = HEADS_MODEL) -> dict[str, dict[int, tuple[int, int]]]:
+    """Per op, head dim -> (query heads, kv heads) at tp1: varlen runs in the LLM (causal prefill)
+    and the ViT, the paged ops in the LLM only. `model`'s heads first, then those of the first
+    released checkpoint with a head dim `model` lacks."""
+    from qwen_vl_triton.benchmarks.compile_check.launches import released_models
+
+    models = released_models()
+    if model not in models:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(models)}")
+    text_heads: dict[int, tuple[int, int]] = {}
+    vision_heads: dict[int, tuple[int, int]] = {}
+    for text, vision in [models[model], *models.values()]:
+        text_heads.setdefault(text.head_dim, (text.heads, text.kv_heads))
+        vision_heads.setdefault(vision.head_dim, (vision.heads, vision.heads))
+    return {"varlen": {**vision_heads, **text_heads}, "paged_prefill": text_heads, "paged_decode": text_heads}
+
+
+def tune_shapes(ops: Iterable[str] = OPS, head_dims: Iterable[int] | None = None,
+                buckets: Iterable[int] | None = None, model: str = HEADS_MODEL,
+                block_size: int = BLOCK_SIZE) -> list[Shape]:
+    """The buckets to tune: every op x its released head dims x BUCKETS value, filtered."""
+    heads = released_heads(model)
+    known = sorted({d for dims in heads.values() for d in dims})
+    unknown = [d for d in head_dims or () if d not in known]
+    if unknown:
+        raise ValueError(f"head dim(s) {unknown} not used by a released checkpoint (they use {known})")
+    wanted_dims = None if head_dims is None else set(head_dims)
+    wanted = None if buckets is None else set(buckets)
+    return [Shape(op, d, b, *heads[op][d], block_size) for op in ops for d in sorted(heads[op], reverse=True)
+            for b in BUCKETS[op] if (wanted_dims is None or d in wanted_dims) and (wanted is None or b in wanted)]
+
+
+def candidate_plans(cuda: bool, query_rows: Sequence[int] = QUERY_ROWS, key_tiles: Sequence[int] = KEY_TILES,
+                    warps: Sequence[int] = SWEEP_WARPS, stages: Sequence[int] = SWEEP_STAGES) -> list[AttentionPlan]:
+    """The tile space: query_rows x key_tile, times num_warps x num_stages on CUDA (Ascend's
+    compiler picks its own, so there the plan leaves them None)."""
+    launch = list(itertools.product(sorted(warps), sorted(stages))) if cuda else [(None, None)]
+    # Ascending, so that of plans that launch alike (distinct_plans) the smallest tiles are kept.
+    return [AttentionPlan(q, k, w, s) for q, k in itertools.product(sorted(query_rows), sorted(key_tiles))
+            for w, s in launch]
+
+
+def distinct_plans(shape: Shape, plans: Sequence[AttentionPlan]) -> list[AttentionPlan]:
+    """`plans` less those that launch exactly as an earlier one at `shape`: a decode tile is one
+    query's padded heads whatever query_rows says, so there only key_tile (and warps / stages)
+    matter; a cache block of shape.block_size keys caps the paged key tile (BLOCK_N) the same
+    way, and a varlen key tile is capped by the longest sequence."""
+    seen, out = set(), []
+    for p in plans:
+        query_rows = None if shape.op == "paged_decode" else p.query_rows
+        cap = max(16, shape.bucket) if shape.op == "varlen" else shape.block_size
+        key = (query_rows, min(p.key_tile, cap), p.num_warps, p.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def candidates(shapes: Sequence[Shape], plans: Sequence[AttentionPlan]) -> list[Candidate]:
+    """Every (shape, plan) to try, plans that launch alike at a shape counted once."""
+    return [Candidate(s, p) for s in shapes for p in distinct_plans(s, plans)]
+
+
+class Dropped(Exception):
+    """A candidate that cannot be kept; the message says why (compile error, spill, wrong output)."""
+
+
+class Bench(Protocol):
+    """What the sweep needs of a device (tests inject a fake)."""
+
+    def measure(self, candidate: Candidate) -> float:
+        """Median ms of the candidate's launch; raises Dropped when it cannot be kept."""
+
+    def default_ms(self, shape: Shape) -> float:
+        """Median ms of the launch with the Target's own plan (no plan file)."""
+
+    def baseline_ms(self, shape: Shape) -> float:
+        """Median ms of the bench's PyTorch baseline at this shape."""
+
+
+@dataclasses.dataclass
+class Outcome:
+    candidate: Candidate
+    ms: float | None = None
+    dropped: str | None = None
+
+
+@dataclasses.dataclass
+class BucketResult:
+    """What the sweep learned about one shape: each candidate tried (timed or dropped, fastest
+    first once sorted), the default plan's and the baseline's time."""
+
+    shape: Shape
+    outcomes: list[Outcome] = dataclasses.field(default_factory=list)
+    default_ms: float | None = None
+    baseline_ms: float | None = None
+    complete: bool = False  # every candidate tried (False: the time budget ran out)
+
+    def ranked(self) -> list[Outcome]:
+        """The timed candidates, fastest first."""
+        return sorted((o for o in self.outcomes if o.ms is not None), key=lambda o: o.ms)
+
+    @property
+    def best(self) -> Outcome | None:
+        ranked = self.ranked()
+        return ranked[0] if ranked else None
+
+
+def sweep(shapes: Sequence[Shape], plans: Sequence[AttentionPlan], bench: Bench, deadline: float,
+          log: Callable[[str], None] = print) -> list[BucketResult]:
+    """Measure every candidate of every shape, the default plan and the baseline, until
+    `deadline` (time.time()); a shape begun when the time runs out keeps what it measured."""
+    results = []
+    for shape in shapes:
+        if time.time() >= deadline:
+            log(f"time budget spent: {shape} and later buckets not swept")
+            break
+        result = BucketResult(shape)
+        results.append(result)
+        result.default_ms = _measured(lambda s=shape: bench.default_ms(s), log, f"{shape}: default plan")
+        result.baseline_ms = _measured(lambda s=shape: bench.baseline_ms(s), log, f"{shape}: baseline")
+        todo = distinct_plans(shape, plans)
+        for plan in todo:
+            if time.time() >= deadline:
+                log(f"time budget spent in {shape}: {len(result.outcomes)}/{len(todo)} candidates tried")
+                break
+            outcome = Outcome(Candidate(shape, plan))
+            try:
+                outcome.ms = bench.measure(outcome.candidate)
+            except Dropped as why:
+                outcome.dropped = str(why)
+            result.outcomes.append(outcome)
+            log(f"  {shape}: {plan_text(plan)}: " + (f"{outcome.ms:.4f} ms" if outcome.ms is not None
+                                                      else f"dropped ({outcome.dropped})"))
+        else:
+            result.complete = True
+    return results
+
+
+def _measured(fn: Callable[[], float], log: Callable[[str], None], what: str) -> float | None:
+    # The default plan and the baseline are for comparison only: a failure is noted, not fatal.
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - e.g. the baseline running out of memory
+        log(f"{what} failed: {type(err).__name__}: {str(err)[:200]}")
+        return None
+
+
+Verifier = Callable[[list[Candidate]], dict[Candidate, str | None]]
+
+
+def choose_winners(results: Sequence[BucketResult], verify: Verifier | None = None,
+                   log: Callable[[str], None] = print) -> dict[Shape, Outcome]:
+    """The fastest timed candidate of each shape; with `verify` (candidates -> why each fails,
+    None when it passes), a winner that fails is marked dropped and the next fastest is tried."""
+    winners: dict[Shape, Outcome] = {}
+    pending = {r.shape: r.ranked() for r in results}
+    while pending:
+        picks = {shape: ranked[0] for shape, ranked in pending.items() if ranked}
+        if not picks:
+            break
+        verdicts = verify([o.candidate for o in picks.values()]) if verify else {}
+        pending = {}
+        for shape, outcome in picks.items():
+            why = verdicts.get(outcome.candidate)
+            if why is None:
+                winners[shape] = outcome
+                continue
+            log(f"{shape}: {plan_text(outcome.candidate.plan)} fails the compile check ({why}): next fastest")
+            outcome.dropped, outcome.ms = f"compile check: {why}", None
+            pending[shape] = next(r for r in results if r.shape == shape).ranked()
+    return winners
+
+
+def merged_table(winners: dict[Shape, Outcome], results: Sequence[BucketResult], previous: PlanTable) -> PlanTable:
+    """The new file's plans: the winners, and the previous file's entries of every (op, head
+    dim) this run did not sweep (a filtered run leaves the rest of the file as it was)."""
+    swept = {(r.shape.op, r.shape.head_dim) for r in results}
+    kept = [e for e in previous.entries if (e.op, e.head_dim) not in swept]
+    entries = kept + [o.candidate.entry for o in winners.values()]
+    # parse_plans' order, so that the table written equals the one read back.
+    return PlanTable(tuple(sorted(entries, key=lambda e: (e.op, e.head_dim, e.max_tokens))))
+
+
+def write_plans(table: PlanTable, path: Path, arch: str, device: str, source: str) -> PlanTable:
+    """Write `table` in the plan-file format (kernels/plans.py) and return it as read back."""
+    data = table.to_json(arch, device, source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return parse_plans(json.loads(path.read_text()), str(path))
+
+
+def read_plans(path: Path) -> PlanTable:
+    """The plans already in `path` (empty when there is no file)."""
+    return parse_plans(json.loads(path.read_text()), str(path)) if path.is_file() else PlanTable()
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+def report_rows(results: Sequence[BucketResult], winners: dict[Shape, Outcome]) -> list[dict]:
+    """One table row per bucket: the best plan, its time, the default's and the baseline's, and
+    the speed-ups (>1: the best plan is faster)."""
+    rows = []
+    for r in results:
+        best = winners.get(r.shape)
+        ms = best.ms if best else None
+        tried = len(r.outcomes)
+        rows.append({"op": r.shape.op, "head_dim": r.shape.head_dim, "heads": f"{r.shape.hq}/{r.shape.hk}",
+                     "bucket": r.shape.bucket, "best plan": plan_text(best.candidate.plan if best else None),
+                     "best ms": f"{ms:.4f}" if ms else "-",
+                     "default ms": f"{r.default_ms:.4f}" if r.default_ms else "-",
+                     "baseline ms": f"{r.baseline_ms:.4f}" if r.baseline_ms else "-",
+                     "default / best": _ratio(r.default_ms, ms), "baseline / best": _ratio(r.baseline_ms, ms),
+                     "kept / tried": f"{sum(o.ms is not None for o in r.outcomes)}/{tried}"
+                                     + ("" if r.complete else " (budget)")})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# On the device
+
+
+def _attention_kernels() -> list:
+    """The attention modules' JITFunctions (whose compiled kernels a plan decides)."""
+    from triton.runtime.jit import JITFunction
+
+    from qwen_vl_triton.kernels import attention_paged, attention_varlen
+
+    return [fn for module in (attention_varlen, attention_paged) for fn in vars(module).values()
+            if isinstance(fn, JITFunction)]
+
+
+def _forget_compiled(fns: list) -> None:
+    """Empty the JITFunctions' in-memory kernel caches, so that the kernels cached after the next
+    launch are exactly those it used (a recompile is a read of Triton's on-disk cache)."""
+    for fn in fns:
+        caches = getattr(fn, "device_caches", None)  # stock Triton 3.x
+        if caches is not None:
+            caches.clear()
+
+
+def _spilled(fns: list) -> list[str]:
+    """'name: N bytes' for each kernel in the JITFunctions' caches that spills registers (CUDA:
+    n_spills, read by the driver when the kernel was loaded)."""
+    out = []
+    for fn in fns:
+        for cache in getattr(fn, "device_caches", {}).values():
+            for compiled in cache[0].values():
+                spills = getattr(compiled, "n_spills", 0) or 0
+                if spills > 0:
+                    out.append(f"{compiled.name}: {spills} bytes spilled")
+    return out
+
+
+@dataclasses.dataclass
+class Workload:
+    """One shape's tensors on the device and its three calls (outputs [tokens, Hq, D])."""
+
+    triton_run: Callable[[], torch.Tensor]
+    reference: Callable[[], torch.Tensor]
+    baseline: Callable[[], torch.Tensor]
+
+
+def make_workload(shape: Shape, device: torch.device, dtype: torch.dtype) -> Workload:
+    """The tensors of `shape` (module docstring: Shapes) and the calls on them."""
+    import torch
+
+    from qwen_vl_triton import kernels
+    from qwen_vl_triton.benchmarks import bench_attention as ba
+
+    d, hq, hk, n = shape.head_dim, shape.hq, shape.hk, shape.bucket
+    g = torch.Generator(device="cpu").manual_seed(0)
+    if shape.op == "varlen":
+        lens = [n] * max(1, VARLEN_TOKENS // n)
+        q, k, v = (torch.randn(sum(lens), h, d, generator=g).to(device, dtype) for h in (hq, hk, hk))
+        cu, causal = ba._cu(lens, device), d == 128  # the LLM's prefill is causal, the ViT's is not
+        per_sequence = ba._sdpa_per_sequence(q, k, v, lens, causal)
+
+        def sdpa() -> torch.Tensor:
+            with ba._sdpa_flash(device):
+                return per_sequence()
+
+        return Workload(lambda: ba.varlen_triton(q, k, v, cu, n, causal=causal),
+                        lambda: kernels.varlen_attention.reference(q, k, v, cu, n, causal=causal), sdpa)
+    if shape.op == "paged_decode":
+        k_cache, v_cache, tables, lens = ba._paged_cache([CONTEXT] * n, hk, d, shape.block_size, dtype, device)
+        q = torch.randn(n, hq, d, generator=g).to(device, dtype)
+
+        def gather_sdpa() -> torch.Tensor:  # bench_attention.bench_decode's baseline
+            keys = k_cache[tables].flatten(1, 2)[:, :CONTEXT].transpose(1, 2)
+            values = v_cache[tables].flatten(1, 2)[:, :CONTEXT].transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], keys, values,
+                                                                    enable_gqa=True)[:, :, 0]
+
+        return Workload(lambda: ba.decode_triton(q, k_cache, v_cache, tables, lens),
+                        lambda: kernels.paged_attention.reference(q, k_cache, v_cache, tables, lens), gather_sdpa)
+    total = CONTEXT + n
+    k_cache, v_cache, tables, lens = ba._paged_cache([total], hk, d, shape.block_size, dtype, device)
+    q = torch.randn(n, hq, d, generator=g).to(device, dtype)
+    cu_q = ba._cu([n], device)
+    mask = torch.arange(total, device=device) <= torch.arange(CONTEXT, total, device=device)[:, None]
+
+    def prefill_sdpa() -> torch.Tensor:  # bench_attention.bench_paged_prefill's baseline
+        o = torch.nn.functional.scaled_dot_product_attention(
+            ba._heads_first(q), ba._gathered(k_cache, tables[0], total), ba._gathered(v_cache, tables[0], total),
+            attn_mask=mask, enable_gqa=hq != hk)
+        return o[0].transpose(0, 1)
+
+    return Workload(lambda: ba.prefill_triton(q, k_cache, v_cache, tables, cu_q, lens),
+                    lambda: kernels.paged_prefill_attention.reference(q, k_cache, v_cache, tables, cu_q, lens),
+                    prefill_sdpa)
+
+
+class DeviceBench:
+    """Bench on a real device: one shape's workload at a time, each candidate launched under a
+    Target whose only plan is the candidate's."""
+
+    def __init__(self, device: torch.device, warmup: int = 5, reps: int = 20, dtype: torch.dtype | None = None):
+        import torch
+
+        from qwen_vl_triton.kernels.target import current_target
+
+        self.device, self.warmup, self.reps = device, warmup, reps
+        self.dtype = dtype or torch.bfloat16
+        self.target = dataclasses.replace(current_target(device), plans=PlanTable())
+        self.kernels = _attention_kernels()
+        self._shape: Shape | None = None
+        self._work: Workload | None = None
+        self._expected: torch.Tensor | None = None
+
+    def _workload(self, shape: Shape) -> Workload:
+        if shape != self._shape:
+            import torch
+
+            self._work = self._expected = None  # free the previous shape's tensors first
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._work, self._shape = make_workload(shape, self.device, self.dtype), shape
+            self._expected = self._work.reference().float()
+        return self._work
+
+    def _time(self, fn: Callable[[], object]) -> float:
+        from qwen_vl_triton.benchmarks.common import median_ms
+
+        return median_ms(fn, self.device, warmup=self.warmup, reps=self.reps)
+
+    def measure(self, candidate: Candidate) -> float:
+        import torch
+
+        from qwen_vl_triton.kernels.target import use_target
+
+        work = self._workload(candidate.shape)
+        target = dataclasses.replace(self.target, plans=PlanTable((candidate.entry,)))
+        with use_target(target):
+            _forget_compiled(self.kernels)
+            try:
+                out = work.triton_run()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+            except Exception as err:  # noqa: BLE001 - OutOfResources, a compile error, a launch failure
+                from qwen_vl_triton.benchmarks.compile_check.check import error_summary
+
+                raise Dropped(error_summary(err)) from None
+            spills = _spilled(self.kernels)
+            if spills:
+                raise Dropped("; ".join(spills))
+            if not torch.allclose(out.float(), self._expected, atol=ATOL, rtol=RTOL):
+                err = float((out.float() - self._expected).abs().nan_to_num(float("inf")).max())
+                raise Dropped(f"max |out - reference| = {err:.3g}")
+            return self._time(work.triton_run)
+
+    def default_ms(self, shape: Shape) -> float:
+        from qwen_vl_triton.kernels.target import use_target
+
+        work = self._workload(shape)
+        with use_target(self.target):
+            return self._time(work.triton_run)
+
+    def baseline_ms(self, shape: Shape) -> float:
+        return self._time(self._workload(shape).baseline)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile-only (no device): the compile check's machinery in a subprocess
+
+
+def compile_launches(candidate: Candidate, all_variants: bool) -> list:
+    """The launches compiled for `candidate` (compile_check.launches.Launch on meta tensors): its
+    tune shape in bf16 and, with all_variants, what `make compile-check` compiles
+    for a committed plan (launches.plan_launches: fp16 and bf16, cache blocks 16..128)."""
+    import torch
+
+    from qwen_vl_triton import kernels
+    from qwen_vl_triton.benchmarks.compile_check.launches import Launch, _cu, _t, plan_launches
+
+    s, dt = candidate.shape, torch.bfloat16
+    d, n = s.head_dim, s.bucket
+    if s.op == "varlen":
+        lens = [n] * max(1, VARLEN_TOKENS // n)
+        call = lambda: kernels.varlen_attention(_t(sum(lens), s.hq, d, dtype=dt), _t(sum(lens), s.hk, d, dtype=dt),  # noqa: E731
+                                                _t(sum(lens), s.hk, d, dtype=dt), _cu(lens), n, causal=d == 128)
+    else:
+        blocks = -(-(CONTEXT + (n if s.op == "paged_prefill" else 0)) // s.block_size)
+        cache = _t(blocks * (n if s.op == "paged_decode" else 1), s.block_size, s.hk, d, dtype=dt)
+        if s.op == "paged_prefill":
+            call = lambda: kernels.paged_prefill_attention(_t(n, s.hq, d, dtype=dt), cache, cache,  # noqa: E731
+                                                           _t(1, blocks, dtype=torch.int32), _cu([n]),
+                                                           _t(1, dtype=torch.int32))
+        else:
+            call = lambda: kernels.paged_attention(_t(n, s.hq, d, dtype=dt), cache, cache,  # noqa: E731
+                                                   _t(n, blocks, dtype=torch.int32), _t(n, dtype=torch.int32))
+    out = [Launch(f"tune {s}", s.op, plan_text(candidate.plan), dt, call)]
+    return out + (plan_launches(PlanTable((candidate.entry,))) if all_variants else [])
+
+
+def _candidate_json(c: Candidate) -> dict:
+    return {"shape": dataclasses.asdict(c.shape), "plan": dataclasses.asdict(c.plan)}
+
+
+def _candidate_from_json(d: dict) -> Candidate:
+    return Candidate(Shape(**d["shape"]), AttentionPlan(**d["plan"]))
+
+
+def compile_worker(arch: str, path: Path) -> int:
+    """In a process without TRITON_INTERPRET: compile each candidate of `path` (JSON: {"all":
+    bool, "candidates": [...]}) for `arch` and print one JSON line: per candidate, why it fails
+    the compile check (compile error, spill, shared memory / UB over the limit) or null."""
+    from qwen_vl_triton.benchmarks.compile_check.check import run_target
+    from qwen_vl_triton.kernels.target import KNOWN_TARGETS
+
+    job = json.loads(path.read_text())
+    verdicts = []
+    for item in job["candidates"]:
+        c = _candidate_from_json(item)
+        target = dataclasses.replace(KNOWN_TARGETS[arch], plans=PlanTable((c.entry,)))
+        report = run_target(target, launches=compile_launches(c, job["all"]))
+        problems = sorted({p for v in report.failures() for p in v.problems()})
+        verdicts.append("; ".join(problems) or None)
+    print(json.dumps(verdicts), flush=True)
+    return 0
+
+
+def compile_verdicts(arch: str, cands: Sequence[Candidate], all_variants: bool = False,
+                     timeout: float = 3600) -> dict[Candidate, str | None]:
+    """Compile `cands` for `arch` (sm_80 / sm_90) with the compile check's compile-only driver, in
+    a subprocess (the driver replaces Triton's for good, and the interpreter must be off there):
+    candidate -> why it fails, or None."""
+    if not cands:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="qvl-tune-") as tmp:
+        job = Path(tmp) / "candidates.json"
+        job.write_text(json.dumps({"all": all_variants, "candidates": [_candidate_json(c) for c in cands]}))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), env.get("PYTHONPATH")]))
+        run = subprocess.run([sys.executable, "-m", "qwen_vl_triton.benchmarks.tune", "--compile-worker", arch,
+                              "--worker-json", str(job)], capture_output=True, text=True, env=env, cwd=CHECKOUT,
+                             timeout=timeout)
+    if run.returncode != 0:
+        raise RuntimeError(f"the compile for {arch} failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+    return dict(zip(cands, json.loads(run.stdout.strip().splitlines()[-1]), strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _ops(text: str) -> list[str]:
+    ops = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown op(s) {', '.join(unknown)}; known: {', '.join(OPS)}")
+    return ops
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python benchmarks/tune.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--ops", type=_ops, default=list(OPS), help=f"comma-separated ops (default: {','.join(OPS)})")
+    p.add_argument("--head-dims", type=_ints, default=None, help="comma-separated head dims (default: 128,80)")
+    p.add_argument("--buckets", type=_ints, default=None,
+                   help="comma-separated bucket values; each op keeps those of its own BUCKETS (default: all: "
+                        + "; ".join(f"{op} {','.join(map(str, b))}" for op, b in BUCKETS.items()) + ")")
+    p.add_argument("--query-rows", type=_ints, default=list(QUERY_ROWS), help="query_rows to sweep (default 32,64,128)")
+    p.add_argument("--key-tiles", type=_ints, default=list(KEY_TILES), help="key_tile to sweep (default 32,64,128)")
+    p.add_argument("--warps", type=_ints, default=list(SWEEP_WARPS), help="num_warps to sweep on CUDA (default 4,8)")
+    p.add_argument("--stages", type=_ints, default=list(SWEEP_STAGES),
+                   help="num_stages to sweep on CUDA (default 2,3,4)")
+    p.add_argument("--model", default=HEADS_MODEL,
+                   help=f"checkpoint of benchmarks/model_shapes.json whose heads (tp1) the shapes use "
+                        f"(default {HEADS_MODEL})")
+    p.add_argument("--block-size", type=int, choices=(16, 32, 64, 128), default=BLOCK_SIZE,
+                   help=f"paged cache block size of the shapes (default {BLOCK_SIZE}, the engine's); a paged key "
+                        "tile is capped at one block, so at 16 only query_rows and warps / stages differ there")
+    p.add_argument("--max-minutes", type=float, default=6.0,
+                   help="sweep budget; when spent the sweep stops and what it measured is written (default 6)")
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions per median (default 20)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="plan file to write (default qwen_vl_triton/kernels/plans/<arch>.json)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="on sm_80 / sm_90, skip compiling the winners as `make compile-check` does")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list every (op, head dim, bucket, candidate) it would try; no device needed")
+    p.add_argument("--arch", default="sm_90",
+                   help="with --dry-run: the arch whose tile space is listed (sm_*: with warps and stages; "
+                        "Ascend*: tiles only; default sm_90)")
+    p.add_argument("--compile-only", metavar="ARCH", choices=("sm_80", "sm_90"),
+                   help="with --dry-run: compile each candidate for ARCH (sm_80 or sm_90) on this machine, no GPU "
+                        "needed, drop those that spill or fail, print the survivors per bucket")
+    p.add_argument("--compile-all", action="store_true",
+                   help="with --compile-only: also compile each candidate as a committed plan is compiled by "
+                        "`make compile-check` (fp16 and bf16, cache blocks 16..128; slower)")
+    p.add_argument("--compile-worker", metavar="ARCH", help=argparse.SUPPRESS)
+    p.add_argument("--worker-json", type=Path, help=argparse.SUPPRESS)
+    return p
+
+
+def dry_run(args: argparse.Namespace, shapes: list[Shape], plans: list[AttentionPlan]) -> int:
+    """List the candidates (and, with --compile-only, compile them and count survivors)."""
+    cands = candidates(shapes, plans)
+    verdicts: dict[Candidate, str | None] = {}
+    if args.compile_only:
+        print(f"compiling {len(cands)} candidates for {args.compile_only} (no GPU needed) ...", flush=True)
+        verdicts = compile_verdicts(args.compile_only, cands, args.compile_all)
+    for c in cands:
+        verdict = "" if c not in verdicts else "  fits" if verdicts[c] is None else f"  DROPPED: {verdicts[c]}"
+        print(f"{c.shape}: {plan_text(c.plan)}{verdict}")
+    print(f"{len(cands)} candidates in {len(shapes)} bucket(s)")
+    if args.compile_only:
+        for s in shapes:
+            mine = [c for c in cands if c.shape == s]
+            print(f"  {s}: {sum(verdicts[c] is None for c in mine)}/{len(mine)} survive {args.compile_only}")
+    return 0
+
+
+def _device() -> torch.device | None:
+    from qwen_vl_triton.parallel.group import detect_device_type  # imports no triton
+
+    kind = detect_device_type()
+    if kind == "cpu":
+        return None
+    import torch
+
+    return torch.device(kind, 0)
+
+
+def run_on_device(args: argparse.Namespace, device: torch.device, shapes: list[Shape]) -> int:
+    """Sweep, choose, write the plan file and the table (module docstring)."""
+    import torch
+    import triton
+
+    from qwen_vl_triton.benchmarks.common import device_name, markdown_table
+
+    bench = DeviceBench(device, reps=args.reps)
+    arch, cuda = bench.target.arch, bench.target.backend == "cuda"
+    plans = candidate_plans(cuda, args.query_rows, args.key_tiles, args.warps, args.stages)
+    print(f"tuning {len(candidates(shapes, plans))} candidates in {len(shapes)} buckets on {arch} "
+          f"(budget {args.max_minutes} min)", flush=True)
+    results = sweep(shapes, plans, bench, time.time() + 60 * args.max_minutes)
+    verify = None
+    if cuda and arch in ("sm_80", "sm_90") and not args.no_verify:
+        def verify(cands: list[Candidate]) -> dict[Candidate, str | None]:
+            return compile_verdicts(arch, cands, all_variants=True)
+    winners = choose_winners(results, verify)
+    out = args.out or PLAN_DIR / f"{arch}.json"
+    raw_name = torch.cuda.get_device_name(device) if cuda else device_name(device)
+    source = (f"benchmarks/tune.py {datetime.date.today().isoformat()} torch {torch.__version__} "
+              f"triton {triton.__version__}")
+    written = write_plans(merged_table(winners, results, read_plans(out)), out, arch, raw_name, source)
+    rows = report_rows(results, winners)
+    table = markdown_table(rows)
+    print(table)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    md = RESULTS_DIR / f"tune-{device_name(device)}.md"
+    md.write_text(f"# Attention plans tuned on {raw_name} ({arch})\n\n{source}; bf16, cache block {args.block_size}; "
+                  f"times are medians in ms; ratios > 1: the best plan is faster. Plans: {out.name} "
+                  f"({len(written.entries)} entries).\n\n{table}\n")
+    print(f"wrote {out} ({len(written.entries)} plans) and {md}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 when done, 2 when there is no device to tune on (and no --dry-run)."""
+    args = parser().parse_args(argv)
+    if args.compile_worker:
+        return compile_worker(args.compile_worker, args.worker_json)
+    shapes = tune_shapes(args.ops, args.head_dims, args.buckets, args.model, args.block_size)
+    if not shapes:
+        print("no bucket matches the filters (--ops / --head-dims / --buckets)", file=sys.stderr)
+        return 2
+    if args.dry_run or args.compile_only:
+        cuda = (args.compile_only or args.arch).startswith("sm_")
+        return dry_run(args, shapes, candidate_plans(cuda, args.query_rows, args.key_tiles, args.warps, args.stages))
+    device = _device()
+    if device is None:
+        print("tune needs an NVIDIA GPU (a CUDA build of torch and triton) or an Ascend NPU (torch_npu and "
+              "triton-ascend) to time the candidates; none is visible here. Without one: --dry-run lists the "
+              "candidates, --dry-run --compile-only sm_90 also drops those that spill.", file=sys.stderr)
+        return 2
+    return run_on_device(args, device, shapes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
