@@ -140,3 +140,24 @@ def test_ascend_compile_check_catches_ub_overflow_and_passes_the_plan():
         arch="Ascend910B3", shape="fresh T=16 28/4 heads BS=128", overrides="{}"), ASCEND_PYTHON))
     (variant,) = good.variants
     assert good.failures() == [] and 0 < variant.resources.ub_bytes <= 192 * 1024 and variant.resources.cube
+
+
+def test_every_committed_plan_is_a_launch_of_its_op_at_its_bucket_end():
+    """plan_launches: each entry of a device's plan file, fp16 and bf16 (the paged ops at every
+    cache block size), launched where its bucket ends; a head dim no checkpoint has is named."""
+    from qwen_vl_triton.benchmarks.compile_check.launches import PLAN_OPS, plan_launches
+    from qwen_vl_triton.kernels.plans import AttentionPlan, PlanEntry, PlanTable, RowPlan
+
+    table = PlanTable((PlanEntry("varlen", 80, 1024, AttentionPlan(64, 64)),
+                       PlanEntry("paged_decode", 128, 32, AttentionPlan(16, 64, 8, 3)),
+                       PlanEntry("silu_and_mul", 18944, 16, RowPlan(8192, 2, 8))), "plans/sm_90.json")
+    launches = plan_launches(table)
+    assert len(launches) == 2 + 2 * len(BLOCK_SIZES) + 2
+    assert {(launch.op, launch.shape) for launch in launches if launch.op == "varlen_attention"} == {
+        ("varlen_attention", "T=1024 16/16 heads")}
+    assert {launch.op for launch in launches} == {PLAN_OPS["varlen"], PLAN_OPS["paged_decode"], "silu_and_mul"}
+    assert [launch.shape for launch in launches if launch.op == "silu_and_mul"] == ["[16, 18944]"] * 2
+    assert [(launch.op, launch.dtype) for launch in plan_launches(table, ["silu_and_mul"])] == [
+        ("silu_and_mul", torch.float16), ("silu_and_mul", torch.bfloat16)]
+    with pytest.raises(ValueError, match="plans/sm_90.json: a varlen plan for head dim 96"):
+        plan_launches(PlanTable((PlanEntry("varlen", 96, 64, AttentionPlan(64, 64)),), "plans/sm_90.json"))

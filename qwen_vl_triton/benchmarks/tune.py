@@ -1,4 +1,5 @@
-"""`make tune`: sweep the attention tile plans on this device and commit the fastest per bucket.
+"""`make tune`: sweep the attention tile plans and the row-op launch plans on this device and
+commit the fastest per bucket.
 
 For each attention op (kernels/plans.py OPS: varlen, paged_prefill, paged_decode), each head dim
 the released checkpoints use (128: the LLM, with its query/kv heads; 80: the ViT, 16/16 heads;
@@ -14,18 +15,27 @@ are then compiled as `make compile-check` compiles a committed plan (fp16 and bf
 block size; in a subprocess); a winner that fails gives way to the next fastest. The launchers
 read the file at start-up: nothing is tuned at serving time.
 
+The row ops (kernels/plans.py ROW_OPS: rms_norm, add_rms_norm, layer_norm, silu_and_mul) are swept
+the same way at the row widths the released checkpoints use (the LLM hidden size for rms_norm /
+add_rms_norm, the ViT's for layer_norm (Qwen2-VL) and rms_norm (Qwen2.5-VL); silu_and_mul's N:
+the LLM's intermediate size and the gated ViT MLP's) and each bucket of rows (ROW_BUCKETS), over
+tile_elements x programs_per_core (x num_warps on CUDA); their output is checked against the op's
+reference, their baselines are the reference in eager PyTorch and (on a device) torch.compile of
+it, and the table also gives the best plan's fraction of the measured copy bandwidth.
+
 Shapes (bf16, cache block 16 = engine/config.py's default):
   varlen         bucket = longest sequence L: 4096 // L sequences of L tokens (at least one):
                  ViT windows at 64, whole images / frames above; causal at head dim 128 (the LLM);
   paged_prefill  bucket = the step's new tokens T: one sequence of T tokens after a cached
                  prefix of 4096 (a prefix-cache hit / a later prompt chunk);
-  paged_decode   bucket = batch B: B sequences of 4096 cached tokens.
+  paged_decode   bucket = batch B: B sequences of 4096 cached tokens;
+  row ops        bucket = rows R: [R, width] (silu_and_mul: [R, 2 x width]).
 
 A table per bucket (best plan, its time, the default plan's, the baseline's, ratios) is printed
 and written to benchmarks/results/tune-<device>.md.
 
 Without a GPU or NPU:
-    --dry-run                       lists every (op, head dim, bucket, candidate) it would try;
+    --dry-run                       lists every (op, head dim / width, bucket, candidate) it would try;
     --dry-run --compile-only sm_90  also compiles each candidate for sm_80 / sm_90 (stock Triton
                                     and ptxas, no GPU: the compile check's driver, in a
                                     subprocess) and drops those that spill or overflow, printing
@@ -49,7 +59,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from qwen_vl_triton.benchmarks import CHECKOUT, RESULTS_DIR
-from qwen_vl_triton.kernels.plans import OPS, PLAN_DIR, AttentionPlan, PlanEntry, PlanTable, parse_plans
+from qwen_vl_triton.kernels.plans import (
+    OPS,
+    PLAN_DIR,
+    ROW_OPS,
+    ROW_TILES,
+    AttentionPlan,
+    PlanEntry,
+    PlanTable,
+    RowPlan,
+    parse_plans,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -61,6 +81,10 @@ BUCKETS: dict[str, tuple[int, ...]] = {
     "paged_prefill": (16, 512, 2048, 8192),
     "paged_decode": (1, 8, 32, 64, 256),
 }
+# Rows of the row ops' buckets: decode batches up to the largest benchmarked prefill / ViT step.
+ROW_BUCKETS = (1, 16, 256, 4096, 16384)
+BUCKETS.update(dict.fromkeys(ROW_OPS, ROW_BUCKETS))
+ALL_OPS = (*OPS, *ROW_OPS)
 QUERY_ROWS = (32, 64, 128)
 KEY_TILES = (32, 64, 128)
 SWEEP_WARPS = (4, 8)
@@ -68,26 +92,41 @@ SWEEP_STAGES = (2, 3, 4)
 BLOCK_SIZE = 16  # the engine's default cache block (engine/config.py)
 CONTEXT = 4096  # cached tokens of a decode sequence, and the prefix before a prefill step
 VARLEN_TOKENS = 4096  # tokens of a varlen step: short sequences are packed up to this
-HEADS_MODEL = "Qwen2.5-VL-7B"  # whose heads (at tp1) the shapes take for each head dim
+ROW_PROGRAMS = (1, 2, 4, 8)  # programs_per_core of the row plans swept
+ROW_WARPS = (2, 4, 8, 16)  # num_warps of the row plans swept on CUDA
+HEADS_MODEL = "Qwen2.5-VL-7B"  # whose heads (at tp1) / widths the shapes take
+EPS = 1e-6  # the released checkpoints' norm eps
 # bf16 output against the reference (both round to bf16; the kernel's math is fp32).
 ATOL = RTOL = 2e-2
 
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """One bucket to tune: `op` at `head_dim` with `hq` / `hk` query / kv heads, measured at the
-    bucket's end (`bucket` query tokens, see BUCKETS)."""
+    """One bucket to tune: attention `op` at head dim `size` with `hq` / `hk` query / kv heads, or
+    row `op` at row width `size` (hq = hk = 0), measured at the bucket's end (`bucket` query
+    tokens or rows, see BUCKETS)."""
 
     op: str
-    head_dim: int
+    size: int
     bucket: int
-    hq: int
-    hk: int
+    hq: int = 0
+    hk: int = 0
     block_size: int = BLOCK_SIZE  # of the paged cache
 
+    @property
+    def head_dim(self) -> int:
+        return self.size
+
+    @property
+    def rows(self) -> bool:
+        """A row op's shape (RowPlan), not an attention op's."""
+        return self.op in ROW_OPS
+
     def __str__(self) -> str:
+        if self.rows:
+            return f"{self.op} width={self.size}, rows <= {self.bucket}"
         unit = "batch" if self.op == "paged_decode" else "tokens"
-        return f"{self.op} d={self.head_dim} {self.hq}/{self.hk} heads, {unit} <= {self.bucket}"
+        return f"{self.op} d={self.size} {self.hq}/{self.hk} heads, {unit} <= {self.bucket}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,17 +134,20 @@ class Candidate:
     """One plan tried at one shape."""
 
     shape: Shape
-    plan: AttentionPlan
+    plan: AttentionPlan | RowPlan
 
     @property
     def entry(self) -> PlanEntry:
-        return PlanEntry(self.shape.op, self.shape.head_dim, self.shape.bucket, self.plan)
+        return PlanEntry(self.shape.op, self.shape.size, self.shape.bucket, self.plan)
 
 
-def plan_text(plan: AttentionPlan | None) -> str:
-    """'q64 k32 w4 s2' (warps / stages left out when the plan leaves them to the Target)."""
+def plan_text(plan: AttentionPlan | RowPlan | None) -> str:
+    """'q64 k32 w4 s2', 't4096 p4 w8' (warps / stages left out when the plan leaves them to the
+    Target)."""
     if plan is None:
         return "-"
+    if isinstance(plan, RowPlan):
+        return f"t{plan.tile_elements} p{plan.programs_per_core}" + (f" w{plan.num_warps}" if plan.num_warps else "")
     text = f"q{plan.query_rows} k{plan.key_tile}"
     text += f" w{plan.num_warps}" if plan.num_warps else ""
     return text + (f" s{plan.num_stages}" if plan.num_stages else "")
@@ -128,19 +170,53 @@ def released_heads(model: str = HEADS_MODEL) -> dict[str, dict[int, tuple[int, i
     return {"varlen": {**vision_heads, **text_heads}, "paged_prefill": text_heads, "paged_decode": text_heads}
 
 
-def tune_shapes(ops: Iterable[str] = OPS, head_dims: Iterable[int] | None = None,
+def released_widths(model: str = HEADS_MODEL) -> dict[str, list[int]]:
+    """Per row op, the row widths (widest first) the released checkpoints run it at: rms_norm /
+    add_rms_norm at `model`'s LLM hidden size; the ViT's hidden size for layer_norm (Qwen2-VL's
+    ViT) and rms_norm (Qwen2.5-VL's); silu_and_mul's N = the LLM's intermediate size (tp1) and the
+    gated ViT MLP's. A ViT of the kind `model` lacks is the first released checkpoint's."""
+    from qwen_vl_triton.benchmarks.compile_check.launches import released_models
+
+    models = released_models()
+    if model not in models:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(models)}")
+    text = models[model][0]
+    vits = {}
+    for _, vision in [models[model], *models.values()]:
+        vits.setdefault(vision.norm, vision)
+    rms_vit, ln_vit = vits.get("rmsnorm"), vits.get("layernorm")
+    widths = {"rms_norm": [text.hidden, *([rms_vit.hidden] if rms_vit else [])],
+              "add_rms_norm": [text.hidden],
+              "layer_norm": [ln_vit.hidden] if ln_vit else [],
+              "silu_and_mul": [text.intermediate, *([rms_vit.intermediate] if rms_vit and rms_vit.intermediate
+                                                    else [])]}
+    return {op: sorted(set(w), reverse=True) for op, w in widths.items()}
+
+
+def tune_shapes(ops: Iterable[str] = ALL_OPS, head_dims: Iterable[int] | None = None,
                 buckets: Iterable[int] | None = None, model: str = HEADS_MODEL,
-                block_size: int = BLOCK_SIZE) -> list[Shape]:
-    """The buckets to tune: every op x its released head dims x BUCKETS value, filtered."""
-    heads = released_heads(model)
-    known = sorted({d for dims in heads.values() for d in dims})
-    unknown = [d for d in head_dims or () if d not in known]
-    if unknown:
-        raise ValueError(f"head dim(s) {unknown} not used by a released checkpoint (they use {known})")
+                block_size: int = BLOCK_SIZE, widths: Iterable[int] | None = None) -> list[Shape]:
+    """The buckets to tune: every attention op x its released head dims and every row op x its
+    released widths, x BUCKETS value, filtered (head_dims: attention ops; widths: row ops)."""
+    heads, row_widths = released_heads(model), released_widths(model)
+    for what, asked, sizes in (("head dim", head_dims, heads), ("width", widths, row_widths)):
+        known = sorted({d for dims in sizes.values() for d in dims})
+        unknown = [d for d in asked or () if d not in known]
+        if unknown:
+            raise ValueError(f"{what}(s) {unknown} not used by a released checkpoint (they use {known})")
     wanted_dims = None if head_dims is None else set(head_dims)
+    wanted_widths = None if widths is None else set(widths)
     wanted = None if buckets is None else set(buckets)
-    return [Shape(op, d, b, *heads[op][d], block_size) for op in ops for d in sorted(heads[op], reverse=True)
-            for b in BUCKETS[op] if (wanted_dims is None or d in wanted_dims) and (wanted is None or b in wanted)]
+    out = []
+    for op in ops:
+        row = op in ROW_OPS
+        sizes, wanted_sizes = (row_widths[op], wanted_widths) if row else (sorted(heads[op], reverse=True), wanted_dims)
+        for d in sizes:
+            if wanted_sizes is not None and d not in wanted_sizes:
+                continue
+            hq_hk = (0, 0) if row else heads[op][d]
+            out += [Shape(op, d, b, *hq_hk, block_size) for b in BUCKETS[op] if wanted is None or b in wanted]
+    return out
 
 
 def candidate_plans(cuda: bool, query_rows: Sequence[int] = QUERY_ROWS, key_tiles: Sequence[int] = KEY_TILES,
@@ -153,23 +229,53 @@ def candidate_plans(cuda: bool, query_rows: Sequence[int] = QUERY_ROWS, key_tile
             for w, s in launch]
 
 
-def distinct_plans(shape: Shape, plans: Sequence[AttentionPlan]) -> list[AttentionPlan]:
-    """`plans` less those that launch exactly as an earlier one at `shape`: a decode tile is one
-    query's padded heads whatever query_rows says, so there only key_tile (and warps / stages)
-    matter; a cache block of shape.block_size keys caps the paged key tile (BLOCK_N) the same
-    way, and a varlen key tile is capped by the longest sequence."""
+def row_candidate_plans(cuda: bool, tiles: Sequence[int] = ROW_TILES, programs: Sequence[int] = ROW_PROGRAMS,
+                        warps: Sequence[int] = ROW_WARPS) -> list[RowPlan]:
+    """The row-op space: tile_elements x programs_per_core, times num_warps on CUDA (None on
+    Ascend, which ignores it)."""
+    launch = sorted(warps) if cuda else [None]
+    return [RowPlan(t, p, w) for t, p in itertools.product(sorted(tiles), sorted(programs)) for w in launch]
+
+
+def _row_block(shape: Shape) -> int:
+    """The column tile of a row launch at shape.size (kernels/norms.py, kernels/activation.py)."""
+    import triton
+
+    from qwen_vl_triton.kernels.norms import CHUNK, MAX_TILE
+
+    n = shape.size
+    if shape.op == "silu_and_mul":
+        return min(triton.next_power_of_2(n), CHUNK)
+    return triton.next_power_of_2(n) if n <= MAX_TILE else CHUNK
+
+
+def distinct_plans(shape: Shape, plans: Sequence[AttentionPlan | RowPlan]) -> list[AttentionPlan | RowPlan]:
+    """The plans of `plans` of the shape's kind (AttentionPlan / RowPlan), less those that launch
+    exactly as an earlier one at `shape`: a decode tile is one query's padded heads whatever
+    query_rows says, so there only key_tile (and warps / stages) matter; a cache block of
+    shape.block_size keys caps the paged key tile (BLOCK_N) the same way, and a varlen key tile is
+    capped by the longest sequence. A row tile stacks at most as many rows as the bucket has
+    (target.rows_per_tile), and one row is one program whatever programs_per_core says."""
     seen, out = set(), []
     for p in plans:
-        query_rows = None if shape.op == "paged_decode" else p.query_rows
-        cap = max(16, shape.bucket) if shape.op == "varlen" else shape.block_size
-        key = (query_rows, min(p.key_tile, cap), p.num_warps, p.num_stages)
+        if isinstance(p, RowPlan) != shape.rows:
+            continue
+        if isinstance(p, RowPlan):
+            import triton
+
+            stacked = min(max(1, p.tile_elements // _row_block(shape)), triton.next_power_of_2(shape.bucket))
+            key = (stacked, p.programs_per_core if shape.bucket > 1 else None, p.num_warps)
+        else:
+            query_rows = None if shape.op == "paged_decode" else p.query_rows
+            cap = max(16, shape.bucket) if shape.op == "varlen" else shape.block_size
+            key = (query_rows, min(p.key_tile, cap), p.num_warps, p.num_stages)
         if key not in seen:
             seen.add(key)
             out.append(p)
     return out
 
 
-def candidates(shapes: Sequence[Shape], plans: Sequence[AttentionPlan]) -> list[Candidate]:
+def candidates(shapes: Sequence[Shape], plans: Sequence[AttentionPlan | RowPlan]) -> list[Candidate]:
     """Every (shape, plan) to try, plans that launch alike at a shape counted once."""
     return [Candidate(s, p) for s in shapes for p in distinct_plans(s, plans)]
 
@@ -188,7 +294,10 @@ class Bench(Protocol):
         """Median ms of the launch with the Target's own plan (no plan file)."""
 
     def baseline_ms(self, shape: Shape) -> float:
-        """Median ms of the bench's PyTorch baseline at this shape."""
+        """Median ms of the bench's PyTorch baseline at this shape (a row op's eager reference)."""
+
+    # Optional (sweep asks for it where the bench has it): compiled_ms(shape) -> float | None,
+    # the median ms of torch.compile of a row op's reference (None: no such baseline here).
 
 
 @dataclasses.dataclass
@@ -207,6 +316,7 @@ class BucketResult:
     outcomes: list[Outcome] = dataclasses.field(default_factory=list)
     default_ms: float | None = None
     baseline_ms: float | None = None
+    compiled_ms: float | None = None  # torch.compile of a row op's reference, where measured
     complete: bool = False  # every candidate tried (False: the time budget ran out)
 
     def ranked(self) -> list[Outcome]:
@@ -219,7 +329,7 @@ class BucketResult:
         return ranked[0] if ranked else None
 
 
-def sweep(shapes: Sequence[Shape], plans: Sequence[AttentionPlan], bench: Bench, deadline: float,
+def sweep(shapes: Sequence[Shape], plans: Sequence[AttentionPlan | RowPlan], bench: Bench, deadline: float,
           log: Callable[[str], None] = print) -> list[BucketResult]:
     """Measure every candidate of every shape, the default plan and the baseline, until
     `deadline` (time.time()); a shape begun when the time runs out keeps what it measured."""
@@ -232,6 +342,9 @@ def sweep(shapes: Sequence[Shape], plans: Sequence[AttentionPlan], bench: Bench,
         results.append(result)
         result.default_ms = _measured(lambda s=shape: bench.default_ms(s), log, f"{shape}: default plan")
         result.baseline_ms = _measured(lambda s=shape: bench.baseline_ms(s), log, f"{shape}: baseline")
+        compiled = getattr(bench, "compiled_ms", None)
+        if compiled is not None and shape.rows:
+            result.compiled_ms = _measured(lambda s=shape, fn=compiled: fn(s), log, f"{shape}: torch.compile")
         todo = distinct_plans(shape, plans)
         for plan in todo:
             if time.time() >= deadline:
@@ -250,7 +363,7 @@ def sweep(shapes: Sequence[Shape], plans: Sequence[AttentionPlan], bench: Bench,
     return results
 
 
-def _measured(fn: Callable[[], float], log: Callable[[str], None], what: str) -> float | None:
+def _measured(fn: Callable[[], float | None], log: Callable[[str], None], what: str) -> float | None:
     # The default plan and the baseline are for comparison only: a failure is noted, not fatal.
     try:
         return fn()
@@ -287,12 +400,12 @@ def choose_winners(results: Sequence[BucketResult], verify: Verifier | None = No
 
 def merged_table(winners: dict[Shape, Outcome], results: Sequence[BucketResult], previous: PlanTable) -> PlanTable:
     """The new file's plans: the winners, and the previous file's entries of every (op, head
-    dim) this run did not sweep (a filtered run leaves the rest of the file as it was)."""
-    swept = {(r.shape.op, r.shape.head_dim) for r in results}
-    kept = [e for e in previous.entries if (e.op, e.head_dim) not in swept]
+    dim / width) this run did not sweep (a filtered run leaves the rest of the file as it was)."""
+    swept = {(r.shape.op, r.shape.size) for r in results}
+    kept = [e for e in previous.entries if (e.op, e.size) not in swept]
     entries = kept + [o.candidate.entry for o in winners.values()]
     # parse_plans' order, so that the table written equals the one read back.
-    return PlanTable(tuple(sorted(entries, key=lambda e: (e.op, e.head_dim, e.max_tokens))))
+    return PlanTable(tuple(sorted(entries, key=lambda e: (e.op, e.size, e.max_tokens))))
 
 
 def write_plans(table: PlanTable, path: Path, arch: str, device: str, source: str) -> PlanTable:
@@ -312,22 +425,36 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "-"
 
 
-def report_rows(results: Sequence[BucketResult], winners: dict[Shape, Outcome]) -> list[dict]:
-    """One table row per bucket: the best plan, its time, the default's and the baseline's, and
-    the speed-ups (>1: the best plan is faster)."""
+def row_bytes(shape: Shape, itemsize: int) -> int:
+    """Bytes a row op must move at `shape` (inputs read + outputs written; the weights left out):
+    as benchmarks/bench_elementwise.py counts them."""
+    per_row = {"add_rms_norm": 4, "silu_and_mul": 3}.get(shape.op, 2)
+    return per_row * shape.bucket * shape.size * itemsize
+
+
+def report_rows(results: Sequence[BucketResult], winners: dict[Shape, Outcome], copy_gbs: float | None = None,
+                itemsize: int = 2) -> list[dict]:
+    """One table row per bucket: the best plan, its time, the default's and the baselines', and
+    the speed-ups (>1: the best plan is faster); with `copy_gbs` (the device's measured copy
+    bandwidth), a row op's best plan's fraction of it (`itemsize`-byte elements)."""
     rows = []
     for r in results:
         best = winners.get(r.shape)
         ms = best.ms if best else None
         tried = len(r.outcomes)
-        rows.append({"op": r.shape.op, "head_dim": r.shape.head_dim, "heads": f"{r.shape.hq}/{r.shape.hk}",
-                     "bucket": r.shape.bucket, "best plan": plan_text(best.candidate.plan if best else None),
-                     "best ms": f"{ms:.4f}" if ms else "-",
-                     "default ms": f"{r.default_ms:.4f}" if r.default_ms else "-",
-                     "baseline ms": f"{r.baseline_ms:.4f}" if r.baseline_ms else "-",
-                     "default / best": _ratio(r.default_ms, ms), "baseline / best": _ratio(r.baseline_ms, ms),
-                     "kept / tried": f"{sum(o.ms is not None for o in r.outcomes)}/{tried}"
-                                     + ("" if r.complete else " (budget)")})
+        row = {"op": r.shape.op, "size": r.shape.size, "heads": "-" if r.shape.rows else f"{r.shape.hq}/{r.shape.hk}",
+               "bucket": r.shape.bucket, "best plan": plan_text(best.candidate.plan if best else None),
+               "best ms": f"{ms:.4f}" if ms else "-",
+               "default ms": f"{r.default_ms:.4f}" if r.default_ms else "-",
+               "baseline ms": f"{r.baseline_ms:.4f}" if r.baseline_ms else "-",
+               "compile ms": f"{r.compiled_ms:.4f}" if r.compiled_ms else "-",
+               "default / best": _ratio(r.default_ms, ms), "baseline / best": _ratio(r.baseline_ms, ms),
+               "compile / best": _ratio(r.compiled_ms, ms),
+               "best frac copy bw": "-", "kept / tried": f"{sum(o.ms is not None for o in r.outcomes)}/{tried}"
+                                                         + ("" if r.complete else " (budget)")}
+        if r.shape.rows and ms and copy_gbs:
+            row["best frac copy bw"] = f"{row_bytes(r.shape, itemsize) / (ms * 1e-3) / 1e9 / copy_gbs:.2f}"
+        rows.append(row)
     return rows
 
 
@@ -335,13 +462,14 @@ def report_rows(results: Sequence[BucketResult], winners: dict[Shape, Outcome]) 
 # On the device
 
 
-def _attention_kernels() -> list:
-    """The attention modules' JITFunctions (whose compiled kernels a plan decides)."""
+def _plan_kernels() -> list:
+    """The JITFunctions whose compiled kernels a plan decides: the attention modules' and the row
+    ops' (norms, activation)."""
     from triton.runtime.jit import JITFunction
 
-    from qwen_vl_triton.kernels import attention_paged, attention_varlen
+    from qwen_vl_triton.kernels import activation, attention_paged, attention_varlen, norms
 
-    return [fn for module in (attention_varlen, attention_paged) for fn in vars(module).values()
+    return [fn for module in (attention_varlen, attention_paged, norms, activation) for fn in vars(module).values()
             if isinstance(fn, JITFunction)]
 
 
@@ -369,11 +497,36 @@ def _spilled(fns: list) -> list[str]:
 
 @dataclasses.dataclass
 class Workload:
-    """One shape's tensors on the device and its three calls (outputs [tokens, Hq, D])."""
+    """One shape's tensors on the device and its calls (outputs [tokens, Hq, D], or a row op's:
+    add_rms_norm returns a tuple); compiled: torch.compile of a row op's reference, or None."""
 
-    triton_run: Callable[[], torch.Tensor]
-    reference: Callable[[], torch.Tensor]
-    baseline: Callable[[], torch.Tensor]
+    triton_run: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]
+    reference: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]
+    baseline: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]
+    compiled: Callable[[], object] | None = None
+
+
+def _row_workload(shape: Shape, device: torch.device, dtype: torch.dtype) -> Workload:
+    """A row op over [rows, width] (silu_and_mul: [rows, 2 x width]); the baselines are its
+    reference in eager PyTorch and (devices only) torch.compile of it (bench_elementwise)."""
+    import torch
+
+    from qwen_vl_triton import kernels
+    from qwen_vl_triton.benchmarks.bench_elementwise import _compiled
+
+    rows, n = shape.bucket, shape.size
+    g = torch.Generator(device="cpu").manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    args = {"rms_norm": lambda: (r(rows, n), r(n), EPS),
+            "add_rms_norm": lambda: (r(rows, n), r(rows, n), r(n), EPS),
+            "layer_norm": lambda: (r(rows, n), r(n), r(n), EPS),
+            "silu_and_mul": lambda: (r(rows, 2 * n),)}[shape.op]()
+    op = getattr(kernels, shape.op)
+    if device.type != "cpu":
+        torch._dynamo.reset()  # one compile per shape: the recompile limit would fall back to eager
+    compiled = _compiled(op.reference, device)
+    return Workload(lambda: op.__wrapped__(*args), lambda: op.reference(*args), lambda: op.reference(*args),
+                    None if compiled is None else lambda: compiled(*args))
 
 
 def make_workload(shape: Shape, device: torch.device, dtype: torch.dtype) -> Workload:
@@ -383,6 +536,8 @@ def make_workload(shape: Shape, device: torch.device, dtype: torch.dtype) -> Wor
     from qwen_vl_triton import kernels
     from qwen_vl_triton.benchmarks import bench_attention as ba
 
+    if shape.rows:
+        return _row_workload(shape, device, dtype)
     d, hq, hk, n = shape.head_dim, shape.hq, shape.hk, shape.bucket
     g = torch.Generator(device="cpu").manual_seed(0)
     if shape.op == "varlen":
@@ -438,7 +593,7 @@ class DeviceBench:
         self.device, self.warmup, self.reps = device, warmup, reps
         self.dtype = dtype or torch.bfloat16
         self.target = dataclasses.replace(current_target(device), plans=PlanTable())
-        self.kernels = _attention_kernels()
+        self.kernels = _plan_kernels()
         self._shape: Shape | None = None
         self._work: Workload | None = None
         self._expected: torch.Tensor | None = None
@@ -451,7 +606,7 @@ class DeviceBench:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self._work, self._shape = make_workload(shape, self.device, self.dtype), shape
-            self._expected = self._work.reference().float()
+            self._expected = _outputs(self._work.reference())
         return self._work
 
     def _time(self, fn: Callable[[], object]) -> float:
@@ -479,8 +634,10 @@ class DeviceBench:
             spills = _spilled(self.kernels)
             if spills:
                 raise Dropped("; ".join(spills))
-            if not torch.allclose(out.float(), self._expected, atol=ATOL, rtol=RTOL):
-                err = float((out.float() - self._expected).abs().nan_to_num(float("inf")).max())
+            outs = _outputs(out)
+            if not all(torch.allclose(o, e, atol=ATOL, rtol=RTOL) for o, e in zip(outs, self._expected, strict=True)):
+                err = max(float((o - e).abs().nan_to_num(float("inf")).max())
+                          for o, e in zip(outs, self._expected, strict=True))
                 raise Dropped(f"max |out - reference| = {err:.3g}")
             return self._time(work.triton_run)
 
@@ -494,6 +651,15 @@ class DeviceBench:
     def baseline_ms(self, shape: Shape) -> float:
         return self._time(self._workload(shape).baseline)
 
+    def compiled_ms(self, shape: Shape) -> float | None:
+        compiled = self._workload(shape).compiled
+        return None if compiled is None else self._time(compiled)
+
+
+def _outputs(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A launch's output(s) in fp32, as a tuple (add_rms_norm returns two tensors)."""
+    return tuple(o.float() for o in (out if isinstance(out, tuple) else (out,)))
+
 
 # ---------------------------------------------------------------------------------------------
 # Compile-only (no device): the compile check's machinery in a subprocess
@@ -502,13 +668,16 @@ class DeviceBench:
 def compile_launches(candidate: Candidate, all_variants: bool) -> list:
     """The launches compiled for `candidate` (compile_check.launches.Launch on meta tensors): its
     tune shape in bf16 and, with all_variants, what `make compile-check` compiles
-    for a committed plan (launches.plan_launches: fp16 and bf16, cache blocks 16..128)."""
+    for a committed plan (launches.plan_launches: fp16 and bf16, cache blocks 16..128). A row
+    op's tune shape is the launch plan_launches makes for its entry (its bucket's rows)."""
     import torch
 
     from qwen_vl_triton import kernels
-    from qwen_vl_triton.benchmarks.compile_check.launches import Launch, _cu, _t, plan_launches
+    from qwen_vl_triton.benchmarks.compile_check.launches import Launch, _cu, _row_plan_launches, _t, plan_launches
 
     s, dt = candidate.shape, torch.bfloat16
+    if s.rows:
+        return plan_launches(PlanTable((candidate.entry,))) if all_variants else _row_plan_launches(candidate.entry, dt)
     d, n = s.head_dim, s.bucket
     if s.op == "varlen":
         lens = [n] * max(1, VARLEN_TOKENS // n)
@@ -533,7 +702,8 @@ def _candidate_json(c: Candidate) -> dict:
 
 
 def _candidate_from_json(d: dict) -> Candidate:
-    return Candidate(Shape(**d["shape"]), AttentionPlan(**d["plan"]))
+    shape = Shape(**d["shape"])
+    return Candidate(shape, (RowPlan if shape.rows else AttentionPlan)(**d["plan"]))
 
 
 def compile_worker(arch: str, path: Path) -> int:
@@ -585,17 +755,22 @@ def _ints(text: str) -> list[int]:
 
 def _ops(text: str) -> list[str]:
     ops = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = [o for o in ops if o not in OPS]
+    unknown = [o for o in ops if o not in ALL_OPS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown op(s) {', '.join(unknown)}; known: {', '.join(OPS)}")
+        raise argparse.ArgumentTypeError(f"unknown op(s) {', '.join(unknown)}; known: {', '.join(ALL_OPS)}")
     return ops
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python benchmarks/tune.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--ops", type=_ops, default=list(OPS), help=f"comma-separated ops (default: {','.join(OPS)})")
-    p.add_argument("--head-dims", type=_ints, default=None, help="comma-separated head dims (default: 128,80)")
+    p.add_argument("--ops", type=_ops, default=list(ALL_OPS),
+                   help=f"comma-separated ops (default: {','.join(ALL_OPS)})")
+    p.add_argument("--head-dims", type=_ints, default=None,
+                   help="comma-separated head dims of the attention ops (default: 128,80)")
+    p.add_argument("--widths", type=_ints, default=None,
+                   help="comma-separated row widths of the row ops (default: the released ones, e.g. 3584,1280 for "
+                        "rms_norm, 18944,3420 for silu_and_mul's N)")
     p.add_argument("--buckets", type=_ints, default=None,
                    help="comma-separated bucket values; each op keeps those of its own BUCKETS (default: all: "
                         + "; ".join(f"{op} {','.join(map(str, b))}" for op, b in BUCKETS.items()) + ")")
@@ -604,8 +779,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warps", type=_ints, default=list(SWEEP_WARPS), help="num_warps to sweep on CUDA (default 4,8)")
     p.add_argument("--stages", type=_ints, default=list(SWEEP_STAGES),
                    help="num_stages to sweep on CUDA (default 2,3,4)")
+    p.add_argument("--row-tiles", type=_ints, default=list(ROW_TILES),
+                   help=f"row plans' tile_elements to sweep (default {','.join(map(str, ROW_TILES))})")
+    p.add_argument("--row-programs", type=_ints, default=list(ROW_PROGRAMS),
+                   help=f"row plans' programs_per_core to sweep (default {','.join(map(str, ROW_PROGRAMS))})")
+    p.add_argument("--row-warps", type=_ints, default=list(ROW_WARPS),
+                   help=f"row plans' num_warps to sweep on CUDA (default {','.join(map(str, ROW_WARPS))})")
     p.add_argument("--model", default=HEADS_MODEL,
-                   help=f"checkpoint of benchmarks/model_shapes.json whose heads (tp1) the shapes use "
+                   help=f"checkpoint of benchmarks/model_shapes.json whose heads and widths (tp1) the shapes use "
                         f"(default {HEADS_MODEL})")
     p.add_argument("--block-size", type=int, choices=(16, 32, 64, 128), default=BLOCK_SIZE,
                    help=f"paged cache block size of the shapes (default {BLOCK_SIZE}, the engine's); a paged key "
@@ -618,9 +799,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true",
                    help="on sm_80 / sm_90, skip compiling the winners as `make compile-check` does")
     p.add_argument("--dry-run", action="store_true",
-                   help="list every (op, head dim, bucket, candidate) it would try; no device needed")
+                   help="list every (op, head dim / width, bucket, candidate) it would try; no device needed")
     p.add_argument("--arch", default="sm_90",
-                   help="with --dry-run: the arch whose tile space is listed (sm_*: with warps and stages; "
+                   help="with --dry-run: the arch whose tile space is listed (sm_*: with warps (and stages); "
                         "Ascend*: tiles only; default sm_90)")
     p.add_argument("--compile-only", metavar="ARCH", choices=("sm_80", "sm_90"),
                    help="with --dry-run: compile each candidate for ARCH (sm_80 or sm_90) on this machine, no GPU "
@@ -633,7 +814,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def dry_run(args: argparse.Namespace, shapes: list[Shape], plans: list[AttentionPlan]) -> int:
+def all_plans(args: argparse.Namespace, cuda: bool) -> list[AttentionPlan | RowPlan]:
+    """The attention and the row candidates the command line asks for."""
+    return [*candidate_plans(cuda, args.query_rows, args.key_tiles, args.warps, args.stages),
+            *row_candidate_plans(cuda, args.row_tiles, args.row_programs, args.row_warps)]
+
+
+def dry_run(args: argparse.Namespace, shapes: list[Shape], plans: list[AttentionPlan | RowPlan]) -> int:
     """List the candidates (and, with --compile-only, compile them and count survivors)."""
     cands = candidates(shapes, plans)
     verdicts: dict[Candidate, str | None] = {}
@@ -671,7 +858,7 @@ def run_on_device(args: argparse.Namespace, device: torch.device, shapes: list[S
 
     bench = DeviceBench(device, reps=args.reps)
     arch, cuda = bench.target.arch, bench.target.backend == "cuda"
-    plans = candidate_plans(cuda, args.query_rows, args.key_tiles, args.warps, args.stages)
+    plans = all_plans(args, cuda)
     print(f"tuning {len(candidates(shapes, plans))} candidates in {len(shapes)} buckets on {arch} "
           f"(budget {args.max_minutes} min)", flush=True)
     results = sweep(shapes, plans, bench, time.time() + 60 * args.max_minutes)
@@ -685,12 +872,18 @@ def run_on_device(args: argparse.Namespace, device: torch.device, shapes: list[S
     source = (f"benchmarks/tune.py {datetime.date.today().isoformat()} torch {torch.__version__} "
               f"triton {triton.__version__}")
     written = write_plans(merged_table(winners, results, read_plans(out)), out, arch, raw_name, source)
-    rows = report_rows(results, winners)
+    copy_gbs = None
+    if any(s.rows for s in shapes):
+        from qwen_vl_triton.benchmarks.common import measure_copy_bandwidth
+
+        copy_gbs = measure_copy_bandwidth(device, 256 << 20)
+    rows = report_rows(results, winners, copy_gbs, bench.dtype.itemsize)
     table = markdown_table(rows)
     print(table)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     md = RESULTS_DIR / f"tune-{device_name(device)}.md"
-    md.write_text(f"# Attention plans tuned on {raw_name} ({arch})\n\n{source}; bf16, cache block {args.block_size}; "
+    bw = f"copy bandwidth {copy_gbs:.0f} GB/s; " if copy_gbs else ""
+    md.write_text(f"# Plans tuned on {raw_name} ({arch})\n\n{source}; bf16, cache block {args.block_size}; {bw}"
                   f"times are medians in ms; ratios > 1: the best plan is faster. Plans: {out.name} "
                   f"({len(written.entries)} entries).\n\n{table}\n")
     print(f"wrote {out} ({len(written.entries)} plans) and {md}")
@@ -702,13 +895,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.compile_worker:
         return compile_worker(args.compile_worker, args.worker_json)
-    shapes = tune_shapes(args.ops, args.head_dims, args.buckets, args.model, args.block_size)
+    shapes = tune_shapes(args.ops, args.head_dims, args.buckets, args.model, args.block_size, args.widths)
     if not shapes:
-        print("no bucket matches the filters (--ops / --head-dims / --buckets)", file=sys.stderr)
+        print("no bucket matches the filters (--ops / --head-dims / --widths / --buckets)", file=sys.stderr)
         return 2
     if args.dry_run or args.compile_only:
         cuda = (args.compile_only or args.arch).startswith("sm_")
-        return dry_run(args, shapes, candidate_plans(cuda, args.query_rows, args.key_tiles, args.warps, args.stages))
+        return dry_run(args, shapes, all_plans(args, cuda))
     device = _device()
     if device is None:
         print("tune needs an NVIDIA GPU (a CUDA build of torch and triton) or an Ascend NPU (torch_npu and "

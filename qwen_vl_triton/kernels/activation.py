@@ -57,8 +57,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     n_chunks = triton.cdiv(n, block)
     n_rows = rows.shape[0]
     target = current_target(x.device)
-    block_rows = rows_per_tile(n_rows, block, target)
-    grid = (target.grid(triton.cdiv(n_rows, block_rows) * n_chunks, Work.ROWS),)
+    plan = target.row_plan("silu_and_mul", n, n_rows)  # the device's plan (kernels/plans.py) or the defaults
+    block_rows = rows_per_tile(n_rows, block, target, plan=plan)
+    grid = (target.grid(triton.cdiv(n_rows, block_rows) * n_chunks, Work.ROWS, plan.programs_per_core),)
     _silu_and_mul_kernel[grid](rows, out, n_rows, n, rows.stride(0), n_chunks, BLOCK_R=block_rows, BLOCK=block,
-                               num_warps=target.row_warps(block_rows * block))
+                               num_warps=target.row_warps(block_rows * block, plan))
     return out

@@ -104,7 +104,7 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 residual: torch.Tensor | None, eps: float, subtract_mean: bool):
+                 residual: torch.Tensor | None, eps: float, subtract_mean: bool, op: str):
     n = x.shape[-1]
     if weight.shape != (n,) or (bias is not None and bias.shape != (n,)):
         raise ValueError(f"norm weight/bias must have shape ({n},), got {tuple(weight.shape)}")
@@ -118,13 +118,14 @@ def _launch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     block = triton.next_power_of_2(n) if single else CHUNK
     n_rows = rows.shape[0]
     target = current_target(x.device)
-    block_rows = rows_per_tile(n_rows, block, target)
-    grid = (target.grid(triton.cdiv(n_rows, block_rows), Work.ROWS),)
+    plan = target.row_plan(op, n, n_rows)  # the device's plan (kernels/plans.py) or the defaults
+    block_rows = rows_per_tile(n_rows, block, target, plan=plan)
+    grid = (target.grid(triton.cdiv(n_rows, block_rows), Work.ROWS, plan.programs_per_core),)
     _norm_kernel[grid](
         rows, res_rows, weight.contiguous(), (bias if bias is not None else weight).contiguous(), out, summed,
         n_rows, n, rows.stride(0), res_rows.stride(0), eps,
         SUBTRACT_MEAN=subtract_mean, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK_R=block_rows, BLOCK=block, SINGLE_TILE=single, num_warps=target.row_warps(block_rows * block),
+        BLOCK_R=block_rows, BLOCK=block, SINGLE_TILE=single, num_warps=target.row_warps(block_rows * block, plan),
     )
     return out, summed
 
@@ -157,7 +158,7 @@ def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 @_backend.op(reference=rms_norm_reference)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm. x [..., N] (fp32/fp16/bf16, any leading strides), weight [N] -> [..., N] in x.dtype."""
-    return _launch_norm(x, weight, None, None, eps, subtract_mean=False)[0]
+    return _launch_norm(x, weight, None, None, eps, subtract_mean=False, op="rms_norm")[0]
 
 
 @_backend.op(reference=add_rms_norm_reference)
@@ -165,10 +166,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused residual add + RMSNorm. x, residual [..., N] -> (normed, summed), both [..., N] in
     x.dtype, where summed = x + residual (the next residual stream) and normed = rms_norm(summed)."""
-    return _launch_norm(x, weight, None, residual, eps, subtract_mean=False)
+    return _launch_norm(x, weight, None, residual, eps, subtract_mean=False, op="add_rms_norm")
 
 
 @_backend.op(reference=layer_norm_reference)
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm with bias (Qwen2-VL's vision blocks). x [..., N], weight/bias [N] -> [..., N]."""
-    return _launch_norm(x, weight, bias, None, eps, subtract_mean=True)[0]
+    return _launch_norm(x, weight, bias, None, eps, subtract_mean=True, op="layer_norm")[0]

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen_vl_triton.kernels.plans import AttentionPlan, PlanTable, committed_plans
+from qwen_vl_triton.kernels.plans import AttentionPlan, PlanTable, RowPlan, committed_plans
 
 
 class Work(enum.Enum):
@@ -57,9 +57,10 @@ class Target:
     key_tile / decode_key_tile: the most keys a prefill / decode attention program scores at
       once (the K/V tile rows); a larger cache block is walked in pieces. With query_rows, sized
       so that a tile of head dim 128 stays in registers (CUDA) or the unified buffer (Ascend).
-    plans: the device's committed attention plans (kernels/plans.py; attention_plan reads them),
-      empty for a device without a file: then query_rows, key_tile / decode_key_tile and
-      attention_options' rule are every launch's plan.
+    plans: the device's committed plans (kernels/plans.py; attention_plan and row_plan read
+      them), empty for a device without a file: then query_rows, key_tile / decode_key_tile and
+      attention_options' rule are every attention launch's plan, and TILE_ELEMENTS,
+      programs_per_core[Work.ROWS] and row_warps' rule every row launch's.
     int8_store_tile: the widest row chunk the quantize ops (per token, per tensor) store as int8 at once:
       bishengir plans ~0.5 KB of UB a column for that path (127 KB at 256 columns; 1024-column
       tiles overflow), so Ascend takes 256; 4096 elsewhere.
@@ -85,9 +86,11 @@ class Target:
     def cores(self, work: Work) -> int:
         return self.cube_cores if work is Work.ATTENTION else self.vector_cores
 
-    def grid(self, work_items: int, work: Work) -> int:
-        """Programs of a persistent grid over `work_items` rows/tiles (each program loops)."""
-        return max(1, min(work_items, self.cores(work) * self.programs_per_core[work], 65535))
+    def grid(self, work_items: int, work: Work, per_core: int | None = None) -> int:
+        """Programs of a persistent grid over `work_items` rows/tiles (each program loops):
+        `per_core` (default programs_per_core[work]) programs on each core of that kind."""
+        per_core = per_core or self.programs_per_core[work]
+        return max(1, min(work_items, self.cores(work) * per_core, 65535))
 
     def dot_dtype(self, dtype: torch.dtype) -> tl.dtype:
         """tl.dot operand dtype: the input's own on a device (tensor cores / cube units), fp32 in
@@ -104,6 +107,14 @@ class Target:
             return entry.plan
         return AttentionPlan(self.query_rows, self.decode_key_tile if op == "paged_decode" else self.key_tile)
 
+    def row_plan(self, op: str, width: int, rows: int) -> RowPlan:
+        """The launch of a row op (kernels.plans.ROW_OPS) over `rows` rows of `width` elements:
+        this device's committed plan for it, else the defaults."""
+        entry = self.plans.lookup(op, width, rows)
+        if entry is not None:
+            return entry.plan
+        return RowPlan(TILE_ELEMENTS, self.programs_per_core[Work.ROWS])
+
     def attention_options(self, block_m: int, block_d: int, plan: AttentionPlan | None = None) -> dict:
         """num_warps / num_stages of an attention launch with a [block_m, block_d] query tile
         (CUDA; Ascend picks its own): the plan's, else attention_stages and this rule: a 64 x 128
@@ -118,9 +129,11 @@ class Target:
             warps, stages = plan.num_warps or warps, plan.num_stages or stages
         return {"num_warps": warps, "num_stages": stages}
 
-    def row_warps(self, block_elements: int) -> int:
+    def row_warps(self, block_elements: int, plan: RowPlan | None = None) -> int:
         """num_warps of a ROWS/COPY program whose widest tile has `block_elements` elements
-        (ignored on Ascend)."""
+        (ignored on Ascend): the plan's, else 8 from 4096 elements, 4 from 1024, else 2."""
+        if plan is not None and plan.num_warps is not None:
+            return plan.num_warps
         return 8 if block_elements >= 4096 else 4 if block_elements >= 1024 else 2
 
 
@@ -210,9 +223,11 @@ def current_target(device: torch.device) -> Target:
 TILE_ELEMENTS = 4096
 
 
-def rows_per_tile(n_rows: int, row_elements: int, target: Target, work: Work = Work.ROWS) -> int:
-    """Rows stacked in one tile (a power of two): as many as fit TILE_ELEMENTS for rows padded to
-    `row_elements` (a power of two), but no more than keeps every program of the grid busy."""
-    fit = max(1, TILE_ELEMENTS // row_elements)
-    per_program = triton.cdiv(n_rows, target.grid(n_rows, work))
+def rows_per_tile(n_rows: int, row_elements: int, target: Target, work: Work = Work.ROWS,
+                  plan: RowPlan | None = None) -> int:
+    """Rows stacked in one tile (a power of two): as many as fit TILE_ELEMENTS (the plan's
+    tile_elements) for rows padded to `row_elements` (a power of two), but no more than keeps
+    every program of the grid busy."""
+    fit = max(1, (plan.tile_elements if plan else TILE_ELEMENTS) // row_elements)
+    per_program = triton.cdiv(n_rows, target.grid(n_rows, work, plan.programs_per_core if plan else None))
     return min(fit, triton.next_power_of_2(per_program))

@@ -1,6 +1,6 @@
-"""Per-device attention plans (kernels/plans.py): the file format and its errors, the bucket
-lookup, the committed files, and launches that take the plan of their bucket (tiles checked on
-the launch, numbers against float64 attention)."""
+"""Per-device plans (kernels/plans.py): the file format and its errors, the bucket lookup, the
+committed files, and launches that take the plan of their bucket (tiles, grid and warps checked
+on the launch, numbers against float64), for the attention ops and the row ops."""
 
 from __future__ import annotations
 
@@ -13,19 +13,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen_vl_triton import kernels
-from qwen_vl_triton.kernels import attention_paged, attention_varlen, plans
+from qwen_vl_triton.kernels import activation, attention_paged, attention_varlen, norms, plans
 from qwen_vl_triton.kernels.attention_common import query_tile
 from qwen_vl_triton.kernels.plans import (
     OPS,
+    PROGRAMS_PER_CORE,
+    ROW_OPS,
+    ROW_TILES,
     STAGES,
     TILE_SIZES,
     WARPS,
     AttentionPlan,
     PlanEntry,
     PlanTable,
+    RowPlan,
     parse_plans,
 )
-from qwen_vl_triton.kernels.target import KNOWN_TARGETS, current_target, use_target
+from qwen_vl_triton.kernels.target import KNOWN_TARGETS, Work, current_target, rows_per_tile, use_target
 from tests.helpers import DEVICE, assert_close, randn
 from tests.kernels.attention_oracle import ATTENTION_SCALE, build_paged_cache, cu_seqlens, varlen64
 from tests.kernels.test_attention_paged import decode64, prefill64
@@ -52,7 +56,7 @@ def test_a_launch_takes_the_smallest_bucket_that_holds_it_else_the_largest(table
     assert round_trip.entries == table.entries
     for op in OPS:
         for d in (64, 80, 128):
-            mine = sorted((e for e in table.entries if e.op == op and e.head_dim == d), key=lambda e: e.max_tokens)
+            mine = sorted((e for e in table.entries if e.op == op and e.size == d), key=lambda e: e.max_tokens)
             got = table.lookup(op, d, tokens)
             if not mine:
                 assert got is None
@@ -68,7 +72,15 @@ def test_a_launch_takes_the_smallest_bucket_that_holds_it_else_the_largest(table
 
 
 @pytest.mark.parametrize(("plans_field", "message"), [
-    ({"flash": []}, "unknown attention op 'flash'"),
+    ({"flash": []}, "unknown op 'flash'"),
+    ({"rms_norm": [{"width": 3584, "max_tokens": 16, "tile_elements": 3000, "programs_per_core": 4}]},
+     r"plans.rms_norm\[0\]: row plan tile_elements=3000"),
+    ({"silu_and_mul": [{"width": 18944, "max_tokens": 1, "tile_elements": 4096, "programs_per_core": 3}]},
+     "programs_per_core=3"),
+    ({"layer_norm": [{"head_dim": 1280, "max_tokens": 1, "tile_elements": 4096, "programs_per_core": 4}]},
+     r"unknown keys \['head_dim'\]"),
+    ({"rms_norm": [{"width": 3584, "max_tokens": 16, "query_rows": 64, "key_tile": 64}]},
+     r"unknown keys \['key_tile', 'query_rows'\]"),
     ({"varlen": [{"head_dim": 80, "max_tokens": 64, "query_rows": 48, "key_tile": 64}]},
      r"plans.varlen\[0\]: attention plan query_rows=48"),
     ({"varlen": [{"head_dim": 80, "max_tokens": 64, "query_rows": 64, "key_tile": 64, "num_warps": 3}]},
@@ -110,8 +122,10 @@ class Recorder:
     def __init__(self, kernel):
         self.kernel = kernel
         self.calls: list[dict] = []
+        self.grids: list[tuple] = []
 
     def __getitem__(self, grid):
+        self.grids.append(grid)
         launch = self.kernel[grid]
 
         def call(*args, **kwargs):
@@ -161,3 +175,64 @@ def test_paged_decode_and_prefill_take_their_bucket_plans(monkeypatch, batch, pl
                                                                           query_tile(4, batch, plan.query_rows)[1])
     assert_close(got_decode, decode64(q, cache), torch.float16, scale=ATTENTION_SCALE)
     assert_close(got_prefill, prefill64(q, cache, q_lens), torch.float16, scale=ATTENTION_SCALE)
+
+
+# ------------------------------------------------------------------------------------- row plans
+
+row_plan_st = st.builds(RowPlan, st.sampled_from(ROW_TILES), st.sampled_from(PROGRAMS_PER_CORE),
+                        st.sampled_from((None, *WARPS)))
+
+
+def test_row_plans_round_trip_and_default_to_the_target():
+    table = PlanTable((PlanEntry("rms_norm", 3584, 16, RowPlan(1024, 8, 2)),
+                       PlanEntry("rms_norm", 3584, 1 << 20, RowPlan(16384, 2))))
+    again = parse_plans(json.loads(json.dumps(table.to_json("sm_90", "x", "y"))), "again")
+    assert again.entries == table.entries
+    assert table.to_json("sm_90", "x", "y")["plans"]["rms_norm"][0] == {
+        "width": 3584, "max_tokens": 16, "tile_elements": 1024, "programs_per_core": 8, "num_warps": 2}
+    sm90 = dataclasses.replace(KNOWN_TARGETS["sm_90"], plans=table)
+    assert sm90.row_plan("rms_norm", 3584, 7) == RowPlan(1024, 8, 2)
+    assert sm90.row_plan("rms_norm", 3584, 70000) == RowPlan(16384, 2)
+    assert sm90.row_plan("rms_norm", 1280, 7) == RowPlan(4096, sm90.programs_per_core[Work.ROWS])  # no entry
+    assert sm90.row_warps(1 << 14, RowPlan(1024, 8, 2)) == 2 and sm90.row_warps(1 << 14, RowPlan(1024, 8)) == 8
+
+
+def rows64(op: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """float64 reference of a row op (x, weight, bias, residual as the op takes them)."""
+    x64, w64 = x.double(), w.double()
+    if op == "silu_and_mul":
+        gate, up = x64.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    if op == "layer_norm":
+        return torch.nn.functional.layer_norm(x64, (x.shape[-1],), w64, b.double(), 1e-6)
+    if op == "add_rms_norm":
+        x64 = (x.float() + r.float()).to(x.dtype).double()  # the sum is rounded to x's dtype first
+    return x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64
+
+
+@settings(max_examples=16, deadline=None)
+@given(op=st.sampled_from(ROW_OPS), rows=st.integers(1, 70), width=st.sampled_from([48, 200, 1280, 9000]),
+       plan=row_plan_st, seed=st.integers(0, 2**31 - 1))
+def test_row_ops_take_their_plan_and_keep_their_numbers(op, rows, width, plan, seed):
+    """Under a drawn row plan: the launch's tile rows, grid and warps are the plan's, and the
+    output matches float64 (the interpreter runs the tile the plan makes)."""
+    module = activation if op == "silu_and_mul" else norms
+    name = "_silu_and_mul_kernel" if op == "silu_and_mul" else "_norm_kernel"
+    recorder = Recorder(getattr(module, name))
+    target = dataclasses.replace(current_target(DEVICE), plans=PlanTable((PlanEntry(op, width, 1 << 20, plan),)))
+    x = randn(rows, 2 * width if op == "silu_and_mul" else width, dtype=torch.float16, seed=seed)
+    w, b = (randn(width, dtype=torch.float16, seed=seed + i) for i in (1, 2))
+    r = randn(*x.shape, dtype=torch.float16, seed=seed + 3)
+    with pytest.MonkeyPatch.context() as patch, use_target(target):
+        patch.setattr(module, name, recorder)
+        got = {"rms_norm": lambda: kernels.rms_norm(x, w, 1e-6),
+               "layer_norm": lambda: kernels.layer_norm(x, w, b, 1e-6),
+               "add_rms_norm": lambda: kernels.add_rms_norm(x, r, w, 1e-6)[0],
+               "silu_and_mul": lambda: kernels.silu_and_mul(x)}[op]()
+    (call,) = recorder.calls
+    block = call["BLOCK"]
+    assert call["BLOCK_R"] == rows_per_tile(rows, block, target, plan=plan) and call["BLOCK_R"] * block <= max(
+        plan.tile_elements, block)
+    assert call["num_warps"] == (plan.num_warps or target.row_warps(call["BLOCK_R"] * block))
+    assert recorder.grids[0][0] <= target.cores(Work.ROWS) * plan.programs_per_core
+    assert_close(got, rows64(op, x, w, b, r), torch.float16)

@@ -33,7 +33,7 @@ import torch
 
 from qwen_vl_triton import kernels
 from qwen_vl_triton.kernels.attention_paged import MIN_SPLIT_TOKENS
-from qwen_vl_triton.kernels.plans import PlanTable
+from qwen_vl_triton.kernels.plans import PlanEntry, PlanTable
 
 SHAPES_FILE = Path(__file__).parents[1] / "model_shapes.json"
 DTYPES = (torch.float16, torch.bfloat16)
@@ -238,46 +238,67 @@ def vision_launches(model: str, shape: VisionShape, world: int, dtype: torch.dty
                              _t(n, heads, d, dtype=dtype), _cu([longest] * -(-n // longest)), longest))
 
 
-# The public op each kind of attention plan (kernels/plans.py) sizes.
+# The public op each kind of attention plan (kernels/plans.py) sizes; row plans are named by their op.
 PLAN_OPS = {"varlen": "varlen_attention", "paged_prefill": "paged_prefill_attention", "paged_decode": "paged_attention"}
 
 
 def plan_launches(plans: PlanTable, ops: list[str] | None = None) -> list[Launch]:
-    """A device's committed attention plans, each compiled where its bucket ends (its max_tokens
-    query tokens) at the released heads of its head dim, fp16 and bf16, every cache block size:
-    every plan in a device's file compiles, whether or not the released shapes reach it."""
+    """A device's committed plans, each compiled where its bucket ends (its max_tokens tokens),
+    fp16 and bf16: an attention plan at the released heads of its head dim, every cache block
+    size; a row plan at its row width. Every plan in a device's file compiles, whether or not the
+    released shapes reach it."""
+    out = []
+    for e in plans.entries:
+        for dtype in DTYPES:
+            attention = e.op in PLAN_OPS
+            out += _attention_plan_launches(e, dtype, plans.source) if attention else _row_plan_launches(e, dtype)
+    return [launch for launch in out if not ops or launch.op in ops]
+
+
+def _row_plan_launches(e: PlanEntry, dtype: torch.dtype) -> list[Launch]:
+    """A row plan's launch: its op over max_tokens rows of its width."""
+    rows, n, tag = e.max_tokens, e.size, f"plan {e.op} width={e.size} up to {e.max_tokens}"
+    calls = {
+        "rms_norm": lambda: kernels.rms_norm(_t(rows, n, dtype=dtype), _t(n, dtype=dtype), 1e-6),
+        "add_rms_norm": lambda: kernels.add_rms_norm(_t(rows, n, dtype=dtype), _t(rows, n, dtype=dtype),
+                                                     _t(n, dtype=dtype), 1e-6),
+        "layer_norm": lambda: kernels.layer_norm(_t(rows, n, dtype=dtype), _t(n, dtype=dtype), _t(n, dtype=dtype),
+                                                 1e-6),
+        "silu_and_mul": lambda: kernels.silu_and_mul(_t(rows, 2 * n, dtype=dtype)),
+    }
+    return [Launch(tag, e.op, f"[{rows}, {n}]", dtype, calls[e.op])]
+
+
+def _attention_plan_launches(e: PlanEntry, dtype: torch.dtype, source: str) -> list[Launch]:
+    """An attention plan's launches at the released heads of its head dim (every cache block size
+    for the paged ops); a head dim no released checkpoint has is an error naming the file."""
     heads_of: dict[int, tuple[int, int]] = {}
     for text, vision in released_models().values():
         heads_of.setdefault(text.head_dim, (text.heads, text.kv_heads))
         heads_of.setdefault(vision.head_dim, (vision.heads, vision.heads))
+    if e.size not in heads_of:
+        raise ValueError(f"{source}: a {e.op} plan for head dim {e.size}, which no released "
+                         f"checkpoint has (they have {sorted(heads_of)})")
+    (hq, hk), d, n = heads_of[e.size], e.size, e.max_tokens
+    tag = f"plan {e.op} d={d} up to {n}"
+    if e.op == "varlen":
+        return [Launch(tag, PLAN_OPS[e.op], f"T={n} {hq}/{hk} heads", dtype,
+                       lambda: kernels.varlen_attention(_t(n, hq, d, dtype=dtype), _t(n, hk, d, dtype=dtype),
+                                                        _t(n, hk, d, dtype=dtype), _cu([n]), n, causal=d == 128))]
     out = []
-    for e in plans.entries:
-        if e.head_dim not in heads_of:
-            raise ValueError(f"{plans.source}: a {e.op} plan for head dim {e.head_dim}, which no released "
-                             f"checkpoint has (they have {sorted(heads_of)})")
-        (hq, hk), d, n = heads_of[e.head_dim], e.head_dim, e.max_tokens
-        tag = f"plan {e.op} d={d} up to {n}"
-        for dtype in DTYPES:
-            if e.op == "varlen":
-                out.append(Launch(tag, PLAN_OPS[e.op], f"T={n} {hq}/{hk} heads", dtype,
-                                  lambda n=n, hq=hq, hk=hk, d=d, dtype=dtype: kernels.varlen_attention(
-                                      _t(n, hq, d, dtype=dtype), _t(n, hk, d, dtype=dtype),
-                                      _t(n, hk, d, dtype=dtype), _cu([n]), n, causal=d == 128)))
-                continue
-            for bs in BLOCK_SIZES:
-                cache = _t(256, bs, hk, d, dtype=dtype)
-                if e.op == "paged_prefill":
-                    out.append(Launch(tag, PLAN_OPS[e.op], f"T={n} {hq}/{hk} heads BS={bs}", dtype,
-                                      lambda n=n, hq=hq, d=d, dtype=dtype, bs=bs, cache=cache:
-                                      kernels.paged_prefill_attention(
-                                          _t(n, hq, d, dtype=dtype), cache, cache,
-                                          _t(1, -(-n // bs), dtype=torch.int32), _cu([n]), _t(1, dtype=torch.int32))))
-                else:
-                    out.append(Launch(tag, PLAN_OPS[e.op], f"B={n} ctx=32768 {hq}/{hk} heads BS={bs}", dtype,
-                                      lambda n=n, hq=hq, d=d, dtype=dtype, bs=bs, cache=cache: kernels.paged_attention(
-                                          _t(n, hq, d, dtype=dtype), cache, cache,
-                                          _t(n, 32768 // bs, dtype=torch.int32), _t(n, dtype=torch.int32))))
-    return [launch for launch in out if not ops or launch.op in ops]
+    for bs in BLOCK_SIZES:
+        cache = _t(256, bs, hk, d, dtype=dtype)
+        if e.op == "paged_prefill":
+            out.append(Launch(tag, PLAN_OPS[e.op], f"T={n} {hq}/{hk} heads BS={bs}", dtype,
+                              lambda bs=bs, cache=cache: kernels.paged_prefill_attention(
+                                  _t(n, hq, d, dtype=dtype), cache, cache, _t(1, -(-n // bs), dtype=torch.int32),
+                                  _cu([n]), _t(1, dtype=torch.int32))))
+        else:
+            out.append(Launch(tag, PLAN_OPS[e.op], f"B={n} ctx=32768 {hq}/{hk} heads BS={bs}", dtype,
+                              lambda bs=bs, cache=cache: kernels.paged_attention(
+                                  _t(n, hq, d, dtype=dtype), cache, cache, _t(n, 32768 // bs, dtype=torch.int32),
+                                  _t(n, dtype=torch.int32))))
+    return out
 
 
 def all_launches(models: list[str] | None = None, ops: list[str] | None = None) -> list[Launch]:
