@@ -70,13 +70,13 @@ def test_samples_share_the_prompt_blocks_and_equal_requests_run_alone(llm):
 def test_a_sample_without_a_block_to_copy_recomputes_its_prompt(tiny_checkpoint):
     """A cache too small to fork into: the samples that find no free block wait first in line and
     recompute (prefix-cache hits on the full blocks), and still give the tokens of greedy decoding."""
-    llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=12, block_size=BLOCK)
+    llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=7, block_size=BLOCK)  # 6 hold the prompt: one fork fits
     prompt_len = len(llm.preprocessor.prepare(PROMPT).ids)
-    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     alone = drain(llm, "alone", greedy)[0].token_ids
     needed = -(-(prompt_len + greedy.max_tokens) // BLOCK)
     assert 3 * needed > llm.blocks.num_blocks, "the cache must be too small for three samples at once"
-    group = drain(llm, "group", SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, n=3))
+    group = drain(llm, "group", SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, n=3))
     assert [o.token_ids for o in group.values()] == [alone] * 3
     assert llm.scheduler.num_preemptions > 0
 
