@@ -120,17 +120,17 @@ def test_abort_frees_every_block(tiny_checkpoint, requests):
 
 
 def test_limits_are_enforced_with_clear_errors(tiny_checkpoint):
-    llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=8, max_input_length=60)
+    llm = LLM(tiny_checkpoint, device="cpu", num_kv_blocks=4, max_input_length=60)
     with pytest.raises(ValueError, match="max_input_length 60"):
         llm.preprocessor.prepare("word " * 200, greedy(4))
     with pytest.raises(ValueError, match="max_tokens"):
         llm.add_request("bad", llm.preprocessor.prepare("hi", SamplingParams(max_tokens=0)))
     assert not llm.has_unfinished()
-    # The cache's capacity (8 blocks x 16) is max_seq_len: max_tokens=None fills it and finishes with
+    # The cache's capacity (4 blocks x 16) is max_seq_len: max_tokens=None fills it and finishes with
     # "length"; a max_tokens it cannot hold is refused up front, naming both (the output budget).
     out = llm.generate(["hi"], [greedy(None)])[0]
-    assert out.outputs[0].finish_reason == "length" and out.prompt_tokens + len(out.outputs[0].token_ids) == 8 * 16
-    with pytest.raises(ValueError, match="max_tokens is 1000: together over max_seq_len 128"):
+    assert out.outputs[0].finish_reason == "length" and out.prompt_tokens + len(out.outputs[0].token_ids) == 4 * 16
+    with pytest.raises(ValueError, match="max_tokens is 1000: together over max_seq_len 64"):
         llm.generate(["hi"], [greedy(1000)])
 
 

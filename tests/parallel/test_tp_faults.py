@@ -178,9 +178,9 @@ def test_rank1_killed_while_rank0_serves(launch, checkpoint, tmp_path):
 
 
 def test_frozen_rank0_times_out_and_idle_heartbeats_do_not(launch, checkpoint, tmp_path):
-    """With a 20 s timeout, an idle server keeps rank 1 waiting well past it (rank 0 steps every
-    5 s); once rank 0 is frozen (SIGSTOP: alive, connections open), rank 1 times out."""
-    timeout = 20
+    """With a 12 s timeout, an idle server keeps rank 1 waiting well past it (rank 0 steps every
+    3 s); once rank 0 is frozen (SIGSTOP: alive, connections open), rank 1 times out."""
+    timeout = 12
     ranks, _ = server(launch, checkpoint, tmp_path / "run", {TIMEOUT_ENV: str(timeout)})
     idle_until = time.monotonic() + timeout * 1.5
     ranks.wait_for(lambda: time.monotonic() > idle_until, f"{timeout * 1.5:.0f} s of idle serving")
