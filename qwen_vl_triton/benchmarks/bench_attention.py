@@ -161,6 +161,39 @@ def _gathered(cache: torch.Tensor, table_row: torch.Tensor, n: int) -> torch.Ten
     return cache[table_row].flatten(0, 1)[:n].transpose(0, 1)[None]
 
 
+def decode_gather_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                       ctx_len: int) -> Callable[[], torch.Tensor]:
+    """Decode's PyTorch baseline: every sequence's ctx_len cached tokens gathered through its table
+    ([B, blocks, BS, Hk, D] -> [B, Hk, ctx, D], the copy a block-table-unaware kernel needs), then
+    SDPA for its one query q [B, Hq, D]."""
+    def gather_sdpa() -> torch.Tensor:
+        k = k_cache[tables].flatten(1, 2)[:, :ctx_len].transpose(1, 2)
+        v = v_cache[tables].flatten(1, 2)[:, :ctx_len].transpose(1, 2)
+        return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
+    return gather_sdpa
+
+
+def prefill_gather_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                        ctx_lens: list[int], q_len: int) -> Callable[[], torch.Tensor]:
+    """Paged prefill's PyTorch baseline: per sequence (its q_len new queries of q [B * q_len, Hq, D]
+    after ctx_lens[b] - q_len cached tokens), a gather of its K/V and SDPA with the causal mask
+    shifted by the prefix."""
+    hq, hk = q.shape[1], k_cache.shape[2]
+    masks = [torch.arange(n, device=q.device) <= torch.arange(n - q_len, n, device=q.device)[:, None]
+             for n in ctx_lens]
+
+    def gather_sdpa() -> torch.Tensor:
+        out = torch.empty_like(q)
+        for b, n in enumerate(ctx_lens):
+            rows = slice(b * q_len, (b + 1) * q_len)
+            o = F.scaled_dot_product_attention(_heads_first(q[rows]), _gathered(k_cache, tables[b], n),
+                                               _gathered(v_cache, tables[b], n), attn_mask=masks[b],
+                                               enable_gqa=hq != hk)
+            out[rows] = o[0].transpose(0, 1)
+        return out
+    return gather_sdpa
+
+
 def bench_decode(ctx: BenchContext, batch: int, ctx_len: int, hq: int, hk: int, d: int, block_size: int,
                  dtype: torch.dtype) -> None:
     """paged_attention vs gather + SDPA, reporting the achieved K+V read bandwidth."""
@@ -170,12 +203,7 @@ def bench_decode(ctx: BenchContext, batch: int, ctx_len: int, hq: int, hk: int, 
     kv_bytes = 2.0 * batch * ctx_len * hk * d * k_cache.element_size()
     shape = f"decode B={batch} ctx={ctx_len} H={hq}/{hk} D={d} BS={block_size}"
 
-    def gather_sdpa():
-        # [B, blocks, BS, Hk, D] -> [B, Hk, ctx, D]: the copy a block-table-unaware kernel needs.
-        k = k_cache[tables].flatten(1, 2)[:, :ctx_len].transpose(1, 2)
-        v = v_cache[tables].flatten(1, 2)[:, :ctx_len].transpose(1, 2)
-        return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
-
+    gather_sdpa = decode_gather_sdpa(q, k_cache, v_cache, tables, ctx_len)
     base_ms = _race(ctx, "paged_attention", shape, dtype, "torch-gather-sdpa", gather_sdpa,
                     lambda: decode_triton(q, k_cache, v_cache, tables, lens), nbytes=kv_bytes)
     fa = _flash_attn()
@@ -198,22 +226,12 @@ def bench_paged_prefill(ctx: BenchContext, prefixes: list[int], q_len: int, hq: 
     k_cache, v_cache, tables, lens = _paged_cache(ctx_lens, hk, d, block_size, dtype, device)
     q = torch.randn(len(prefixes) * q_len, hq, d, device=device, dtype=dtype)
     cu_q = _cu([q_len] * len(prefixes), device)
-    masks = [torch.arange(n, device=device) <= torch.arange(n - q_len, n, device=device)[:, None] for n in ctx_lens]
     flops = 4.0 * hq * d * sum(q_len * (n - q_len) + q_len * (q_len + 1) // 2 for n in ctx_lens)
     shape = f"paged prefill {len(prefixes)} seqs x {q_len} new after {'/'.join(map(str, prefixes))} cached, " \
             f"H={hq}/{hk} D={d} BS={block_size}"
 
-    def gather_sdpa():
-        out = torch.empty_like(q)
-        for b, n in enumerate(ctx_lens):
-            rows = slice(b * q_len, (b + 1) * q_len)
-            o = F.scaled_dot_product_attention(_heads_first(q[rows]), _gathered(k_cache, tables[b], n),
-                                               _gathered(v_cache, tables[b], n), attn_mask=masks[b],
-                                               enable_gqa=hq != hk)
-            out[rows] = o[0].transpose(0, 1)
-        return out
-
-    _race(ctx, "paged_prefill_attention", shape, dtype, "torch-gather-sdpa", gather_sdpa,
+    _race(ctx, "paged_prefill_attention", shape, dtype, "torch-gather-sdpa",
+          prefill_gather_sdpa(q, k_cache, v_cache, tables, ctx_lens, q_len),
           lambda: prefill_triton(q, k_cache, v_cache, tables, cu_q, lens), flops=flops)
 
 

@@ -157,16 +157,9 @@ def released_heads(model: str = HEADS_MODEL) -> dict[str, dict[int, tuple[int, i
     """Per op, head dim -> (query heads, kv heads) at tp1: varlen runs in the LLM (causal prefill)
     and the ViT, the paged ops in the LLM only. `model`'s heads first, then those of the first
     released checkpoint with a head dim `model` lacks."""
-    from qwen_vl_triton.benchmarks.compile_check.launches import released_models
+    from qwen_vl_triton.benchmarks.compile_check.launches import released_heads as heads_by_dim
 
-    models = released_models()
-    if model not in models:
-        raise ValueError(f"unknown model {model!r}; known: {', '.join(models)}")
-    text_heads: dict[int, tuple[int, int]] = {}
-    vision_heads: dict[int, tuple[int, int]] = {}
-    for text, vision in [models[model], *models.values()]:
-        text_heads.setdefault(text.head_dim, (text.heads, text.kv_heads))
-        vision_heads.setdefault(vision.head_dim, (vision.heads, vision.heads))
+    text_heads, vision_heads = heads_by_dim(model)
     return {"varlen": {**vision_heads, **text_heads}, "paged_prefill": text_heads, "paged_decode": text_heads}
 
 
@@ -555,30 +548,16 @@ def make_workload(shape: Shape, device: torch.device, dtype: torch.dtype) -> Wor
     if shape.op == "paged_decode":
         k_cache, v_cache, tables, lens = ba._paged_cache([CONTEXT] * n, hk, d, shape.block_size, dtype, device)
         q = torch.randn(n, hq, d, generator=g).to(device, dtype)
-
-        def gather_sdpa() -> torch.Tensor:  # bench_attention.bench_decode's baseline
-            keys = k_cache[tables].flatten(1, 2)[:, :CONTEXT].transpose(1, 2)
-            values = v_cache[tables].flatten(1, 2)[:, :CONTEXT].transpose(1, 2)
-            return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], keys, values,
-                                                                    enable_gqa=True)[:, :, 0]
-
         return Workload(lambda: ba.decode_triton(q, k_cache, v_cache, tables, lens),
-                        lambda: kernels.paged_attention.reference(q, k_cache, v_cache, tables, lens), gather_sdpa)
+                        lambda: kernels.paged_attention.reference(q, k_cache, v_cache, tables, lens),
+                        ba.decode_gather_sdpa(q, k_cache, v_cache, tables, CONTEXT))
     total = CONTEXT + n
     k_cache, v_cache, tables, lens = ba._paged_cache([total], hk, d, shape.block_size, dtype, device)
     q = torch.randn(n, hq, d, generator=g).to(device, dtype)
-    cu_q = ba._cu([n], device)
-    mask = torch.arange(total, device=device) <= torch.arange(CONTEXT, total, device=device)[:, None]
-
-    def prefill_sdpa() -> torch.Tensor:  # bench_attention.bench_paged_prefill's baseline
-        o = torch.nn.functional.scaled_dot_product_attention(
-            ba._heads_first(q), ba._gathered(k_cache, tables[0], total), ba._gathered(v_cache, tables[0], total),
-            attn_mask=mask, enable_gqa=hq != hk)
-        return o[0].transpose(0, 1)
-
+    cu_q = ba._cu([n], device)  # one sequence: its n new tokens after CONTEXT cached ones
     return Workload(lambda: ba.prefill_triton(q, k_cache, v_cache, tables, cu_q, lens),
                     lambda: kernels.paged_prefill_attention.reference(q, k_cache, v_cache, tables, cu_q, lens),
-                    prefill_sdpa)
+                    ba.prefill_gather_sdpa(q, k_cache, v_cache, tables, [total], n))
 
 
 class DeviceBench:

@@ -242,16 +242,33 @@ def vision_launches(model: str, shape: VisionShape, world: int, dtype: torch.dty
 PLAN_OPS = {"varlen": "varlen_attention", "paged_prefill": "paged_prefill_attention", "paged_decode": "paged_attention"}
 
 
+def released_heads(model: str | None = None) -> tuple[dict[int, tuple[int, int]], dict[int, tuple[int, int]]]:
+    """(LLM, ViT): head dim -> (query heads, kv heads) at tp1, `model`'s first (if given), then
+    those of the first released checkpoint with a head dim it lacks."""
+    models = released_models()
+    if model is not None and model not in models:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(models)}")
+    text_heads: dict[int, tuple[int, int]] = {}
+    vision_heads: dict[int, tuple[int, int]] = {}
+    for text, vision in [*([models[model]] if model else []), *models.values()]:
+        text_heads.setdefault(text.head_dim, (text.heads, text.kv_heads))
+        vision_heads.setdefault(vision.head_dim, (vision.heads, vision.heads))
+    return text_heads, vision_heads
+
+
 def plan_launches(plans: PlanTable, ops: list[str] | None = None) -> list[Launch]:
     """A device's committed plans, each compiled where its bucket ends (its max_tokens tokens),
     fp16 and bf16: an attention plan at the released heads of its head dim, every cache block
     size; a row plan at its row width. Every plan in a device's file compiles, whether or not the
     released shapes reach it."""
+    text_heads, vision_heads = released_heads()
+    heads_of = {**vision_heads, **text_heads}
     out = []
     for e in plans.entries:
         for dtype in DTYPES:
             attention = e.op in PLAN_OPS
-            out += _attention_plan_launches(e, dtype, plans.source) if attention else _row_plan_launches(e, dtype)
+            out += _attention_plan_launches(e, dtype, heads_of, plans.source) if attention else \
+                _row_plan_launches(e, dtype)
     return [launch for launch in out if not ops or launch.op in ops]
 
 
@@ -269,13 +286,11 @@ def _row_plan_launches(e: PlanEntry, dtype: torch.dtype) -> list[Launch]:
     return [Launch(tag, e.op, f"[{rows}, {n}]", dtype, calls[e.op])]
 
 
-def _attention_plan_launches(e: PlanEntry, dtype: torch.dtype, source: str) -> list[Launch]:
-    """An attention plan's launches at the released heads of its head dim (every cache block size
-    for the paged ops); a head dim no released checkpoint has is an error naming the file."""
-    heads_of: dict[int, tuple[int, int]] = {}
-    for text, vision in released_models().values():
-        heads_of.setdefault(text.head_dim, (text.heads, text.kv_heads))
-        heads_of.setdefault(vision.head_dim, (vision.heads, vision.heads))
+def _attention_plan_launches(e: PlanEntry, dtype: torch.dtype, heads_of: dict[int, tuple[int, int]],
+                             source: str) -> list[Launch]:
+    """An attention plan's launches at the released heads of its head dim (heads_of: head dim ->
+    (query heads, kv heads); every cache block size for the paged ops); a head dim no released
+    checkpoint has is an error naming the file."""
     if e.size not in heads_of:
         raise ValueError(f"{source}: a {e.op} plan for head dim {e.size}, which no released "
                          f"checkpoint has (they have {sorted(heads_of)})")
